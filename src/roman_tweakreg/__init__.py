@@ -1,0 +1,36 @@
+"""roman_tweakreg: astrometric alignment of Roman WFI images (an stpipe TweakRegStep)."""
+
+from __future__ import annotations
+
+try:
+    from ._version import version as __version__
+except ImportError:  # pragma: no cover - running from a source tree without build
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        __version__ = version("roman-tweakreg")
+    except PackageNotFoundError:
+        __version__ = "0.0.0"
+
+from .errors import (
+    AlignmentError,
+    CatalogError,
+    InvalidParameterError,
+    MissingCatalogError,
+    ReferenceCatalogError,
+    TweakRegError,
+)
+from .library import ModelLibrary
+from .step import TweakRegStep
+
+__all__ = [
+    "AlignmentError",
+    "CatalogError",
+    "InvalidParameterError",
+    "MissingCatalogError",
+    "ModelLibrary",
+    "ReferenceCatalogError",
+    "TweakRegError",
+    "TweakRegStep",
+    "__version__",
+]

@@ -1,0 +1,8 @@
+"""stpipe entry point: the steps this package provides, as class paths (imports nothing heavy)."""
+
+__all__ = ["get_steps"]
+
+
+def get_steps():
+    """Return ``(class path, alias, is_pipeline)`` for each step, for stpipe's registry."""
+    return [("roman_tweakreg.step.TweakRegStep", "tweakreg", False)]

@@ -1,0 +1,412 @@
+"""Relative and absolute alignment with tweakwcs's corrector, matcher and fitter.
+
+tweakwcs does the matching (``XYXYMatch``), the fitting (``iter_linear_fit``)
+and the WCS insertion (``RomanWCSCorrector.set_correction``, which inserts the
+``v2v3corr`` frame).  This module orchestrates them:
+
+* every source set is evaluated through its WCS once, into one common tangent
+  plane (that of the first image);
+* group footprints are convex hulls in that plane (no spherical polygon unions);
+* a fit is applied only when it succeeded *and* its correction is plausible:
+  no source of the group moves by more than the search radius.  A rejected
+  fit leaves the WCS untouched and says why;
+* with ``expand_refcat`` only groups whose fit succeeded add their sources to
+  the reference catalog;
+* matches are made one-to-one (see :func:`unique_pairs`), so that a small
+  ``separation`` next to a larger ``tolerance`` cannot pair one reference
+  source with several image sources.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+from astropy.table import Table
+from shapely.geometry import MultiPoint
+from tweakwcs import RomanWCSCorrector
+from tweakwcs.linearfit import NotEnoughPointsError, SingularMatrixError, iter_linear_fit
+from tweakwcs.matchutils import MatchSourceConfusionError, XYXYMatch
+
+from .catalogs import bounding_box_of
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+
+    from .catalogs import ImageCatalog
+
+__all__ = [
+    "FitParameters",
+    "FitResult",
+    "absolute_align",
+    "footprint_cone",
+    "make_correctors",
+    "relative_align",
+    "unique_pairs",
+]
+
+log = logging.getLogger(__name__)
+
+#: Minimum matches each fit geometry needs.
+MIN_MATCHES = {"shift": 1, "rshift": 2, "rscale": 2, "general": 3}
+_PIXEL_SCALE = 0.11  # arcsec, WFI; sets the 2D-histogram bin size
+
+
+@dataclass(frozen=True)
+class FitParameters:
+    """Matching and fitting parameters of one alignment phase (arcsec where lengths)."""
+
+    minobj: int = 15
+    searchrad: float = 2.0
+    use2dhist: bool = True
+    separation: float = 1.0
+    tolerance: float = 0.7
+    fitgeometry: str = "rshift"
+    nclip: int = 3
+    sigma: float = 3.0
+
+    def matcher(self) -> XYXYMatch:
+        """Return tweakwcs's matcher configured with these parameters."""
+        return XYXYMatch(
+            searchrad=self.searchrad,
+            separation=self.separation,
+            use2dhist=self.use2dhist,
+            tolerance=self.tolerance,
+        )
+
+
+@dataclass
+class FitResult:
+    """Outcome of one fit for one group of images.
+
+    ``status`` is ``SUCCESS`` (correction applied), ``REFERENCE`` (the group the
+    others were aligned to), ``FAILED`` (nothing applied; ``reason`` says why)
+    or ``SKIPPED`` (not attempted; ``reason`` says why).
+    """
+
+    status: str
+    reason: str = ""
+    fit: dict = field(default_factory=dict)
+    nmatches: int = 0
+    group_id: str | None = None
+    refcat: str = ""
+    matched_img_idx: np.ndarray | None = None
+
+    @property
+    def applied(self) -> bool:
+        """Whether this fit changed the WCS."""
+        return self.status == "SUCCESS"
+
+
+def make_correctors(images: Sequence[ImageCatalog]) -> list[RomanWCSCorrector]:
+    """Wrap each image's WCS in tweakwcs's Roman corrector (copies the WCS)."""
+    return [
+        RomanWCSCorrector(
+            img.wcs, {k: float(img.wcsinfo[k]) for k in ("v2_ref", "v3_ref", "roll_ref")},
+            meta={"name": img.name, "group_id": img.group_id},
+        )
+        for img in images
+    ]
+
+
+def unique_pairs(ref_idx: np.ndarray, img_idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Keep only matches whose reference and image sources appear once each.
+
+    ``xyxymatch`` can pair one reference source with several image sources
+    when ``separation`` is smaller than ``tolerance``; such ambiguous pairs
+    are dropped rather than fitted.
+    """
+    ref_idx, img_idx = np.asarray(ref_idx, int), np.asarray(img_idx, int)
+    if ref_idx.size == 0:
+        return ref_idx, img_idx
+    _, rinv, rcount = np.unique(ref_idx, return_inverse=True, return_counts=True)
+    _, iinv, icount = np.unique(img_idx, return_inverse=True, return_counts=True)
+    keep = (rcount[rinv] == 1) & (icount[iinv] == 1)
+    return ref_idx[keep], img_idx[keep]
+
+
+class _TangentPlane:
+    """Sources of every image evaluated once into one common tangent plane."""
+
+    def __init__(self, images: Sequence[ImageCatalog], correctors: Sequence[RomanWCSCorrector]):
+        self.ref = correctors[0].copy()
+        self.images = images
+        self.correctors = correctors
+        self.xy = [self._source_xy(c, img) for c, img in zip(correctors, images)]
+        self.hulls = [self._hull(c, img) for c, img in zip(correctors, images)]
+
+    def _source_xy(self, corrector, img) -> np.ndarray:
+        if len(img.catalog) == 0:
+            return np.empty((0, 2))
+        ra, dec = corrector.det_to_world(np.asarray(img.catalog["x"]), np.asarray(img.catalog["y"]))
+        return np.column_stack(self.ref.world_to_tanp(ra, dec))
+
+    def _hull(self, corrector, img):
+        bbox = bounding_box_of(img.wcs)
+        if bbox is None:
+            return MultiPoint(self._source_xy(corrector, img)).convex_hull
+        (x0, x1), (y0, y1) = bbox
+        xs = np.array([x0, x1, x1, x0, (x0 + x1) / 2, x1, (x0 + x1) / 2, x0])
+        ys = np.array([y0, y0, y1, y1, y0, (y0 + y1) / 2, y1, (y0 + y1) / 2])
+        ra, dec = corrector.det_to_world(xs, ys)
+        return MultiPoint(np.column_stack(self.ref.world_to_tanp(ra, dec))).convex_hull
+
+    def group_xy(self, members: Sequence[int]) -> np.ndarray:
+        return np.vstack([self.xy[i] for i in members]) if members else np.empty((0, 2))
+
+    def group_weights(self, members: Sequence[int]) -> np.ndarray | None:
+        if not all("weight" in self.images[i].catalog.colnames for i in members):
+            return None
+        return np.concatenate([np.asarray(self.images[i].catalog["weight"]) for i in members])
+
+    def group_hull(self, members: Sequence[int]):
+        hull = self.hulls[members[0]]
+        for i in members[1:]:
+            hull = hull.union(self.hulls[i])
+        return hull.convex_hull
+
+    def apply(self, members: Sequence[int], fit: dict) -> None:
+        """Apply ``fit`` to the correctors of ``members`` and to their cached positions."""
+        for i in members:
+            self.correctors[i].set_correction(fit["matrix"], fit["shift"], ref_tpwcs=self.ref)
+            self.xy[i] = _affine(self.xy[i], fit)
+            self.hulls[i] = _affine_hull(self.hulls[i], fit)
+
+
+def _affine(xy: np.ndarray, fit: dict) -> np.ndarray:
+    return xy @ np.asarray(fit["matrix"]).T + np.asarray(fit["shift"])
+
+
+def _affine_hull(hull, fit):
+    pts = np.asarray(hull.exterior.coords) if hasattr(hull, "exterior") else np.asarray(hull.coords)
+    return MultiPoint(_affine(pts, fit)).convex_hull
+
+
+def _match_and_fit(
+    ref_xy: np.ndarray,
+    img_xy: np.ndarray,
+    pars: FitParameters,
+    match: Callable,
+    img_weight: np.ndarray | None = None,
+) -> FitResult:
+    """Match ``img_xy`` to ``ref_xy``, fit, and check the correction (nothing applied)."""
+    if len(img_xy) == 0:
+        return FitResult("FAILED", "no sources in the image catalog(s)")
+    if len(ref_xy) == 0:
+        return FitResult("FAILED", "no sources in the reference catalog")
+    ref_tab = Table({"TPx": ref_xy[:, 0], "TPy": ref_xy[:, 1]})
+    img_tab = Table({"TPx": img_xy[:, 0], "TPy": img_xy[:, 1]})
+    try:
+        ridx, iidx = match(ref_tab, img_tab, tp_pscale=_PIXEL_SCALE, tp_units="arcsec")
+    except MatchSourceConfusionError as err:
+        return FitResult(
+            "FAILED",
+            f"source confusion in matching (many sources within the tolerance of one reference "
+            f"source): {err}; try a smaller tolerance or a larger separation",
+        )
+    ridx, iidx = unique_pairs(ridx, iidx)
+    nmatches = int(ridx.size)
+    minobj = max(pars.minobj, MIN_MATCHES[pars.fitgeometry])
+    if nmatches < minobj:
+        return FitResult(
+            "FAILED", f"not enough matches: {nmatches} found, minobj is {minobj}",
+            nmatches=nmatches,
+        )
+    try:
+        fit = iter_linear_fit(
+            ref_xy[ridx], img_xy[iidx],
+            wuv=None if img_weight is None else img_weight[iidx],
+            fitgeom=pars.fitgeometry, nclip=pars.nclip, sigma=(pars.sigma, "rmse"),
+            clip_accum=True,
+        )
+    except (NotEnoughPointsError, SingularMatrixError) as err:
+        return FitResult("FAILED", f"fit failed: {err}", nmatches=nmatches)
+    # express the correction about the tangent plane's origin
+    matrix = np.asarray(fit["matrix"], dtype=float)
+    center = np.asarray(fit["center"], dtype=float)
+    fit["shift"] = np.asarray(fit["shift"], dtype=float) + center - matrix @ center
+    fit["nmatches"] = int(np.count_nonzero(fit["fitmask"]))
+    displacement = np.hypot(*(_affine(img_xy, fit) - img_xy).T)
+    worst = float(displacement.max())
+    if not np.isfinite(worst) or worst > pars.searchrad:
+        return FitResult(
+            "FAILED",
+            f"implausible correction rejected: it would move sources by up to {worst:.3g} arcsec, "
+            f"more than the search radius {pars.searchrad:g} arcsec",
+            fit=fit, nmatches=nmatches,
+        )
+    return FitResult("SUCCESS", fit=fit, nmatches=nmatches, matched_img_idx=iidx)
+
+
+def _groups(images: Sequence[ImageCatalog]) -> dict[str, list[int]]:
+    groups: dict[str, list[int]] = {}
+    for i, img in enumerate(images):
+        groups.setdefault(img.group_id, []).append(i)
+    return groups
+
+
+def relative_align(
+    images: Sequence[ImageCatalog],
+    correctors: Sequence[RomanWCSCorrector],
+    pars: FitParameters,
+    *,
+    enforce_user_order: bool = False,
+    expand_refcat: bool = False,
+    match: Callable | None = None,
+) -> dict[str, FitResult]:
+    """Align exposure groups to each other.
+
+    The reference group is the first one (``enforce_user_order``) or the one
+    overlapping the others most; the next group is always the one that
+    overlaps the current reference footprint most.
+
+    .. warning:: Successful corrections are applied to ``correctors`` in place.
+
+    Returns
+    -------
+    dict
+        Group id -> :class:`FitResult`.
+    """
+    match = match or pars.matcher()
+    groups = _groups(images)
+    plane = _TangentPlane(images, correctors)
+    hulls = {g: plane.group_hull(m) for g, m in groups.items()}
+    order = list(groups)
+    if not enforce_user_order:
+        overlap = {g: sum(hulls[g].intersection(hulls[h]).area for h in order if h != g)
+                   for g in order}
+        order.sort(key=lambda g: -overlap[g])
+    ref_group = order.pop(0)
+    results = {ref_group: FitResult("REFERENCE", "reference for relative alignment",
+                                    group_id=ref_group)}
+    ref_xy = plane.group_xy(groups[ref_group])
+    ref_hull = hulls[ref_group]
+    while order:
+        if not enforce_user_order:
+            order.sort(key=lambda g: -ref_hull.intersection(hulls[g]).area)
+        g = order.pop(0)
+        members = groups[g]
+        img_xy = plane.group_xy(members)
+        log.info("Relative alignment: group %s (%d images, %d sources) to %d reference sources",
+                 g, len(members), len(img_xy), len(ref_xy))
+        result = _match_and_fit(ref_xy, img_xy, pars, match, plane.group_weights(members))
+        result.group_id = g
+        results[g] = result
+        if not result.applied:
+            log.warning("Relative alignment of group %s failed: %s", g, result.reason)
+            continue
+        plane.apply(members, result.fit)
+        if expand_refcat:
+            unmatched = np.ones(len(img_xy), bool)
+            unmatched[result.matched_img_idx] = False
+            ref_xy = np.vstack([ref_xy, _affine(img_xy[unmatched], result.fit)])
+            ref_hull = ref_hull.union(_affine_hull(hulls[g], result.fit)).convex_hull
+    return results
+
+
+def absolute_align(
+    images: Sequence[ImageCatalog],
+    correctors: Sequence[RomanWCSCorrector],
+    ref_positions: Callable[[float | None], tuple[np.ndarray, np.ndarray]],
+    pars: FitParameters,
+    *,
+    match: Callable | None = None,
+    refcat_name: str = "",
+) -> FitResult:
+    """Align all images, as one rigid set, to a reference catalog.
+
+    Parameters
+    ----------
+    images, correctors
+        The images and their (possibly relatively corrected) correctors.
+    ref_positions : callable
+        ``ref_positions(epoch) -> (ra, dec)`` in degrees: the reference catalog
+        at an image's epoch.  Each distinct epoch is matched separately, then
+        all matches are fitted together.
+    pars : FitParameters
+    match : callable, optional
+        Matcher (default: tweakwcs ``XYXYMatch`` from ``pars``).
+    refcat_name : str
+        For the result and messages.
+
+    .. warning:: On success the correction is applied to every corrector in place.
+    """
+    match = match or pars.matcher()
+    plane = _TangentPlane(images, correctors)
+    # Each exposure group is matched on its own (a star seen by two exposures
+    # must match the same reference star twice), at its own epoch.
+    ref_all, img_all, n_total = [], [], 0
+    for members in _groups(images).values():
+        img_xy = plane.group_xy(members)
+        ra, dec = ref_positions(images[members[0]].epoch)
+        ref_xy = np.column_stack(plane.ref.world_to_tanp(ra, dec)) if len(ra) else np.empty((0, 2))
+        ref_xy = _near(ref_xy, img_xy, pars.searchrad + pars.tolerance)
+        if len(img_xy) == 0 or len(ref_xy) == 0:
+            continue
+        ref_tab = Table({"TPx": ref_xy[:, 0], "TPy": ref_xy[:, 1]})
+        img_tab = Table({"TPx": img_xy[:, 0], "TPy": img_xy[:, 1]})
+        try:
+            ridx, iidx = match(ref_tab, img_tab, tp_pscale=_PIXEL_SCALE, tp_units="arcsec")
+        except MatchSourceConfusionError as err:
+            return FitResult("FAILED", f"source confusion in matching to {refcat_name}: {err}",
+                             refcat=refcat_name)
+        ridx, iidx = unique_pairs(ridx, iidx)
+        ref_all.append(ref_xy[ridx])
+        img_all.append(img_xy[iidx])
+        n_total += len(img_xy)
+    if not ref_all:
+        return FitResult("FAILED", f"no {refcat_name} sources fall on the images",
+                         refcat=refcat_name)
+    ref_m, img_m = np.vstack(ref_all), np.vstack(img_all)
+    identity = lambda r, i, **kw: (np.arange(len(r)), np.arange(len(i)))  # noqa: E731
+    result = _match_and_fit(ref_m, img_m, pars, identity)
+    result.refcat = refcat_name
+    if result.applied:
+        # plausibility over every source, not only the matched ones
+        all_xy = plane.group_xy(list(range(len(images))))
+        worst = float(np.hypot(*(_affine(all_xy, result.fit) - all_xy).T).max())
+        if worst > pars.searchrad:
+            return FitResult(
+                "FAILED",
+                f"implausible correction rejected: it would move sources by up to {worst:.3g} "
+                f"arcsec, more than abs_searchrad {pars.searchrad:g} arcsec",
+                fit=result.fit, nmatches=result.nmatches, refcat=refcat_name,
+            )
+        plane.apply(list(range(len(images))), result.fit)
+    return result
+
+
+def _near(ref_xy: np.ndarray, img_xy: np.ndarray, margin: float) -> np.ndarray:
+    """Reference sources inside the images' bounding rectangle grown by ``margin``."""
+    if len(img_xy) == 0 or len(ref_xy) == 0:
+        return ref_xy
+    lo = img_xy.min(axis=0) - margin
+    hi = img_xy.max(axis=0) + margin
+    keep = np.all((ref_xy >= lo) & (ref_xy <= hi), axis=1)
+    return ref_xy[keep]
+
+
+def footprint_cone(
+    images: Sequence[ImageCatalog], correctors: Sequence[RomanWCSCorrector]
+) -> tuple[float, float, float]:
+    """Return ``(ra, dec, radius)`` in degrees of a cone covering every image's footprint.
+
+    The centre is the normalised mean of the corner unit vectors; the radius
+    the largest angular distance from it to a corner (computed on the sphere).
+    """
+    vectors = []
+    for img, corr in zip(images, correctors):
+        (x0, x1), (y0, y1) = bounding_box_of(img.wcs) or ((0, 0), (0, 0))
+        ra, dec = corr.det_to_world(np.array([x0, x1, x1, x0]), np.array([y0, y0, y1, y1]))
+        ra, dec = np.deg2rad(ra), np.deg2rad(dec)
+        vectors.append(np.column_stack([np.cos(dec) * np.cos(ra), np.cos(dec) * np.sin(ra),
+                                        np.sin(dec)]))
+    v = np.vstack(vectors)
+    centre = v.mean(axis=0)
+    centre /= np.linalg.norm(centre)
+    radius = np.rad2deg(np.arccos(np.clip(v @ centre, -1, 1)).max())
+    ra_c = np.rad2deg(np.arctan2(centre[1], centre[0])) % 360.0
+    dec_c = np.rad2deg(np.arcsin(centre[2]))
+    return float(ra_c), float(dec_c), float(radius)

@@ -1,0 +1,443 @@
+"""Which catalog each image uses, reading it, and normalising it for alignment.
+
+Where a catalog comes from (first that applies):
+
+* ``use_custom_catalogs=True``: the ``catfile`` line naming the image; else
+  (no catfile) the association member's ``tweakreg_catalog``; else the
+  model's own catalog (below).  A catfile or member entry of ``""`` means
+  "no catalog".
+* the model's own catalog: ``meta.tweakreg_catalog`` (a file name or an
+  in-memory table / structured array), else
+  ``meta.source_catalog.tweakreg_catalog`` (in memory), else
+  ``meta.source_catalog.tweakreg_catalog_name`` (romancal 1.x files).
+
+Relative file names are looked up next to the catfile (catfile entries), the
+association (member entries) or the model file, then in the current directory.
+
+Pixel columns, first pair present wins: ``x``/``y``, ``xcentroid``/``ycentroid``,
+``x_centroid``/``y_centroid``, ``x_psf``/``y_psf``; all 0-indexed.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import erfa
+import numpy as np
+from astropy.table import Table
+
+from .errors import CatalogError, MissingCatalogError
+
+if TYPE_CHECKING:
+    from gwcs import WCS
+
+__all__ = [
+    "PIXEL_COLUMNS",
+    "collect",
+    "CatalogSource",
+    "ImageCatalog",
+    "filter_catalog",
+    "normalize_catalog",
+    "read_catalog",
+    "read_catfile",
+]
+
+log = logging.getLogger(__name__)
+
+#: Accepted pairs of pixel columns, in order of precedence.
+PIXEL_COLUMNS = (("x", "y"), ("xcentroid", "ycentroid"), ("x_centroid", "y_centroid"),
+                 ("x_psf", "y_psf"))
+_DO_NOT_USE = 1
+
+
+@dataclass
+class CatalogSource:
+    """Where an image's catalog comes from.
+
+    Attributes
+    ----------
+    value : str, Table, numpy structured array or None
+        A file name, an in-memory catalog, or None (no catalog: generate one).
+    origin : str
+        Human description for messages (``catfile line 3``, ``meta.tweakreg_catalog``...).
+    base_dirs : tuple of Path
+        Folders in which a relative file name is looked up, in order.
+    """
+
+    value: Any
+    origin: str
+    base_dirs: tuple = ()
+
+
+@dataclass
+class ImageCatalog:
+    """One image ready for alignment: its sources, WCS and identity.
+
+    Attributes
+    ----------
+    index : int
+        Position of the image in the library.
+    name : str
+        The image's file name (for messages and results).
+    group_id : str
+        Exposure group.
+    catalog : Table
+        ``x``, ``y`` (0-indexed pixels) of usable sources.
+    wcs : gwcs.WCS
+        The image's WCS as given.
+    wcsinfo : dict
+        ``v2_ref``, ``v3_ref``, ``roll_ref``.
+    epoch : float or None
+        Decimal year of the exposure start.
+    """
+
+    index: int
+    name: str
+    group_id: str
+    catalog: Table
+    wcs: WCS
+    wcsinfo: dict
+    epoch: float | None
+    catalog_name: str = ""
+
+
+def read_catfile(path: str | Path) -> dict[str, CatalogSource]:
+    """Read a catfile: lines of ``<model file> [<catalog file>]``.
+
+    Blank lines and ``#`` comments are ignored; a line with only a model name
+    (or a catalog of ``""``) means that model has no catalog.
+
+    Returns
+    -------
+    dict
+        Model base name -> :class:`CatalogSource`.
+
+    Raises
+    ------
+    MissingCatalogError
+        If the catfile does not exist.
+    CatalogError
+        Naming the line that does not have one or two columns.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError as err:
+        raise MissingCatalogError(f"catfile {path} does not exist") from err
+    except (OSError, UnicodeDecodeError) as err:
+        raise CatalogError(f"catfile {path} cannot be read: {err}") from err
+    entries = {}
+    base = (path.resolve().parent, Path.cwd())
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        content = line.split("#", 1)[0].strip()
+        if not content:
+            continue
+        fields = content.split()
+        if len(fields) > 2:
+            raise CatalogError(
+                f"catfile {path} line {lineno}: expected '<model file> [<catalog file>]', "
+                f"found {len(fields)} columns: {content!r}"
+            )
+        catalog = fields[1] if len(fields) == 2 and fields[1] not in ('""', "''") else None
+        entries[Path(fields[0]).name] = CatalogSource(catalog, f"catfile {path} line {lineno}", base)
+    return entries
+
+
+def model_catalog_source(meta: Any, model_dir: Path | None) -> CatalogSource | None:
+    """Return the catalog a model names in its own metadata, or None."""
+    base = tuple(d for d in (model_dir, Path.cwd()) if d is not None)
+    value = _get(meta, "tweakreg_catalog")
+    if value is not None:
+        return CatalogSource(value, "meta.tweakreg_catalog", base)
+    source_catalog = _get(meta, "source_catalog")
+    if source_catalog is not None:
+        value = _get(source_catalog, "tweakreg_catalog")
+        if value is not None:
+            return CatalogSource(value, "meta.source_catalog.tweakreg_catalog", base)
+        value = _get(source_catalog, "tweakreg_catalog_name")
+        if value:
+            return CatalogSource(value, "meta.source_catalog.tweakreg_catalog_name", base)
+    return None
+
+
+def _get(node: Any, key: str) -> Any:
+    try:
+        return node[key] if key in node else None
+    except TypeError:
+        return getattr(node, key, None)
+
+
+def read_catalog(source: CatalogSource, image: str, catalog_format: str = "ascii.ecsv") -> Table:
+    """Read the catalog named by ``source``.
+
+    Parameters
+    ----------
+    source : CatalogSource
+        File name or in-memory table.
+    image : str
+        Name of the image the catalog belongs to (for messages).
+    catalog_format : str
+        astropy Table format for files other than ``.parquet`` and ``.asdf``.
+
+    Returns
+    -------
+    Table
+        The catalog as read, all columns.
+
+    Raises
+    ------
+    MissingCatalogError
+        The file does not exist (the message names the image and every path tried).
+    CatalogError
+        The file cannot be read.
+    """
+    value = source.value
+    if isinstance(value, Table):
+        return value
+    if isinstance(value, np.ndarray) and value.dtype.names:
+        return Table(value)
+    if not isinstance(value, (str, Path)):
+        try:
+            return Table(np.asarray(value))
+        except Exception as err:
+            raise CatalogError(
+                f"{image}: {source.origin} is a {type(value).__name__}, expected a file name "
+                "or a table"
+            ) from err
+    path = Path(value)
+    tried = [path] if path.is_absolute() else [d / path for d in source.base_dirs] or [path]
+    found = next((p for p in tried if p.is_file()), None)
+    if found is None:
+        raise MissingCatalogError(
+            f"{image}: catalog named by {source.origin} does not exist; tried "
+            + ", ".join(str(p) for p in tried)
+        )
+    try:
+        return _read_table(found, catalog_format)
+    except Exception as err:
+        raise CatalogError(f"{image}: cannot read catalog {found} as {catalog_format}: {err}") from err
+
+
+def _read_table(path: Path, catalog_format: str) -> Table:
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return Table(pq.read_table(path).to_pydict())
+    if suffix == ".asdf":
+        import asdf
+
+        with asdf.open(path, lazy_load=False, memmap=False) as af:
+            for node in _walk(af.tree):
+                if isinstance(node, Table):
+                    return Table(node, copy=True)
+        raise CatalogError(f"{path}: no table found in the ASDF file")
+    return Table.read(path, format=catalog_format)
+
+
+def _walk(node):
+    if isinstance(node, Table):
+        yield node
+        return
+    if isinstance(node, dict):
+        for v in node.values():
+            yield from _walk(v)
+    elif isinstance(node, (list, tuple)):
+        for v in node:
+            yield from _walk(v)
+    elif hasattr(node, "source_catalog"):
+        yield from _walk(node.source_catalog)
+
+
+def normalize_catalog(catalog: Table, image: str) -> Table:
+    """Return a new table with float ``x``, ``y`` columns taken from the accepted pixel columns.
+
+    Sources flagged DO_NOT_USE in a ``warning_flags`` column are dropped.
+
+    Raises
+    ------
+    CatalogError
+        Listing the columns found and the pairs accepted, when no pair is present.
+    """
+    for xcol, ycol in PIXEL_COLUMNS:
+        if xcol in catalog.colnames and ycol in catalog.colnames:
+            break
+    else:
+        accepted = ", ".join(f"{x}/{y}" for x, y in PIXEL_COLUMNS)
+        raise CatalogError(
+            f"{image}: catalog has no pixel columns; found {catalog.colnames}, "
+            f"accepted pairs: {accepted}"
+        )
+    out = Table(
+        {
+            "x": np.asarray(catalog[xcol], dtype=float),
+            "y": np.asarray(catalog[ycol], dtype=float),
+        }
+    )
+    if "weight" in catalog.colnames:
+        out["weight"] = np.asarray(catalog["weight"], dtype=float)
+    if "warning_flags" in catalog.colnames:
+        bad = (np.asarray(catalog["warning_flags"]).astype(np.int64) & _DO_NOT_USE) != 0
+        if bad.any():
+            log.info("%s: dropped %d sources flagged DO_NOT_USE", image, int(bad.sum()))
+        out = out[~bad]
+    return out
+
+
+def filter_catalog(catalog: Table, bounding_box, image: str) -> tuple[Table, int, int]:
+    """Drop rows with non-finite positions and rows outside ``bounding_box``.
+
+    Parameters
+    ----------
+    catalog : Table
+        Normalised catalog (``x``, ``y``).
+    bounding_box : ((xmin, xmax), (ymin, ymax)) or None
+        The WCS bounding box in pixels.
+    image : str
+        For messages.
+
+    Returns
+    -------
+    catalog, n_nonfinite, n_outside
+    """
+    x, y = np.asarray(catalog["x"]), np.asarray(catalog["y"])
+    finite = np.isfinite(x) & np.isfinite(y)
+    inside = finite.copy()
+    if bounding_box is not None:
+        (x0, x1), (y0, y1) = bounding_box
+        with np.errstate(invalid="ignore"):
+            inside &= (x >= x0) & (x <= x1) & (y >= y0) & (y <= y1)
+    n_nonfinite = int((~finite).sum())
+    n_outside = int((finite & ~inside).sum())
+    if n_nonfinite:
+        log.warning("%s: dropped %d catalog rows with non-finite x/y", image, n_nonfinite)
+    if n_outside:
+        log.info("%s: dropped %d sources outside the WCS bounding box", image, n_outside)
+    return catalog[inside], n_nonfinite, n_outside
+
+
+def bounding_box_of(wcs) -> tuple | None:
+    """Return ``((xmin, xmax), (ymin, ymax))`` of a GWCS, or None."""
+    try:
+        bbox = wcs.bounding_box
+    except (NotImplementedError, AttributeError):
+        bbox = None
+    if bbox is None:
+        if wcs.pixel_shape is None:
+            return None
+        nx, ny = wcs.pixel_shape
+        return ((-0.5, nx - 0.5), (-0.5, ny - 0.5))
+    try:
+        (x0, x1), (y0, y1) = bbox.bounding_box(order="F")
+    except AttributeError:
+        (x0, x1), (y0, y1) = bbox
+    return ((float(x0), float(x1)), (float(y0), float(y1)))
+
+
+def _catalog_source(
+    library, index: int, model, use_custom: bool, catfile_entries: dict | None
+) -> CatalogSource | None:
+    """Pick the catalog source of one image by the precedence in the module docstring."""
+    path = library.member_path(index)
+    model_dir = path.parent if path is not None else None
+    name = Path(str(model.meta.filename or "")).name
+    if use_custom:
+        if catfile_entries is not None:
+            if name in catfile_entries:
+                return catfile_entries[name]
+        else:
+            member = library.member(index)
+            if "tweakreg_catalog" in member:
+                value = member["tweakreg_catalog"] or None
+                base = tuple(d for d in (library.asn_dir, Path.cwd()) if d is not None)
+                return CatalogSource(value, "association member attribute tweakreg_catalog", base)
+    return model_catalog_source(model.meta, model_dir)
+
+
+def _epoch(model) -> float | None:
+    try:
+        with warnings.catch_warnings():
+            # ERFA calls far-future UTC dates "dubious" (unknown leap seconds): harmless here
+            warnings.simplefilter("ignore", erfa.ErfaWarning)
+            return float(model.meta.exposure.start_time.decimalyear)
+    except (AttributeError, TypeError, ValueError):
+        return None
+
+
+def collect(
+    library,
+    *,
+    use_custom_catalogs: bool = False,
+    catfile: str = "",
+    catalog_format: str = "ascii.ecsv",
+) -> tuple[list[ImageCatalog], dict[int, str]]:
+    """Read, normalise and filter the catalog of every image in ``library``.
+
+    Models are borrowed and shelved unmodified; pixel arrays are not read.
+
+    Returns
+    -------
+    images : list of ImageCatalog
+        Images that take part in alignment.
+    skipped : dict
+        Library index -> reason, for images left out (non-imaging exposure,
+        empty catalog).
+
+    Raises
+    ------
+    MissingCatalogError
+        An image has no catalog at all, or its file does not exist.
+    CatalogError
+        A catalog or the catfile cannot be read or has no pixel columns.
+    """
+    entries = read_catfile(catfile) if (use_custom_catalogs and catfile) else None
+    if entries is not None:
+        known = set()
+    images, skipped = [], {}
+    group_ids = library.asn["products"][0]["members"]
+    with library:
+        for index in range(len(library)):
+            model = library.borrow(index)
+            try:
+                name = str(model.meta.filename or f"image {index}")
+                if entries is not None:
+                    known.add(Path(name).name)
+                exp_type = str(getattr(model.meta.exposure, "type", "WFI_IMAGE"))
+                if exp_type != "WFI_IMAGE":
+                    skipped[index] = f"not an imaging exposure (meta.exposure.type={exp_type})"
+                    log.info("%s: skipped, %s", name, skipped[index])
+                    continue
+                source = _catalog_source(library, index, model, use_custom_catalogs, entries)
+                if source is None or source.value is None:
+                    where = source.origin if source is not None else (
+                        "meta.tweakreg_catalog or meta.source_catalog")
+                    raise MissingCatalogError(f"{name}: no source catalog ({where} gives none)")
+                table = normalize_catalog(read_catalog(source, name, catalog_format), name)
+                table, _, _ = filter_catalog(table, bounding_box_of(model.meta.wcs), name)
+                if len(table) == 0:
+                    skipped[index] = "empty source catalog"
+                    log.warning("%s: skipped, its catalog has no usable sources", name)
+                    continue
+                images.append(
+                    ImageCatalog(
+                        index=index,
+                        name=name,
+                        group_id=str(group_ids[index]["group_id"]),
+                        catalog=table,
+                        wcs=model.meta.wcs,
+                        wcsinfo={k: float(model.meta.wcsinfo[k])
+                                 for k in ("v2_ref", "v3_ref", "roll_ref")},
+                        epoch=_epoch(model),
+                        catalog_name=source.value if isinstance(source.value, str) else "",
+                    )
+                )
+            finally:
+                library.shelve(model, index, modify=False)
+    if entries is not None:
+        for missing in sorted(set(entries) - known):
+            log.warning("catfile %s names %s, which is not among the inputs", catfile, missing)
+    return images, skipped

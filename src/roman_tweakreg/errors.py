@@ -1,0 +1,36 @@
+"""The exceptions of roman_tweakreg: one family, each also its natural built-in."""
+
+from __future__ import annotations
+
+__all__ = [
+    "AlignmentError",
+    "CatalogError",
+    "InvalidParameterError",
+    "MissingCatalogError",
+    "ReferenceCatalogError",
+    "TweakRegError",
+]
+
+
+class TweakRegError(Exception):
+    """Base class of every error raised by roman_tweakreg."""
+
+
+class InvalidParameterError(TweakRegError, ValueError):
+    """A step parameter has a value outside what it accepts."""
+
+
+class CatalogError(TweakRegError, ValueError):
+    """A source catalog cannot be read or lacks what alignment needs."""
+
+
+class MissingCatalogError(CatalogError, FileNotFoundError):
+    """An image has no catalog, or its catalog file does not exist."""
+
+
+class ReferenceCatalogError(TweakRegError, RuntimeError):
+    """The absolute reference catalog cannot be had or is unusable."""
+
+
+class AlignmentError(TweakRegError, RuntimeError):
+    """Matching or fitting failed in a way that leaves no usable correction."""

@@ -1,0 +1,234 @@
+"""TweakRegStep: align Roman WFI L2 images to each other and to a reference catalog."""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
+
+from roman_datamodels import datamodels as rdm
+from stpipe import Step, config_parser
+from stpipe.library import AbstractModelLibrary
+
+from . import align, catalogs, results
+from .errors import InvalidParameterError, ReferenceCatalogError
+from .library import open_library
+from .refcat import DEFAULT_REFCAT, get_reference_catalog
+
+if TYPE_CHECKING:
+    from .library import ModelLibrary
+
+__all__ = ["TweakRegStep", "validate_parameters"]
+
+log = logging.getLogger(__name__)
+
+_GEOMETRIES = ("shift", "rshift", "rscale", "general")
+
+
+def validate_parameters(pars: dict) -> None:
+    """Check every alignment parameter once, before any I/O.
+
+    Raises
+    ------
+    InvalidParameterError
+        Naming the parameter, its value and what is expected.
+    """
+    for prefix in ("", "abs_"):
+        for name in ("minobj",):
+            value = pars[prefix + name]
+            if not isinstance(value, int) or value < 1:
+                raise InvalidParameterError(f"{prefix}{name}={value!r}: expected an integer >= 1")
+        for name in ("searchrad", "separation", "tolerance", "sigma"):
+            value = pars[prefix + name]
+            if not isinstance(value, (int, float)) or not value > 0:
+                raise InvalidParameterError(f"{prefix}{name}={value!r}: expected a number > 0")
+        if not isinstance(pars[prefix + "nclip"], int) or pars[prefix + "nclip"] < 0:
+            raise InvalidParameterError(
+                f"{prefix}nclip={pars[prefix + 'nclip']!r}: expected an integer >= 0"
+            )
+        geom = pars[prefix + "fitgeometry"]
+        if geom not in _GEOMETRIES:
+            raise InvalidParameterError(
+                f"{prefix}fitgeometry={geom!r}: expected one of {', '.join(_GEOMETRIES)}"
+            )
+        if pars[prefix + "tolerance"] > pars[prefix + "searchrad"]:
+            raise InvalidParameterError(
+                f"{prefix}tolerance={pars[prefix + 'tolerance']} is larger than "
+                f"{prefix}searchrad={pars[prefix + 'searchrad']}: the matching tolerance must "
+                "not exceed the search radius"
+            )
+
+
+def _fit_parameters(pars: dict, prefix: str) -> align.FitParameters:
+    return align.FitParameters(
+        **{f: pars[prefix + f] for f in ("minobj", "searchrad", "use2dhist", "separation",
+                                         "tolerance", "fitgeometry", "nclip", "sigma")}
+    )
+
+
+class TweakRegStep(Step):
+    """Align Roman WFI images: each exposure to the others, then all to a reference catalog.
+
+    See the package documentation for inputs, parameters and outputs.
+    """
+
+    class_alias = "tweakreg"
+    reference_file_types: ClassVar = []
+
+    spec = """
+        use_custom_catalogs = boolean(default=False) # Use catalogs from catfile / association / meta.tweakreg_catalog
+        catalog_format = string(default='ascii.ecsv') # astropy format of custom catalog files
+        catfile = string(default='') # Text file: '<model file> <catalog file>' per line
+        catalog_path = string(default='') # Folder for written catalogs (default: current folder)
+        expand_refcat = boolean(default=False) # Add sources of aligned groups to the relative reference
+        enforce_user_order = boolean(default=False) # Align groups in input order (first is reference)
+        minobj = integer(default=15) # Minimum matches for a relative fit
+        searchrad = float(default=2.0) # Relative search radius (arcsec); also the largest plausible correction
+        use2dhist = boolean(default=True) # Find the initial offset with a 2D histogram
+        separation = float(default=1.0) # Sources closer than this (arcsec) are not used in matching
+        tolerance = float(default=0.7) # Matching tolerance (arcsec)
+        fitgeometry = option('shift', 'rshift', 'rscale', 'general', default='rshift') # Relative fit geometry
+        nclip = integer(min=0, default=3) # Clipping iterations of the relative fit
+        sigma = float(default=3.0) # Clipping limit (x rmse) of the relative fit
+        abs_refcat = string(default='GAIADR3') # Reference catalog: service catalog name or local file; '' means GAIADR3
+        abs_minobj = integer(default=15) # Minimum matches for the absolute fit
+        abs_searchrad = float(default=6.0) # Absolute search radius (arcsec); also the largest plausible correction
+        abs_use2dhist = boolean(default=True) # Find the initial absolute offset with a 2D histogram
+        abs_separation = float(default=0.1) # Sources closer than this (arcsec) are not used in absolute matching
+        abs_tolerance = float(default=0.7) # Absolute matching tolerance (arcsec)
+        abs_fitgeometry = option('shift', 'rshift', 'rscale', 'general', default='rshift') # Absolute fit geometry
+        abs_nclip = integer(min=0, default=3) # Clipping iterations of the absolute fit
+        abs_sigma = float(default=3.0) # Clipping limit (x rmse) of the absolute fit
+        save_abs_catalog = boolean(default=False) # Write the reference catalog used as fit_<refcat>_ref.ecsv
+        output_use_model = boolean(default=True) # Name outputs after each model's meta.filename
+        output_ext = string(default='.asdf') # Output file type
+    """  # noqa: E501
+
+    # -- stpipe hooks: this step uses no reference files and never asks CRDS --
+    @classmethod
+    def _datamodels_open(cls, init, **kwargs):
+        return rdm.open(init, **kwargs)
+
+    @classmethod
+    def _get_crds_parameters(cls, dataset):
+        return {}, "roman"
+
+    @classmethod
+    def get_config_from_reference(cls, dataset, disable=None, crds_observatory=None):
+        """Return no parameters: TweakRegStep has no CRDS parameter reference file."""
+        return config_parser.ConfigObj()
+
+    # -- the story ------------------------------------------------------------
+    def process(self, input_data) -> ModelLibrary:
+        """Align the images of ``input_data`` and return them as a ModelLibrary.
+
+        In-memory models given as input are updated in place; files are never written to.
+        """
+        pars = self.get_pars()
+        validate_parameters(pars)
+        refcat_name = (self.abs_refcat or DEFAULT_REFCAT).strip()
+        library = open_library(input_data)
+        images, skipped = catalogs.collect(
+            library,
+            use_custom_catalogs=self.use_custom_catalogs,
+            catfile=self.catfile,
+            catalog_format=self.catalog_format,
+        )
+        log.info("%d images to align in %d groups; %d skipped", len(images),
+                 len({i.group_id for i in images}), len(skipped))
+        correctors = align.make_correctors(images)
+
+        relative = {}
+        if len({i.group_id for i in images}) > 1:
+            relative = align.relative_align(
+                images, correctors, _fit_parameters(pars, ""),
+                enforce_user_order=self.enforce_user_order, expand_refcat=self.expand_refcat,
+            )
+        absolute = self._absolute(images, correctors, pars, refcat_name) if images else None
+
+        outcomes = {}
+        for img, corr in zip(images, correctors):
+            rel = relative.get(img.group_id)
+            status = results.image_status(rel, absolute)
+            fit = results.fit_results_dict(rel, absolute, group_id=img.group_id, status=status,
+                                           n_images=len(images))
+            changed = (rel is not None and rel.applied) or (absolute is not None and absolute.applied)
+            name = absolute.refcat if absolute is not None and absolute.applied else ""
+            outcomes[img.index] = (corr.wcs if changed else None, fit, status, name)
+            log.info("%s: %s", img.name, status.value if not fit.get("reason")
+                     else f"{status.value} ({fit['reason']})")
+        for index, reason in skipped.items():
+            outcomes[index] = (None, {"status": "SKIPPED", "reason": reason}, results.Status.SKIPPED, "")
+        self._write(library, outcomes)
+        return library
+
+    def _absolute(self, images, correctors, pars, refcat_name) -> align.FitResult:
+        abs_pars = _fit_parameters(pars, "abs_")
+        ra, dec, radius = align.footprint_cone(images, correctors)
+        radius += abs_pars.searchrad / 3600.0
+        epochs = [i.epoch for i in images if i.epoch is not None]
+        try:
+            refcat = get_reference_catalog(refcat_name, ra, dec, radius,
+                                           epoch=min(epochs) if epochs else None)
+        except ReferenceCatalogError as err:
+            log.warning("Absolute alignment skipped, relative alignment kept: %s", err)
+            return align.FitResult("SKIPPED", str(err), refcat=refcat_name)
+        if len(refcat) < abs_pars.minobj:
+            reason = (f"reference catalog {refcat.name} has {len(refcat)} sources over the images, "
+                      f"fewer than abs_minobj={abs_pars.minobj}")
+            log.warning("Absolute alignment skipped, relative alignment kept: %s", reason)
+            return align.FitResult("SKIPPED", reason, refcat=refcat.name)
+        if self.save_abs_catalog:
+            self._save_refcat(refcat)
+        result = align.absolute_align(images, correctors, refcat.positions, abs_pars,
+                                      refcat_name=refcat.name)
+        if not result.applied:
+            log.warning("Absolute alignment to %s failed, relative alignment kept: %s",
+                        refcat.name, result.reason)
+        return result
+
+    def _save_refcat(self, refcat) -> None:
+        folder = Path(self.output_dir or self.catalog_path or ".")
+        stem = Path(refcat.name).stem.lower()
+        path = folder / f"fit_{stem}_ref.ecsv"
+        _write_atomically(path, lambda p: refcat.table.write(p, format="ascii.ecsv"))
+        log.info("Saved the reference catalog used in %s", path)
+
+    @staticmethod
+    def _write(library, outcomes) -> None:
+        with library:
+            for index in range(len(library)):
+                model = library.borrow(index)
+                try:
+                    wcs, fit, status, name = outcomes[index]
+                    results.update_model(model, wcs, fit, status, name)
+                finally:
+                    library.shelve(model, index)
+
+    # -- outputs are written whole or not at all --------------------------------
+    def save_model(self, model, suffix=None, idx=None, output_file=None, force=False,
+                   **components):
+        """Save like stpipe, but through a temporary file renamed into place."""
+        if isinstance(model, AbstractModelLibrary) or not isinstance(model, rdm.DataModel):
+            return super().save_model(model, suffix=suffix, idx=idx, output_file=output_file,
+                                      force=force, **components)
+        output_file = output_file or self.output_file
+        if not force and not self.save_results and not output_file:
+            return None
+        if self.output_use_model or (output_file is None and not self.search_output_file):
+            output_file, idx = model.meta.filename, None
+        path = self.make_output_path(basepath=output_file, suffix=suffix, idx=idx, **components)
+        _write_atomically(Path(path), model.save)
+        log.info("Saved model in %s", path)
+        return path
+
+
+def _write_atomically(path: Path, write) -> None:
+    """Call ``write(tmp_path)`` then rename to ``path``: readers never see a partial file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".tweakreg-") as tmp:
+        tmp_path = Path(tmp) / path.name
+        write(tmp_path)
+        os.replace(tmp_path, path)
