@@ -303,6 +303,9 @@ def relative_align(
             unmatched[result.matched_img_idx] = False
             ref_xy = np.vstack([ref_xy, _affine(img_xy[unmatched], result.fit)])
             ref_hull = ref_hull.union(_affine_hull(hulls[g], result.fit)).convex_hull
+    if not any(r.applied for r in results.values()):
+        results[ref_group] = FitResult("FAILED", "no other group could be aligned to it",
+                                       group_id=ref_group)
     return results
 
 

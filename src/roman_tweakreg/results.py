@@ -2,7 +2,8 @@
 
 Status rule (``meta.cal_step.tweakreg``):
 
-* ``COMPLETE`` - at least one fit (relative or absolute) succeeded and changed the WCS;
+* ``COMPLETE`` - at least one fit (relative or absolute) succeeded and changed the WCS,
+  or the image belongs to the reference group that other groups were aligned to;
 * ``FAILED`` - no fit changed the WCS and at least one was attempted and failed;
 * ``SKIPPED`` - nothing was attempted (no catalog, no other group and no
   reference catalog, non-imaging exposure).
@@ -35,7 +36,7 @@ class Status(str, enum.Enum):
 def image_status(relative: FitResult | None, absolute: FitResult | None) -> Status:
     """Combine the two phases' outcomes into the image's status (rule above)."""
     phases = [r for r in (relative, absolute) if r is not None]
-    if any(r.applied for r in phases):
+    if any(r.applied or r.status == "REFERENCE" for r in phases):
         return Status.COMPLETE
     if any(r.status == "FAILED" for r in phases):
         return Status.FAILED

@@ -1,0 +1,40 @@
+"""Shared fixtures: seeded synthetic WFI data from roman_tweakreg.simulate."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from astropy.table import Table
+
+from roman_tweakreg import simulate
+
+SMALL = ("WFI01", "WFI02", "WFI10")
+
+
+def make_data(n_exposures=2, detectors=SMALL, seed=3, **kwargs):
+    """Exposures and the 2016 star field (a Gaia stand-in)."""
+    return simulate.make_dataset(n_exposures, detectors=detectors, seed=seed, **kwargs)
+
+
+def refcat_at(stars: Table, epoch: float) -> Table:
+    """The star field carried to ``epoch`` (RA/DEC only): a reference without motions."""
+    ra, dec = simulate.propagate(stars, epoch)
+    return Table({"RA": ra, "DEC": dec})
+
+
+def models_of(exposures):
+    return [m for e in exposures for m in e.models]
+
+
+def truths_of(exposures):
+    return [w for e in exposures for w in e.true_wcs]
+
+
+@pytest.fixture(scope="module")
+def two_exposures():
+    return make_data()
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(42)

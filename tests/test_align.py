@@ -1,0 +1,159 @@
+"""The alignment core, without stpipe."""
+
+import numpy as np
+import pytest
+from conftest import make_data, truths_of
+
+from roman_tweakreg import simulate
+from roman_tweakreg.align import (
+    FitParameters,
+    absolute_align,
+    make_correctors,
+    relative_align,
+    unique_pairs,
+)
+from roman_tweakreg.catalogs import ImageCatalog, normalize_catalog
+
+ABS = FitParameters(searchrad=6.0, separation=0.1, tolerance=0.7)
+
+
+def images_of(exposures):
+    out = []
+    for exp in exposures:
+        for m in exp.models:
+            out.append(ImageCatalog(
+                len(out), m.meta.filename, f"exp{m.meta.observation.exposure}",
+                normalize_catalog(m.meta["tweakreg_catalog"], m.meta.filename), m.meta.wcs,
+                dict(m.meta.wcsinfo), exp.epoch))
+    return out
+
+
+def errors_mas(correctors, truths):
+    return np.array([simulate.wcs_difference_mas(c.wcs, t) for c, t in zip(correctors, truths)])
+
+
+def truth_positions(stars, epoch=2028.0):
+    ra, dec = simulate.propagate(stars, epoch)
+    return lambda _epoch: (ra, dec)
+
+
+@pytest.mark.parametrize("geometry", ["rshift", "rscale", "general"])
+def test_relative_then_absolute_recovers_true_wcs_below_1mas(two_exposures, geometry):
+    exposures, stars = two_exposures
+    images = images_of(exposures)
+    correctors = make_correctors(images)
+    before = errors_mas(correctors, truths_of(exposures))
+    assert before.min() > 100  # injected errors are hundreds of mas
+    rel = relative_align(images, correctors, FitParameters(fitgeometry=geometry))
+    assert sorted(r.status for r in rel.values()) == ["REFERENCE", "SUCCESS"]
+    matched = next(r for r in rel.values() if r.status == "SUCCESS")
+    assert matched.nmatches > 2000
+    result = absolute_align(images, correctors, truth_positions(stars),
+                            FitParameters(searchrad=6.0, separation=0.1, fitgeometry=geometry))
+    assert result.status == "SUCCESS"
+    assert result.nmatches > 4500
+    after = errors_mas(correctors, truths_of(exposures))
+    assert after.max() < 1.0, after
+    assert all("v2v3corr" in c.wcs.available_frames for c in correctors)
+
+
+def test_shift_geometry_recovers_a_pure_shift():
+    exposures, stars = make_data(1, seed=5, max_roll=0.0)
+    images = images_of(exposures)
+    correctors = make_correctors(images)
+    result = absolute_align(images, correctors, truth_positions(stars),
+                            FitParameters(searchrad=6.0, separation=0.1, fitgeometry="shift"))
+    assert result.status == "SUCCESS"
+    assert errors_mas(correctors, truths_of(exposures)).max() < 1.0
+
+
+def test_absolute_only_single_group(two_exposures):
+    exposures, stars = two_exposures
+    images = images_of(exposures[:1])
+    correctors = make_correctors(images)
+    result = absolute_align(images, correctors, truth_positions(stars), ABS)
+    assert result.status == "SUCCESS"
+    assert errors_mas(correctors, truths_of(exposures[:1])).max() < 1.0
+
+
+def test_implausible_relative_correction_is_rejected_and_wcs_untouched(two_exposures):
+    exposures, _ = two_exposures
+    images = images_of(exposures)
+    correctors = make_correctors(images)
+    before = [c.wcs for c in correctors]
+    # a matcher that searches 10" finds the ~1" errors; a 0.2" search radius rejects them
+    wide = FitParameters(searchrad=10.0).matcher()
+    rel = relative_align(images, correctors, FitParameters(searchrad=0.2, tolerance=0.2),
+                         match=wide)
+    failed = [r for r in rel.values() if r.status == "FAILED"]
+    assert len(failed) == 1
+    assert failed[0].nmatches > 2000
+    assert failed[0].reason.startswith("implausible correction rejected")
+    assert "search radius 0.2 arcsec" in failed[0].reason
+    assert [c.wcs for c in correctors] == before
+    assert all("v2v3corr" not in c.wcs.available_frames for c in correctors)
+
+
+def test_absolute_guard_uses_abs_searchrad(two_exposures):
+    exposures, stars = two_exposures
+    images = images_of(exposures[:1])
+    correctors = make_correctors(images)
+    # a reference shifted by 5" matched with a 10" search is implausible under a 2" radius
+    ra, dec = simulate.propagate(stars, 2028.0)
+    shifted = lambda _e: (ra + 5 / 3600 / np.cos(np.deg2rad(dec)), dec)  # noqa: E731
+    wide = FitParameters(searchrad=10.0, separation=0.1).matcher()
+    result = absolute_align(images, correctors, shifted,
+                            FitParameters(searchrad=2.0, separation=0.1, tolerance=0.7),
+                            match=wide)
+    assert result.status == "FAILED"
+    assert result.reason.startswith("implausible correction rejected")
+    assert result.nmatches > 2000
+    assert all("v2v3corr" not in c.wcs.available_frames for c in correctors)
+
+
+def test_not_enough_matches_fails_with_counts(two_exposures):
+    exposures, stars = two_exposures
+    images = images_of(exposures[:1])
+    correctors = make_correctors(images)
+    result = absolute_align(images, correctors, truth_positions(stars),
+                            FitParameters(minobj=100000, searchrad=6.0, separation=0.1))
+    assert result.status == "FAILED"
+    assert "minobj is 100000" in result.reason
+
+
+def test_unique_pairs_drops_ambiguous_matches():
+    ref, img = unique_pairs(np.array([0, 1, 1, 2, 3]), np.array([5, 6, 7, 8, 8]))
+    assert ref.tolist() == [0]
+    assert img.tolist() == [5]
+
+
+def test_confusion_is_reported_not_raised(two_exposures):
+    from tweakwcs.matchutils import MatchSourceConfusionError
+
+    exposures, stars = two_exposures
+    images = images_of(exposures[:1])
+    correctors = make_correctors(images)
+
+    def confused(*args, **kwargs):
+        raise MatchSourceConfusionError("Number of output coordinates exceeded allocation")
+
+    result = absolute_align(images, correctors, truth_positions(stars), ABS, match=confused,
+                            refcat_name="GAIADR3")
+    assert result.status == "FAILED"
+    assert "confusion" in result.reason
+
+
+def test_expand_refcat_never_takes_a_failed_group():
+    exposures, _ = make_data(3, detectors=("WFI01",), seed=11)
+    images = images_of(exposures)
+    # break exposure 2: its catalog is noise, so its fit fails
+    rng = np.random.default_rng(0)
+    images[1].catalog["x"] = rng.uniform(0, 4088, len(images[1].catalog))
+    images[1].catalog["y"] = rng.uniform(0, 4088, len(images[1].catalog))
+    correctors = make_correctors(images)
+    rel = relative_align(images, correctors, FitParameters(), enforce_user_order=True,
+                         expand_refcat=True)
+    assert rel["exp1"].status == "REFERENCE"
+    assert rel["exp2"].status == "FAILED"
+    assert rel["exp3"].status == "SUCCESS"
+    assert "v2v3corr" not in correctors[1].wcs.available_frames

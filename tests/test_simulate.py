@@ -1,0 +1,42 @@
+import numpy as np
+import pytest
+
+from roman_tweakreg import simulate
+
+
+def test_siaf_has_18_detectors_with_v2v3_reference_points():
+    siaf = simulate.load_siaf()
+    assert sorted(siaf) == list(simulate.DETECTORS)
+    assert siaf["WFI01"]["V2Ref_arcsec"] == pytest.approx(1312.9491452485)
+
+
+def test_detector_wcs_round_trip_and_pixel_scale():
+    att = simulate.Attitude(270.0, -30.0, 60.0)
+    wcs = simulate.detector_wcs("WFI05", att.wcsinfo("WFI05"))
+    assert wcs.available_frames == ["detector", "v2v3", "world"]
+    ra, dec = wcs([10.0, 2044.0, 4000.0], [20.0, 2044.0, 3000.0])
+    x, y = wcs.invert(ra, dec)
+    np.testing.assert_allclose(x, [10.0, 2044.0, 4000.0], atol=1e-3)
+    np.testing.assert_allclose(y, [20.0, 2044.0, 3000.0], atol=1e-3)
+    ra2, dec2 = wcs(2045.0, 2044.0)
+    scale = np.hypot((ra2 - ra[1]) * np.cos(np.deg2rad(dec[1])), dec2 - dec[1]) * 3600
+    assert scale == pytest.approx(0.11, abs=0.005)
+
+
+def test_wcsinfo_reproduces_the_attitude():
+    att = simulate.Attitude(10.0, 45.0, 120.0)
+    for det in ("WFI01", "WFI18"):
+        wcs = simulate.detector_wcs(det, att.wcsinfo(det))
+        v2v3_to_sky = wcs.get_transform("v2v3", "world")
+        np.testing.assert_allclose(v2v3_to_sky(1500.0, -900.0), att.model()(1500.0, -900.0),
+                                   atol=1e-10)
+
+
+def test_injected_error_and_catalog_sizes(two_exposures):
+    exposures, stars = two_exposures
+    for exp in exposures:
+        for model, true_wcs in zip(exp.models, exp.true_wcs):
+            n = len(model.meta["tweakreg_catalog"])
+            assert 800 < n < 1300  # ~1000 stars per detector
+            err = simulate.wcs_difference_mas(model.meta.wcs, true_wcs)
+            assert 10 < err < 1000 * 4  # shift <= 1", roll <= 0.05 deg at <= 0.3 deg

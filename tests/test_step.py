@@ -1,0 +1,247 @@
+"""TweakRegStep as users run it: in Python, on files, through strun."""
+
+import hashlib
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import roman_datamodels.datamodels as rdm
+from conftest import make_data, models_of, refcat_at, truths_of
+
+from roman_tweakreg import InvalidParameterError, MissingCatalogError, TweakRegStep, simulate
+from roman_tweakreg.library import ModelLibrary
+
+STRUN = str(Path(sys.executable).parent / "strun")
+
+
+def errors_mas(library, truths):
+    out = []
+    with library:
+        for i, model in enumerate(library):
+            out.append(simulate.wcs_difference_mas(model.meta.wcs, truths[i]))
+            library.shelve(model, i, modify=False)
+    return np.array(out)
+
+
+def metas(library):
+    out = []
+    with library:
+        for i, model in enumerate(library):
+            out.append((model.meta.cal_step.tweakreg, dict(model.meta.wcs_fit_results),
+                        model.meta.wcs.name, model.meta.wcs.available_frames))
+            library.shelve(model, i, modify=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def refcat_file(tmp_path_factory, two_exposures):
+    _, stars = two_exposures
+    path = tmp_path_factory.mktemp("ref") / "gaia_2028.ecsv"
+    refcat_at(stars, 2028.0).write(path, format="ascii.ecsv")
+    return path
+
+
+@pytest.fixture(scope="module")
+def on_disk(tmp_path_factory, two_exposures):
+    exposures, stars = make_data()
+    folder = tmp_path_factory.mktemp("data")
+    asn = simulate.write_dataset(exposures, stars, folder)
+    refcat_at(stars, 2028.0).write(folder / "gaia_2028.ecsv", format="ascii.ecsv")
+    return asn, exposures
+
+
+def test_relative_and_absolute_in_memory(refcat_file):
+    exposures, _ = make_data()
+    result = TweakRegStep.call(models_of(exposures), abs_refcat=str(refcat_file))
+    assert isinstance(result, ModelLibrary)
+    assert errors_mas(result, truths_of(exposures)).max() < 1.0
+    for status, fit, name, frames in metas(result):
+        assert status == "COMPLETE"
+        assert name == "FIT-LVL2-gaia_2028.ecsv"
+        assert frames == ["detector", "v2v3", "v2v3corr", "world"]
+        assert fit["status"] == "SUCCESS"
+        assert fit["nmatches"] > 4500
+        assert fit["fitgeom"] == "rshift"
+        for key in ("matrix", "shift", "center", "proper_rot", "proper", "rot", "<rot>", "scale",
+                    "<scale>", "skew", "rmse", "mae"):
+            assert key in fit
+        assert fit["relative"]["status"] in ("REFERENCE", "SUCCESS")
+        assert fit["rmse"] < 0.01  # arcsec: 0.02 px centroid noise
+
+
+def test_relative_only_when_gaia_service_unavailable(caplog):
+    exposures, _ = make_data()
+    result = TweakRegStep.call(models_of(exposures))  # default GAIADR3, no service here
+    outcome = metas(result)
+    assert [o[0] for o in outcome] == ["COMPLETE"] * 6
+    assert all(o[1]["absolute"]["status"] == "SKIPPED" for o in outcome)
+    assert all(o[2] == "FIT-LVL2-RELATIVE" for o in outcome[3:])
+    assert "Absolute alignment skipped, relative alignment kept" in caplog.text
+    # exposure 1 was the reference: untouched, relative status REFERENCE
+    statuses = sorted(o[1]["relative"]["status"] for o in outcome)
+    assert statuses == ["REFERENCE"] * 3 + ["SUCCESS"] * 3
+    # relative alignment alone: exposure 2's stars now land where exposure 1 puts them
+    ref = [m for m in models_of(exposures)][:3]
+    with result:
+        moved = [result.borrow(i) for i in range(3, 6)]
+        for m_ref, m in zip(ref, moved):
+            ids = np.intersect1d(m_ref.meta["tweakreg_catalog"]["objID"],
+                                 m.meta["tweakreg_catalog"]["objID"])
+            a = _sky_of(m_ref, ids)
+            b = _sky_of(m, ids)
+            offset = np.hypot((a[0] - b[0]) * np.cos(np.deg2rad(a[1])), a[1] - b[1]) * 3.6e6
+            assert np.median(offset) < 5  # mas, centroid noise of two catalogs
+        for i, m in zip(range(3, 6), moved):
+            result.shelve(m, i, modify=False)
+
+
+def _sky_of(model, ids):
+    cat = model.meta["tweakreg_catalog"]
+    sel = np.isin(cat["objID"], ids)
+    order = np.argsort(np.asarray(cat["objID"])[sel])
+    ra, dec = model.meta.wcs(np.asarray(cat["x"])[sel][order], np.asarray(cat["y"])[sel][order])
+    return ra, dec
+
+
+def test_single_image_with_its_own_reference(tmp_path):
+    exposures, stars = make_data(1, detectors=("WFI07",), seed=9)
+    path = tmp_path / "ref.ecsv"
+    refcat_at(stars, 2028.0).write(path)
+    result = TweakRegStep.call(exposures[0].models[0], abs_refcat=str(path))
+    status, fit, name, _ = metas(result)[0]
+    assert status == "COMPLETE"
+    assert fit["relative"]["status"] == "SKIPPED"
+    assert errors_mas(result, truths_of(exposures)).max() < 1.0
+
+
+def test_all_defaults_run_without_a_crash():
+    exposures, _ = make_data(1, detectors=("WFI01",))
+    # abs_separation 0.1" < abs_tolerance 0.7" by default; GAIADR3 unreachable offline
+    result = TweakRegStep.call(exposures[0].models[0])
+    status, fit, _, frames = metas(result)[0]
+    assert status == "SKIPPED"
+    assert "web service" in fit["reason"]
+    assert "v2v3corr" not in frames
+
+
+@pytest.mark.parametrize(
+    ("pars", "message"),
+    [
+        ({"minobj": 0}, "minobj=0: expected an integer >= 1"),
+        ({"searchrad": -1.0}, "searchrad=-1.0: expected a number > 0"),
+        ({"abs_tolerance": 9.0}, "abs_tolerance=9.0 is larger than abs_searchrad=6.0"),
+        ({"sigma": 0.0}, "sigma=0.0: expected a number > 0"),
+    ],
+)
+def test_invalid_parameters_are_rejected(pars, message):
+    exposures, _ = make_data(1, detectors=("WFI01",))
+    with pytest.raises(InvalidParameterError, match=message):
+        TweakRegStep.call(exposures[0].models[0], **pars)
+
+
+def test_invalid_fitgeometry_rejected_by_spec():
+    from stpipe.exceptions import ValidationError
+
+    with pytest.raises(ValidationError, match="fitgeometry"):
+        TweakRegStep(fitgeometry="affine")
+
+
+def test_image_without_catalog_is_a_clear_error():
+    exposures, _ = make_data(1, detectors=("WFI01",))
+    model = exposures[0].models[0]
+    del model.meta["tweakreg_catalog"]
+    with pytest.raises(MissingCatalogError, match=r"wfi01_cal.asdf: no source catalog"):
+        TweakRegStep.call(model)
+
+
+def test_non_imaging_exposure_is_skipped(refcat_file):
+    exposures, _ = make_data()
+    models = models_of(exposures)
+    models[0].meta.exposure.type = "WFI_SPECTRAL"
+    result = TweakRegStep.call(models, abs_refcat=str(refcat_file))
+    outcome = metas(result)
+    assert outcome[0][0] == "SKIPPED"
+    assert "not an imaging exposure" in outcome[0][1]["reason"]
+    assert [o[0] for o in outcome[1:]] == ["COMPLETE"] * 5
+
+
+def test_association_on_disk_outputs_and_inputs_untouched(on_disk, tmp_path):
+    asn, exposures = on_disk
+    folder = asn.parent
+    digests = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.glob("*.asdf")}
+    out = tmp_path / "out"
+    TweakRegStep.call(str(asn), abs_refcat=str(folder / "gaia_2028.ecsv"), output_dir=str(out),
+                      save_results=True)
+    assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in folder.glob("*.asdf")} == digests
+    outputs = sorted(out.glob("*_tweakregstep.asdf"))
+    assert len(outputs) == 6
+    truths = truths_of(exposures)
+    for path, truth in zip(outputs, truths):
+        with rdm.open(path) as model:
+            assert "v2v3corr" in model.meta.wcs.available_frames
+            assert model.meta.cal_step.tweakreg == "COMPLETE"
+            assert model.meta.wcsinfo.s_region.startswith("POLYGON ICRS")
+            assert simulate.wcs_difference_mas(model.meta.wcs, truth) < 1.0
+    assert not list(out.glob(".tweakreg-*"))
+
+
+def test_strun_alias_and_parameter_file(on_disk, tmp_path):
+    asn, exposures = on_disk
+    folder = asn.parent
+    params = tmp_path / "pars.asdf"
+    TweakRegStep(abs_refcat=str(folder / "gaia_2028.ecsv"), abs_fitgeometry="rscale").export_config(
+        params)
+    run = subprocess.run(
+        [STRUN, str(params), str(asn), f"--output_dir={tmp_path / 'a'}"],
+        capture_output=True, text=True, check=False, timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    outputs = sorted((tmp_path / "a").glob("*_tweakregstep.asdf"))
+    assert len(outputs) == 6
+    with rdm.open(outputs[0]) as model:
+        assert model.meta.wcs_fit_results["fitgeom"] == "rscale"
+        assert simulate.wcs_difference_mas(model.meta.wcs, truths_of(exposures)[0]) < 1.0
+    run = subprocess.run(
+        [STRUN, "tweakreg", str(asn), f"--abs_refcat={folder / 'gaia_2028.ecsv'}",
+         f"--output_dir={tmp_path / 'b'}", "--fitgeometry=general"],
+        capture_output=True, text=True, check=False, timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    with rdm.open(sorted((tmp_path / "b").glob("*_tweakregstep.asdf"))[-1]) as model:
+        assert model.meta.wcs_fit_results["relative"]["fitgeom"] == "general"
+        assert simulate.wcs_difference_mas(model.meta.wcs, truths_of(exposures)[-1]) < 1.0
+
+
+def test_strun_with_class_path_and_bad_parameter(on_disk, tmp_path):
+    asn, _ = on_disk
+    run = subprocess.run(
+        [STRUN, "roman_tweakreg.TweakRegStep", str(asn), "--minobj=-3",
+         f"--output_dir={tmp_path}"],
+        capture_output=True, text=True, check=False, timeout=300,
+    )
+    assert run.returncode != 0
+    assert "minobj=-3: expected an integer >= 1" in run.stderr + run.stdout
+
+
+@pytest.mark.parametrize(("xcol", "ycol"), [("xcentroid", "ycentroid"),
+                                            ("x_centroid", "y_centroid"), ("x_psf", "y_psf")])
+def test_catalog_column_variants_and_bad_rows(refcat_file, xcol, ycol):
+    exposures, _ = make_data()
+    models = models_of(exposures)
+    for m in models:
+        cat = m.meta["tweakreg_catalog"]
+        cat.rename_columns(["x", "y"], [xcol, ycol])
+        cat[xcol][:3] = np.nan
+        cat[ycol][3:5] = 5000.0  # outside the 4088 x 4088 bounding box
+    result = TweakRegStep.call(models, abs_refcat=str(refcat_file))
+    assert errors_mas(result, truths_of(exposures)).max() < 1.0
+
+
+def test_romancal_layout_source_catalog_name(on_disk, tmp_path):
+    asn, _ = on_disk
+    with rdm.open(sorted(asn.parent.glob("*_cal.asdf"))[0]) as model:
+        assert "tweakreg_catalog" not in model.meta
+        assert model.meta.source_catalog.tweakreg_catalog_name.endswith("_cat.ecsv")
