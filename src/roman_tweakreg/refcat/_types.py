@@ -1,18 +1,26 @@
-"""The reference catalog value and the entry function."""
+"""The reference catalog value: a table of stars and how to place them at an epoch."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from astropy.table import Table
 
-from ..errors import ReferenceCatalogError
+from ._motion import carry
 
-__all__ = ["DEFAULT_REFCAT", "ReferenceCatalog", "get_reference_catalog"]
+__all__ = ["COLUMNS", "DEFAULT_REFCAT", "ReferenceCatalog"]
+
+log = logging.getLogger(__name__)
 
 DEFAULT_REFCAT = "GAIADR3"
+
+#: The columns a ReferenceCatalog table may have, in this order; only RA and DEC are required.
+COLUMNS = ("RA", "DEC", "pmra", "pmdec", "parallax", "ref_epoch", "mag", "objID")
 
 
 @dataclass
@@ -22,63 +30,130 @@ class ReferenceCatalog:
     Attributes
     ----------
     table : Table
-        ``RA``, ``DEC`` (deg) at ``epoch``; optionally ``pmra``, ``pmdec``
-        (mas/yr) and ``parallax`` (mas).
+        ``RA``, ``DEC`` (deg) and optionally ``pmra``, ``pmdec`` (mas/yr,
+        ``pmra`` includes ``cos(Dec)``), ``parallax`` (mas), ``ref_epoch``
+        (decimal year of each row's position), ``mag``, ``objID``.
     name : str
-        Name recorded in the WCS name and ``wcs_fit_results``.
+        Name recorded in the WCS name and ``wcs_fit_results``: the service
+        catalog (``GAIADR3``) or the file or directory name.
     epoch : float or None
-        Epoch (decimal year) of the positions; None when unknown.
+        Epoch (decimal year) of the positions of rows without ``ref_epoch``;
+        None when unknown.
+    source : str
+        Where the catalog came from (service query, file path or URL).
+    warnings : list of str
+        Warnings about the catalog (e.g. positions that cannot be carried to
+        an epoch), also logged; the caller may report them.
     """
 
     table: Table
     name: str
     epoch: float | None = None
+    source: str = ""
+    warnings: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.table)
 
+    @property
+    def has_motions(self) -> bool:
+        """Whether the table has proper motions (``pmra`` and ``pmdec`` columns)."""
+        return "pmra" in self.table.colnames and "pmdec" in self.table.colnames
+
+    def _row_epochs(self) -> np.ndarray:
+        fill = np.nan if self.epoch is None else float(self.epoch)
+        if "ref_epoch" not in self.table.colnames:
+            return np.full(len(self.table), fill)
+        epochs = np.asarray(self.table["ref_epoch"], float)
+        return np.where(np.isfinite(epochs), epochs, fill)
+
     def positions(self, epoch: float | None) -> tuple[np.ndarray, np.ndarray]:
-        """Return ``(ra, dec)`` in degrees at ``epoch`` (as stored when it cannot be carried)."""
-        return np.asarray(self.table["RA"], float), np.asarray(self.table["DEC"], float)
+        """Return ``(ra, dec)`` in degrees carried to ``epoch``.
+
+        Rows with proper motions and a known epoch are moved (see
+        :func:`roman_tweakreg.refcat._motion.carry`); rows without motions or
+        without a known epoch stay as stored.  With ``epoch=None``, or a
+        catalog without motion columns, positions are returned as stored; the
+        latter is warned about once per epoch, naming the epoch gap.
+
+        Parameters
+        ----------
+        epoch : float or None
+            Decimal year, e.g. the mean epoch of one exposure group.
+        """
+        ra = np.asarray(self.table["RA"], float)
+        dec = np.asarray(self.table["DEC"], float)
+        if epoch is None or len(self.table) == 0:
+            return ra, dec
+        row_epochs = self._row_epochs()
+        if not self.has_motions:
+            self._warn_unmoved(float(epoch), row_epochs)
+            return ra, dec
+        return carry(ra, dec, self.table["pmra"], self.table["pmdec"], float(epoch) - row_epochs)
+
+    def _warn_unmoved(self, epoch: float, row_epochs: np.ndarray) -> None:
+        known = row_epochs[np.isfinite(row_epochs)]
+        if known.size:
+            gap = float(np.max(np.abs(epoch - known)))
+            if gap < 1e-3:
+                return
+            what = f"epoch {float(np.median(known)):.3f}, up to {gap:.2f} yr from {epoch:.3f}"
+        else:
+            what = f"an unknown epoch, to be used at {epoch:.3f}"
+        msg = (f"reference catalog {self.name} has no proper motions (pmra/pmdec): "
+               f"its positions are used as they are, at {what}")
+        if msg not in self.warnings:
+            self.warnings.append(msg)
+            log.warning("%s", msg)
+
+    def at_epoch(self, epoch: float | None) -> Table:
+        """Return a copy of the table with ``RA``/``DEC`` carried to ``epoch``.
+
+        Moved rows get ``ref_epoch = epoch``; the table meta records ``name``,
+        ``epoch`` and ``source``.
+        """
+        out = self.table.copy(copy_data=True)
+        if epoch is not None and len(out):
+            ra, dec = self.positions(epoch)
+            out["RA"], out["DEC"] = ra, dec
+            if self.has_motions:
+                moved = (np.isfinite(np.asarray(out["pmra"], float))
+                         & np.isfinite(np.asarray(out["pmdec"], float))
+                         & np.isfinite(self._row_epochs()))
+                out["ref_epoch"] = np.where(moved, float(epoch), self._row_epochs())
+        out.meta.update(name=self.name, source=self.source,
+                        epoch=self.epoch if epoch is None else float(epoch))
+        return out
+
+    def write(self, path: str | os.PathLike, epoch: float | None = None) -> Path:
+        """Write the catalog carried to ``epoch`` as ECSV, atomically (temp file + rename).
+
+        Parameters
+        ----------
+        path : str or path-like
+            Output file; its folder is created if needed; an existing file is replaced.
+        epoch : float or None
+            Epoch (decimal year) to carry positions to; None writes them as stored.
+
+        Returns
+        -------
+        pathlib.Path
+            The path written.
+        """
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        table = self.at_epoch(epoch)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            table.write(tmp, format="ascii.ecsv", overwrite=True)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
 
 
-def get_reference_catalog(
-    refcat: str | None,
-    ra: float,
-    dec: float,
-    radius: float,
-    epoch: float | None = None,
-) -> ReferenceCatalog:
-    """Get the reference catalog named ``refcat`` over a cone.
-
-    Parameters
-    ----------
-    refcat : str or None
-        A catalog name served by the catalog web service (``GAIADR3``; None
-        or ``''`` mean ``GAIADR3``) or a local catalog file.
-    ra, dec, radius : float
-        Cone centre and radius, degrees.
-    epoch : float or None
-        Epoch (decimal year) of the observations.
-
-    Returns
-    -------
-    ReferenceCatalog
-
-    Raises
-    ------
-    ReferenceCatalogError
-        The catalog cannot be had; the message says which and why.
-    """
-    from ._local import read_local_catalog
-
-    name = (refcat or DEFAULT_REFCAT).strip()
-    path = Path(name).expanduser()
-    if path.exists():
-        return read_local_catalog(path, ra, dec, radius)
-    if any(ch in name for ch in "/\\") or path.suffix:
-        raise ReferenceCatalogError(f"abs_refcat: local reference catalog {path} does not exist")
-    raise ReferenceCatalogError(
-        f"abs_refcat={name!r}: the catalog web service client is not available in this version; "
-        "give a local catalog file"
-    )
+def standard_table(columns: dict[str, np.ndarray]) -> Table:
+    """Build a catalog table from the :data:`COLUMNS` present in ``columns`` (others dropped)."""
+    return Table({name: columns[name] for name in COLUMNS if name in columns})
