@@ -38,3 +38,13 @@ def two_exposures():
 @pytest.fixture
 def rng():
     return np.random.default_rng(42)
+
+
+@pytest.fixture(autouse=True)
+def _no_real_catalog_service(monkeypatch, tmp_path_factory):
+    """No test may reach the real catalog service: point it at a closed local port.
+
+    The on-disk catalog cache goes to a per-session temporary folder.
+    """
+    monkeypatch.setenv("ASTROMETRIC_CATALOG_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("ROMAN_TWEAKREG_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))

@@ -122,7 +122,8 @@ def test_all_defaults_run_without_a_crash():
     result = TweakRegStep.call(exposures[0].models[0])
     status, fit, _, frames = metas(result)[0]
     assert status == "SKIPPED"
-    assert "web service" in fit["reason"]
+    assert "catalog service http://127.0.0.1:9" in fit["reason"]
+    assert "connection refused" in fit["reason"]
     assert "v2v3corr" not in frames
 
 
@@ -148,12 +149,37 @@ def test_invalid_fitgeometry_rejected_by_spec():
         TweakRegStep(fitgeometry="affine")
 
 
-def test_image_without_catalog_is_a_clear_error():
+def test_missing_catalog_file_names_image_and_paths(tmp_path):
     exposures, _ = make_data(1, detectors=("WFI01",))
     model = exposures[0].models[0]
-    del model.meta["tweakreg_catalog"]
-    with pytest.raises(MissingCatalogError, match=r"wfi01_cal.asdf: no source catalog"):
+    model.meta["tweakreg_catalog"] = "nowhere_cat.ecsv"
+    with pytest.raises(MissingCatalogError, match=r"wfi01_cal.asdf: catalog named by "
+                       r"meta.tweakreg_catalog does not exist; tried .*nowhere_cat.ecsv"):
         TweakRegStep.call(model)
+
+
+def test_image_without_catalog_gets_a_detected_one(tmp_path):
+    from roman_tweakreg.detection import catalog_filename
+
+    exposures, _ = make_data(1, detectors=("WFI01",), data_shape=(256, 256))
+    model = exposures[0].models[0]
+    del model.meta["tweakreg_catalog"]
+    rng = np.random.default_rng(1)
+    model.data[:] = rng.normal(10.0, 1.0, model.data.shape).astype("f4")
+    yy, xx = np.mgrid[:256, :256]
+    for x0, y0 in rng.uniform(20, 236, (30, 2)):
+        model.data += (500 * np.exp(-((xx - x0) ** 2 + (yy - y0) ** 2) / (2 * 0.85**2))).astype("f4")
+    model.err[:] = 1.0
+    model.dq[:] = 0
+    result = TweakRegStep.call(model, catalog_path=str(tmp_path), abs_refcat="")
+    with result:
+        out = result.borrow(0)
+        path = out.meta["tweakreg_catalog"]
+        result.shelve(out, 0, modify=False)
+    assert path == str(catalog_filename(model.meta.filename, tmp_path, "ascii.ecsv"))
+    from astropy.table import Table
+
+    assert 25 <= len(Table.read(path)) <= 30
 
 
 def test_non_imaging_exposure_is_skipped(refcat_file):

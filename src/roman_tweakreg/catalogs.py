@@ -72,6 +72,22 @@ class CatalogSource:
     origin: str
     base_dirs: tuple = ()
 
+    def candidates(self) -> list[Path]:
+        """The paths where a file name is looked for, in order."""
+        path = Path(self.value)
+        if path.is_absolute() or not self.base_dirs:
+            return [path]
+        return [d / path for d in self.base_dirs]
+
+    def resolve(self) -> Path | None:
+        """The first existing candidate path, or None."""
+        return next((p for p in self.candidates() if p.is_file()), None)
+
+    @property
+    def assigned(self) -> bool:
+        """Whether the catalog was assigned by the step (catfile, association, detection)."""
+        return self.origin.startswith(("catfile", "association", "detection"))
+
 
 @dataclass
 class ImageCatalog:
@@ -93,6 +109,9 @@ class ImageCatalog:
         ``v2_ref``, ``v3_ref``, ``roll_ref``.
     epoch : float or None
         Decimal year of the exposure start.
+    catalog_name : str
+        Resolved catalog file the step assigned (catfile, association or
+        detection), to be recorded in ``meta.tweakreg_catalog``; '' otherwise.
     """
 
     index: int
@@ -208,13 +227,11 @@ def read_catalog(source: CatalogSource, image: str, catalog_format: str = "ascii
                 f"{image}: {source.origin} is a {type(value).__name__}, expected a file name "
                 "or a table"
             ) from err
-    path = Path(value)
-    tried = [path] if path.is_absolute() else [d / path for d in source.base_dirs] or [path]
-    found = next((p for p in tried if p.is_file()), None)
+    found = source.resolve()
     if found is None:
         raise MissingCatalogError(
             f"{image}: catalog named by {source.origin} does not exist; tried "
-            + ", ".join(str(p) for p in tried)
+            + ", ".join(str(p) for p in source.candidates())
         )
     try:
         return _read_table(found, catalog_format)
@@ -368,16 +385,35 @@ def _epoch(model) -> float | None:
         return None
 
 
+def _detect(model, name: str, params, catalog_path: str, catalog_format: str) -> CatalogSource:
+    """Detect sources in ``model``'s pixels and write the catalog; return where it is."""
+    from .detection import catalog_filename, detect_sources, write_catalog
+
+    log.info("%s: no catalog given, detecting sources", name)
+    err = getattr(model, "err", None)
+    table = detect_sources(model.data, model.dq, err, params)
+    path = catalog_filename(name, catalog_path or Path.cwd(), catalog_format)
+    write_catalog(table, path, catalog_format)
+    log.info("%s: %d sources detected, catalog written to %s", name, len(table), path)
+    return CatalogSource(str(path), "detection", ())
+
+
 def collect(
     library,
     *,
     use_custom_catalogs: bool = False,
     catfile: str = "",
     catalog_format: str = "ascii.ecsv",
+    detection=None,
+    catalog_path: str = "",
 ) -> tuple[list[ImageCatalog], dict[int, str]]:
     """Read, normalise and filter the catalog of every image in ``library``.
 
-    Models are borrowed and shelved unmodified; pixel arrays are not read.
+    Models are borrowed and shelved unmodified. Pixel arrays are read only for
+    images without any catalog, when ``detection`` (a
+    :class:`~roman_tweakreg.detection.DetectionParameters`) is given: sources are
+    then detected and the catalog written to ``catalog_path`` as
+    ``<image root>_cat.<ext>`` in ``catalog_format``.
 
     Returns
     -------
@@ -415,7 +451,9 @@ def collect(
                 if source is None or source.value is None:
                     where = source.origin if source is not None else (
                         "meta.tweakreg_catalog or meta.source_catalog")
-                    raise MissingCatalogError(f"{name}: no source catalog ({where} gives none)")
+                    if detection is None:
+                        raise MissingCatalogError(f"{name}: no source catalog ({where} gives none)")
+                    source = _detect(model, name, detection, catalog_path, catalog_format)
                 table = normalize_catalog(read_catalog(source, name, catalog_format), name)
                 table, _, _ = filter_catalog(table, bounding_box_of(model.meta.wcs), name)
                 if len(table) == 0:
@@ -432,7 +470,7 @@ def collect(
                         wcsinfo={k: float(model.meta.wcsinfo[k])
                                  for k in ("v2_ref", "v3_ref", "roll_ref")},
                         epoch=_epoch(model),
-                        catalog_name=source.value if isinstance(source.value, str) else "",
+                        catalog_name=str(source.resolve()) if source.assigned else "",
                     )
                 )
             finally:

@@ -61,6 +61,17 @@ def validate_parameters(pars: dict) -> None:
             )
 
 
+def _detection_parameters(pars: dict):
+    from .detection import DetectionParameters
+
+    params = DetectionParameters(
+        kernel_fwhm=pars["kernel_fwhm"], snr_threshold=pars["snr_threshold"],
+        bkg_boxsize=pars["bkg_boxsize"], brightest=pars["brightest"], peakmax=pars["peakmax"],
+    )
+    params.validate()
+    return params
+
+
 def _fit_parameters(pars: dict, prefix: str) -> align.FitParameters:
     return align.FitParameters(
         **{f: pars[prefix + f] for f in ("minobj", "searchrad", "use2dhist", "separation",
@@ -82,6 +93,11 @@ class TweakRegStep(Step):
         catalog_format = string(default='ascii.ecsv') # astropy format of custom catalog files
         catfile = string(default='') # Text file: '<model file> <catalog file>' per line
         catalog_path = string(default='') # Folder for written catalogs (default: current folder)
+        kernel_fwhm = float(default=2.0) # Detection (images without a catalog): PSF FWHM (pixels)
+        snr_threshold = float(default=10.0) # Detection: minimum peak signal-to-noise
+        bkg_boxsize = integer(default=128) # Detection: background mesh size (pixels)
+        brightest = integer(default=None) # Detection: keep only the N brightest sources
+        peakmax = float(default=None) # Detection: drop sources whose peak exceeds this
         expand_refcat = boolean(default=False) # Add sources of aligned groups to the relative reference
         enforce_user_order = boolean(default=False) # Align groups in input order (first is reference)
         minobj = integer(default=15) # Minimum matches for a relative fit
@@ -128,6 +144,7 @@ class TweakRegStep(Step):
         """
         pars = self.get_pars()
         validate_parameters(pars)
+        detection = _detection_parameters(pars)
         refcat_name = (self.abs_refcat or DEFAULT_REFCAT).strip()
         library = open_library(input_data)
         images, skipped = catalogs.collect(
@@ -135,6 +152,8 @@ class TweakRegStep(Step):
             use_custom_catalogs=self.use_custom_catalogs,
             catfile=self.catfile,
             catalog_format=self.catalog_format,
+            detection=detection,
+            catalog_path=self.catalog_path,
         )
         log.info("%d images to align in %d groups; %d skipped", len(images),
                  len({i.group_id for i in images}), len(skipped))
@@ -156,11 +175,13 @@ class TweakRegStep(Step):
                                            n_images=len(images))
             changed = (rel is not None and rel.applied) or (absolute is not None and absolute.applied)
             name = absolute.refcat if absolute is not None and absolute.applied else ""
-            outcomes[img.index] = (corr.wcs if changed else None, fit, status, name)
+            outcomes[img.index] = (corr.wcs if changed else None, fit, status, name,
+                                   img.catalog_name)
             log.info("%s: %s", img.name, status.value if not fit.get("reason")
                      else f"{status.value} ({fit['reason']})")
         for index, reason in skipped.items():
-            outcomes[index] = (None, {"status": "SKIPPED", "reason": reason}, results.Status.SKIPPED, "")
+            outcomes[index] = (None, {"status": "SKIPPED", "reason": reason},
+                               results.Status.SKIPPED, "", "")
         self._write(library, outcomes)
         return library
 
@@ -202,8 +223,10 @@ class TweakRegStep(Step):
             for index in range(len(library)):
                 model = library.borrow(index)
                 try:
-                    wcs, fit, status, name = outcomes[index]
+                    wcs, fit, status, name, catalog_name = outcomes[index]
                     results.update_model(model, wcs, fit, status, name)
+                    if catalog_name:
+                        model.meta["tweakreg_catalog"] = catalog_name
                 finally:
                     library.shelve(model, index)
 
