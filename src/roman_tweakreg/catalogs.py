@@ -431,17 +431,18 @@ def collect(
         A catalog or the catfile cannot be read or has no pixel columns.
     """
     entries = read_catfile(catfile) if (use_custom_catalogs and catfile) else None
-    if entries is not None:
-        known = set()
+    members = library.asn["products"][0]["members"]
+    if use_custom_catalogs and entries is None and not any("tweakreg_catalog" in m for m in members):
+        log.warning("use_custom_catalogs=True but there is no catfile and no association member "
+                    "has a tweakreg_catalog attribute: using the models' own catalogs")
+    known: set[str] = set()
     images, skipped = [], {}
-    group_ids = library.asn["products"][0]["members"]
     with library:
         for index in range(len(library)):
             model = library.borrow(index)
             try:
                 name = str(model.meta.filename or f"image {index}")
-                if entries is not None:
-                    known.add(Path(name).name)
+                known.add(Path(name).name)
                 exp_type = str(getattr(model.meta.exposure, "type", "WFI_IMAGE"))
                 if exp_type != "WFI_IMAGE":
                     skipped[index] = f"not an imaging exposure (meta.exposure.type={exp_type})"
@@ -464,7 +465,7 @@ def collect(
                     ImageCatalog(
                         index=index,
                         name=name,
-                        group_id=str(group_ids[index]["group_id"]),
+                        group_id=str(members[index]["group_id"]),
                         catalog=table,
                         wcs=model.meta.wcs,
                         wcsinfo={k: float(model.meta.wcsinfo[k])

@@ -1,0 +1,203 @@
+"""Which catalog each image uses (the truth table of docs/catalogs.rst) and bad input."""
+
+import json
+
+import numpy as np
+import pytest
+from astropy.table import Table
+from conftest import make_data
+
+from roman_tweakreg import CatalogError, MissingCatalogError, TweakRegStep
+from roman_tweakreg.catalogs import collect, normalize_catalog, read_catfile
+from roman_tweakreg.detection import DetectionParameters
+from roman_tweakreg.library import open_library
+
+DETECT = DetectionParameters(bkg_boxsize=16)
+
+
+def _cat(n, seed):
+    rng = np.random.default_rng(seed)
+    return Table({"x": rng.uniform(0, 4000, n), "y": rng.uniform(0, 4000, n)})
+
+
+@pytest.fixture
+def field(tmp_path):
+    """One exposure, two detectors on disk; catalogs with 11 (meta), 22 (asn), 33 (catfile) rows."""
+    exposures, _ = make_data(1, detectors=("WFI01", "WFI02"), data_shape=(32, 32))
+    names = []
+    for model in exposures[0].models:
+        root = model.meta.filename.removesuffix(".asdf")
+        _cat(11, 1).write(tmp_path / f"{root}_meta.ecsv")
+        _cat(22, 2).write(tmp_path / f"{root}_asn.ecsv")
+        (tmp_path / "cats").mkdir(exist_ok=True)
+        _cat(33, 3).write(tmp_path / "cats" / f"{root}_catfile.ecsv")
+        model.meta["tweakreg_catalog"] = f"{root}_meta.ecsv"
+        model.save(tmp_path / model.meta.filename)
+        names.append(model.meta.filename)
+    return tmp_path, names
+
+
+def _asn(folder, names, attrs):
+    members = [{"expname": n, "exptype": "science", **attrs.get(n, {})} for n in names]
+    path = folder / "asn.json"
+    path.write_text(json.dumps({"products": [{"name": "x", "members": members}]}))
+    return path
+
+
+def _catfile(folder, lines):
+    path = folder / "cats" / "catfile.txt"
+    path.write_text("# model catalog\n\n" + "\n".join(lines) + "\n")
+    return path
+
+
+def _used(folder, asn, **kwargs):
+    images, skipped = collect(open_library(asn), detection=DETECT,
+                              catalog_path=str(folder / "detected"), **kwargs)
+    used = {i.name: len(i.catalog) for i in images}
+    used.update({f"skipped {i}": r for i, r in skipped.items()})
+    return used, {i.name: i.catalog_name for i in images}
+
+
+@pytest.mark.parametrize(
+    ("use_custom", "with_catfile", "asn_attr", "meta", "expected"),
+    [
+        (False, True, "asn", True, 11),      # not custom: catfile and asn ignored, meta used
+        (False, False, None, False, "detect"),
+        (True, True, "asn", True, 33),       # catfile wins over association and meta
+        (True, True, "", True, 33),
+        (True, False, "asn", True, 22),      # association attribute over meta
+        (True, False, "", True, "detect"),   # "" -> no catalog -> detection
+        (True, False, None, True, 11),       # no attribute -> the model's own
+        (True, False, None, False, "detect"),
+    ],
+)
+def test_catalog_precedence(field, use_custom, with_catfile, asn_attr, meta, expected):
+    folder, names = field
+    attrs = {}
+    if asn_attr is not None:
+        attrs = {n: {"tweakreg_catalog": (f"{n.removesuffix('.asdf')}_asn.ecsv" if asn_attr
+                                          else "")} for n in names}
+    asn = _asn(folder, names, attrs)
+    catfile = ""
+    if with_catfile:
+        catfile = str(_catfile(folder, [f"{n} {n.removesuffix('.asdf')}_catfile.ecsv"
+                                        for n in names]))
+    if not meta:
+        for n in names:
+            (folder / f"{n.removesuffix('.asdf')}_meta.ecsv").unlink()
+            import roman_datamodels.datamodels as rdm
+
+            (folder / "tmp").mkdir(exist_ok=True)
+            with rdm.open(folder / n) as m:
+                del m.meta["tweakreg_catalog"]
+                m.save(folder / "tmp" / n)
+            (folder / "tmp" / n).replace(folder / n)
+    used, assigned = _used(folder, asn, use_custom_catalogs=use_custom, catfile=catfile)
+    if expected == "detect":
+        # blank 32x32 images: detection runs, writes an (empty) catalog, the image is skipped
+        assert used == {"skipped 0": "empty source catalog", "skipped 1": "empty source catalog"}
+        for n in names:
+            assert (folder / "detected" / f"{n.removesuffix('.asdf')}_cat.ecsv").is_file()
+    else:
+        assert used == dict.fromkeys(names, expected)
+        if expected == 33:
+            assert all(a.endswith("_catfile.ecsv") and a.startswith(str(folder))
+                       for a in assigned.values())
+        if expected == 11:
+            assert set(assigned.values()) == {""}
+
+
+def test_catfile_line_without_catalog_and_unlisted_model(field):
+    folder, names = field
+    asn = _asn(folder, names, {})
+    catfile = _catfile(folder, [f"{names[0]}", "other_cal.asdf other_cat.ecsv"])
+    used, _ = _used(folder, asn, use_custom_catalogs=True, catfile=str(catfile))
+    # first model: "no catalog" -> detection (blank image -> skipped); second: its own meta (11)
+    assert used == {names[1]: 11, "skipped 0": "empty source catalog"}
+
+
+def test_catfile_naming_unknown_model_warns(field, caplog):
+    folder, names = field
+    catfile = _catfile(folder, [f"{n} {n.removesuffix('.asdf')}_catfile.ecsv" for n in names]
+                       + ["ghost_cal.asdf ghost.ecsv"])
+    _used(folder, _asn(folder, names, {}), use_custom_catalogs=True, catfile=str(catfile))
+    assert "names ghost_cal.asdf, which is not among the inputs" in caplog.text
+
+
+def test_use_custom_without_any_custom_catalog_warns(field, caplog):
+    folder, names = field
+    used, _ = _used(folder, _asn(folder, names, {}), use_custom_catalogs=True)
+    assert used == dict.fromkeys(names, 11)
+    assert "no catfile and no association member has a tweakreg_catalog" in caplog.text
+
+
+def test_bad_catfile_line_names_line(field):
+    folder, _ = field
+    path = _catfile(folder, ["a_cal.asdf a_cat.ecsv extra"])
+    with pytest.raises(CatalogError, match=r"catfile .* line 3: expected '<model file> "
+                                           r"\[<catalog file>\]', found 3 columns"):
+        read_catfile(path)
+
+
+def test_missing_catfile(tmp_path):
+    with pytest.raises(MissingCatalogError, match=r"catfile .*nope.txt does not exist"):
+        read_catfile(tmp_path / "nope.txt")
+
+
+def test_missing_catalog_names_model_and_paths(field):
+    folder, names = field
+    asn = _asn(folder, names, {names[0]: {"tweakreg_catalog": "gone.ecsv"}})
+    with pytest.raises(MissingCatalogError, match=rf"{names[0]}: catalog named by association "
+                                                  r"member attribute tweakreg_catalog does not "
+                                                  r"exist; tried .*gone.ecsv"):
+        _used(folder, asn, use_custom_catalogs=True)
+
+
+def test_catalog_without_pixel_columns_lists_columns():
+    with pytest.raises(CatalogError, match=r"img: catalog has no pixel columns; found \['ra', "
+                                           r"'dec'\], accepted pairs: x/y, xcentroid/ycentroid"):
+        normalize_catalog(Table({"ra": [1.0], "dec": [2.0]}), "img")
+
+
+def test_non_finite_rows_dropped_and_counted(field, caplog):
+    folder, names = field
+    cat = _cat(11, 1)
+    cat["x"][:4] = np.nan
+    cat.write(folder / f"{names[0].removesuffix('.asdf')}_meta.ecsv", overwrite=True)
+    used, _ = _used(folder, _asn(folder, names, {}))
+    assert used[names[0]] == 7
+    assert "dropped 4 catalog rows with non-finite x/y" in caplog.text
+
+
+def test_empty_catalog_skips_only_that_image(tmp_path):
+    exposures, stars = make_data(2, detectors=("WFI01",))
+    models = [m for e in exposures for m in e.models]
+    models[0].meta["tweakreg_catalog"] = models[0].meta["tweakreg_catalog"][:0]
+    result = TweakRegStep.call(models, abs_refcat="")
+    with result:
+        statuses = []
+        for i, m in enumerate(result):
+            statuses.append((m.meta.cal_step.tweakreg, m.meta.wcs_fit_results.get("reason", "")))
+            result.shelve(m, i, modify=False)
+    assert statuses[0] == ("SKIPPED", "empty source catalog")
+    # one group left and no reference catalog reachable: nothing to align it to
+    assert statuses[1][0] == "SKIPPED"
+
+
+def test_catfile_end_to_end_sets_meta(tmp_path):
+    exposures, stars = make_data(2, detectors=("WFI01",))
+    models = [m for e in exposures for m in e.models]
+    lines = []
+    for m in models:
+        name = m.meta.filename.replace(".asdf", "_user.ecsv")
+        m.meta["tweakreg_catalog"].write(tmp_path / name)
+        lines.append(f"{m.meta.filename} {name}")
+        m.meta["tweakreg_catalog"] = None
+    (tmp_path / "catfile.txt").write_text("\n".join(lines))
+    result = TweakRegStep.call(models, use_custom_catalogs=True,
+                               catfile=str(tmp_path / "catfile.txt"), abs_refcat="")
+    with result:
+        for i, m in enumerate(result):
+            assert m.meta["tweakreg_catalog"] == str(tmp_path / lines[i].split()[1])
+            assert m.meta.cal_step.tweakreg == "COMPLETE"
+            result.shelve(m, i, modify=False)
