@@ -271,3 +271,19 @@ def test_romancal_layout_source_catalog_name(on_disk, tmp_path):
     with rdm.open(sorted(asn.parent.glob("*_cal.asdf"))[0]) as model:
         assert "tweakreg_catalog" not in model.meta
         assert model.meta.source_catalog.tweakreg_catalog_name.endswith("_cat.ecsv")
+
+
+def test_on_disk_library_input(on_disk, tmp_path):
+    asn, exposures = on_disk
+    library = ModelLibrary(asn, on_disk=True, temp_directory=tmp_path / "tmp")
+    result = TweakRegStep.call(library, abs_refcat=str(asn.parent / "gaia_2028.ecsv"))
+    assert result is library
+    assert errors_mas(result, truths_of(exposures)).max() < 1.0
+    assert len(list((tmp_path / "tmp").iterdir())) == 6  # models were shelved to disk
+
+
+def test_on_disk_parameter(on_disk):
+    asn, exposures = on_disk
+    result = TweakRegStep.call(str(asn), abs_refcat=str(asn.parent / "gaia_2028.ecsv"),
+                               on_disk=True)
+    assert [m[0] for m in metas(result)] == ["COMPLETE"] * 6

@@ -117,6 +117,7 @@ class TweakRegStep(Step):
         abs_fitgeometry = option('shift', 'rshift', 'rscale', 'general', default='rshift') # Absolute fit geometry
         abs_nclip = integer(min=0, default=3) # Clipping iterations of the absolute fit
         abs_sigma = float(default=3.0) # Clipping limit (x rmse) of the absolute fit
+        on_disk = boolean(default=False) # Keep association models in temporary files between uses (large associations)
         save_abs_catalog = boolean(default=False) # Write the reference catalog used as fit_<refcat>_ref.ecsv
         output_use_model = boolean(default=True) # Name outputs after each model's meta.filename
         output_ext = string(default='.asdf') # Output file type
@@ -146,7 +147,7 @@ class TweakRegStep(Step):
         validate_parameters(pars)
         detection = _detection_parameters(pars)
         refcat_name = (self.abs_refcat or DEFAULT_REFCAT).strip()
-        library = open_library(input_data)
+        library = open_library(input_data, on_disk=self.on_disk)
         images, skipped = catalogs.collect(
             library,
             use_custom_catalogs=self.use_custom_catalogs,
