@@ -44,6 +44,7 @@ __all__ = [
     "footprint_cone",
     "make_correctors",
     "relative_align",
+    "rigid_sets",
     "unique_pairs",
 ]
 
@@ -413,3 +414,18 @@ def footprint_cone(
     ra_c = np.rad2deg(np.arctan2(centre[1], centre[0])) % 360.0
     dec_c = np.rad2deg(np.arcsin(centre[2]))
     return float(ra_c), float(dec_c), float(radius)
+
+
+def rigid_sets(images: Sequence[ImageCatalog], relative: dict[str, FitResult]) -> list[list[int]]:
+    """Split images into sets aligned to the reference catalog as one rigid body each.
+
+    Groups aligned to each other (the relative reference and every group whose
+    relative fit succeeded) form one set; a group whose relative fit failed is
+    a set of its own, so that it can still be aligned to the reference catalog.
+    """
+    groups = _groups(images)
+    together = [g for g in groups if g not in relative
+                or relative[g].status in ("REFERENCE", "SUCCESS")]
+    sets = [[i for g in together for i in groups[g]]] if together else []
+    sets += [groups[g] for g in groups if g not in together]
+    return sets

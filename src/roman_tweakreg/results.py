@@ -12,6 +12,7 @@ Status rule (``meta.cal_step.tweakreg``):
 from __future__ import annotations
 
 import enum
+import logging
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -19,7 +20,16 @@ import numpy as np
 if TYPE_CHECKING:
     from .align import FitResult
 
-__all__ = ["Status", "fit_results_dict", "image_status", "s_region", "update_model"]
+__all__ = [
+    "Status",
+    "fit_results_dict",
+    "image_status",
+    "outcomes",
+    "s_region",
+    "update_model",
+]
+
+log = logging.getLogger(__name__)
 
 _FIT_KEYS = ("fitgeom", "matrix", "shift", "center", "proper_rot", "proper", "rot", "<rot>",
              "scale", "<scale>", "skew", "rmse", "mae")
@@ -112,3 +122,28 @@ def update_model(model, wcs, fit_results: dict, status: Status, refcat_name: str
     model.meta["wcs_fit_results"] = fit_results
     if "cal_step" in model.meta:
         model.meta.cal_step.tweakreg = status.value
+
+
+def outcomes(images, correctors, relative: dict, absolute: dict, skipped: dict[int, str]) -> dict:
+    """Decide what to write into each model.
+
+    Returns
+    -------
+    dict
+        Library index -> ``(wcs or None, wcs_fit_results, Status, refcat name, catalog name)``;
+        ``wcs`` is None where no fit changed it.
+    """
+    out = {}
+    n = len(images)
+    for img, corr in zip(images, correctors):
+        rel, abs_ = relative.get(img.group_id), absolute.get(img.group_id)
+        status = image_status(rel, abs_)
+        fit = fit_results_dict(rel, abs_, group_id=img.group_id, status=status, n_images=n)
+        changed = any(r is not None and r.applied for r in (rel, abs_))
+        name = abs_.refcat if abs_ is not None and abs_.applied else ""
+        out[img.index] = (corr.wcs if changed else None, fit, status, name, img.catalog_name)
+        log.info("%s: %s%s", img.name, status.value,
+                 f" ({fit['reason']})" if fit.get("reason") else "")
+    for index, reason in skipped.items():
+        out[index] = (None, {"status": "SKIPPED", "reason": reason}, Status.SKIPPED, "", "")
+    return out

@@ -282,12 +282,17 @@ def propagate(stars: Table, epoch: float) -> tuple[np.ndarray, np.ndarray]:
     """
     if "pmra" not in stars.colnames:
         return np.asarray(stars["ra"]), np.asarray(stars["dec"])
+    # stars without measured motions (NaN) stay where they are
+    pmra = np.nan_to_num(np.asarray(stars["pmra"], float))
+    pmdec = np.nan_to_num(np.asarray(stars["pmdec"], float))
+    plx = np.asarray(stars["parallax"], float)
+    plx = np.where(np.isfinite(plx) & (plx > 0), plx, 1e-3)
     c = coord.SkyCoord(
         ra=stars["ra"] * u.deg,
         dec=stars["dec"] * u.deg,
-        pm_ra_cosdec=stars["pmra"] * u.mas / u.yr,
-        pm_dec=stars["pmdec"] * u.mas / u.yr,
-        distance=coord.Distance(parallax=np.asarray(stars["parallax"]) * u.mas),
+        pm_ra_cosdec=pmra * u.mas / u.yr,
+        pm_dec=pmdec * u.mas / u.yr,
+        distance=coord.Distance(parallax=plx * u.mas),
         obstime=Time(float(stars["epoch"][0]), format="decimalyear"),
     )
     with warnings.catch_warnings():

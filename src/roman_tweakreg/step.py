@@ -108,7 +108,10 @@ class TweakRegStep(Step):
         fitgeometry = option('shift', 'rshift', 'rscale', 'general', default='rshift') # Relative fit geometry
         nclip = integer(min=0, default=3) # Clipping iterations of the relative fit
         sigma = float(default=3.0) # Clipping limit (x rmse) of the relative fit
-        abs_refcat = string(default='GAIADR3') # Reference catalog: service catalog name or local file; '' means GAIADR3
+        abs_refcat = string(default='GAIADR3') # Reference catalog: service name (GAIADR3...), local file, HATS folder or URL; a comma list is tried in order; '' means GAIADR3
+        abs_refcat_timeout = float(default=30.0) # Seconds to wait for the catalog service, per try
+        abs_refcat_retries = integer(default=3) # Retries of failed catalog service requests (exponential backoff)
+        abs_refcat_cache = string(default=None) # Catalog cache folder; None: $ROMAN_TWEAKREG_CACHE or ~/.cache/roman_tweakreg; 'off' disables
         abs_minobj = integer(default=15) # Minimum matches for the absolute fit
         abs_searchrad = float(default=6.0) # Absolute search radius (arcsec); also the largest plausible correction
         abs_use2dhist = boolean(default=True) # Find the initial absolute offset with a 2D histogram
@@ -166,57 +169,48 @@ class TweakRegStep(Step):
                 images, correctors, _fit_parameters(pars, ""),
                 enforce_user_order=self.enforce_user_order, expand_refcat=self.expand_refcat,
             )
-        absolute = self._absolute(images, correctors, pars, refcat_name) if images else None
-
-        outcomes = {}
-        for img, corr in zip(images, correctors):
-            rel = relative.get(img.group_id)
-            status = results.image_status(rel, absolute)
-            fit = results.fit_results_dict(rel, absolute, group_id=img.group_id, status=status,
-                                           n_images=len(images))
-            changed = (rel is not None and rel.applied) or (absolute is not None and absolute.applied)
-            name = absolute.refcat if absolute is not None and absolute.applied else ""
-            outcomes[img.index] = (corr.wcs if changed else None, fit, status, name,
-                                   img.catalog_name)
-            log.info("%s: %s", img.name, status.value if not fit.get("reason")
-                     else f"{status.value} ({fit['reason']})")
-        for index, reason in skipped.items():
-            outcomes[index] = (None, {"status": "SKIPPED", "reason": reason},
-                               results.Status.SKIPPED, "", "")
+        absolute = (self._absolute(images, correctors, pars, refcat_name, relative)
+                    if images else {})
+        outcomes = results.outcomes(images, correctors, relative, absolute, skipped)
         self._write(library, outcomes)
         return library
 
-    def _absolute(self, images, correctors, pars, refcat_name) -> align.FitResult:
+    def _absolute(self, images, correctors, pars, refcat_name, relative) -> dict:
+        """Absolute alignment of each rigid set of groups; group id -> result."""
         abs_pars = _fit_parameters(pars, "abs_")
         ra, dec, radius = align.footprint_cone(images, correctors)
         radius += abs_pars.searchrad / 3600.0
         epochs = [i.epoch for i in images if i.epoch is not None]
         try:
-            refcat = get_reference_catalog(refcat_name, ra, dec, radius,
-                                           epoch=min(epochs) if epochs else None)
+            refcat = get_reference_catalog(
+                refcat_name, ra, dec, radius, epoch=min(epochs) if epochs else None,
+                min_sources=abs_pars.minobj, timeout=self.abs_refcat_timeout,
+                retries=self.abs_refcat_retries, cache_dir=self.abs_refcat_cache,
+            )
         except ReferenceCatalogError as err:
             log.warning("Absolute alignment skipped, relative alignment kept: %s", err)
-            return align.FitResult("SKIPPED", str(err), refcat=refcat_name)
-        if len(refcat) < abs_pars.minobj:
-            reason = (f"reference catalog {refcat.name} has {len(refcat)} sources over the images, "
-                      f"fewer than abs_minobj={abs_pars.minobj}")
-            log.warning("Absolute alignment skipped, relative alignment kept: %s", reason)
-            return align.FitResult("SKIPPED", reason, refcat=refcat.name)
+            skipped = align.FitResult("SKIPPED", str(err), refcat=refcat_name)
+            return dict.fromkeys({i.group_id for i in images}, skipped)
+        for message in refcat.warnings:
+            log.warning("%s", message)
         if self.save_abs_catalog:
-            self._save_refcat(refcat)
-        result = align.absolute_align(images, correctors, refcat.positions, abs_pars,
-                                      refcat_name=refcat.name)
-        if not result.applied:
-            log.warning("Absolute alignment to %s failed, relative alignment kept: %s",
-                        refcat.name, result.reason)
-        return result
+            self._save_refcat(refcat, min(epochs) if epochs else None)
+        out = {}
+        for members in align.rigid_sets(images, relative):
+            result = align.absolute_align([images[i] for i in members],
+                                          [correctors[i] for i in members], refcat.positions,
+                                          abs_pars, refcat_name=refcat.name)
+            if not result.applied:
+                log.warning("Absolute alignment to %s failed, relative alignment kept: %s",
+                            refcat.name, result.reason)
+            out.update(dict.fromkeys({images[i].group_id for i in members}, result))
+        return out
 
-    def _save_refcat(self, refcat) -> None:
+    def _save_refcat(self, refcat, epoch) -> None:
         folder = Path(self.output_dir or self.catalog_path or ".")
         stem = Path(refcat.name).stem.lower()
-        path = folder / f"fit_{stem}_ref.ecsv"
-        _write_atomically(path, lambda p: refcat.table.write(p, format="ascii.ecsv"))
-        log.info("Saved the reference catalog used in %s", path)
+        path = refcat.write(folder / f"fit_{stem}_ref.ecsv", epoch)
+        log.info("Saved the reference catalog used (at epoch %s) in %s", epoch, path)
 
     @staticmethod
     def _write(library, outcomes) -> None:

@@ -1,7 +1,18 @@
-"""Local reference catalog files: ECSV, FITS, Parquet, CSV."""
+"""Local reference catalogs: ECSV, FITS, Parquet and CSV files, and HATS directories.
+
+Sky columns are ``RA``/``DEC`` in any case, or a ``sky_centroid`` SkyCoord
+column; ``pmra``, ``pmdec``, ``parallax``, ``ref_epoch`` (or ``epoch``),
+``mag`` (or ``phot_g_mean_mag``) and ``objID`` (or ``source_id``) are kept when
+present.  A HATS catalog is a folder of HEALPix-partitioned Parquet files laid
+out ``Norder=K/Dir=D/Npix=N.parquet`` (optionally under ``dataset/``); only the
+partitions that overlap the cone are read.
+"""
 
 from __future__ import annotations
 
+import logging
+import re
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -10,15 +21,46 @@ from astropy.coordinates import SkyCoord, angular_separation
 from astropy.table import Table
 
 from ..errors import ReferenceCatalogError
-from ._types import ReferenceCatalog
+from ._types import ReferenceCatalog, standard_table
 
-__all__ = ["read_local_catalog"]
+__all__ = ["FILE_SUFFIXES", "read_hats_catalog", "read_local_catalog", "standard_columns"]
 
-_FORMATS = {".ecsv": "ascii.ecsv", ".csv": "ascii.csv", ".fits": "fits", ".fit": "fits"}
+log = logging.getLogger(__name__)
+
+_FORMATS = {".ecsv": "ascii.ecsv", ".csv": "ascii.csv", ".fits": "fits", ".fit": "fits",
+            ".fits.gz": "fits", ".parquet": "parquet", ".pq": "parquet"}
+#: File name endings read as local catalogs (anything else is given to astropy to guess).
+FILE_SUFFIXES = tuple(_FORMATS)
+
+# standard name -> accepted column names (lower case), first found wins
+_ALIASES = {
+    "RA": ("ra", "sky_centroid.ra"),
+    "DEC": ("dec", "sky_centroid.dec"),
+    "pmra": ("pmra",),
+    "pmdec": ("pmdec",),
+    "parallax": ("parallax", "plx"),
+    "ref_epoch": ("ref_epoch", "epoch"),
+    "mag": ("mag", "phot_g_mean_mag"),
+    "objID": ("objid", "source_id"),
+}
+_UNITS = {"RA": u.deg, "DEC": u.deg, "pmra": u.mas / u.yr, "pmdec": u.mas / u.yr,
+          "parallax": u.mas}
+_HATS_FILE = re.compile(r"Norder=(\d+)/Dir=\d+/Npix=(\d+)(\.parquet)?$")
 
 
-def read_local_catalog(path: str | Path, ra: float, dec: float, radius: float) -> ReferenceCatalog:
-    """Read a local catalog file and keep the sources within ``radius`` deg of ``(ra, dec)``.
+def read_local_catalog(
+    path: str | Path, ra: float, dec: float, radius: float, *, name: str | None = None
+) -> ReferenceCatalog:
+    """Read a local catalog file or HATS folder, keeping the sources in a cone.
+
+    Parameters
+    ----------
+    path : str or Path
+        ECSV, FITS, Parquet or CSV file, or a HATS catalog folder.
+    ra, dec, radius : float
+        Cone centre and radius (deg).
+    name : str, optional
+        Catalog name; default the file or folder name.
 
     Raises
     ------
@@ -26,41 +68,152 @@ def read_local_catalog(path: str | Path, ra: float, dec: float, radius: float) -
         Naming the file, when it cannot be read or has no usable sky columns.
     """
     path = Path(path)
+    if path.is_dir():
+        return read_hats_catalog(path, ra, dec, radius, name=name)
+    fmt = next((f for s, f in _FORMATS.items() if path.name.lower().endswith(s)), None)
     try:
-        if path.suffix.lower() == ".parquet":
+        if fmt == "parquet":  # pyarrow directly: astropy's reader wants pandas
             import pyarrow.parquet as pq
 
-            table = Table(pq.read_table(path).to_pydict())
+            data = pq.read_table(path)
+            table = Table({c: data.column(c).to_numpy(zero_copy_only=False)
+                           for c in data.column_names})
         else:
-            table = Table.read(path, format=_FORMATS.get(path.suffix.lower()))
+            table = Table.read(path, format=fmt)
     except Exception as err:
         raise ReferenceCatalogError(f"abs_refcat: cannot read {path}: {err}") from err
-    out = _sky_columns(table, path)
-    keep = angular_separation(
-        *np.deg2rad([np.asarray(out["RA"]), np.asarray(out["DEC"])]), np.deg2rad(ra), np.deg2rad(dec)
-    ) <= np.deg2rad(radius)
-    keep &= np.isfinite(out["RA"]) & np.isfinite(out["DEC"])
-    return ReferenceCatalog(out[keep], name=path.name)
+    columns = standard_columns(table, str(path))
+    return _in_cone(columns, ra, dec, radius, name or path.name, str(path), table.meta)
 
 
-def _sky_columns(table: Table, path: Path) -> Table:
-    lower = {c.lower(): c for c in table.colnames}
-    if "ra" in lower and "dec" in lower:
-        ra_col, dec_col = table[lower["ra"]], table[lower["dec"]]
-        ra = ra_col.to_value(u.deg) if getattr(ra_col, "unit", None) else np.asarray(ra_col, float)
-        dec = dec_col.to_value(u.deg) if getattr(dec_col, "unit", None) else np.asarray(dec_col, float)
-    elif "sky_centroid" in lower:
+def standard_columns(table: Table | Mapping, where: str) -> dict[str, np.ndarray]:
+    """Pick the reference catalog columns of ``table`` (any case) as floats in standard units.
+
+    Raises
+    ------
+    ReferenceCatalogError
+        When there is no RA/DEC or sky_centroid column, or a column cannot be converted.
+    """
+    names = list(table.colnames if isinstance(table, Table) else table.keys())
+    lower = {c.lower(): c for c in names}
+    out: dict[str, np.ndarray] = {}
+    if not {"ra", "dec"} <= set(lower) and "sky_centroid" in lower:
         sc = table[lower["sky_centroid"]]
         if not isinstance(sc, SkyCoord):
-            raise ReferenceCatalogError(f"abs_refcat: {path}: sky_centroid is not a SkyCoord column")
-        ra, dec = sc.icrs.ra.deg, sc.icrs.dec.deg
-    else:
+            raise ReferenceCatalogError(
+                f"abs_refcat: {where}: column sky_centroid is a {type(sc).__name__}, "
+                "expected a SkyCoord")
+        out["RA"], out["DEC"] = sc.icrs.ra.deg, sc.icrs.dec.deg
+    for std, aliases in _ALIASES.items():
+        col = next((lower[a] for a in aliases if a in lower), None)
+        if col is None or std in out:
+            continue
+        if std == "objID":
+            out[std] = np.ma.asarray(table[col]).filled(0)
+            continue
+        out[std] = _as_float(table[col], _UNITS.get(std), where, col)
+    if "RA" not in out or "DEC" not in out:
         raise ReferenceCatalogError(
-            f"abs_refcat: {path} has no RA/DEC (any case) or sky_centroid column; "
-            f"found {table.colnames}"
-        )
-    out = Table({"RA": np.asarray(ra, float), "DEC": np.asarray(dec, float)})
-    for col in ("pmra", "pmdec", "parallax", "ref_epoch", "epoch", "mag"):
-        if col in lower:
-            out[col] = np.asarray(table[lower[col]], float)
+            f"abs_refcat: {where} has no RA/DEC (any case) or sky_centroid column; "
+            f"found {names}")
     return out
+
+
+def _as_float(col, unit, where: str, name: str) -> np.ndarray:
+    try:
+        values = np.ma.asarray(col, dtype=float).filled(np.nan)
+        col_unit = getattr(col, "unit", None)
+        if unit is not None and col_unit is not None:
+            values = (values * u.Unit(col_unit)).to_value(unit)
+    except (TypeError, ValueError, u.UnitsError) as err:
+        raise ReferenceCatalogError(
+            f"abs_refcat: {where}: column {name} is not numeric"
+            f"{f' in {unit}' if unit is not None else ''}: {err}") from err
+    return np.asarray(values, float)
+
+
+def _in_cone(columns: dict, ra: float, dec: float, radius: float, name: str, source: str,
+             meta: Mapping | None = None) -> ReferenceCatalog:
+    """Keep the rows within ``radius`` deg; the catalog epoch comes from the rows or the meta."""
+    sep = angular_separation(*(np.deg2rad(x) for x in (columns["RA"], columns["DEC"], ra, dec)))
+    keep = np.isfinite(sep) & (sep <= np.deg2rad(radius))
+    table = standard_table({k: np.asarray(v)[keep] for k, v in columns.items()})
+    epoch = None
+    lower = {str(k).lower(): v for k, v in (meta or {}).items()}
+    for key in ("ref_epoch", "epoch"):
+        try:
+            epoch = float(lower[key])
+            break
+        except (KeyError, TypeError, ValueError):
+            continue
+    if epoch is None and "ref_epoch" in table.colnames:
+        known = np.asarray(table["ref_epoch"], float)
+        known = known[np.isfinite(known)]
+        epoch = float(np.median(known)) if known.size else None
+    return ReferenceCatalog(table, name=name, epoch=epoch, source=source)
+
+
+# -- HATS -------------------------------------------------------------------------------------
+def hats_partitions(root: Path) -> dict[tuple[int, int], Path]:
+    """Map ``(order, pixel)`` to the partition file (or folder) of a HATS catalog at ``root``."""
+    base = root / "dataset" if (root / "dataset").is_dir() else root
+    parts = {}
+    for path in base.glob("Norder=*/Dir=*/Npix=*"):
+        m = _HATS_FILE.search(path.relative_to(base).as_posix())
+        if m and (path.is_dir() or m.group(3)):
+            parts[int(m.group(1)), int(m.group(2))] = path
+    return parts
+
+
+def read_hats_catalog(
+    root: str | Path, ra: float, dec: float, radius: float, *, name: str | None = None
+) -> ReferenceCatalog:
+    """Read the sources within ``radius`` deg of ``(ra, dec)`` from a HATS catalog folder.
+
+    Only the partitions whose HEALPix pixel (nested, ICRS) overlaps the cone
+    are opened, and only the reference catalog columns are read from them.
+
+    Raises
+    ------
+    ReferenceCatalogError
+        When the folder has no ``Norder=K/Dir=D/Npix=N.parquet`` partitions or
+        they cannot be read.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        from astropy_healpix import HEALPix
+    except ImportError as err:  # pragma: no cover - a declared dependency
+        raise ReferenceCatalogError(
+            f"abs_refcat: reading the HATS catalog {root} needs astropy-healpix") from err
+    root = Path(root)
+    parts = hats_partitions(root)
+    if not parts:
+        raise ReferenceCatalogError(
+            f"abs_refcat: {root} is a folder but not a HATS catalog: "
+            "no Norder=K/Dir=D/Npix=N.parquet partitions found")
+    wanted = []
+    for order in sorted({k[0] for k in parts}):
+        # cone_search_lonlat may miss pixels that barely touch the cone: search 8 times finer,
+        # padded by one fine pixel, and take the parents (nested: 6 bits per 3 orders)
+        fine = HEALPix(nside=2 ** (order + 3), order="nested")
+        pad = fine.pixel_resolution.to_value(u.deg)
+        pixels = fine.cone_search_lonlat(ra * u.deg, dec * u.deg, (radius + pad) * u.deg) >> 6
+        wanted += [parts[order, int(p)] for p in np.unique(pixels) if (order, int(p)) in parts]
+    log.debug("HATS %s: reading %d of %d partitions", root, len(wanted), len(parts))
+    cat_name = name or root.name
+    if not wanted:
+        return _in_cone({"RA": np.array([]), "DEC": np.array([])}, ra, dec, radius, cat_name,
+                        str(root))
+    try:
+        first = wanted[0] if wanted[0].is_file() else next(wanted[0].rglob("*.parquet"))
+        schema = pq.read_schema(first)
+        lower = {c.lower(): c for c in schema.names}
+        cols = [lower[a] for aliases in _ALIASES.values() for a in aliases if a in lower]
+        table = pa.concat_tables([pq.read_table(p, columns=cols) for p in wanted],
+                                 promote_options="default")
+    except Exception as err:
+        raise ReferenceCatalogError(f"abs_refcat: cannot read HATS catalog {root}: {err}") from err
+    data = {c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names}
+    return _in_cone(standard_columns(data, str(root)), ra, dec, radius, cat_name, str(root))

@@ -13,7 +13,7 @@ from astropy.table import Table
 
 from ._motion import carry
 
-__all__ = ["COLUMNS", "DEFAULT_REFCAT", "ReferenceCatalog"]
+__all__ = ["COLUMNS", "DEFAULT_REFCAT", "ReferenceCatalog", "standard_table"]
 
 log = logging.getLogger(__name__)
 
@@ -72,9 +72,10 @@ class ReferenceCatalog:
 
         Rows with proper motions and a known epoch are moved (see
         :func:`roman_tweakreg.refcat._motion.carry`); rows without motions or
-        without a known epoch stay as stored.  With ``epoch=None``, or a
-        catalog without motion columns, positions are returned as stored; the
-        latter is warned about once per epoch, naming the epoch gap.
+        without a known epoch stay as stored.  With ``epoch=None`` positions
+        are returned as stored.  A catalog without motion columns, or without
+        any epoch, is used as stored with a warning (logged once per epoch and
+        kept in :attr:`warnings`) naming the epoch gap.
 
         Parameters
         ----------
@@ -86,7 +87,7 @@ class ReferenceCatalog:
         if epoch is None or len(self.table) == 0:
             return ra, dec
         row_epochs = self._row_epochs()
-        if not self.has_motions:
+        if not self.has_motions or not np.isfinite(row_epochs).any():
             self._warn_unmoved(float(epoch), row_epochs)
             return ra, dec
         return carry(ra, dec, self.table["pmra"], self.table["pmdec"], float(epoch) - row_epochs)
@@ -100,8 +101,9 @@ class ReferenceCatalog:
             what = f"epoch {float(np.median(known)):.3f}, up to {gap:.2f} yr from {epoch:.3f}"
         else:
             what = f"an unknown epoch, to be used at {epoch:.3f}"
-        msg = (f"reference catalog {self.name} has no proper motions (pmra/pmdec): "
-               f"its positions are used as they are, at {what}")
+        why = ("has proper motions but no epoch (ref_epoch or epoch column or meta)"
+               if self.has_motions else "has no proper motions (pmra/pmdec)")
+        msg = f"reference catalog {self.name} {why}: its positions are used as they are, at {what}"
         if msg not in self.warnings:
             self.warnings.append(msg)
             log.warning("%s", msg)

@@ -1,0 +1,158 @@
+"""The entry function: from an ``abs_refcat`` value to a :class:`ReferenceCatalog`."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ReferenceCatalogError
+from ._cache import CACHE_OFF, ConeCache, default_cache_dir
+from ._local import FILE_SUFFIXES, read_local_catalog
+from ._service import query_service, read_url_catalog
+from ._types import DEFAULT_REFCAT, ReferenceCatalog
+
+__all__ = ["get_reference_catalog", "split_refcat"]
+
+log = logging.getLogger(__name__)
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+
+
+def split_refcat(refcat: str | None) -> list[str]:
+    """Split an ``abs_refcat`` value into the entries to try in order.
+
+    None or ``''`` is ``[DEFAULT_REFCAT]``; an existing path is one entry even
+    if it holds a comma; otherwise entries are separated by commas.
+    """
+    text = (refcat or "").strip()
+    if not text:
+        return [DEFAULT_REFCAT]
+    if "," in text and Path(text).expanduser().exists():
+        return [text]
+    entries = [e.strip() for e in text.split(",") if e.strip()]
+    return entries or [DEFAULT_REFCAT]
+
+
+def get_reference_catalog(
+    refcat: str | None,
+    ra: float,
+    dec: float,
+    radius: float,
+    epoch: float | None = None,
+    *,
+    min_sources: int = 1,
+    base_url: str | None = None,
+    timeout: float = 30.0,
+    retries: int = 3,
+    backoff: float = 0.5,
+    cache_dir: str | os.PathLike | None = None,
+    use_cache: bool = True,
+) -> ReferenceCatalog:
+    """Get the reference catalog named ``refcat`` over a cone.
+
+    Parameters
+    ----------
+    refcat : str or None
+        One entry or a comma-separated list tried in order; each entry is a
+        catalog name served by the catalog web service (``GAIADR3``,
+        ``GAIADR2``...; case-insensitive), a local ECSV/FITS/Parquet/CSV file,
+        a HATS catalog folder or an ``http(s)://`` URL of a catalog file.
+        None or ``''`` mean ``GAIADR3``.
+    ra, dec, radius : float
+        Cone centre and radius, degrees.
+    epoch : float or None
+        Epoch (decimal year) of the observations; the service is asked for
+        positions at this epoch.
+    min_sources : int
+        An entry is used only if it has at least this many sources in the
+        cone; otherwise the next entry is tried.
+    base_url : str, optional
+        Catalog service base URL; default ``$ASTROMETRIC_CATALOG_URL`` or
+        ``https://gsss.stsci.edu/webservices``.
+    timeout : float
+        Seconds to wait for the service to connect or send data, per try.
+    retries : int
+        Retries of a failed request (connection error, timeout, 5xx), with
+        exponential backoff.
+    backoff : float
+        Backoff factor (s): waits are 0, 2, 4... times ``backoff``, at most 10 s.
+    cache_dir : str or path-like, optional
+        Cache folder; default ``$ROMAN_TWEAKREG_CACHE``, else
+        ``$XDG_CACHE_HOME/roman_tweakreg``, else ``~/.cache/roman_tweakreg``;
+        ``'off'`` (or ``'none'``, ``'0'``, ``'false'``) turns the cache off.
+    use_cache : bool
+        Whether to read and write the cache.
+
+    Returns
+    -------
+    ReferenceCatalog
+        Its ``name`` says which entry was used.
+
+    Raises
+    ------
+    ReferenceCatalogError
+        No entry gives a catalog with ``min_sources`` sources; the message
+        says, for each entry, why.
+    """
+    try:
+        ra, dec, radius = float(ra), float(dec), float(radius)
+        epoch = None if epoch is None else float(epoch)
+    except (TypeError, ValueError) as err:
+        raise ReferenceCatalogError(f"abs_refcat: bad cone or epoch: {err}") from err
+    if not (np.isfinite([ra, dec, radius]).all() and abs(dec) <= 90 and radius > 0):
+        raise ReferenceCatalogError(
+            f"abs_refcat: bad cone RA={ra}, Dec={dec}, radius={radius} deg: expected finite "
+            "values, |Dec| <= 90 and radius > 0")
+    cache = _cache(cache_dir, use_cache)
+    options = {"timeout": float(timeout), "retries": int(retries), "backoff": float(backoff),
+               "cache": cache}
+    entries = split_refcat(refcat)
+    faults = []
+    for entry in entries:
+        try:
+            cat = _get_one(entry, ra, dec, radius, epoch, base_url, options)
+        except ReferenceCatalogError as err:
+            if len(entries) == 1:
+                raise
+            faults.append(str(err))
+            log.warning("Reference catalog %s not used: %s", entry, err)
+            continue
+        if len(cat) >= min_sources:
+            if faults:
+                log.info("Using reference catalog %s (%d sources)", cat.name, len(cat))
+            return cat
+        fault = (f"{cat.name} has {len(cat)} sources within {radius:.4f} deg of "
+                 f"({ra:.6f}, {dec:.6f}), fewer than {min_sources}")
+        faults.append(fault)
+        if len(entries) > 1:
+            log.warning("Reference catalog %s not used: %s", entry, fault)
+    if len(faults) == 1:
+        raise ReferenceCatalogError(faults[0])
+    raise ReferenceCatalogError(
+        f"no entry of abs_refcat={refcat!r} gave a reference catalog: " + "; ".join(faults))
+
+
+def _cache(cache_dir, use_cache: bool) -> ConeCache | None:
+    if not use_cache or str(cache_dir or "").strip().lower() in CACHE_OFF:
+        return None
+    root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    return None if root is None else ConeCache(root)
+
+
+def _get_one(entry: str, ra, dec, radius, epoch, base_url, options) -> ReferenceCatalog:
+    if re.match(r"^https?://", entry, re.IGNORECASE):
+        return read_url_catalog(entry, ra, dec, radius, **options)
+    path = Path(entry).expanduser()
+    if path.exists():
+        return read_local_catalog(path, ra, dec, radius)
+    if any(c in entry for c in "/\\~") or entry.lower().endswith(FILE_SUFFIXES):
+        raise ReferenceCatalogError(f"abs_refcat: local reference catalog {path} does not exist")
+    if not _NAME.match(entry):
+        raise ReferenceCatalogError(
+            f"abs_refcat: {entry!r} is neither an existing file or folder, nor a URL, nor a "
+            "catalog service name (letters, digits, '_.+-')")
+    return query_service(entry.upper(), ra, dec, radius, epoch, base_url=base_url, **options)

@@ -1,0 +1,297 @@
+"""Client of the STScI catalog web service (``CatalogSearch.aspx``) and of catalog URLs.
+
+A query is ``GET {base}/vo/CatalogSearch.aspx?RA=..&DEC=..&SR=..&FORMAT=CSV&CAT=..[&EPOCH=..]``;
+the answer is CSV after ``#`` header lines, or ``No data records``.  Requests go
+through a ``requests`` session whose urllib3 ``Retry`` retries connection
+errors, read errors and timeouts, and 5xx answers, with exponential backoff; an
+answer cut short in transfer is retried the same way.  Every answer is checked
+(HTTP status, HTML page instead of CSV, missing ``ra``/``dec`` columns, rows
+of the wrong length, non-numeric values) and any fault is raised as
+:class:`~roman_tweakreg.errors.ReferenceCatalogError` naming the service.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import re
+import tempfile
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+import numpy as np
+
+from ..errors import ReferenceCatalogError
+from ._cache import ConeCache
+from ._local import _in_cone, read_local_catalog, standard_columns
+from ._types import ReferenceCatalog
+
+__all__ = [
+    "DEFAULT_SERVICE_URL",
+    "SERVICE_ENV",
+    "NoDataError",
+    "fetch",
+    "parse_service_csv",
+    "query_service",
+    "read_url_catalog",
+    "service_base",
+]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SERVICE_URL = "https://gsss.stsci.edu/webservices"
+#: Environment variable overriding the service base URL.
+SERVICE_ENV = "ASTROMETRIC_CATALOG_URL"
+_RETRY_STATUS = (500, 502, 503, 504)
+#: Epochs asked of the service are rounded to this many decimals of a year
+#: (under 9 hours), so that re-runs share cache entries; ``positions`` carries the rest.
+EPOCH_DECIMALS = 3
+
+
+class NoDataError(ReferenceCatalogError):
+    """The service answered ``No data records``: no sources in the cone."""
+
+
+def service_base(base_url: str | None = None) -> str:
+    """Return the service base: ``base_url``, else ``$ASTROMETRIC_CATALOG_URL``, else STScI's."""
+    base = (base_url or os.environ.get(SERVICE_ENV, "").strip() or DEFAULT_SERVICE_URL)
+    return base.rstrip("/")
+
+
+def _session(retries: int, backoff: float):
+    import requests
+    from requests.adapters import HTTPAdapter
+    from urllib3.util.retry import Retry
+
+    retry = Retry(
+        total=retries, connect=retries, read=retries, status=retries, other=retries,
+        redirect=5, backoff_factor=backoff, backoff_max=max(backoff, 10.0),
+        status_forcelist=_RETRY_STATUS, allowed_methods=frozenset({"GET"}),
+        raise_on_status=False, respect_retry_after_header=False,
+    )
+    session = requests.Session()
+    adapter = HTTPAdapter(max_retries=retry)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    session.headers["User-Agent"] = "roman_tweakreg"
+    return session
+
+
+def _describe(err: Exception, timeout: float) -> str:
+    """Say in words what a requests/urllib3 fault was."""
+    import requests
+
+    reason = err.args[0] if err.args else err
+    reason = getattr(reason, "reason", reason)  # urllib3 MaxRetryError -> the last fault
+    text = f"{type(reason).__name__}: {reason}"
+    low = text.lower()
+    if isinstance(err, requests.Timeout) or "timeout" in low or "timed out" in low:
+        kind = f"no answer within the {timeout:g} s timeout"
+    elif "nameresolution" in low or "name or service not known" in low or "getaddrinfo" in low:
+        kind = "the host name does not resolve (DNS failure)"
+    elif "refused" in low:
+        kind = "connection refused"
+    elif isinstance(err, requests.exceptions.ChunkedEncodingError) or "incompleteread" in low:
+        kind = "the answer was cut short in transfer"
+    elif "reset" in low or "remotedisconnected" in low or "aborted" in low:
+        kind = "the connection was closed or reset by the server"
+    elif isinstance(err, requests.exceptions.RetryError):
+        kind = "too many error answers"
+    else:
+        kind = "network fault"
+    return f"{kind} ({text})"
+
+
+def fetch(url: str, params: dict | None, *, what: str, timeout: float, retries: int,
+          backoff: float) -> bytes:
+    """GET ``url`` with retries; return the body of a 200 answer.
+
+    Raises
+    ------
+    ReferenceCatalogError
+        Any fault: network, timeout, non-200 status after retries.
+    """
+    import requests
+
+    try:
+        with _session(retries, backoff) as session:
+            for attempt in range(retries + 1):
+                try:
+                    response = session.get(url, params=params, timeout=timeout)
+                    break
+                except (requests.exceptions.ChunkedEncodingError,
+                        requests.exceptions.ConnectionError) as err:
+                    # urllib3 retries faults before the body; retry a body cut short here
+                    exhausted = type(err.args[0] if err.args else None).__name__ == "MaxRetryError"
+                    if exhausted or attempt == retries:
+                        raise
+                    log.info("%s: %s; retrying", what, _describe(err, timeout))
+                    time.sleep(backoff * 2**attempt)
+    except requests.RequestException as err:
+        raise ReferenceCatalogError(
+            f"{what}: {_describe(err, timeout)}, after up to {retries} retries") from err
+    except Exception as err:  # anything else from the network stack is still a catalog fault
+        raise ReferenceCatalogError(f"{what}: unexpected fault: {err!r}") from err
+    if response.status_code != 200:
+        tries = f" after {retries} retries" if response.status_code in _RETRY_STATUS else ""
+        raise ReferenceCatalogError(
+            f"{what}: HTTP {response.status_code} {response.reason}{tries}: "
+            f"{_snippet(response.content)}")
+    return response.content
+
+
+def _snippet(body: bytes | str, size: int = 120) -> str:
+    text = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
+    title = re.search(r"<title>(.*?)</title>", text, re.IGNORECASE | re.DOTALL)
+    text = title.group(1) if title else text
+    text = " ".join(text.split())
+    return repr(text[:size] + ("..." if len(text) > size else ""))
+
+
+def _is_html(text: str) -> bool:
+    head = text.lstrip()[:512].lower()
+    return head.startswith("<") or "<html" in head or "<!doctype" in head
+
+
+def parse_service_csv(body: bytes, what: str) -> dict[str, np.ndarray]:
+    """Validate and parse a CatalogSearch CSV answer into standard columns.
+
+    Raises
+    ------
+    NoDataError
+        For a ``No data records`` answer or a header without rows.
+    ReferenceCatalogError
+        For anything else than the expected CSV: an HTML page, an empty body,
+        missing ``ra``/``dec`` columns, rows of the wrong length (a truncated
+        answer), non-numeric values.
+    """
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ReferenceCatalogError(f"{what}: the answer is not UTF-8 text: {err}") from err
+    if not text.strip():
+        raise ReferenceCatalogError(f"{what}: empty answer")
+    if _is_html(text):
+        raise ReferenceCatalogError(f"{what}: answered an HTML page, not CSV: {_snippet(text)}")
+    if text.lstrip().lower().startswith("no data records"):
+        raise NoDataError(f"{what}: No data records: no sources in the cone")
+    lines = [ln for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    rows = list(csv.reader(lines))
+    if not rows:
+        raise ReferenceCatalogError(f"{what}: the answer has no CSV header: {_snippet(text)}")
+    header = [h.strip() for h in rows[0]]
+    lower = {h.lower(): i for i, h in enumerate(header)}
+    missing = [c for c in ("ra", "dec") if c not in lower]
+    if missing:
+        raise ReferenceCatalogError(
+            f"{what}: the answer lacks column(s) {', '.join(missing)}; expected a CSV header with "
+            f"ra, dec, pmra, pmdec, epoch; got {_snippet(lines[0])}")
+    data = rows[1:]
+    if not data:
+        raise NoDataError(f"{what}: the answer has a header but no rows")
+    bad = next((i for i, r in enumerate(data) if len(r) != len(header)), None)
+    if bad is not None:
+        raise ReferenceCatalogError(
+            f"{what}: truncated or malformed CSV: data row {bad + 1} of {len(data)} has "
+            f"{len(data[bad])} fields, the header has {len(header)}")
+    cells = np.array(data, dtype=str)
+    columns = {}
+    for name, i in lower.items():
+        col = np.char.strip(cells[:, i])
+        if name == "objid":
+            columns[header[i]] = col
+            continue
+        try:
+            columns[header[i]] = np.where(col == "", "nan", col).astype(float)
+        except ValueError:
+            continue  # a text column we do not use
+    out = standard_columns(columns, what)
+    if not (np.isfinite(out["RA"]).all() and np.isfinite(out["DEC"]).all()):
+        raise ReferenceCatalogError(f"{what}: truncated or malformed CSV: ra/dec not numeric")
+    if "objID" in out:
+        try:
+            out["objID"] = out["objID"].astype(np.int64)
+        except ValueError:
+            pass  # keep text identifiers
+    return out
+
+
+def query_service(
+    catalog: str, ra: float, dec: float, radius: float, epoch: float | None, *,
+    base_url: str | None = None, timeout: float = 30.0, retries: int = 3,
+    backoff: float = 0.5, cache: ConeCache | None = None,
+) -> ReferenceCatalog:
+    """Ask the catalog service for ``catalog`` over a cone, through the cache.
+
+    With an ``epoch`` the service is asked for positions at that epoch
+    (rounded to :data:`EPOCH_DECIMALS`); the table keeps ``pmra``/``pmdec`` so
+    that :meth:`ReferenceCatalog.positions` carries them on to other epochs.
+
+    Raises
+    ------
+    ReferenceCatalogError
+        The service cannot be reached or its answer is not a usable catalog.
+    """
+    base = service_base(base_url)
+    url = f"{base}/vo/CatalogSearch.aspx"
+    asked = None if epoch is None else round(float(epoch), EPOCH_DECIMALS)
+    what = f"catalog service {url} (CAT={catalog})"
+    params = {"RA": f"{ra:.8f}", "DEC": f"{dec:.8f}", "SR": f"{radius:.8f}",
+              "FORMAT": "CSV", "CAT": catalog}
+    if asked is not None:
+        params["EPOCH"] = f"{asked:.{EPOCH_DECIMALS}f}"
+    columns = None
+    entry = cache.get(base, catalog, ra, dec, radius, asked) if cache else None
+    if entry is not None:
+        try:
+            columns = parse_service_csv(entry.body, f"cache entry {entry.path}")
+            log.info("%s: cone of %.4f deg served from the cache %s", what, radius, entry.path)
+        except ReferenceCatalogError as err:
+            log.warning("Discarding a bad cache entry: %s", err)
+            cache.discard(entry.path)
+    if columns is None:
+        body = fetch(url, params, what=what, timeout=timeout, retries=retries, backoff=backoff)
+        columns = parse_service_csv(body, what)
+        if cache:
+            cache.put(base, catalog, ra, dec, radius, asked, body)
+    if asked is not None:  # the service placed every row at the asked epoch
+        columns["ref_epoch"] = np.full(len(columns["RA"]), asked)
+    source = f"{url}?CAT={catalog}" + (f"&EPOCH={params['EPOCH']}" if asked is not None else "")
+    return _in_cone(columns, ra, dec, radius, catalog, source)
+
+
+def read_url_catalog(
+    url: str, ra: float, dec: float, radius: float, *, timeout: float = 30.0,
+    retries: int = 3, backoff: float = 0.5, cache: ConeCache | None = None,
+) -> ReferenceCatalog:
+    """Download a catalog file (any local format, by its name) and read the cone from it.
+
+    The file is kept in the cache, checksummed, and read from there next time.
+    """
+    name = Path(urlparse(url).path).name or "catalog.ecsv"
+    what = f"catalog URL {url}"
+    path = cache.file_path(url, name) if cache else None
+    if path is not None and cache.get_file(path):
+        try:
+            return read_local_catalog(path, ra, dec, radius, name=name)
+        except ReferenceCatalogError as err:
+            log.warning("Discarding a bad cached file: %s", err)
+            cache.discard(path)
+    body = fetch(url, None, what=what, timeout=timeout, retries=retries, backoff=backoff)
+    if _is_html(body[:512].decode("latin-1")) and not name.lower().endswith((".html", ".htm")):
+        raise ReferenceCatalogError(f"{what}: answered an HTML page, not a catalog file: "
+                                    f"{_snippet(body)}")
+    if path is not None and cache.put_file(path, body):
+        try:
+            cat = read_local_catalog(path, ra, dec, radius, name=name)
+        except ReferenceCatalogError:
+            cache.discard(path)
+            raise
+    else:
+        with tempfile.TemporaryDirectory(prefix="roman_tweakreg-") as tmp:
+            (Path(tmp) / name).write_bytes(body)
+            cat = read_local_catalog(Path(tmp) / name, ra, dec, radius, name=name)
+    cat.source = url
+    return cat

@@ -1,0 +1,99 @@
+"""The step with real reference-catalog sources: the local test service, local 2016 files."""
+
+import numpy as np
+import pytest
+from conftest import models_of, truths_of
+from gaia_server import FIELD, gaia_service, stars  # noqa: F401
+
+from roman_tweakreg import TweakRegStep, simulate
+from test_step import errors_mas, metas
+
+DETECTORS = ("WFI01", "WFI10")
+
+
+def field_exposures(seed=4):
+    """Two dithered exposures at epoch 2028 of the service's 2016 Gaia-like field."""
+    rng = np.random.default_rng(seed)
+    ra, dec, _, _ = FIELD
+    out = []
+    for k, err in enumerate([(0.5, -0.3, 0.02), (-0.3, 0.4, -0.02)]):
+        att = simulate.Attitude(ra, dec, 30.0).perturbed(20.0 * k, 20.0 * k, 0.0)
+        out.append(simulate.make_exposure(stars(), att, exposure=k + 1, epoch=2028.0,
+                                          pointing_error=err, detectors=DETECTORS, rng=rng))
+    return out
+
+
+def test_gaia_service_with_epoch_and_cache(gaia_service, monkeypatch, tmp_path):
+    monkeypatch.setenv("ASTROMETRIC_CATALOG_URL", gaia_service.url)
+    exposures = field_exposures()
+    result = TweakRegStep.call(models_of(exposures), abs_refcat_cache=str(tmp_path))
+    assert errors_mas(result, truths_of(exposures)).max() < 1.0
+    outcome = metas(result)
+    assert {o[0] for o in outcome} == {"COMPLETE"}
+    assert {o[2] for o in outcome} == {"FIT-LVL2-GAIADR3"}
+    assert all(o[1]["absolute"]["status"] == "SUCCESS" for o in outcome)
+    assert gaia_service.requests == 1
+    assert float(gaia_service.queries[0]["EPOCH"]) == pytest.approx(2028.0, abs=1e-3)
+    # a second run on the same field asks the service nothing
+    exposures = field_exposures()
+    result = TweakRegStep.call(models_of(exposures), abs_refcat_cache=str(tmp_path))
+    assert errors_mas(result, truths_of(exposures)).max() < 1.0
+    assert gaia_service.requests == 1
+
+
+def test_group_failing_relative_alignment_is_aligned_to_gaia_alone(gaia_service, monkeypatch):
+    monkeypatch.setenv("ASTROMETRIC_CATALOG_URL", gaia_service.url)
+    exposures = field_exposures()
+    # a 0.3" search radius rejects the ~1" relative correction; each group then meets Gaia alone
+    result = TweakRegStep.call(models_of(exposures), searchrad=0.3, tolerance=0.3,
+                               abs_refcat_cache="off")
+    outcome = metas(result)
+    assert [o[1]["relative"]["status"] for o in outcome] == ["FAILED"] * 4
+    assert [o[1]["absolute"]["status"] for o in outcome] == ["SUCCESS"] * 4
+    assert [o[0] for o in outcome] == ["COMPLETE"] * 4
+    assert errors_mas(result, truths_of(exposures)).max() < 1.0
+
+
+def test_service_down_keeps_relative_alignment(gaia_service, monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("ASTROMETRIC_CATALOG_URL", gaia_service.url)
+    gaia_service.always = "503"
+    exposures = field_exposures()
+    result = TweakRegStep.call(models_of(exposures), abs_refcat_cache="off",
+                               abs_refcat_retries=2)
+    assert gaia_service.requests == 3  # one try and two retries
+    outcome = metas(result)
+    assert [o[0] for o in outcome] == ["COMPLETE"] * 4
+    assert all(o[1]["absolute"]["status"] == "SKIPPED" for o in outcome)
+    assert "503" in outcome[0][1]["absolute"]["reason"]
+    assert "Absolute alignment skipped, relative alignment kept" in caplog.text
+
+
+def test_comma_list_falls_back_to_a_local_file(gaia_service, monkeypatch, tmp_path):
+    monkeypatch.setenv("ASTROMETRIC_CATALOG_URL", gaia_service.url)
+    gaia_service.empty.add("GAIADR3")
+    path = tmp_path / "field.ecsv"
+    stars().write(path)  # epoch 2016 with motions
+    exposures = field_exposures()
+    result = TweakRegStep.call(models_of(exposures), abs_refcat=f"GAIADR3,{path}",
+                               abs_refcat_cache="off", save_abs_catalog=True,
+                               catalog_path=str(tmp_path))
+    outcome = metas(result)
+    assert {o[2] for o in outcome} == {"FIT-LVL2-field.ecsv"}
+    assert errors_mas(result, truths_of(exposures)).max() < 1.0
+    saved = tmp_path / "fit_field_ref.ecsv"
+    assert saved.is_file()
+
+
+def test_local_2016_catalog_with_motions_is_carried_to_2028(tmp_path):
+    exposures = field_exposures()
+    path = tmp_path / "gaia2016.ecsv"
+    stars().write(path)
+    result = TweakRegStep.call(models_of(exposures), abs_refcat=str(path))
+    assert errors_mas(result, truths_of(exposures)).max() < 1.0
+    # the same catalog used as if stars did not move is tens of mas off
+    static = tmp_path / "static.ecsv"
+    t = stars()["ra", "dec"]
+    t.write(static)
+    exposures = field_exposures()
+    result = TweakRegStep.call(models_of(exposures), abs_refcat=str(static))
+    assert errors_mas(result, truths_of(exposures)).min() > 10.0
