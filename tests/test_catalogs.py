@@ -173,7 +173,7 @@ def test_empty_catalog_skips_only_that_image(tmp_path):
     exposures, stars = make_data(2, detectors=("WFI01",))
     models = [m for e in exposures for m in e.models]
     models[0].meta["tweakreg_catalog"] = models[0].meta["tweakreg_catalog"][:0]
-    result = TweakRegStep.call(models, abs_refcat="")
+    result = TweakRegStep.call(models, abs_refcat="", abs_refcat_retries=0)
     with result:
         statuses = []
         for i, m in enumerate(result):
@@ -195,7 +195,7 @@ def test_catfile_end_to_end_sets_meta(tmp_path):
         m.meta["tweakreg_catalog"] = None
     (tmp_path / "catfile.txt").write_text("\n".join(lines))
     result = TweakRegStep.call(models, use_custom_catalogs=True,
-                               catfile=str(tmp_path / "catfile.txt"), abs_refcat="")
+                               catfile=str(tmp_path / "catfile.txt"), abs_refcat="", abs_refcat_retries=0)
     with result:
         for i, m in enumerate(result):
             assert m.meta["tweakreg_catalog"] == str(tmp_path / lines[i].split()[1])

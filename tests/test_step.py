@@ -73,7 +73,7 @@ def test_relative_and_absolute_in_memory(refcat_file):
 
 def test_relative_only_when_gaia_service_unavailable(caplog):
     exposures, _ = make_data()
-    result = TweakRegStep.call(models_of(exposures))  # default GAIADR3, no service here
+    result = TweakRegStep.call(models_of(exposures), abs_refcat_retries=0)  # no service here
     outcome = metas(result)
     assert [o[0] for o in outcome] == ["COMPLETE"] * 6
     assert all(o[1]["absolute"]["status"] == "SKIPPED" for o in outcome)
@@ -171,7 +171,7 @@ def test_image_without_catalog_gets_a_detected_one(tmp_path):
         model.data += (500 * np.exp(-((xx - x0) ** 2 + (yy - y0) ** 2) / (2 * 0.85**2))).astype("f4")
     model.err[:] = 1.0
     model.dq[:] = 0
-    result = TweakRegStep.call(model, catalog_path=str(tmp_path), abs_refcat="")
+    result = TweakRegStep.call(model, catalog_path=str(tmp_path), abs_refcat="", abs_refcat_retries=0)
     with result:
         out = result.borrow(0)
         path = out.meta["tweakreg_catalog"]
