@@ -287,3 +287,16 @@ def test_on_disk_parameter(on_disk):
     result = TweakRegStep.call(str(asn), abs_refcat=str(asn.parent / "gaia_2028.ecsv"),
                                on_disk=True)
     assert [m[0] for m in metas(result)] == ["COMPLETE"] * 6
+
+
+def test_report_parameter_writes_json(refcat_file, tmp_path):
+    import json
+
+    exposures, _ = make_data()
+    TweakRegStep.call(models_of(exposures), abs_refcat=str(refcat_file), output_dir=str(tmp_path),
+                      report="fit_report.json")
+    report = json.loads((tmp_path / "fit_report.json").read_text())
+    assert len(report["images"]) == 6
+    assert {i["status"] for i in report["images"]} == {"COMPLETE"}
+    assert set(report["timings"]) >= {"catalogs", "relative", "absolute", "update", "total"}
+    assert report["parameters"]["fitgeometry"] == "rshift"

@@ -1,25 +1,110 @@
-"""The ``roman-tweakreg`` command."""
+"""The ``roman-tweakreg`` command: ``example``, ``report`` and ``plot``.
+
+``roman-tweakreg example [--out DIR] [--detectors N]``
+    Simulate a dithered WFI exposure pair, align it, print residuals.
+``roman-tweakreg report PATH... [--json FILE]``
+    Print the fit results stored in output files (one row per file).
+``roman-tweakreg plot PATH... [--inputs PATH...] [--refcat FILE] [--out DIR]``
+    Write residual figures (PNG) and print their paths.
+
+PATH is an output ASDF file, an association JSON file listing output files, or
+a folder of output files.
+"""
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
+
+from .errors import TweakRegError
 
 __all__ = ["main"]
 
+log = logging.getLogger(__name__)
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the ``roman-tweakreg`` command line."""
-    parser = argparse.ArgumentParser(prog="roman-tweakreg", description=__doc__)
+_PATHS_HELP = ("output ASDF files, association JSON files listing them (paths relative to "
+               "the association), or folders of .asdf files")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="roman-tweakreg", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
+
     ex = sub.add_parser("example", help="simulate a WFI exposure pair, align it, print residuals")
     ex.add_argument("--out", default="tweakreg_example", help="folder for the example files")
     ex.add_argument("--detectors", type=int, default=18, help="detectors per exposure (1-18)")
-    args = parser.parse_args(argv)
+
+    rep = sub.add_parser("report", help="print the fit results stored in output files")
+    rep.add_argument("paths", nargs="+", metavar="PATH", help=_PATHS_HELP)
+    rep.add_argument("--json", metavar="FILE", default=None,
+                     help="also write the results as a JSON report (see docs/report.rst)")
+
+    plot = sub.add_parser("plot", help="write residual figures (PNG) of aligned output files")
+    plot.add_argument("paths", nargs="+", metavar="PATH", help=_PATHS_HELP)
+    plot.add_argument("--inputs", nargs="+", metavar="PATH", default=None,
+                      help="the input files the outputs were made from (files, association or "
+                           "folder) for 'before' residuals; default: an input named like the "
+                           "output without its last _<suffix>, looked for next to the output "
+                           "and in a sibling 'inputs' folder")
+    plot.add_argument("--refcat", metavar="FILE", default=None,
+                      help="reference catalog (RA/DEC columns, optional pmra/pmdec/parallax "
+                           "and epoch); without it, exposure groups are compared with each "
+                           "other")
+    plot.add_argument("--out", default="tweakreg_plots", metavar="DIR",
+                      help="folder for the figures (default: tweakreg_plots)")
+    plot.add_argument("--match-radius", type=float, default=0.5, metavar="ARCSEC",
+                      help="nearest-neighbour matching radius in arcsec (default: 0.5)")
+    plot.add_argument("--max-vectors", type=int, default=5000, metavar="N",
+                      help="largest number of residual vectors drawn per panel (default: 5000)")
+    plot.add_argument("-v", "--verbose", action="store_true", help="log per-file progress")
+    return parser
+
+
+def _report(args) -> int:
+    from .report import format_table, read_results, summarize, write_report
+
+    entries = read_results(args.paths)
+    print(format_table(entries))
+    if args.json:
+        path = write_report(summarize(entries), args.json)
+        print(f"Wrote {path}")
+    return 0
+
+
+def _plot(args) -> int:
+    from .plots import make_plots
+
+    if args.verbose:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    paths = make_plots(args.paths, inputs=args.inputs, refcat=args.refcat, out_dir=args.out,
+                       match_radius=args.match_radius, max_vectors=args.max_vectors)
+    for path in paths:
+        print(path)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the ``roman-tweakreg`` command line; return the exit status.
+
+    Errors of the package (a missing or unreadable file...) are printed as one line
+    naming the file, with exit status 1.
+    """
+    args = _parser().parse_args(argv)
     if args.command == "example":
         from .example import run_example
 
         return run_example(args.out, n_detectors=args.detectors)
+    try:
+        if args.command == "report":
+            return _report(args)
+        if args.command == "plot":
+            return _plot(args)
+    except TweakRegError as err:
+        print(f"roman-tweakreg {args.command}: error: {err}", file=sys.stderr)
+        return 1
     return 2  # pragma: no cover
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
@@ -121,6 +123,7 @@ class TweakRegStep(Step):
         abs_nclip = integer(min=0, default=3) # Clipping iterations of the absolute fit
         abs_sigma = float(default=3.0) # Clipping limit (x rmse) of the absolute fit
         on_disk = boolean(default=False) # Keep association models in temporary files between uses (large associations)
+        report = string(default='') # Write a JSON fit report to this file (relative to output_dir); '' for none
         save_abs_catalog = boolean(default=False) # Write the reference catalog used as fit_<refcat>_ref.ecsv
         output_use_model = boolean(default=True) # Name outputs after each model's meta.filename
         output_ext = string(default='.asdf') # Output file type
@@ -150,30 +153,45 @@ class TweakRegStep(Step):
         validate_parameters(pars)
         detection = _detection_parameters(pars)
         refcat_name = (self.abs_refcat or DEFAULT_REFCAT).strip()
-        library = open_library(input_data, on_disk=self.on_disk)
-        images, skipped = catalogs.collect(
-            library,
-            use_custom_catalogs=self.use_custom_catalogs,
-            catfile=self.catfile,
-            catalog_format=self.catalog_format,
-            detection=detection,
-            catalog_path=self.catalog_path,
-        )
+        clock = _Clock()
+        with clock.phase("catalogs"):
+            library = open_library(input_data, on_disk=self.on_disk)
+            images, skipped = catalogs.collect(
+                library, use_custom_catalogs=self.use_custom_catalogs, catfile=self.catfile,
+                catalog_format=self.catalog_format, detection=detection,
+                catalog_path=self.catalog_path,
+            )
+            correctors = align.make_correctors(images)
         log.info("%d images to align in %d groups; %d skipped", len(images),
                  len({i.group_id for i in images}), len(skipped))
-        correctors = align.make_correctors(images)
-
         relative = {}
         if len({i.group_id for i in images}) > 1:
-            relative = align.relative_align(
-                images, correctors, _fit_parameters(pars, ""),
-                enforce_user_order=self.enforce_user_order, expand_refcat=self.expand_refcat,
-            )
-        absolute = (self._absolute(images, correctors, pars, refcat_name, relative)
-                    if images else {})
-        outcomes = results.outcomes(images, correctors, relative, absolute, skipped)
-        self._write(library, outcomes)
+            with clock.phase("relative"):
+                relative = align.relative_align(
+                    images, correctors, _fit_parameters(pars, ""),
+                    enforce_user_order=self.enforce_user_order, expand_refcat=self.expand_refcat,
+                )
+        with clock.phase("absolute"):
+            absolute = (self._absolute(images, correctors, pars, refcat_name, relative)
+                        if images else {})
+        with clock.phase("update"):
+            self._write(library, results.outcomes(images, correctors, relative, absolute, skipped))
+        if self.report:
+            self._write_report(library, pars, clock.timings)
         return library
+
+    def _write_report(self, library, pars, timings) -> None:
+        from .errors import TweakRegError
+        from .report import build_report, write_report
+
+        path = Path(self.report)
+        if not path.is_absolute() and self.output_dir:
+            path = Path(self.output_dir) / path
+        try:
+            write_report(build_report(library, parameters=pars, timings=timings), path)
+            log.info("Wrote the fit report %s", path)
+        except (TweakRegError, OSError) as err:  # a report must never lose the alignment
+            log.warning("Report not written: %s", err)
 
     def _absolute(self, images, correctors, pars, refcat_name, relative) -> dict:
         """Absolute alignment of each rigid set of groups; group id -> result."""
@@ -241,6 +259,23 @@ class TweakRegStep(Step):
         _write_atomically(Path(path), model.save)
         log.info("Saved model in %s", path)
         return path
+
+
+class _Clock:
+    """Wall time per phase, logged as the run progresses."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+        self.timings: dict[str, float] = {}
+
+    @contextmanager
+    def phase(self, name: str):
+        t = time.perf_counter()
+        log.info("Phase %s started (%.1f s elapsed)", name, t - self.start)
+        yield
+        self.timings[name] = time.perf_counter() - t
+        self.timings["total"] = time.perf_counter() - self.start
+        log.info("Phase %s done in %.2f s", name, self.timings[name])
 
 
 def _write_atomically(path: Path, write) -> None:

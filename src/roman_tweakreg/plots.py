@@ -1,0 +1,766 @@
+"""Diagnostic figures of an alignment: residual vectors, residual histograms, matched sources.
+
+Residuals are measured from the files alone: each image's source catalog
+(pixel ``x``/``y``) is evaluated through its WCS and matched, by nearest
+neighbour within ``match_radius``, to
+
+* a reference catalog (``refcat``), carried to each image's epoch with
+  astropy ``SkyCoord.apply_space_motion`` when it has ``pmra``/``pmdec`` and an
+  epoch; or, without one,
+* the sources of the exposure groups that come before it (in order of first
+  appearance), so that overlapping groups are compared with each other.
+
+Pairs are found with the aligned WCS (the output file's) and the *same pairs*
+are evaluated with the input WCS ("before") when the input file is found, so a
+pointing error larger than ``match_radius`` still shows before alignment.
+
+A residual is source minus reference: ``dRA cos(Dec)`` (east) and ``dDec``
+(north), in milliarcseconds.  Figures are written with matplotlib's Agg backend
+(no display needed); see ``docs/report.rst``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .errors import TweakRegError
+from .report import expand_paths, open_meta
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Sequence
+
+__all__ = [
+    "DEFAULT_MATCH_RADIUS",
+    "ImageSources",
+    "Reference",
+    "Residuals",
+    "compute_residuals",
+    "find_input",
+    "load_images",
+    "make_plots",
+    "match_nearest",
+    "read_reference",
+]
+
+log = logging.getLogger(__name__)
+
+#: Default matching radius (arcsec) of sources to the reference.
+DEFAULT_MATCH_RADIUS = 0.5
+_MAS_PER_DEG = 3.6e6
+_FIGURES = ("focal_plane", "residual_histograms", "matched_sky")
+
+
+# -- inputs -----------------------------------------------------------------------------------
+@dataclass
+class ImageSources:
+    """One output image's sources on the sky, with the aligned and (if found) input WCS.
+
+    Attributes
+    ----------
+    file : str
+        Output file name.
+    group_id : str
+        Exposure group (``wcs_fit_results.group_id`` or the exposure identity).
+    epoch : float or None
+        Decimal year of the exposure start.
+    ra, dec : numpy.ndarray
+        Source positions (deg) through the output WCS.
+    ra_before, dec_before : numpy.ndarray or None
+        The same sources through the input WCS; None when no input file was found.
+    footprint : numpy.ndarray
+        ``(4, 2)`` RA/Dec (deg) corners of the detector through the output WCS.
+    input_path : Path or None
+        The input file the "before" WCS comes from.
+    """
+
+    file: str
+    group_id: str
+    epoch: float | None
+    ra: np.ndarray
+    dec: np.ndarray
+    ra_before: np.ndarray | None
+    dec_before: np.ndarray | None
+    footprint: np.ndarray
+    input_path: Path | None = None
+
+
+def _input_stem(output_name: str) -> str:
+    """``<root>_cal_tweakregstep.asdf`` -> ``<root>_cal``: strip the step suffix."""
+    stem = Path(output_name).stem
+    return stem.rsplit("_", 1)[0] if "_" in stem else stem
+
+
+def find_input(output: Path, inputs: dict[str, Path] | None) -> Path | None:
+    """Find the input file an output was made from.
+
+    The input name is the output name without its last ``_<suffix>``
+    (``x_cal_tweakregstep.asdf`` -> ``x_cal.asdf``).  With ``inputs`` (file
+    name -> path, from ``--inputs``) only those are considered; otherwise the
+    output's folder and a sibling ``inputs`` folder (the layout of
+    ``roman-tweakreg example``) are searched.
+
+    Returns
+    -------
+    Path or None
+    """
+    name = _input_stem(output.name) + output.suffix
+    if inputs is not None:
+        return inputs.get(name)
+    for folder in (output.parent, output.parent.parent / "inputs"):
+        candidate = folder / name
+        if candidate.is_file() and candidate.resolve() != output.resolve():
+            return candidate
+    return None
+
+
+def _epoch(meta) -> float | None:
+    import erfa
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", erfa.ErfaWarning)  # far-future UTC is "dubious"
+            return float(meta["exposure"]["start_time"].decimalyear)
+    except (KeyError, AttributeError, TypeError, ValueError):
+        return None
+
+
+def _read_sources(meta, path: Path, search_dirs: Sequence[Path]) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel x, y of the catalog an image names, inside its WCS bounding box."""
+    from .catalogs import (
+        CatalogSource,
+        bounding_box_of,
+        filter_catalog,
+        model_catalog_source,
+        normalize_catalog,
+        read_catalog,
+    )
+
+    source = model_catalog_source(meta, path.parent)
+    if source is None or source.value is None:
+        raise TweakRegError(
+            f"{path}: names no source catalog (meta.tweakreg_catalog or "
+            "meta.source_catalog.tweakreg_catalog_name)")
+    if isinstance(source.value, (str, os.PathLike)):
+        dirs = tuple(dict.fromkeys([path.parent, *search_dirs, Path.cwd()]))
+        source = CatalogSource(str(source.value), source.origin, dirs)
+    try:
+        table = normalize_catalog(read_catalog(source, path.name), path.name)
+        table, _, _ = filter_catalog(table, bounding_box_of(meta["wcs"]), path.name)
+    except TweakRegError as err:
+        raise TweakRegError(f"{path}: {err}") from err
+    return np.asarray(table["x"], float), np.asarray(table["y"], float)
+
+
+def _inputs_map(inputs: Iterable[str | os.PathLike] | None) -> dict[str, Path] | None:
+    if inputs is None:
+        return None
+    return {p.name: p for p in expand_paths(list(inputs))}
+
+
+def load_images(
+    outputs: str | os.PathLike | Iterable[str | os.PathLike],
+    inputs: Iterable[str | os.PathLike] | None = None,
+) -> list[ImageSources]:
+    """Read each output image's catalog and evaluate it through the output and input WCS.
+
+    Parameters
+    ----------
+    outputs : path or iterable of paths
+        Output ASDF files, association JSON files listing them, or folders of them.
+    inputs : iterable of paths, optional
+        Input ASDF files, associations or folders; see :func:`find_input` for the
+        default search.
+
+    Returns
+    -------
+    list of ImageSources
+
+    Raises
+    ------
+    TweakRegError
+        Naming the file, when a file, its WCS or its catalog cannot be read.
+    """
+    from .library import exposure_group_id
+
+    inputs_by_name = _inputs_map(inputs)
+    search_dirs = sorted({p.parent for p in (inputs_by_name or {}).values()})
+    images = []
+    for path in expand_paths(outputs):
+        input_path = find_input(path, inputs_by_name)
+        if input_path is not None:
+            search_dirs_here = [input_path.parent, *search_dirs]
+        else:
+            search_dirs_here = [path.parent.parent / "inputs", *search_dirs]
+        with open_meta(path) as meta:
+            wcs = meta["wcs"] if "wcs" in meta else None
+            if wcs is None:
+                raise TweakRegError(f"{path}: has no meta.wcs")
+            x, y = _read_sources(meta, path, search_dirs_here)
+            fit = meta["wcs_fit_results"] if "wcs_fit_results" in meta else {}
+            try:
+                group = str(fit.get("group_id") or exposure_group_id(meta, path.name))
+            except Exception:
+                group = path.name
+            epoch = _epoch(meta)
+            ra, dec = (np.asarray(v, float) for v in wcs(x, y, with_bounding_box=False))
+            footprint = np.asarray(wcs.footprint(center=False), float)
+        ra_b = dec_b = None
+        if input_path is not None:
+            with open_meta(input_path) as in_meta:
+                in_wcs = in_meta["wcs"] if "wcs" in in_meta else None
+                if in_wcs is None:
+                    log.warning("%s: has no meta.wcs; no 'before' residuals for %s",
+                                input_path, path.name)
+                    input_path = None
+                else:
+                    ra_b, dec_b = (np.asarray(v, float)
+                                   for v in in_wcs(x, y, with_bounding_box=False))
+        images.append(ImageSources(path.name, group, epoch, ra, dec, ra_b, dec_b, footprint,
+                                   input_path))
+        log.info("%s: %d sources, group %s, input %s", path.name, x.size, group,
+                 input_path or "not found")
+    return images
+
+
+# -- the reference catalog --------------------------------------------------------------------
+@dataclass
+class Reference:
+    """A reference catalog: positions and, when known, motions and epochs.
+
+    Attributes
+    ----------
+    name : str
+        File name.
+    ra, dec : numpy.ndarray
+        Positions (deg) at ``epoch``.
+    pmra, pmdec : numpy.ndarray or None
+        Proper motions (mas/yr, ``pmra`` includes cos Dec).
+    parallax : numpy.ndarray or None
+        Parallax (mas).
+    epoch : numpy.ndarray or None
+        Decimal year of each row's position.
+    """
+
+    name: str
+    ra: np.ndarray
+    dec: np.ndarray
+    pmra: np.ndarray | None = None
+    pmdec: np.ndarray | None = None
+    parallax: np.ndarray | None = None
+    epoch: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return self.ra.size
+
+    @property
+    def can_move(self) -> bool:
+        """Whether positions can be carried to another epoch (motions and an epoch)."""
+        return self.pmra is not None and self.pmdec is not None and self.epoch is not None
+
+    def at_epoch(self, epoch: float | None) -> tuple[np.ndarray, np.ndarray]:
+        """Return ``(ra, dec)`` (deg) at ``epoch`` with ``SkyCoord.apply_space_motion``.
+
+        Rows without finite motions or epoch, and every row when ``epoch`` is
+        None or the catalog has no motions, are returned as stored.
+        """
+        if epoch is None or not self.can_move or len(self) == 0:
+            return self.ra, self.dec
+        import erfa
+        from astropy import units as u
+        from astropy.coordinates import Distance, SkyCoord
+        from astropy.time import Time
+
+        ra, dec = self.ra.copy(), self.dec.copy()
+        ok = np.isfinite(self.pmra) & np.isfinite(self.pmdec) & np.isfinite(self.epoch)
+        plx = self.parallax if self.parallax is not None else np.full(len(self), np.nan)
+        has_plx = np.isfinite(plx) & (plx > 0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", erfa.ErfaWarning)  # far-future UTC is "dubious"
+            new_time = Time(float(epoch), format="decimalyear")
+        for ref_epoch in np.unique(self.epoch[ok]):
+            for with_plx in (True, False):
+                rows = ok & (self.epoch == ref_epoch) & (has_plx == with_plx)
+                if not rows.any():
+                    continue
+                kwargs = {"distance": Distance(parallax=plx[rows] * u.mas)} if with_plx else {}
+                with warnings.catch_warnings():
+                    # far-future UTC dates and the default distance of rows without parallax
+                    warnings.simplefilter("ignore", erfa.ErfaWarning)
+                    coords = SkyCoord(
+                        ra=self.ra[rows] * u.deg, dec=self.dec[rows] * u.deg,
+                        pm_ra_cosdec=self.pmra[rows] * u.mas / u.yr,
+                        pm_dec=self.pmdec[rows] * u.mas / u.yr,
+                        obstime=Time(float(ref_epoch), format="decimalyear"), **kwargs,
+                    )
+                    moved = coords.apply_space_motion(new_obstime=new_time)
+                ra[rows], dec[rows] = moved.ra.deg, moved.dec.deg
+        return ra, dec
+
+
+_REF_FORMATS = {".ecsv": "ascii.ecsv", ".csv": "ascii.csv", ".fits": "fits", ".fit": "fits",
+                ".parquet": "parquet"}
+
+
+def _column(table, *names):
+    lower = {c.lower(): c for c in table.colnames}
+    for name in names:
+        if name in lower:
+            col = table[lower[name]]
+            return np.asarray(np.ma.asarray(col, dtype=float).filled(np.nan), float)
+    return None
+
+
+def read_reference(path: str | os.PathLike, ra: float | None = None, dec: float | None = None,
+                   radius: float | None = None) -> Reference:
+    """Read a reference catalog file, optionally keeping only a cone.
+
+    Columns (any case): ``ra``/``dec`` (deg), optional ``pmra``/``pmdec``
+    (mas/yr), ``parallax`` (mas) and ``epoch`` or ``ref_epoch`` (decimal year;
+    else the table's ``epoch`` meta value).
+
+    Parameters
+    ----------
+    path : str or path-like
+        ECSV, CSV, FITS or Parquet file.
+    ra, dec, radius : float, optional
+        Cone centre and radius (deg).
+
+    Raises
+    ------
+    TweakRegError
+        Naming the file, when it cannot be read or has no RA/DEC columns.
+    """
+    from astropy.table import Table
+
+    path = Path(path)
+    fmt = _REF_FORMATS.get(path.suffix.lower())
+    try:
+        table = Table.read(path, format=fmt)
+    except Exception as err:
+        raise TweakRegError(f"{path}: cannot read the reference catalog: {err}") from err
+    ref_ra, ref_dec = _column(table, "ra"), _column(table, "dec")
+    if ref_ra is None or ref_dec is None:
+        raise TweakRegError(
+            f"{path}: the reference catalog needs RA/DEC columns (any case); "
+            f"found {table.colnames}")
+    epoch = _column(table, "epoch", "ref_epoch")
+    if epoch is None and table.meta.get("epoch") is not None:
+        epoch = np.full(len(table), float(table.meta["epoch"]))
+    ref = Reference(path.name, ref_ra, ref_dec, _column(table, "pmra"), _column(table, "pmdec"),
+                    _column(table, "parallax"), epoch)
+    if ra is not None and dec is not None and radius is not None:
+        keep = _separation_deg(ref.ra, ref.dec, ra, dec) <= radius
+        ref = Reference(ref.name, *(None if v is None else v[keep] for v in (
+            ref.ra, ref.dec, ref.pmra, ref.pmdec, ref.parallax, ref.epoch)))
+    if not ref.can_move:
+        log.warning("%s: no proper motions or epoch; positions are used as stored", path)
+    return ref
+
+
+# -- geometry and matching --------------------------------------------------------------------
+def _separation_deg(ra1, dec1, ra2, dec2) -> np.ndarray:
+    from astropy.coordinates import angular_separation
+
+    args = np.broadcast_arrays(*(np.deg2rad(np.asarray(v, float)) for v in (ra1, dec1, ra2, dec2)))
+    return np.rad2deg(angular_separation(*args))
+
+
+def _tangent(ra, dec, ra0: float, dec0: float) -> tuple[np.ndarray, np.ndarray]:
+    """Gnomonic projection about (ra0, dec0): xi (east), eta (north) in arcsec."""
+    a, d = np.deg2rad(np.asarray(ra, float) - ra0), np.deg2rad(np.asarray(dec, float))
+    d0 = np.deg2rad(dec0)
+    den = np.sin(d0) * np.sin(d) + np.cos(d0) * np.cos(d) * np.cos(a)
+    xi = np.cos(d) * np.sin(a) / den
+    eta = (np.cos(d0) * np.sin(d) - np.sin(d0) * np.cos(d) * np.cos(a)) / den
+    return np.rad2deg(xi) * 3600.0, np.rad2deg(eta) * 3600.0
+
+
+def _centre(ra: np.ndarray, dec: np.ndarray) -> tuple[float, float]:
+    a, d = np.deg2rad(ra), np.deg2rad(dec)
+    v = np.array([np.cos(d) * np.cos(a), np.cos(d) * np.sin(a), np.sin(d)]).mean(axis=1)
+    return float(np.rad2deg(np.arctan2(v[1], v[0])) % 360), float(
+        np.rad2deg(np.arctan2(v[2], np.hypot(v[0], v[1]))))
+
+
+def _offsets_mas(ra, dec, ra_ref, dec_ref) -> tuple[np.ndarray, np.ndarray]:
+    """Source minus reference: dRA cos(Dec), dDec (mas)."""
+    dra = (np.asarray(ra) - np.asarray(ra_ref) + 180.0) % 360.0 - 180.0
+    return (dra * np.cos(np.deg2rad(dec_ref)) * _MAS_PER_DEG,
+            (np.asarray(dec) - np.asarray(dec_ref)) * _MAS_PER_DEG)
+
+
+def match_nearest(ra, dec, ref_ra, ref_dec, radius: float) -> tuple[np.ndarray, np.ndarray]:
+    """Pair sources with their nearest reference source within ``radius`` arcsec.
+
+    A reference source claimed by several sources keeps only the closest one.
+
+    Returns
+    -------
+    src_idx, ref_idx : numpy.ndarray
+        Indices of the paired sources and reference sources.
+    """
+    from scipy.spatial import cKDTree
+
+    ra, dec = np.asarray(ra, float), np.asarray(dec, float)
+    empty = np.empty(0, int)
+    if ra.size == 0 or np.size(ref_ra) == 0:
+        return empty, empty
+    ra0, dec0 = _centre(ra, dec)
+    tree = cKDTree(np.column_stack(_tangent(ref_ra, ref_dec, ra0, dec0)))
+    dist, idx = tree.query(np.column_stack(_tangent(ra, dec, ra0, dec0)),
+                           distance_upper_bound=radius)
+    src = np.flatnonzero(np.isfinite(dist))
+    ref, dist = idx[src], dist[src]
+    order = np.lexsort((dist, ref))  # by reference source, closest first
+    first = np.ones(order.size, bool)
+    first[1:] = ref[order][1:] != ref[order][:-1]
+    keep = np.sort(order[first])
+    return src[keep], ref[keep]
+
+
+@dataclass
+class Residuals:
+    """Matched sources of one image and their residuals (source minus reference).
+
+    Attributes
+    ----------
+    file, group_id : str
+    ra, dec : numpy.ndarray
+        Aligned positions (deg) of the matched sources.
+    after : numpy.ndarray
+        ``(n, 2)`` dRA cos(Dec), dDec (mas) with the output WCS.
+    before : numpy.ndarray or None
+        The same pairs with the input WCS; None without the input file.
+    reference : str
+        What the sources were matched to.
+    """
+
+    file: str
+    group_id: str
+    ra: np.ndarray
+    dec: np.ndarray
+    after: np.ndarray
+    before: np.ndarray | None
+    reference: str
+
+
+def compute_residuals(
+    images: Sequence[ImageSources], reference: Reference | None = None, *,
+    match_radius: float = DEFAULT_MATCH_RADIUS,
+) -> list[Residuals]:
+    """Match every image's sources and measure residuals (see the module description).
+
+    Parameters
+    ----------
+    images : sequence of ImageSources
+    reference : Reference or None
+        Without it, each group is compared with the groups before it.
+    match_radius : float
+        Matching radius (arcsec), applied to the aligned positions.
+
+    Returns
+    -------
+    list of Residuals
+        One per image that has matches.
+    """
+    out = []
+    if reference is not None:
+        cache: dict = {}
+        for img in images:
+            key = None if img.epoch is None else round(img.epoch, 6)
+            if key not in cache:
+                cache[key] = reference.at_epoch(img.epoch)
+            ref_ra, ref_dec = cache[key]
+            src, ref = match_nearest(img.ra, img.dec, ref_ra, ref_dec, match_radius)
+            after = np.column_stack(_offsets_mas(img.ra[src], img.dec[src],
+                                                 ref_ra[ref], ref_dec[ref]))
+            before = None
+            if img.ra_before is not None:
+                before = np.column_stack(_offsets_mas(img.ra_before[src], img.dec_before[src],
+                                                      ref_ra[ref], ref_dec[ref]))
+            out.append(Residuals(img.file, img.group_id, img.ra[src], img.dec[src], after,
+                                 before, reference.name))
+        return out
+    groups = list(dict.fromkeys(img.group_id for img in images))
+    for k, group in enumerate(groups[1:], start=1):
+        earlier = [i for i in images if i.group_id in groups[:k]]
+        ref_ra = np.concatenate([i.ra for i in earlier])
+        ref_dec = np.concatenate([i.dec for i in earlier])
+        all_before = all(i.ra_before is not None for i in earlier)
+        if all_before:
+            ref_ra_b = np.concatenate([i.ra_before for i in earlier])
+            ref_dec_b = np.concatenate([i.dec_before for i in earlier])
+        for img in (i for i in images if i.group_id == group):
+            src, ref = match_nearest(img.ra, img.dec, ref_ra, ref_dec, match_radius)
+            after = np.column_stack(_offsets_mas(img.ra[src], img.dec[src],
+                                                 ref_ra[ref], ref_dec[ref]))
+            before = None
+            if all_before and img.ra_before is not None:
+                before = np.column_stack(_offsets_mas(img.ra_before[src], img.dec_before[src],
+                                                      ref_ra_b[ref], ref_dec_b[ref]))
+            out.append(Residuals(img.file, img.group_id, img.ra[src], img.dec[src], after,
+                                 before, "groups " + ", ".join(groups[:k])))
+    return out
+
+
+# -- figures ----------------------------------------------------------------------------------
+def _nice(value: float) -> float:
+    """The 1, 2 or 5 times a power of ten nearest below ``value``."""
+    if not np.isfinite(value) or value <= 0:
+        return 1.0
+    power = 10 ** np.floor(np.log10(value))
+    return float(max(m for m in (1, 2, 5, 10) if m * power <= value * 1.0000001) * power)
+
+
+def _rms(a: np.ndarray) -> float:
+    return float(np.sqrt(np.mean(a**2))) if a.size else float("nan")
+
+
+def _savefig(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=120)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual mode
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _colours(groups: Sequence[str]) -> dict[str, tuple]:
+    import matplotlib
+
+    cmap = matplotlib.colormaps["tab10"]
+    return {g: cmap(k % 10) for k, g in enumerate(groups)}
+
+
+def _focal_plane(images, residuals, out_dir, max_vectors, rng, title_ref):
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+    from mpl_toolkits.axes_grid1.anchored_artists import AnchoredSizeBar
+
+    all_ra = np.concatenate([i.footprint[:, 0] for i in images])
+    all_dec = np.concatenate([i.footprint[:, 1] for i in images])
+    ra0, dec0 = _centre(all_ra, all_dec)
+    groups = list(dict.fromkeys(i.group_id for i in images))
+    colours = _colours(groups)
+    phases = [("after", "after alignment (output WCS)")]
+    if any(r.before is not None for r in residuals):
+        phases.insert(0, ("before", "before alignment (input WCS)"))
+    fig = Figure(figsize=(7.5 * len(phases), 9), layout="constrained")
+    axes = fig.subplots(1, len(phases), squeeze=False)[0]
+    fx, fy = _tangent(all_ra, all_dec, ra0, dec0)
+    span = max(np.ptp(fx), np.ptp(fy)) / 60.0  # arcmin
+    total = sum(r.after.shape[0] for r in residuals)
+    keep_fraction = min(1.0, max_vectors / total) if total else 1.0
+    for ax, (phase, label) in zip(axes, phases, strict=False):
+        for img in images:
+            xi, eta = _tangent(img.footprint[:, 0], img.footprint[:, 1], ra0, dec0)
+            ax.fill(xi / 60, eta / 60, facecolor="none", edgecolor="0.5", lw=0.8)
+        vecs = [getattr(r, phase) for r in residuals if getattr(r, phase) is not None]
+        lengths = np.concatenate([np.hypot(*v.T) for v in vecs]) if vecs else np.empty(0)
+        p95 = float(np.percentile(lengths, 95)) if lengths.size else 1.0
+        bar = _nice(p95)
+        magnify = _nice(0.05 * span * 60e3 / max(p95, 1e-9))  # a p95 vector = 5 % of the field
+        handles = [Line2D([], [], color="0.5", lw=0.8, label="detector footprint (output WCS)")]
+        n_shown = 0
+        for group in groups:
+            rs = [r for r in residuals if r.group_id == group and getattr(r, phase) is not None]
+            if not rs:
+                continue
+            ra = np.concatenate([r.ra for r in rs])
+            dec = np.concatenate([r.dec for r in rs])
+            vec = np.concatenate([getattr(r, phase) for r in rs])
+            pick = rng.random(ra.size) < keep_fraction
+            xi, eta = _tangent(ra[pick], dec[pick], ra0, dec0)
+            ax.quiver(xi / 60, eta / 60, vec[pick, 0] * magnify / 6e4,
+                          vec[pick, 1] * magnify / 6e4, angles="xy", scale_units="xy",
+                          scale=1, color=colours[group], width=0.0025, headwidth=3)
+            n_shown += int(pick.sum())
+            handles.append(Line2D([], [], color=colours[group], marker=r"$\rightarrow$",
+                                  markersize=14, linestyle="none",
+                                  label=f"group {group}: {vec.shape[0]} matches, "
+                                        f"rms {_rms(np.hypot(*vec.T)):.3g} mas"))
+        if n_shown:
+            ax.add_artist(AnchoredSizeBar(
+                ax.transData, bar * magnify / 6e4, f"scale: {bar:g} mas", loc="lower left",
+                pad=0.4, sep=4, frameon=True, size_vertical=0.004 * span))
+            handles.append(Line2D([], [], color="k", lw=2, label=f"scale bar: {bar:g} mas "
+                                  f"(= {bar * magnify / 6e4:.2g} arcmin at x{magnify:g})"))
+        ax.set_xlabel("ξ (towards east) [arcmin]")
+        ax.set_ylabel("η (towards north) [arcmin]")
+        ax.invert_xaxis()  # east to the left, as on the sky
+        ax.set_aspect("equal", adjustable="datalim")
+        ax.set_title(f"Residuals {label}\nvectors magnified x{magnify:g}"
+                     + ("" if keep_fraction >= 1 else f", {n_shown} of {total} shown"))
+        ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.08),
+                  fontsize="small")
+    fig.suptitle(f"Focal plane: source - {title_ref} residual vectors "
+                 f"(tangent plane at RA {ra0:.4f}°, Dec {dec0:+.4f}°)")
+    return _savefig(fig, out_dir / "focal_plane.png")
+
+
+def _histograms(residuals, out_dir, title_ref):
+    from matplotlib.figure import Figure
+
+    phases = [("after", "after alignment")]
+    if any(r.before is not None for r in residuals):
+        phases.insert(0, ("before", "before alignment"))
+    fig = Figure(figsize=(6.5 * len(phases), 5), layout="constrained")
+    axes = fig.subplots(1, len(phases), squeeze=False)[0]
+    for ax, (phase, label) in zip(axes, phases, strict=False):
+        vecs = [getattr(r, phase) for r in residuals if getattr(r, phase) is not None]
+        vec = np.concatenate(vecs) if vecs else np.empty((0, 2))
+        finite = vec[np.all(np.isfinite(vec), axis=1)]
+        lim = float(np.percentile(np.abs(finite), 99.5)) * 1.1 if finite.size else 1.0
+        bins = np.linspace(-lim, lim, 61)
+        for k, (name, colour) in enumerate((("ΔRA cos Dec", "tab:blue"), ("ΔDec", "tab:orange"))):
+            v = finite[:, k]
+            ax.hist(np.clip(v, -lim, lim), bins=bins, histtype="step", lw=1.5, color=colour,
+                    label=f"{name}: mean {np.mean(v) if v.size else np.nan:+.3g}, "
+                          f"rms {_rms(v):.3g} mas")
+        ax.set_xlabel("residual (source - reference) [mas]")
+        ax.set_ylabel("number of matched sources")
+        ax.set_title(f"{label}: {finite.shape[0]} matches")
+        ax.legend(loc="upper right", fontsize="small")
+    fig.suptitle(f"Residuals against {title_ref}")
+    return _savefig(fig, out_dir / "residual_histograms.png")
+
+
+def _sky(images, residuals, reference_xy, out_dir, rng, title_ref):
+    from matplotlib.figure import Figure
+
+    groups = list(dict.fromkeys(i.group_id for i in images))
+    colours = _colours(groups)
+    ncol = min(len(groups), 3)
+    nrow = -(-len(groups) // ncol)
+    fig = Figure(figsize=(6 * ncol, 6.2 * nrow + 0.6), layout="constrained")
+    axes = fig.subplots(nrow, ncol, squeeze=False, sharex=True, sharey=True).ravel()
+    all_dec = np.concatenate([i.footprint[:, 1] for i in images])
+    if reference_xy is not None and reference_xy[0].size:
+        ref_pick = rng.random(reference_xy[0].size) < min(1.0, 20000 / reference_xy[0].size)
+    for ax, group in zip(axes, groups, strict=False):
+        if reference_xy is not None and reference_xy[0].size:
+            ax.scatter(reference_xy[0][ref_pick], reference_xy[1][ref_pick], s=1, color="0.8",
+                       label=f"reference ({title_ref})", rasterized=True)
+        labelled = set()
+        for img in images:
+            corners = np.vstack([img.footprint, img.footprint[:1]])
+            mine = img.group_id == group
+            label = "detector footprints of this group" if mine else "other groups' footprints"
+            ax.plot(corners[:, 0], corners[:, 1], color=colours[group] if mine else "0.6",
+                    lw=1.2 if mine else 0.6, ls="-" if mine else ":",
+                    label=None if label in labelled else label)
+            labelled.add(label)
+        rs = [r for r in residuals if r.group_id == group]
+        n = 0
+        if rs:
+            ra = np.concatenate([r.ra for r in rs])
+            dec = np.concatenate([r.dec for r in rs])
+            n = ra.size
+            ax.scatter(ra, dec, s=2, color=colours[group], rasterized=True,
+                       label=f"matched sources ({n})")
+        ax.set_title(f"group {group}: {n} matched sources")
+        ax.set_xlabel("RA [deg]")
+        ax.set_ylabel("Dec [deg]")
+        ax.legend(loc="upper right", fontsize="small", markerscale=4)
+        ax.set_aspect(1 / np.cos(np.deg2rad(np.mean(all_dec))), adjustable="box")
+    axes[0].invert_xaxis()  # shared: RA increases to the left on every panel
+    for ax in axes[len(groups):]:
+        ax.set_visible(False)
+    fig.suptitle(f"Matched sources on the sky per exposure group (matched to {title_ref})")
+    return _savefig(fig, out_dir / "matched_sky.png")
+
+
+def make_plots(
+    outputs: str | os.PathLike | Iterable[str | os.PathLike],
+    *,
+    inputs: Iterable[str | os.PathLike] | None = None,
+    refcat: str | os.PathLike | None = None,
+    out_dir: str | os.PathLike = "tweakreg_plots",
+    match_radius: float = DEFAULT_MATCH_RADIUS,
+    max_vectors: int = 5000,
+    seed: int = 0,
+) -> list[Path]:
+    """Write the three diagnostic figures of an alignment as PNG files.
+
+    Parameters
+    ----------
+    outputs : path or iterable of paths
+        Output ASDF files, association JSON files listing them, or folders of them.
+    inputs : iterable of paths, optional
+        The input files (or their association or folder), for the "before" residuals;
+        by default searched as :func:`find_input` says.
+    refcat : path, optional
+        Reference catalog file; without it, exposure groups are compared with each other.
+    out_dir : path
+        Folder for ``focal_plane.png``, ``residual_histograms.png`` and ``matched_sky.png``.
+    match_radius : float
+        Matching radius (arcsec).
+    max_vectors : int
+        Largest number of residual vectors drawn per panel (a random subset beyond).
+    seed : int
+        Seed of that subset.
+
+    Returns
+    -------
+    list of Path
+        The figures written.
+
+    Raises
+    ------
+    TweakRegError
+        Naming the file, when an input cannot be read, or when nothing can be matched.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")  # never needs a display; Figure objects avoid pyplot state
+    if not match_radius > 0:
+        raise TweakRegError(f"match_radius={match_radius!r}: expected a number > 0")
+    images = load_images(outputs, inputs)
+    if not images:
+        raise TweakRegError("no output files given")
+    reference = None
+    if refcat is not None:
+        corners = np.vstack([i.footprint for i in images])
+        ra0, dec0 = _centre(corners[:, 0], corners[:, 1])
+        radius = float(_separation_deg(corners[:, 0], corners[:, 1], ra0, dec0).max())
+        reference = read_reference(refcat, ra0, dec0, radius + 2 * match_radius / 3600 + 0.01)
+    elif len({i.group_id for i in images}) < 2:
+        raise TweakRegError(
+            "a single exposure group and no --refcat: there is nothing to compare the "
+            "sources with; pass the reference catalog with --refcat")
+    residuals = compute_residuals(images, reference, match_radius=match_radius)
+    if not any(r.after.shape[0] for r in residuals):
+        raise TweakRegError(
+            f"no source is within match_radius={match_radius} arcsec of "
+            f"{reference.name if reference else 'another group'}; try a larger --match-radius")
+    for r in residuals:
+        log.info("%s: %d matches to %s, rms after %.3f mas%s", r.file, r.after.shape[0],
+                 r.reference, _rms(np.hypot(*r.after.T)),
+                 "" if r.before is None else f", before {_rms(np.hypot(*r.before.T)):.3f} mas")
+    title_ref = reference.name if reference is not None else "earlier exposure groups"
+    ref_xy = None
+    if reference is not None:
+        epochs = [i.epoch for i in images if i.epoch is not None]
+        ref_xy = reference.at_epoch(float(np.mean(epochs)) if epochs else None)
+    rng = np.random.default_rng(seed)
+    out_dir = Path(out_dir)
+    return [
+        _focal_plane(images, residuals, out_dir, max_vectors, rng, title_ref),
+        _histograms(residuals, out_dir, title_ref),
+        _sky(images, residuals, ref_xy, out_dir, rng, title_ref),
+    ]

@@ -1,0 +1,141 @@
+"""The ``roman-tweakreg`` command end to end: example, report and plot (2 detectors, ~40 s)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+EXE = Path(sys.executable).parent / "roman-tweakreg"
+N_DETECTORS = 2
+N_FILES = 2 * N_DETECTORS  # two exposures
+
+
+def run(*args, cwd=None, timeout=300) -> subprocess.CompletedProcess:
+    proc = subprocess.run([str(EXE), *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, timeout=timeout, check=False)
+    assert proc.returncode == 0, (
+        f"roman-tweakreg {' '.join(map(str, args))} exited {proc.returncode}\n"
+        f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def example_rows(stdout: str) -> list[dict]:
+    """Parse the per-detector table printed by ``roman-tweakreg example``."""
+    lines = stdout.splitlines()
+    start = next(i for i, line in enumerate(lines)
+                 if line.split()[:2] == ["exposure", "detector"] and "after [mas]" in line)
+    assert set(lines[start + 1]) == {"-"}, lines[start + 1]
+    rows = []
+    for line in lines[start + 2:]:
+        fields = line.split()
+        if len(fields) != 6 or not fields[0].isdigit():
+            break
+        rows.append({"exposure": int(fields[0]), "detector": fields[1],
+                     "before": float(fields[2]), "after": float(fields[3]),
+                     "nmatches": int(fields[4]), "status": fields[5]})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def example(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "example"
+    proc = run("example", "--out", out, "--detectors", N_DETECTORS)
+    return out, proc.stdout
+
+
+def test_example_aligns_below_one_mas(example):
+    _, stdout = example
+    rows = example_rows(stdout)
+    assert len(rows) == N_FILES, stdout
+    for row in rows:
+        assert row["status"] == "COMPLETE", row
+        assert row["before"] > 10.0, row  # a real pointing error was injected...
+        assert row["after"] < 1.0, f"residual against the true WCS is {row['after']} mas: {row}"
+
+
+def test_report_lists_every_output(example):
+    out, _ = example
+    outputs = sorted((out / "outputs").glob("*_cal_tweakregstep.asdf"))
+    assert len(outputs) == N_FILES
+    stdout = run("report", out / "outputs", "--json", out / "report.json").stdout
+    rows = [line for line in stdout.splitlines() if line.startswith("r0")]
+    assert len(rows) == N_FILES, stdout
+    for path in outputs:
+        line = next(r for r in rows if r.split()[0] == path.name)
+        assert line.split()[2] == "COMPLETE", line
+        assert "FIT-LVL2-gaia.ecsv" in line, line
+    report = json.loads((out / "report.json").read_text())
+    assert [img["file"] for img in report["images"]] == [p.name for p in outputs]
+    assert report["statuses"]["cal_step"] == {"COMPLETE": N_FILES}
+    for img in report["images"]:
+        assert img["absolute"]["status"] == "SUCCESS"
+        assert 0 < img["rmse_mas"] < 10  # centroid noise 0.02 px = 2.2 mas per axis
+        assert img["nmatches"] > 100
+        assert len(img["shift_arcsec"]) == 2
+    assert len(report["groups"]) == 2
+
+
+def test_report_reads_an_association(example, capsys):
+    from roman_tweakreg.cli import main
+
+    out, _ = example
+    assert main(["report", str(out / "inputs" / "asn.json")]) == 0
+    stdout = capsys.readouterr().out
+    names = json.loads((out / "inputs" / "asn.json").read_text())["products"][0]["members"]
+    for member in names:
+        line = next(r for r in stdout.splitlines() if r.startswith(member["expname"]))
+        assert "INCOMPLETE" in line, line
+        assert "tweakreg has not run" in line, line
+
+
+def _assert_figure(path: Path) -> None:
+    import matplotlib.image as mpimg
+
+    assert path.is_file(), path
+    assert path.stat().st_size > 10_000, f"{path}: {path.stat().st_size} bytes"
+    pixels = mpimg.imread(path)[..., :3]
+    assert pixels.std() > 0.05, f"{path} looks blank (pixel std {pixels.std():.3f})"
+
+
+@pytest.mark.parametrize("refcat", [True, False], ids=["refcat", "groups"])
+def test_plot_writes_figures(example, refcat):
+    out, _ = example
+    figures = out / ("plots_refcat" if refcat else "plots_groups")
+    args = ["plot", out / "outputs", "--out", figures]
+    if refcat:
+        args += ["--refcat", out / "inputs" / "gaia.ecsv"]
+    stdout = run(*args).stdout
+    printed = [Path(line) for line in stdout.splitlines() if line.endswith(".png")]
+    assert sorted(p.name for p in printed) == [
+        "focal_plane.png", "matched_sky.png", "residual_histograms.png"]
+    for path in printed:
+        _assert_figure(path)
+
+
+def test_residuals_match_the_fit(example):
+    """The plot module's own residuals (astropy epoch propagation) agree with the fit RMS."""
+    from roman_tweakreg import plots
+
+    out, _ = example
+    images = plots.load_images(out / "outputs")
+    assert all(i.input_path is not None for i in images)  # found in the sibling inputs/
+    reference = plots.read_reference(out / "inputs" / "gaia.ecsv")
+    residuals = plots.compute_residuals(images, reference)
+    after = np.concatenate([r.after for r in residuals])
+    before = np.concatenate([r.before for r in residuals])
+    assert after.shape[0] > 1000
+    assert np.sqrt(np.mean(after**2)) < 4.0  # mas per axis; 2.2 mas of centroid noise
+    assert np.sqrt(np.mean(before**2)) > 50.0
+
+
+def test_cli_errors_name_the_file(tmp_path, capsys):
+    from roman_tweakreg.cli import main
+
+    missing = tmp_path / "missing_cal_tweakregstep.asdf"
+    assert main(["report", str(missing)]) == 1
+    assert str(missing) in capsys.readouterr().err
