@@ -8,6 +8,8 @@ from astropy.table import Table
 
 from roman_tweakreg import simulate
 
+pytest_plugins = ["gaia_server"]
+
 SMALL = ("WFI01", "WFI02", "WFI10")
 
 

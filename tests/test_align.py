@@ -2,8 +2,8 @@
 
 import numpy as np
 import pytest
-from conftest import make_data, truths_of
 
+from conftest import make_data, truths_of
 from roman_tweakreg import simulate
 from roman_tweakreg.align import (
     FitParameters,
@@ -21,15 +21,24 @@ def images_of(exposures):
     out = []
     for exp in exposures:
         for m in exp.models:
-            out.append(ImageCatalog(
-                len(out), m.meta.filename, f"exp{m.meta.observation.exposure}",
-                normalize_catalog(m.meta["tweakreg_catalog"], m.meta.filename), m.meta.wcs,
-                dict(m.meta.wcsinfo), exp.epoch))
+            out.append(
+                ImageCatalog(
+                    len(out),
+                    m.meta.filename,
+                    f"exp{m.meta.observation.exposure}",
+                    normalize_catalog(m.meta["tweakreg_catalog"], m.meta.filename),
+                    m.meta.wcs,
+                    dict(m.meta.wcsinfo),
+                    exp.epoch,
+                )
+            )
     return out
 
 
 def errors_mas(correctors, truths):
-    return np.array([simulate.wcs_difference_mas(c.wcs, t) for c, t in zip(correctors, truths)])
+    return np.array(
+        [simulate.wcs_difference_mas(c.wcs, t) for c, t in zip(correctors, truths, strict=False)]
+    )
 
 
 def truth_positions(stars, epoch=2028.0):
@@ -48,8 +57,12 @@ def test_relative_then_absolute_recovers_true_wcs_below_1mas(two_exposures, geom
     assert sorted(r.status for r in rel.values()) == ["REFERENCE", "SUCCESS"]
     matched = next(r for r in rel.values() if r.status == "SUCCESS")
     assert matched.nmatches > 2000
-    result = absolute_align(images, correctors, truth_positions(stars),
-                            FitParameters(searchrad=6.0, separation=0.1, fitgeometry=geometry))
+    result = absolute_align(
+        images,
+        correctors,
+        truth_positions(stars),
+        FitParameters(searchrad=6.0, separation=0.1, fitgeometry=geometry),
+    )
     assert result.status == "SUCCESS"
     assert result.nmatches > 4500
     after = errors_mas(correctors, truths_of(exposures))
@@ -61,8 +74,12 @@ def test_shift_geometry_recovers_a_pure_shift():
     exposures, stars = make_data(1, seed=5, max_roll=0.0)
     images = images_of(exposures)
     correctors = make_correctors(images)
-    result = absolute_align(images, correctors, truth_positions(stars),
-                            FitParameters(searchrad=6.0, separation=0.1, fitgeometry="shift"))
+    result = absolute_align(
+        images,
+        correctors,
+        truth_positions(stars),
+        FitParameters(searchrad=6.0, separation=0.1, fitgeometry="shift"),
+    )
     assert result.status == "SUCCESS"
     assert errors_mas(correctors, truths_of(exposures)).max() < 1.0
 
@@ -83,14 +100,16 @@ def test_implausible_relative_correction_is_rejected_and_wcs_untouched(two_expos
     before = [c.wcs for c in correctors]
     # a matcher that searches 10" finds the ~1" errors; a 0.2" search radius rejects them
     wide = FitParameters(searchrad=10.0).matcher()
-    rel = relative_align(images, correctors, FitParameters(searchrad=0.2, tolerance=0.2),
-                         match=wide)
+    rel = relative_align(
+        images, correctors, FitParameters(searchrad=0.2, tolerance=0.2), match=wide
+    )
     failed = [r for r in rel.values() if r.status == "FAILED" and r.nmatches]
     assert len(failed) == 1
     assert failed[0].nmatches > 2000
     # nothing was aligned to the reference group: it is marked failed too
     assert [r.reason for r in rel.values() if not r.nmatches] == [
-        "no other group could be aligned to it"]
+        "no other group could be aligned to it"
+    ]
     assert failed[0].reason.startswith("implausible correction rejected")
     assert "search radius 0.2 arcsec" in failed[0].reason
     assert [c.wcs for c in correctors] == before
@@ -105,9 +124,13 @@ def test_absolute_guard_uses_abs_searchrad(two_exposures):
     ra, dec = simulate.propagate(stars, 2028.0)
     shifted = lambda _e: (ra + 5 / 3600 / np.cos(np.deg2rad(dec)), dec)  # noqa: E731
     wide = FitParameters(searchrad=10.0, separation=0.1).matcher()
-    result = absolute_align(images, correctors, shifted,
-                            FitParameters(searchrad=2.0, separation=0.1, tolerance=0.7),
-                            match=wide)
+    result = absolute_align(
+        images,
+        correctors,
+        shifted,
+        FitParameters(searchrad=2.0, separation=0.1, tolerance=0.7),
+        match=wide,
+    )
     assert result.status == "FAILED"
     assert result.reason.startswith("implausible correction rejected")
     assert result.nmatches > 2000
@@ -118,8 +141,12 @@ def test_not_enough_matches_fails_with_counts(two_exposures):
     exposures, stars = two_exposures
     images = images_of(exposures[:1])
     correctors = make_correctors(images)
-    result = absolute_align(images, correctors, truth_positions(stars),
-                            FitParameters(minobj=100000, searchrad=6.0, separation=0.1))
+    result = absolute_align(
+        images,
+        correctors,
+        truth_positions(stars),
+        FitParameters(minobj=100000, searchrad=6.0, separation=0.1),
+    )
     assert result.status == "FAILED"
     assert "minobj is 100000" in result.reason
 
@@ -140,8 +167,9 @@ def test_confusion_is_reported_not_raised(two_exposures):
     def confused(*args, **kwargs):
         raise MatchSourceConfusionError("Number of output coordinates exceeded allocation")
 
-    result = absolute_align(images, correctors, truth_positions(stars), ABS, match=confused,
-                            refcat_name="GAIADR3")
+    result = absolute_align(
+        images, correctors, truth_positions(stars), ABS, match=confused, refcat_name="GAIADR3"
+    )
     assert result.status == "FAILED"
     assert "confusion" in result.reason
 
@@ -154,8 +182,9 @@ def test_expand_refcat_never_takes_a_failed_group():
     images[1].catalog["x"] = rng.uniform(0, 4088, len(images[1].catalog))
     images[1].catalog["y"] = rng.uniform(0, 4088, len(images[1].catalog))
     correctors = make_correctors(images)
-    rel = relative_align(images, correctors, FitParameters(), enforce_user_order=True,
-                         expand_refcat=True)
+    rel = relative_align(
+        images, correctors, FitParameters(), enforce_user_order=True, expand_refcat=True
+    )
     assert rel["exp1"].status == "REFERENCE"
     assert rel["exp2"].status == "FAILED"
     assert rel["exp3"].status == "SUCCESS"

@@ -5,8 +5,8 @@ import json
 import numpy as np
 import pytest
 from astropy.table import Table
-from conftest import make_data
 
+from conftest import make_data
 from roman_tweakreg import CatalogError, MissingCatalogError, TweakRegStep
 from roman_tweakreg.catalogs import collect, normalize_catalog, read_catfile
 from roman_tweakreg.detection import DetectionParameters
@@ -51,8 +51,9 @@ def _catfile(folder, lines):
 
 
 def _used(folder, asn, **kwargs):
-    images, skipped = collect(open_library(asn), detection=DETECT,
-                              catalog_path=str(folder / "detected"), **kwargs)
+    images, skipped = collect(
+        open_library(asn), detection=DETECT, catalog_path=str(folder / "detected"), **kwargs
+    )
     used = {i.name: len(i.catalog) for i in images}
     used.update({f"skipped {i}": r for i, r in skipped.items()})
     return used, {i.name: i.catalog_name for i in images}
@@ -61,13 +62,13 @@ def _used(folder, asn, **kwargs):
 @pytest.mark.parametrize(
     ("use_custom", "with_catfile", "asn_attr", "meta", "expected"),
     [
-        (False, True, "asn", True, 11),      # not custom: catfile and asn ignored, meta used
+        (False, True, "asn", True, 11),  # not custom: catfile and asn ignored, meta used
         (False, False, None, False, "detect"),
-        (True, True, "asn", True, 33),       # catfile wins over association and meta
+        (True, True, "asn", True, 33),  # catfile wins over association and meta
         (True, True, "", True, 33),
-        (True, False, "asn", True, 22),      # association attribute over meta
-        (True, False, "", True, "detect"),   # "" -> no catalog -> detection
-        (True, False, None, True, 11),       # no attribute -> the model's own
+        (True, False, "asn", True, 22),  # association attribute over meta
+        (True, False, "", True, "detect"),  # "" -> no catalog -> detection
+        (True, False, None, True, 11),  # no attribute -> the model's own
         (True, False, None, False, "detect"),
     ],
 )
@@ -75,13 +76,16 @@ def test_catalog_precedence(field, use_custom, with_catfile, asn_attr, meta, exp
     folder, names = field
     attrs = {}
     if asn_attr is not None:
-        attrs = {n: {"tweakreg_catalog": (f"{n.removesuffix('.asdf')}_asn.ecsv" if asn_attr
-                                          else "")} for n in names}
+        attrs = {
+            n: {"tweakreg_catalog": (f"{n.removesuffix('.asdf')}_asn.ecsv" if asn_attr else "")}
+            for n in names
+        }
     asn = _asn(folder, names, attrs)
     catfile = ""
     if with_catfile:
-        catfile = str(_catfile(folder, [f"{n} {n.removesuffix('.asdf')}_catfile.ecsv"
-                                        for n in names]))
+        catfile = str(
+            _catfile(folder, [f"{n} {n.removesuffix('.asdf')}_catfile.ecsv" for n in names])
+        )
     if not meta:
         for n in names:
             (folder / f"{n.removesuffix('.asdf')}_meta.ecsv").unlink()
@@ -101,8 +105,9 @@ def test_catalog_precedence(field, use_custom, with_catfile, asn_attr, meta, exp
     else:
         assert used == dict.fromkeys(names, expected)
         if expected == 33:
-            assert all(a.endswith("_catfile.ecsv") and a.startswith(str(folder))
-                       for a in assigned.values())
+            assert all(
+                a.endswith("_catfile.ecsv") and a.startswith(str(folder)) for a in assigned.values()
+            )
         if expected == 11:
             assert set(assigned.values()) == {""}
 
@@ -118,8 +123,11 @@ def test_catfile_line_without_catalog_and_unlisted_model(field):
 
 def test_catfile_naming_unknown_model_warns(field, caplog):
     folder, names = field
-    catfile = _catfile(folder, [f"{n} {n.removesuffix('.asdf')}_catfile.ecsv" for n in names]
-                       + ["ghost_cal.asdf ghost.ecsv"])
+    catfile = _catfile(
+        folder,
+        [f"{n} {n.removesuffix('.asdf')}_catfile.ecsv" for n in names]
+        + ["ghost_cal.asdf ghost.ecsv"],
+    )
     _used(folder, _asn(folder, names, {}), use_custom_catalogs=True, catfile=str(catfile))
     assert "names ghost_cal.asdf, which is not among the inputs" in caplog.text
 
@@ -134,8 +142,11 @@ def test_use_custom_without_any_custom_catalog_warns(field, caplog):
 def test_bad_catfile_line_names_line(field):
     folder, _ = field
     path = _catfile(folder, ["a_cal.asdf a_cat.ecsv extra"])
-    with pytest.raises(CatalogError, match=r"catfile .* line 3: expected '<model file> "
-                                           r"\[<catalog file>\]', found 3 columns"):
+    with pytest.raises(
+        CatalogError,
+        match=r"catfile .* line 3: expected '<model file> "
+        r"\[<catalog file>\]', found 3 columns",
+    ):
         read_catfile(path)
 
 
@@ -147,15 +158,21 @@ def test_missing_catfile(tmp_path):
 def test_missing_catalog_names_model_and_paths(field):
     folder, names = field
     asn = _asn(folder, names, {names[0]: {"tweakreg_catalog": "gone.ecsv"}})
-    with pytest.raises(MissingCatalogError, match=rf"{names[0]}: catalog named by association "
-                                                  r"member attribute tweakreg_catalog does not "
-                                                  r"exist; tried .*gone.ecsv"):
+    with pytest.raises(
+        MissingCatalogError,
+        match=rf"{names[0]}: catalog named by association "
+        r"member attribute tweakreg_catalog does not "
+        r"exist; tried .*gone.ecsv",
+    ):
         _used(folder, asn, use_custom_catalogs=True)
 
 
 def test_catalog_without_pixel_columns_lists_columns():
-    with pytest.raises(CatalogError, match=r"img: catalog has no pixel columns; found \['ra', "
-                                           r"'dec'\], accepted pairs: x/y, xcentroid/ycentroid"):
+    with pytest.raises(
+        CatalogError,
+        match=r"img: catalog has no pixel columns; found \['ra', "
+        r"'dec'\], accepted pairs: x/y, xcentroid/ycentroid",
+    ):
         normalize_catalog(Table({"ra": [1.0], "dec": [2.0]}), "img")
 
 
@@ -170,7 +187,7 @@ def test_non_finite_rows_dropped_and_counted(field, caplog):
 
 
 def test_empty_catalog_skips_only_that_image(tmp_path):
-    exposures, stars = make_data(2, detectors=("WFI01",))
+    exposures, _stars = make_data(2, detectors=("WFI01",))
     models = [m for e in exposures for m in e.models]
     models[0].meta["tweakreg_catalog"] = models[0].meta["tweakreg_catalog"][:0]
     result = TweakRegStep.call(models, abs_refcat="", abs_refcat_retries=0)
@@ -185,7 +202,7 @@ def test_empty_catalog_skips_only_that_image(tmp_path):
 
 
 def test_catfile_end_to_end_sets_meta(tmp_path):
-    exposures, stars = make_data(2, detectors=("WFI01",))
+    exposures, _stars = make_data(2, detectors=("WFI01",))
     models = [m for e in exposures for m in e.models]
     lines = []
     for m in models:
@@ -194,8 +211,13 @@ def test_catfile_end_to_end_sets_meta(tmp_path):
         lines.append(f"{m.meta.filename} {name}")
         m.meta["tweakreg_catalog"] = None
     (tmp_path / "catfile.txt").write_text("\n".join(lines))
-    result = TweakRegStep.call(models, use_custom_catalogs=True,
-                               catfile=str(tmp_path / "catfile.txt"), abs_refcat="", abs_refcat_retries=0)
+    result = TweakRegStep.call(
+        models,
+        use_custom_catalogs=True,
+        catfile=str(tmp_path / "catfile.txt"),
+        abs_refcat="",
+        abs_refcat_retries=0,
+    )
     with result:
         for i, m in enumerate(result):
             assert m.meta["tweakreg_catalog"] == str(tmp_path / lines[i].split()[1])

@@ -159,6 +159,20 @@ def test_centroid_accuracy(measured):
     assert rms[100] < 0.02
 
 
+@pytest.mark.parametrize("kernel_fwhm", [1.5, 2.5])
+def test_centroids_robust_to_kernel_fwhm(kernel_fwhm):
+    """The fit's FWHM is free: a filter narrower or wider than the PSF keeps centroids good."""
+    data, dq, err, truth = simulate(0)
+    catalog = detect_sources(data, dq, err, DetectionParameters(kernel_fwhm=kernel_fwhm))
+    found, index = match(catalog, truth)
+    err2d = np.hypot(catalog["x"][index] - truth["x"], catalog["y"][index] - truth["y"])
+    usable = found & ~near_flagged(truth, dq)
+    for lim, limit in ((20, 0.05), (100, 0.02)):
+        sel = usable & (truth["snr"] >= lim)
+        assert np.sqrt(np.mean(err2d[sel] ** 2)) < limit
+    assert found[~near_flagged(truth, dq) & (truth["snr"] >= 15)].mean() >= 0.95
+
+
 def test_few_false_detections_and_none_on_flagged_pixels(measured):
     for _, _, _, _, _, n_spurious, catalog, dq in measured:
         assert n_spurious <= 2

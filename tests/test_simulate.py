@@ -28,14 +28,15 @@ def test_wcsinfo_reproduces_the_attitude():
     for det in ("WFI01", "WFI18"):
         wcs = simulate.detector_wcs(det, att.wcsinfo(det))
         v2v3_to_sky = wcs.get_transform("v2v3", "world")
-        np.testing.assert_allclose(v2v3_to_sky(1500.0, -900.0), att.model()(1500.0, -900.0),
-                                   atol=1e-10)
+        np.testing.assert_allclose(
+            v2v3_to_sky(1500.0, -900.0), att.model()(1500.0, -900.0), atol=1e-10
+        )
 
 
 def test_injected_error_and_catalog_sizes(two_exposures):
-    exposures, stars = two_exposures
+    exposures, _stars = two_exposures
     for exp in exposures:
-        for model, true_wcs in zip(exp.models, exp.true_wcs):
+        for model, true_wcs in zip(exp.models, exp.true_wcs, strict=False):
             n = len(model.meta["tweakreg_catalog"])
             assert 800 < n < 1300  # ~1000 stars per detector
             err = simulate.wcs_difference_mas(model.meta.wcs, true_wcs)

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import roman_datamodels.datamodels as rdm
-from conftest import make_data, models_of, refcat_at, truths_of
 
+from conftest import make_data, models_of, refcat_at, truths_of
 from roman_tweakreg import InvalidParameterError, MissingCatalogError, TweakRegStep, simulate
 from roman_tweakreg.library import ModelLibrary
 
@@ -29,8 +29,14 @@ def metas(library):
     out = []
     with library:
         for i, model in enumerate(library):
-            out.append((model.meta.cal_step.tweakreg, dict(model.meta.wcs_fit_results),
-                        model.meta.wcs.name, model.meta.wcs.available_frames))
+            out.append(
+                (
+                    model.meta.cal_step.tweakreg,
+                    dict(model.meta.wcs_fit_results),
+                    model.meta.wcs.name,
+                    model.meta.wcs.available_frames,
+                )
+            )
             library.shelve(model, i, modify=False)
     return out
 
@@ -64,8 +70,20 @@ def test_relative_and_absolute_in_memory(refcat_file):
         assert fit["status"] == "SUCCESS"
         assert fit["nmatches"] > 4500
         assert fit["fitgeom"] == "rshift"
-        for key in ("matrix", "shift", "center", "proper_rot", "proper", "rot", "<rot>", "scale",
-                    "<scale>", "skew", "rmse", "mae"):
+        for key in (
+            "matrix",
+            "shift",
+            "center",
+            "proper_rot",
+            "proper",
+            "rot",
+            "<rot>",
+            "scale",
+            "<scale>",
+            "skew",
+            "rmse",
+            "mae",
+        ):
             assert key in fit
         assert fit["relative"]["status"] in ("REFERENCE", "SUCCESS")
         assert fit["rmse"] < 0.01  # arcsec: 0.02 px centroid noise
@@ -86,14 +104,15 @@ def test_relative_only_when_gaia_service_unavailable(caplog):
     ref = [m for m in models_of(exposures)][:3]
     with result:
         moved = [result.borrow(i) for i in range(3, 6)]
-        for m_ref, m in zip(ref, moved):
-            ids = np.intersect1d(m_ref.meta["tweakreg_catalog"]["objID"],
-                                 m.meta["tweakreg_catalog"]["objID"])
+        for m_ref, m in zip(ref, moved, strict=False):
+            ids = np.intersect1d(
+                m_ref.meta["tweakreg_catalog"]["objID"], m.meta["tweakreg_catalog"]["objID"]
+            )
             a = _sky_of(m_ref, ids)
             b = _sky_of(m, ids)
             offset = np.hypot((a[0] - b[0]) * np.cos(np.deg2rad(a[1])), a[1] - b[1]) * 3.6e6
             assert np.median(offset) < 5  # mas, centroid noise of two catalogs
-        for i, m in zip(range(3, 6), moved):
+        for i, m in zip(range(3, 6), moved, strict=False):
             result.shelve(m, i, modify=False)
 
 
@@ -110,7 +129,7 @@ def test_single_image_with_its_own_reference(tmp_path):
     path = tmp_path / "ref.ecsv"
     refcat_at(stars, 2028.0).write(path)
     result = TweakRegStep.call(exposures[0].models[0], abs_refcat=str(path))
-    status, fit, name, _ = metas(result)[0]
+    status, fit, _name, _ = metas(result)[0]
     assert status == "COMPLETE"
     assert fit["relative"]["status"] == "SKIPPED"
     assert errors_mas(result, truths_of(exposures)).max() < 1.0
@@ -153,8 +172,11 @@ def test_missing_catalog_file_names_image_and_paths(tmp_path):
     exposures, _ = make_data(1, detectors=("WFI01",))
     model = exposures[0].models[0]
     model.meta["tweakreg_catalog"] = "nowhere_cat.ecsv"
-    with pytest.raises(MissingCatalogError, match=r"wfi01_cal.asdf: catalog named by "
-                       r"meta.tweakreg_catalog does not exist; tried .*nowhere_cat.ecsv"):
+    with pytest.raises(
+        MissingCatalogError,
+        match=r"wfi01_cal.asdf: catalog named by "
+        r"meta.tweakreg_catalog does not exist; tried .*nowhere_cat.ecsv",
+    ):
         TweakRegStep.call(model)
 
 
@@ -168,10 +190,14 @@ def test_image_without_catalog_gets_a_detected_one(tmp_path):
     model.data[:] = rng.normal(10.0, 1.0, model.data.shape).astype("f4")
     yy, xx = np.mgrid[:256, :256]
     for x0, y0 in rng.uniform(20, 236, (30, 2)):
-        model.data += (500 * np.exp(-((xx - x0) ** 2 + (yy - y0) ** 2) / (2 * 0.85**2))).astype("f4")
+        model.data += (500 * np.exp(-((xx - x0) ** 2 + (yy - y0) ** 2) / (2 * 0.85**2))).astype(
+            "f4"
+        )
     model.err[:] = 1.0
     model.dq[:] = 0
-    result = TweakRegStep.call(model, catalog_path=str(tmp_path), abs_refcat="", abs_refcat_retries=0)
+    result = TweakRegStep.call(
+        model, catalog_path=str(tmp_path), abs_refcat="", abs_refcat_retries=0
+    )
     with result:
         out = result.borrow(0)
         path = out.meta["tweakreg_catalog"]
@@ -198,14 +224,16 @@ def test_association_on_disk_outputs_and_inputs_untouched(on_disk, tmp_path):
     folder = asn.parent
     digests = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.glob("*.asdf")}
     out = tmp_path / "out"
-    TweakRegStep.call(str(asn), abs_refcat=str(folder / "gaia_2028.ecsv"), output_dir=str(out),
-                      save_results=True)
-    assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in folder.glob("*.asdf")} == digests
+    TweakRegStep.call(
+        str(asn), abs_refcat=str(folder / "gaia_2028.ecsv"), output_dir=str(out), save_results=True
+    )
+    assert {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.glob("*.asdf")
+    } == digests
     outputs = sorted(out.glob("*_tweakregstep.asdf"))
     assert len(outputs) == 6
     truths = truths_of(exposures)
-    for path, truth in zip(outputs, truths):
+    for path, truth in zip(outputs, truths, strict=False):
         with rdm.open(path) as model:
             assert "v2v3corr" in model.meta.wcs.available_frames
             assert model.meta.cal_step.tweakreg == "COMPLETE"
@@ -219,10 +247,14 @@ def test_strun_alias_and_parameter_file(on_disk, tmp_path):
     folder = asn.parent
     params = tmp_path / "pars.asdf"
     TweakRegStep(abs_refcat=str(folder / "gaia_2028.ecsv"), abs_fitgeometry="rscale").export_config(
-        params)
+        params
+    )
     run = subprocess.run(
         [STRUN, str(params), str(asn), f"--output_dir={tmp_path / 'a'}"],
-        capture_output=True, text=True, check=False, timeout=300,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
     )
     assert run.returncode == 0, run.stderr[-3000:]
     outputs = sorted((tmp_path / "a").glob("*_tweakregstep.asdf"))
@@ -231,9 +263,18 @@ def test_strun_alias_and_parameter_file(on_disk, tmp_path):
         assert model.meta.wcs_fit_results["fitgeom"] == "rscale"
         assert simulate.wcs_difference_mas(model.meta.wcs, truths_of(exposures)[0]) < 1.0
     run = subprocess.run(
-        [STRUN, "tweakreg", str(asn), f"--abs_refcat={folder / 'gaia_2028.ecsv'}",
-         f"--output_dir={tmp_path / 'b'}", "--fitgeometry=general"],
-        capture_output=True, text=True, check=False, timeout=300,
+        [
+            STRUN,
+            "tweakreg",
+            str(asn),
+            f"--abs_refcat={folder / 'gaia_2028.ecsv'}",
+            f"--output_dir={tmp_path / 'b'}",
+            "--fitgeometry=general",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
     )
     assert run.returncode == 0, run.stderr[-3000:]
     with rdm.open(sorted((tmp_path / "b").glob("*_tweakregstep.asdf"))[-1]) as model:
@@ -244,16 +285,19 @@ def test_strun_alias_and_parameter_file(on_disk, tmp_path):
 def test_strun_with_class_path_and_bad_parameter(on_disk, tmp_path):
     asn, _ = on_disk
     run = subprocess.run(
-        [STRUN, "roman_tweakreg.TweakRegStep", str(asn), "--minobj=-3",
-         f"--output_dir={tmp_path}"],
-        capture_output=True, text=True, check=False, timeout=300,
+        [STRUN, "roman_tweakreg.TweakRegStep", str(asn), "--minobj=-3", f"--output_dir={tmp_path}"],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
     )
     assert run.returncode != 0
     assert "minobj=-3: expected an integer >= 1" in run.stderr + run.stdout
 
 
-@pytest.mark.parametrize(("xcol", "ycol"), [("xcentroid", "ycentroid"),
-                                            ("x_centroid", "y_centroid"), ("x_psf", "y_psf")])
+@pytest.mark.parametrize(
+    ("xcol", "ycol"), [("xcentroid", "ycentroid"), ("x_centroid", "y_centroid"), ("x_psf", "y_psf")]
+)
 def test_catalog_column_variants_and_bad_rows(refcat_file, xcol, ycol):
     exposures, _ = make_data()
     models = models_of(exposures)
@@ -283,9 +327,10 @@ def test_on_disk_library_input(on_disk, tmp_path):
 
 
 def test_on_disk_parameter(on_disk):
-    asn, exposures = on_disk
-    result = TweakRegStep.call(str(asn), abs_refcat=str(asn.parent / "gaia_2028.ecsv"),
-                               on_disk=True)
+    asn, _exposures = on_disk
+    result = TweakRegStep.call(
+        str(asn), abs_refcat=str(asn.parent / "gaia_2028.ecsv"), on_disk=True
+    )
     assert [m[0] for m in metas(result)] == ["COMPLETE"] * 6
 
 
@@ -293,8 +338,12 @@ def test_report_parameter_writes_json(refcat_file, tmp_path):
     import json
 
     exposures, _ = make_data()
-    TweakRegStep.call(models_of(exposures), abs_refcat=str(refcat_file), output_dir=str(tmp_path),
-                      report="fit_report.json")
+    TweakRegStep.call(
+        models_of(exposures),
+        abs_refcat=str(refcat_file),
+        output_dir=str(tmp_path),
+        report="fit_report.json",
+    )
     report = json.loads((tmp_path / "fit_report.json").read_text())
     assert len(report["images"]) == 6
     assert {i["status"] for i in report["images"]} == {"COMPLETE"}

@@ -2,9 +2,9 @@
 
 import numpy as np
 import pytest
-from conftest import models_of, truths_of
-from gaia_server import FIELD, gaia_service, stars  # noqa: F401
 
+from conftest import models_of, truths_of
+from gaia_server import FIELD, stars
 from roman_tweakreg import TweakRegStep, simulate
 from test_step import errors_mas, metas
 
@@ -18,8 +18,17 @@ def field_exposures(seed=4):
     out = []
     for k, err in enumerate([(0.5, -0.3, 0.02), (-0.3, 0.4, -0.02)]):
         att = simulate.Attitude(ra, dec, 30.0).perturbed(20.0 * k, 20.0 * k, 0.0)
-        out.append(simulate.make_exposure(stars(), att, exposure=k + 1, epoch=2028.0,
-                                          pointing_error=err, detectors=DETECTORS, rng=rng))
+        out.append(
+            simulate.make_exposure(
+                stars(),
+                att,
+                exposure=k + 1,
+                epoch=2028.0,
+                pointing_error=err,
+                detectors=DETECTORS,
+                rng=rng,
+            )
+        )
     return out
 
 
@@ -45,8 +54,9 @@ def test_group_failing_relative_alignment_is_aligned_to_gaia_alone(gaia_service,
     monkeypatch.setenv("ASTROMETRIC_CATALOG_URL", gaia_service.url)
     exposures = field_exposures()
     # a 0.3" search radius rejects the ~1" relative correction; each group then meets Gaia alone
-    result = TweakRegStep.call(models_of(exposures), searchrad=0.3, tolerance=0.3,
-                               abs_refcat_cache="off")
+    result = TweakRegStep.call(
+        models_of(exposures), searchrad=0.3, tolerance=0.3, abs_refcat_cache="off"
+    )
     outcome = metas(result)
     assert [o[1]["relative"]["status"] for o in outcome] == ["FAILED"] * 4
     assert [o[1]["absolute"]["status"] for o in outcome] == ["SUCCESS"] * 4
@@ -58,8 +68,7 @@ def test_service_down_keeps_relative_alignment(gaia_service, monkeypatch, tmp_pa
     monkeypatch.setenv("ASTROMETRIC_CATALOG_URL", gaia_service.url)
     gaia_service.always = "503"
     exposures = field_exposures()
-    result = TweakRegStep.call(models_of(exposures), abs_refcat_cache="off",
-                               abs_refcat_retries=2)
+    result = TweakRegStep.call(models_of(exposures), abs_refcat_cache="off", abs_refcat_retries=2)
     assert gaia_service.requests == 3  # one try and two retries
     outcome = metas(result)
     assert [o[0] for o in outcome] == ["COMPLETE"] * 4
@@ -74,9 +83,13 @@ def test_comma_list_falls_back_to_a_local_file(gaia_service, monkeypatch, tmp_pa
     path = tmp_path / "field.ecsv"
     stars().write(path)  # epoch 2016 with motions
     exposures = field_exposures()
-    result = TweakRegStep.call(models_of(exposures), abs_refcat=f"GAIADR3,{path}",
-                               abs_refcat_cache="off", save_abs_catalog=True,
-                               catalog_path=str(tmp_path))
+    result = TweakRegStep.call(
+        models_of(exposures),
+        abs_refcat=f"GAIADR3,{path}",
+        abs_refcat_cache="off",
+        save_abs_catalog=True,
+        catalog_path=str(tmp_path),
+    )
     outcome = metas(result)
     assert {o[2] for o in outcome} == {"FIT-LVL2-field.ecsv"}
     assert errors_mas(result, truths_of(exposures)).max() < 1.0

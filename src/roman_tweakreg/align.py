@@ -105,7 +105,8 @@ def make_correctors(images: Sequence[ImageCatalog]) -> list[RomanWCSCorrector]:
     """Wrap each image's WCS in tweakwcs's Roman corrector (copies the WCS)."""
     return [
         RomanWCSCorrector(
-            img.wcs, {k: float(img.wcsinfo[k]) for k in ("v2_ref", "v3_ref", "roll_ref")},
+            img.wcs,
+            {k: float(img.wcsinfo[k]) for k in ("v2_ref", "v3_ref", "roll_ref")},
             meta={"name": img.name, "group_id": img.group_id},
         )
         for img in images
@@ -135,8 +136,8 @@ class _TangentPlane:
         self.ref = correctors[0].copy()
         self.images = images
         self.correctors = correctors
-        self.xy = [self._source_xy(c, img) for c, img in zip(correctors, images)]
-        self.hulls = [self._hull(c, img) for c, img in zip(correctors, images)]
+        self.xy = [self._source_xy(c, img) for c, img in zip(correctors, images, strict=False)]
+        self.hulls = [self._hull(c, img) for c, img in zip(correctors, images, strict=False)]
 
     def _source_xy(self, corrector, img) -> np.ndarray:
         if len(img.catalog) == 0:
@@ -212,14 +213,18 @@ def _match_and_fit(
     minobj = max(pars.minobj, MIN_MATCHES[pars.fitgeometry])
     if nmatches < minobj:
         return FitResult(
-            "FAILED", f"not enough matches: {nmatches} found, minobj is {minobj}",
+            "FAILED",
+            f"not enough matches: {nmatches} found, minobj is {minobj}",
             nmatches=nmatches,
         )
     try:
         fit = iter_linear_fit(
-            ref_xy[ridx], img_xy[iidx],
+            ref_xy[ridx],
+            img_xy[iidx],
             wuv=None if img_weight is None else img_weight[iidx],
-            fitgeom=pars.fitgeometry, nclip=pars.nclip, sigma=(pars.sigma, "rmse"),
+            fitgeom=pars.fitgeometry,
+            nclip=pars.nclip,
+            sigma=(pars.sigma, "rmse"),
             clip_accum=True,
         )
     except (NotEnoughPointsError, SingularMatrixError) as err:
@@ -236,7 +241,8 @@ def _match_and_fit(
             "FAILED",
             f"implausible correction rejected: it would move sources by up to {worst:.3g} arcsec, "
             f"more than the search radius {pars.searchrad:g} arcsec",
-            fit=fit, nmatches=nmatches,
+            fit=fit,
+            nmatches=nmatches,
         )
     return FitResult("SUCCESS", fit=fit, nmatches=nmatches, matched_img_idx=iidx)
 
@@ -276,12 +282,14 @@ def relative_align(
     hulls = {g: plane.group_hull(m) for g, m in groups.items()}
     order = list(groups)
     if not enforce_user_order:
-        overlap = {g: sum(hulls[g].intersection(hulls[h]).area for h in order if h != g)
-                   for g in order}
+        overlap = {
+            g: sum(hulls[g].intersection(hulls[h]).area for h in order if h != g) for g in order
+        }
         order.sort(key=lambda g: -overlap[g])
     ref_group = order.pop(0)
-    results = {ref_group: FitResult("REFERENCE", "reference for relative alignment",
-                                    group_id=ref_group)}
+    results = {
+        ref_group: FitResult("REFERENCE", "reference for relative alignment", group_id=ref_group)
+    }
     ref_xy = plane.group_xy(groups[ref_group])
     ref_hull = hulls[ref_group]
     while order:
@@ -290,8 +298,13 @@ def relative_align(
         g = order.pop(0)
         members = groups[g]
         img_xy = plane.group_xy(members)
-        log.info("Relative alignment: group %s (%d images, %d sources) to %d reference sources",
-                 g, len(members), len(img_xy), len(ref_xy))
+        log.info(
+            "Relative alignment: group %s (%d images, %d sources) to %d reference sources",
+            g,
+            len(members),
+            len(img_xy),
+            len(ref_xy),
+        )
         result = _match_and_fit(ref_xy, img_xy, pars, match, plane.group_weights(members))
         result.group_id = g
         results[g] = result
@@ -305,8 +318,9 @@ def relative_align(
             ref_xy = np.vstack([ref_xy, _affine(img_xy[unmatched], result.fit)])
             ref_hull = ref_hull.union(_affine_hull(hulls[g], result.fit)).convex_hull
     if not any(r.applied for r in results.values()):
-        results[ref_group] = FitResult("FAILED", "no other group could be aligned to it",
-                                       group_id=ref_group)
+        results[ref_group] = FitResult(
+            "FAILED", "no other group could be aligned to it", group_id=ref_group
+        )
     return results
 
 
@@ -354,15 +368,19 @@ def absolute_align(
         try:
             ridx, iidx = match(ref_tab, img_tab, tp_pscale=_PIXEL_SCALE, tp_units="arcsec")
         except MatchSourceConfusionError as err:
-            return FitResult("FAILED", f"source confusion in matching to {refcat_name}: {err}",
-                             refcat=refcat_name)
+            return FitResult(
+                "FAILED",
+                f"source confusion in matching to {refcat_name}: {err}",
+                refcat=refcat_name,
+            )
         ridx, iidx = unique_pairs(ridx, iidx)
         ref_all.append(ref_xy[ridx])
         img_all.append(img_xy[iidx])
         n_total += len(img_xy)
     if not ref_all:
-        return FitResult("FAILED", f"no {refcat_name} sources fall on the images",
-                         refcat=refcat_name)
+        return FitResult(
+            "FAILED", f"no {refcat_name} sources fall on the images", refcat=refcat_name
+        )
     ref_m, img_m = np.vstack(ref_all), np.vstack(img_all)
     identity = lambda r, i, **kw: (np.arange(len(r)), np.arange(len(i)))  # noqa: E731
     result = _match_and_fit(ref_m, img_m, pars, identity)
@@ -376,7 +394,9 @@ def absolute_align(
                 "FAILED",
                 f"implausible correction rejected: it would move sources by up to {worst:.3g} "
                 f"arcsec, more than abs_searchrad {pars.searchrad:g} arcsec",
-                fit=result.fit, nmatches=result.nmatches, refcat=refcat_name,
+                fit=result.fit,
+                nmatches=result.nmatches,
+                refcat=refcat_name,
             )
         plane.apply(list(range(len(images))), result.fit)
     return result
@@ -401,12 +421,13 @@ def footprint_cone(
     the largest angular distance from it to a corner (computed on the sphere).
     """
     vectors = []
-    for img, corr in zip(images, correctors):
+    for img, corr in zip(images, correctors, strict=False):
         (x0, x1), (y0, y1) = bounding_box_of(img.wcs) or ((0, 0), (0, 0))
         ra, dec = corr.det_to_world(np.array([x0, x1, x1, x0]), np.array([y0, y0, y1, y1]))
         ra, dec = np.deg2rad(ra), np.deg2rad(dec)
-        vectors.append(np.column_stack([np.cos(dec) * np.cos(ra), np.cos(dec) * np.sin(ra),
-                                        np.sin(dec)]))
+        vectors.append(
+            np.column_stack([np.cos(dec) * np.cos(ra), np.cos(dec) * np.sin(ra), np.sin(dec)])
+        )
     v = np.vstack(vectors)
     centre = v.mean(axis=0)
     centre /= np.linalg.norm(centre)
@@ -424,8 +445,9 @@ def rigid_sets(images: Sequence[ImageCatalog], relative: dict[str, FitResult]) -
     a set of its own, so that it can still be aligned to the reference catalog.
     """
     groups = _groups(images)
-    together = [g for g in groups if g not in relative
-                or relative[g].status in ("REFERENCE", "SUCCESS")]
+    together = [
+        g for g in groups if g not in relative or relative[g].status in ("REFERENCE", "SUCCESS")
+    ]
     sets = [[i for g in together for i in groups[g]]] if together else []
     sets += [groups[g] for g in groups if g not in together]
     return sets

@@ -37,9 +37,9 @@ if TYPE_CHECKING:
 
 __all__ = [
     "PIXEL_COLUMNS",
-    "collect",
     "CatalogSource",
     "ImageCatalog",
+    "collect",
     "filter_catalog",
     "normalize_catalog",
     "read_catalog",
@@ -49,8 +49,12 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 #: Accepted pairs of pixel columns, in order of precedence.
-PIXEL_COLUMNS = (("x", "y"), ("xcentroid", "ycentroid"), ("x_centroid", "y_centroid"),
-                 ("x_psf", "y_psf"))
+PIXEL_COLUMNS = (
+    ("x", "y"),
+    ("xcentroid", "ycentroid"),
+    ("x_centroid", "y_centroid"),
+    ("x_psf", "y_psf"),
+)
 _DO_NOT_USE = 1
 
 
@@ -162,7 +166,9 @@ def read_catfile(path: str | Path) -> dict[str, CatalogSource]:
                 f"found {len(fields)} columns: {content!r}"
             )
         catalog = fields[1] if len(fields) == 2 and fields[1] not in ('""', "''") else None
-        entries[Path(fields[0]).name] = CatalogSource(catalog, f"catfile {path} line {lineno}", base)
+        entries[Path(fields[0]).name] = CatalogSource(
+            catalog, f"catfile {path} line {lineno}", base
+        )
     return entries
 
 
@@ -236,7 +242,9 @@ def read_catalog(source: CatalogSource, image: str, catalog_format: str = "ascii
     try:
         return _read_table(found, catalog_format)
     except Exception as err:
-        raise CatalogError(f"{image}: cannot read catalog {found} as {catalog_format}: {err}") from err
+        raise CatalogError(
+            f"{image}: cannot read catalog {found} as {catalog_format}: {err}"
+        ) from err
 
 
 def _read_table(path: Path, catalog_format: str) -> Table:
@@ -432,9 +440,15 @@ def collect(
     """
     entries = read_catfile(catfile) if (use_custom_catalogs and catfile) else None
     members = library.asn["products"][0]["members"]
-    if use_custom_catalogs and entries is None and not any("tweakreg_catalog" in m for m in members):
-        log.warning("use_custom_catalogs=True but there is no catfile and no association member "
-                    "has a tweakreg_catalog attribute: using the models' own catalogs")
+    if (
+        use_custom_catalogs
+        and entries is None
+        and not any("tweakreg_catalog" in m for m in members)
+    ):
+        log.warning(
+            "use_custom_catalogs=True but there is no catfile and no association member "
+            "has a tweakreg_catalog attribute: using the models' own catalogs"
+        )
     known: set[str] = set()
     images, skipped = [], {}
     with library:
@@ -450,8 +464,11 @@ def collect(
                     continue
                 source = _catalog_source(library, index, model, use_custom_catalogs, entries)
                 if source is None or source.value is None:
-                    where = source.origin if source is not None else (
-                        "meta.tweakreg_catalog or meta.source_catalog")
+                    where = (
+                        source.origin
+                        if source is not None
+                        else ("meta.tweakreg_catalog or meta.source_catalog")
+                    )
                     if detection is None:
                         raise MissingCatalogError(f"{name}: no source catalog ({where} gives none)")
                     source = _detect(model, name, detection, catalog_path, catalog_format)
@@ -468,8 +485,10 @@ def collect(
                         group_id=str(members[index]["group_id"]),
                         catalog=table,
                         wcs=model.meta.wcs,
-                        wcsinfo={k: float(model.meta.wcsinfo[k])
-                                 for k in ("v2_ref", "v3_ref", "roll_ref")},
+                        wcsinfo={
+                            k: float(model.meta.wcsinfo[k])
+                            for k in ("v2_ref", "v3_ref", "roll_ref")
+                        },
                         epoch=_epoch(model),
                         catalog_name=str(source.resolve()) if source.assigned else "",
                     )

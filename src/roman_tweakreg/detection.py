@@ -16,12 +16,14 @@ Algorithm (see ``docs/detection.rst`` for the measured performance):
 4. Candidates whose brightest pixel holds more than ``max_peak_fraction`` of
    the 3x3 flux around it (hot pixels, cosmic rays), or with a masked pixel
    in the 3x3 box around the peak, are dropped.
-5. Centroids come from a least-squares fit of a pixel-integrated circular
-   Gaussian (free position, flux, width and local constant) to the
-   ``(2 ceil(1.5 FWHM) + 1)``-pixel square cutout around the peak, masked
-   pixels weighted 0 (vectorised Levenberg-Marquardt).  Fits that fail, run
-   to a width bound or move more than 1.5 px from the peak are dropped, as
-   are the fainter of two centroids closer than ``min_separation``.  For an
+5. Centroids come from photutils ``PSFPhotometry`` fed with these peaks
+   (no second finder): a pixel-integrated circular Gaussian
+   (``CircularGaussianPRF``; free position, flux and FWHM) is fitted to the
+   ``(2 ceil(1.5 FWHM) + 1)``-pixel square cutout of the background-subtracted
+   image around each peak, weighted by the per-pixel noise, masked pixels
+   left out.  Fits that photutils flags as failed (see ``_DROP_FLAGS``), that
+   run to the 1.5 px position bound or to a FWHM bound are dropped, as are the
+   fainter of two centroids closer than ``min_separation``.  For an
    undersampled PSF this beats windowed moments and DAOFIND's marginal fits:
    the pixel-phase bias is below 0.01 px.
 6. Fluxes are background-subtracted sums in a circle of radius
@@ -60,7 +62,16 @@ DO_NOT_USE = 1
 """The DQ bit of unusable pixels (``roman_datamodels.dqflags.pixel.DO_NOT_USE``)."""
 
 _FWHM_TO_SIGMA = 1.0 / (2.0 * np.sqrt(2.0 * np.log(2.0)))
-_MAX_SHIFT = 1.5  # px: a centroid further than this from its peak pixel is rejected
+_MAX_SHIFT = 1.5  # px, per axis: the fitted centroid's bound around its peak pixel
+_FWHM_BOUNDS = (0.2, 5.0)  # fitted FWHM range, in units of kernel_fwhm
+# photutils PSFPhotometry flags that drop a centroid: 2 outside the image,
+# 4 non-positive flux, 8 possible non-convergence, 32 at the _MAX_SHIFT
+# position bound, 64/128/256 no overlap / fully masked / too few pixels,
+# 512/1024 non-finite position / flux.  Kept: 1 (some cutout pixels masked or
+# off the edge: they are left out of the fit), 16 (the fitter returned no
+# covariance: only the parameter errors, unused here, are missing) and 2048
+# (non-finite local background: none is used).
+_DROP_FLAGS = 2 | 4 | 8 | 32 | 64 | 128 | 256 | 512 | 1024
 
 
 @dataclass(frozen=True)
@@ -70,9 +81,9 @@ class DetectionParameters:
     Attributes
     ----------
     kernel_fwhm : float
-        FWHM (pixels) of the Gaussian used as matched filter and as centroid
-        window.  The WFI PSF has a FWHM of about 1.5-2 px (0.11"/px).  In
-        ``[0.8, 10]``.
+        FWHM (pixels) of the Gaussian used as matched filter and as starting
+        width of the centroid fit (it sets the fit's cutout size).  The WFI
+        PSF has a FWHM of about 1.5-2 px (0.11"/px).  In ``[0.8, 10]``.
     snr_threshold : float
         Minimum matched-filter significance of a detection (S/N of the
         filtered image at the peak).  In ``(0, inf)``.
@@ -185,90 +196,42 @@ def _background(data: np.ndarray, mask: np.ndarray, params: DetectionParameters)
     return background, mesh(data - background).background_rms
 
 
-def _prf_fit(image, good, px, py, fwhm, niter=40):
-    """Fit a pixel-integrated circular Gaussian + constant to each cutout (vectorised LM).
+def _psf_fit(image, mask, error, px, py, fwhm):
+    """Centroids of the peaks ``(px, py)`` by photutils PSF photometry.
 
-    Returns ``x, y, fwhm_fit`` with NaN where the fit failed.
+    A pixel-integrated circular Gaussian (``CircularGaussianPRF``; free x, y,
+    flux and FWHM) is fitted to the ``fit_shape`` square cutout around each
+    peak of the background-subtracted ``image``, weighted by ``1 / error``,
+    ``mask``-ed pixels left out.  Returns ``x, y`` with NaN where the fit is
+    unusable: a photutils flag in ``_DROP_FLAGS`` is set or the FWHM ran to a
+    bound.
     """
-    from scipy.special import erf
+    from astropy.utils.exceptions import AstropyUserWarning
+    from photutils.psf import CircularGaussianPRF, PSFPhotometry
 
     if px.size == 0:
-        return np.zeros(0), np.zeros(0), np.zeros(0)
-    sigma0 = fwhm * _FWHM_TO_SIGMA
-    half = max(2, int(np.ceil(1.5 * fwhm)))
-    off = np.arange(-half, half + 1)
-    ny, nx = image.shape
-    xs, ys = np.broadcast_arrays(
-        px[:, None, None] + off[None, None, :], py[:, None, None] + off[None, :, None]
+        return np.zeros(0), np.zeros(0)
+    lo, hi = _FWHM_BOUNDS[0] * fwhm, _FWHM_BOUNDS[1] * fwhm
+    model = CircularGaussianPRF(fwhm=fwhm)
+    model.fwhm.fixed = False
+    model.fwhm.bounds = (lo, hi)
+    photometry = PSFPhotometry(
+        model,
+        2 * max(2, int(np.ceil(1.5 * fwhm))) + 1,
+        xy_bounds=_MAX_SHIFT,
+        aperture_radius=1.5 * fwhm,  # initial flux only
     )
-    inside = (xs >= 0) & (xs < nx) & (ys >= 0) & (ys < ny)
-    xc, yc = np.clip(xs, 0, nx - 1), np.clip(ys, 0, ny - 1)
-    weight = (inside & good[yc, xc]).astype(float).reshape(px.size, -1)
-    data = np.where(weight > 0, image[yc, xc].reshape(px.size, -1), 0.0)
-    gx = (xs - px[:, None, None]).reshape(px.size, -1).astype(float)
-    gy = (ys - py[:, None, None]).reshape(px.size, -1).astype(float)
-    k = 1.0 / np.sqrt(2.0)
-
-    def model(p):
-        x0, y0, flux, sig, bkg = (p[:, i, None] for i in range(5))
-        ax, bx = (gx + 0.5 - x0) * k / sig, (gx - 0.5 - x0) * k / sig
-        ay, by = (gy + 0.5 - y0) * k / sig, (gy - 0.5 - y0) * k / sig
-        ex, ey = 0.5 * (erf(ax) - erf(bx)), 0.5 * (erf(ay) - erf(by))
-        gax, gbx, gay, gby = (np.exp(-(u**2)) for u in (ax, bx, ay, by))
-        c = 1.0 / (np.sqrt(2.0 * np.pi) * sig)
-        dex_dx, dey_dy = c * (gbx - gax), c * (gby - gay)
-        dex_ds = (bx * gbx - ax * gax) / (np.sqrt(np.pi) * sig)
-        dey_ds = (by * gby - ay * gay) / (np.sqrt(np.pi) * sig)
-        jac = np.stack(
-            [
-                flux * dex_dx * ey,
-                flux * ex * dey_dy,
-                ex * ey,
-                flux * (dex_ds * ey + ex * dey_ds),
-                np.ones_like(ex),
-            ],
-            axis=-1,
-        )
-        return flux * ex * ey + bkg, jac
-
-    params = np.zeros((px.size, 5))
-    params[:, 2] = np.maximum((data * weight).sum(axis=1), 1e-30)
-    params[:, 3] = sigma0
-    lam = np.full(px.size, 1e-3)
-    fit, jac = model(params)
-    chi2 = (weight * (data - fit) ** 2).sum(axis=1)
-    eye = np.eye(5)
-    for _ in range(niter):
-        jtj = np.einsum("nmi,nm,nmj->nij", jac, weight, jac)
-        jtr = np.einsum("nmi,nm->ni", jac, weight * (data - fit))
-        damped = jtj + lam[:, None, None] * jtj * eye
-        damped += 1e-12 * eye * np.trace(jtj, axis1=1, axis2=2)[:, None, None]
-        step = np.linalg.solve(damped, jtr[..., None])[..., 0]
-        trial = params + step
-        trial[:, 3] = np.clip(trial[:, 3], 0.2 * sigma0, 5.0 * sigma0)
-        trial_fit, trial_jac = model(trial)
-        trial_chi2 = (weight * (data - trial_fit) ** 2).sum(axis=1)
-        better = trial_chi2 <= chi2
-        params[better], fit[better], jac[better] = (
-            trial[better],
-            trial_fit[better],
-            trial_jac[better],
-        )
-        small = np.abs(step[:, :2]).max(axis=1) < 1e-5
-        chi2 = np.where(better, trial_chi2, chi2)
-        lam = np.where(better, lam * 0.3, lam * 10.0)
-        if np.all(small | (lam > 1e8)):
-            break
-    x, y, sig = params[:, 0], params[:, 1], params[:, 3]
-    ok = (
-        (params[:, 2] > 0)
-        & (np.hypot(x, y) <= _MAX_SHIFT)
-        & (sig > 0.2 * sigma0 * 1.01)
-        & (sig < 5.0 * sigma0 * 0.99)
-    )
-    x = np.where(ok, px + x, np.nan)
-    y = np.where(ok, py + y, np.nan)
-    return x, y, sig / _FWHM_TO_SIGMA
+    init = Table({"x_init": px.astype(float), "y_init": py.astype(float)})
+    with warnings.catch_warnings():
+        # unconverged fits are reported in the flags column
+        warnings.simplefilter("ignore", AstropyUserWarning)
+        result = photometry(image, mask=mask, error=error, init_params=init)
+    flags = np.asarray(result["flags"], int)
+    width = np.asarray(result["fwhm_fit"], float)
+    ok = ((flags & _DROP_FLAGS) == 0) & (width > lo * 1.01) & (width < hi * 0.99)
+    x = np.where(ok, np.asarray(result["x_fit"], float), np.nan)
+    y = np.where(ok, np.asarray(result["y_fit"], float), np.nan)
+    return x, y
 
 
 def detect_sources(
@@ -360,14 +323,16 @@ def detect_sources(
 
     near_mask = binary_dilation(mask, np.ones((3, 3), bool))
     keep = sharp_ok & ~near_mask[py, px]
-    x, y, _ = _prf_fit(sub, good, px[keep], py[keep], params.kernel_fwhm)
+    x, y = _psf_fit(
+        sub, mask | ~(variance > 0), np.sqrt(variance), px[keep], py[keep], params.kernel_fwhm
+    )
     converged = np.isfinite(x)
     x, y = x[converged], y[converged]
     peak = peak[keep][converged]
     significance = (signal / noise)[py, px][keep][converged]
     log.debug(
         "%d peaks; dropped %d sharp (hot pixel / cosmic ray), %d near masked pixels, "
-        "%d unconverged",
+        "%d failed PSF fits",
         n_found,
         int((~sharp_ok).sum()),
         int((sharp_ok & near_mask[py, px]).sum()),

@@ -173,9 +173,7 @@ def load_association(filename) -> dict:
         members = asn["products"][0]["members"]
         names = [m["expname"] for m in members]
     except (KeyError, IndexError, TypeError) as err:
-        raise TweakRegError(
-            f"{path}: an association needs products[0].members[*].expname"
-        ) from err
+        raise TweakRegError(f"{path}: an association needs products[0].members[*].expname") from err
     if not names:
         raise TweakRegError(f"{path}: the association's first product has no members")
     for m in members:

@@ -31,8 +31,21 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_FIT_KEYS = ("fitgeom", "matrix", "shift", "center", "proper_rot", "proper", "rot", "<rot>",
-             "scale", "<scale>", "skew", "rmse", "mae")
+_FIT_KEYS = (
+    "fitgeom",
+    "matrix",
+    "shift",
+    "center",
+    "proper_rot",
+    "proper",
+    "rot",
+    "<rot>",
+    "scale",
+    "<scale>",
+    "skew",
+    "rmse",
+    "mae",
+)
 
 
 class Status(str, enum.Enum):
@@ -75,7 +88,11 @@ def _phase_dict(result: FitResult | None) -> dict:
 
 
 def fit_results_dict(
-    relative: FitResult | None, absolute: FitResult | None, *, group_id: str, status: Status,
+    relative: FitResult | None,
+    absolute: FitResult | None,
+    *,
+    group_id: str,
+    status: Status,
     n_images: int,
 ) -> dict:
     """Build ``meta.wcs_fit_results``: plain ASDF-serialisable values.
@@ -135,15 +152,16 @@ def outcomes(images, correctors, relative: dict, absolute: dict, skipped: dict[i
     """
     out = {}
     n = len(images)
-    for img, corr in zip(images, correctors):
+    for img, corr in zip(images, correctors, strict=False):
         rel, abs_ = relative.get(img.group_id), absolute.get(img.group_id)
         status = image_status(rel, abs_)
         fit = fit_results_dict(rel, abs_, group_id=img.group_id, status=status, n_images=n)
         changed = any(r is not None and r.applied for r in (rel, abs_))
         name = abs_.refcat if abs_ is not None and abs_.applied else ""
         out[img.index] = (corr.wcs if changed else None, fit, status, name, img.catalog_name)
-        log.info("%s: %s%s", img.name, status.value,
-                 f" ({fit['reason']})" if fit.get("reason") else "")
+        log.info(
+            "%s: %s%s", img.name, status.value, f" ({fit['reason']})" if fit.get("reason") else ""
+        )
     for index, reason in skipped.items():
         out[index] = (None, {"status": "SKIPPED", "reason": reason}, Status.SKIPPED, "", "")
     return out

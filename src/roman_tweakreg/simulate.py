@@ -16,8 +16,8 @@ recover the true WCS.
 from __future__ import annotations
 
 import csv
-import warnings
 import json
+import warnings
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
@@ -32,9 +32,8 @@ from astropy.modeling import fitting
 from astropy.modeling import models as am
 from astropy.table import Table
 from astropy.time import Time
-from gwcs import WCS
+from gwcs import WCS, geometry
 from gwcs import coordinate_frames as cf
-from gwcs import geometry
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -42,16 +41,16 @@ if TYPE_CHECKING:
     from roman_datamodels.datamodels import ImageModel
 
 __all__ = [
-    "DETECTOR_SHAPE",
-    "DETECTORS",
     "BORESIGHT_V2V3",
+    "DETECTORS",
+    "DETECTOR_SHAPE",
     "Attitude",
     "SimulatedExposure",
     "detector_wcs",
     "load_siaf",
+    "make_dataset",
     "make_exposure",
     "make_star_field",
-    "make_dataset",
     "wcs_difference_mas",
     "write_dataset",
 ]
@@ -75,8 +74,7 @@ def load_siaf() -> dict[str, dict[str, float]]:
     text = resources.files("roman_tweakreg").joinpath("data/wfi_siaf.csv").read_text()
     rows = csv.DictReader(line for line in text.splitlines() if not line.startswith("#"))
     return {
-        row["detector"]: {k: float(v) for k, v in row.items() if k != "detector"}
-        for row in rows
+        row["detector"]: {k: float(v) for k, v in row.items() if k != "detector"} for row in rows
     }
 
 
@@ -208,8 +206,11 @@ def detector_wcs(detector: str, wcsinfo: dict[str, float]) -> WCS:
     world = cf.CelestialFrame(reference_frame=coord.ICRS(), name="world")
     distortion = _distortion(load_siaf()[detector])
     sky = _v2v3_to_sky(
-        wcsinfo["v2_ref"], wcsinfo["v3_ref"], wcsinfo["roll_ref"],
-        wcsinfo["ra_ref"], wcsinfo["dec_ref"],
+        wcsinfo["v2_ref"],
+        wcsinfo["v3_ref"],
+        wcsinfo["roll_ref"],
+        wcsinfo["ra_ref"],
+        wcsinfo["dec_ref"],
     )
     wcs = WCS([(det, distortion), (v2v3, sky), (world, None)])
     wcs.bounding_box = _BBOX
@@ -398,12 +399,16 @@ def make_exposure(
         wcs = detector_wcs(det, info)
         # quick cull: stars within ~0.17 deg of the detector centre
         sep = coord.angular_separation(
-            np.deg2rad(ra_now), np.deg2rad(dec_now),
-            np.deg2rad(info["ra_ref"]), np.deg2rad(info["dec_ref"]),
+            np.deg2rad(ra_now),
+            np.deg2rad(dec_now),
+            np.deg2rad(info["ra_ref"]),
+            np.deg2rad(info["dec_ref"]),
         )
         near = np.flatnonzero(sep < np.deg2rad(0.17))
         x, y = twcs.invert(ra_now[near], dec_now[near], with_bounding_box=False)
-        inside = (x > -0.5) & (x < DETECTOR_SHAPE[1] - 0.5) & (y > -0.5) & (y < DETECTOR_SHAPE[0] - 0.5)
+        inside = (
+            (x > -0.5) & (x < DETECTOR_SHAPE[1] - 0.5) & (y > -0.5) & (y < DETECTOR_SHAPE[0] - 0.5)
+        )
         idx = near[inside]
         x, y = x[inside], y[inside]
         order = np.argsort(np.asarray(stars["mag"])[idx], kind="stable")
@@ -413,8 +418,12 @@ def make_exposure(
         x = x + rng.normal(0.0, centroid_noise, x.size)
         y = y + rng.normal(0.0, centroid_noise, y.size)
         cat = Table(
-            {"x": x, "y": y, "flux": 10 ** (-0.4 * (np.asarray(stars["mag"])[idx] - 25.0)),
-             "objID": np.asarray(stars["objID"])[idx]}
+            {
+                "x": x,
+                "y": y,
+                "flux": 10 ** (-0.4 * (np.asarray(stars["mag"])[idx] - 25.0)),
+                "objID": np.asarray(stars["objID"])[idx],
+            }
         )
         model = _new_image_model(data_shape)
         model.meta.filename = f"r{visit_id}_{exposure:04d}_{det.lower()}_cal.asdf"
@@ -497,9 +506,16 @@ def make_dataset(
         )
         exposures.append(
             make_exposure(
-                stars, att, exposure=k + 1, epoch=epoch, pointing_error=err,
-                detectors=detectors, centroid_noise=centroid_noise,
-                max_sources=max_sources, rng=rng, data_shape=data_shape,
+                stars,
+                att,
+                exposure=k + 1,
+                epoch=epoch,
+                pointing_error=err,
+                detectors=detectors,
+                centroid_noise=centroid_noise,
+                max_sources=max_sources,
+                rng=rng,
+                data_shape=data_shape,
             )
         )
     return exposures, stars
@@ -554,7 +570,9 @@ def write_dataset(
         for model in exp.models:
             root = model.meta.filename.removesuffix("_cal.asdf")
             cat_name = f"{root}_cat.ecsv"
-            model.meta["tweakreg_catalog"].write(directory / cat_name, format=catalog_format, overwrite=True)
+            model.meta["tweakreg_catalog"].write(
+                directory / cat_name, format=catalog_format, overwrite=True
+            )
             out = model.copy()
             del out.meta["tweakreg_catalog"]
             out.meta["source_catalog"] = {"tweakreg_catalog_name": cat_name}

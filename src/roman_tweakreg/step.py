@@ -67,8 +67,11 @@ def _detection_parameters(pars: dict):
     from .detection import DetectionParameters
 
     params = DetectionParameters(
-        kernel_fwhm=pars["kernel_fwhm"], snr_threshold=pars["snr_threshold"],
-        bkg_boxsize=pars["bkg_boxsize"], brightest=pars["brightest"], peakmax=pars["peakmax"],
+        kernel_fwhm=pars["kernel_fwhm"],
+        snr_threshold=pars["snr_threshold"],
+        bkg_boxsize=pars["bkg_boxsize"],
+        brightest=pars["brightest"],
+        peakmax=pars["peakmax"],
     )
     params.validate()
     return params
@@ -76,8 +79,19 @@ def _detection_parameters(pars: dict):
 
 def _fit_parameters(pars: dict, prefix: str) -> align.FitParameters:
     return align.FitParameters(
-        **{f: pars[prefix + f] for f in ("minobj", "searchrad", "use2dhist", "separation",
-                                         "tolerance", "fitgeometry", "nclip", "sigma")}
+        **{
+            f: pars[prefix + f]
+            for f in (
+                "minobj",
+                "searchrad",
+                "use2dhist",
+                "separation",
+                "tolerance",
+                "fitgeometry",
+                "nclip",
+                "sigma",
+            )
+        }
     )
 
 
@@ -157,23 +171,34 @@ class TweakRegStep(Step):
         with clock.phase("catalogs"):
             library = open_library(input_data, on_disk=self.on_disk)
             images, skipped = catalogs.collect(
-                library, use_custom_catalogs=self.use_custom_catalogs, catfile=self.catfile,
-                catalog_format=self.catalog_format, detection=detection,
+                library,
+                use_custom_catalogs=self.use_custom_catalogs,
+                catfile=self.catfile,
+                catalog_format=self.catalog_format,
+                detection=detection,
                 catalog_path=self.catalog_path,
             )
             correctors = align.make_correctors(images)
-        log.info("%d images to align in %d groups; %d skipped", len(images),
-                 len({i.group_id for i in images}), len(skipped))
+        log.info(
+            "%d images to align in %d groups; %d skipped",
+            len(images),
+            len({i.group_id for i in images}),
+            len(skipped),
+        )
         relative = {}
         if len({i.group_id for i in images}) > 1:
             with clock.phase("relative"):
                 relative = align.relative_align(
-                    images, correctors, _fit_parameters(pars, ""),
-                    enforce_user_order=self.enforce_user_order, expand_refcat=self.expand_refcat,
+                    images,
+                    correctors,
+                    _fit_parameters(pars, ""),
+                    enforce_user_order=self.enforce_user_order,
+                    expand_refcat=self.expand_refcat,
                 )
         with clock.phase("absolute"):
-            absolute = (self._absolute(images, correctors, pars, refcat_name, relative)
-                        if images else {})
+            absolute = (
+                self._absolute(images, correctors, pars, refcat_name, relative) if images else {}
+            )
         with clock.phase("update"):
             self._write(library, results.outcomes(images, correctors, relative, absolute, skipped))
         if self.report:
@@ -201,9 +226,15 @@ class TweakRegStep(Step):
         epochs = [i.epoch for i in images if i.epoch is not None]
         try:
             refcat = get_reference_catalog(
-                refcat_name, ra, dec, radius, epoch=min(epochs) if epochs else None,
-                min_sources=abs_pars.minobj, timeout=self.abs_refcat_timeout,
-                retries=self.abs_refcat_retries, cache_dir=self.abs_refcat_cache,
+                refcat_name,
+                ra,
+                dec,
+                radius,
+                epoch=min(epochs) if epochs else None,
+                min_sources=abs_pars.minobj,
+                timeout=self.abs_refcat_timeout,
+                retries=self.abs_refcat_retries,
+                cache_dir=self.abs_refcat_cache,
             )
         except ReferenceCatalogError as err:
             log.warning("Absolute alignment skipped, relative alignment kept: %s", err)
@@ -215,12 +246,19 @@ class TweakRegStep(Step):
             self._save_refcat(refcat, min(epochs) if epochs else None)
         out = {}
         for members in align.rigid_sets(images, relative):
-            result = align.absolute_align([images[i] for i in members],
-                                          [correctors[i] for i in members], refcat.positions,
-                                          abs_pars, refcat_name=refcat.name)
+            result = align.absolute_align(
+                [images[i] for i in members],
+                [correctors[i] for i in members],
+                refcat.positions,
+                abs_pars,
+                refcat_name=refcat.name,
+            )
             if not result.applied:
-                log.warning("Absolute alignment to %s failed, relative alignment kept: %s",
-                            refcat.name, result.reason)
+                log.warning(
+                    "Absolute alignment to %s failed, relative alignment kept: %s",
+                    refcat.name,
+                    result.reason,
+                )
             out.update(dict.fromkeys({images[i].group_id for i in members}, result))
         return out
 
@@ -244,12 +282,12 @@ class TweakRegStep(Step):
                     library.shelve(model, index)
 
     # -- outputs are written whole or not at all --------------------------------
-    def save_model(self, model, suffix=None, idx=None, output_file=None, force=False,
-                   **components):
+    def save_model(self, model, suffix=None, idx=None, output_file=None, force=False, **components):
         """Save like stpipe, but through a temporary file renamed into place."""
         if isinstance(model, AbstractModelLibrary) or not isinstance(model, rdm.DataModel):
-            return super().save_model(model, suffix=suffix, idx=idx, output_file=output_file,
-                                      force=force, **components)
+            return super().save_model(
+                model, suffix=suffix, idx=idx, output_file=output_file, force=force, **components
+            )
         output_file = output_file or self.output_file
         if not force and not self.save_results and not output_file:
             return None
