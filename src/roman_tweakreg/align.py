@@ -186,6 +186,28 @@ def _affine_hull(hull, fit):
     return MultiPoint(_affine(pts, fit)).convex_hull
 
 
+def _match(ref_xy: np.ndarray, img_xy: np.ndarray, match: Callable):
+    """Match two tangent-plane source lists with ``match``; return one-to-one index pairs.
+
+    Raises
+    ------
+    MatchSourceConfusionError
+        From tweakwcs, when too many sources fall within the tolerance of one.
+    """
+    ref_tab = Table({"TPx": ref_xy[:, 0], "TPy": ref_xy[:, 1]})
+    img_tab = Table({"TPx": img_xy[:, 0], "TPy": img_xy[:, 1]})
+    ridx, iidx = match(ref_tab, img_tab, tp_pscale=_PIXEL_SCALE, tp_units="arcsec")
+    return unique_pairs(ridx, iidx)
+
+
+def _confusion(err: Exception, refcat_name: str = "") -> str:
+    target = f" to {refcat_name}" if refcat_name else ""
+    return (
+        f"source confusion in matching{target} (many sources within the tolerance of one "
+        f"reference source): {err}; try a smaller tolerance or a larger separation"
+    )
+
+
 def _match_and_fit(
     ref_xy: np.ndarray,
     img_xy: np.ndarray,
@@ -198,17 +220,10 @@ def _match_and_fit(
         return FitResult("FAILED", "no sources in the image catalog(s)")
     if len(ref_xy) == 0:
         return FitResult("FAILED", "no sources in the reference catalog")
-    ref_tab = Table({"TPx": ref_xy[:, 0], "TPy": ref_xy[:, 1]})
-    img_tab = Table({"TPx": img_xy[:, 0], "TPy": img_xy[:, 1]})
     try:
-        ridx, iidx = match(ref_tab, img_tab, tp_pscale=_PIXEL_SCALE, tp_units="arcsec")
+        ridx, iidx = _match(ref_xy, img_xy, match)
     except MatchSourceConfusionError as err:
-        return FitResult(
-            "FAILED",
-            f"source confusion in matching (many sources within the tolerance of one reference "
-            f"source): {err}; try a smaller tolerance or a larger separation",
-        )
-    ridx, iidx = unique_pairs(ridx, iidx)
+        return FitResult("FAILED", _confusion(err))
     nmatches = int(ridx.size)
     minobj = max(pars.minobj, MIN_MATCHES[pars.fitgeometry])
     if nmatches < minobj:
@@ -363,17 +378,10 @@ def absolute_align(
         ref_xy = _near(ref_xy, img_xy, pars.searchrad + pars.tolerance)
         if len(img_xy) == 0 or len(ref_xy) == 0:
             continue
-        ref_tab = Table({"TPx": ref_xy[:, 0], "TPy": ref_xy[:, 1]})
-        img_tab = Table({"TPx": img_xy[:, 0], "TPy": img_xy[:, 1]})
         try:
-            ridx, iidx = match(ref_tab, img_tab, tp_pscale=_PIXEL_SCALE, tp_units="arcsec")
+            ridx, iidx = _match(ref_xy, img_xy, match)
         except MatchSourceConfusionError as err:
-            return FitResult(
-                "FAILED",
-                f"source confusion in matching to {refcat_name}: {err}",
-                refcat=refcat_name,
-            )
-        ridx, iidx = unique_pairs(ridx, iidx)
+            return FitResult("FAILED", _confusion(err, refcat_name), refcat=refcat_name)
         ref_all.append(ref_xy[ridx])
         img_all.append(img_xy[iidx])
         n_total += len(img_xy)
