@@ -349,3 +349,17 @@ def test_report_parameter_writes_json(refcat_file, tmp_path):
     assert {i["status"] for i in report["images"]} == {"COMPLETE"}
     assert set(report["timings"]) >= {"catalogs", "relative", "absolute", "update", "total"}
     assert report["parameters"]["fitgeometry"] == "rshift"
+
+
+def test_never_asks_crds(monkeypatch, refcat_file):
+    from stpipe import crds_client
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("CRDS was asked")
+
+    monkeypatch.setattr(crds_client, "get_reference_file", forbidden)
+    monkeypatch.setattr(crds_client, "check_reference_open", forbidden)
+    exposures, _ = make_data(1, detectors=("WFI01",))
+    # .call goes through stpipe's build_config, where a step would fetch CRDS parameters
+    result = TweakRegStep.call(exposures[0].models[0], abs_refcat=str(refcat_file))
+    assert metas(result)[0][0] == "COMPLETE"

@@ -478,6 +478,8 @@ def collect(
                     skipped[index] = "empty source catalog"
                     log.warning("%s: skipped, its catalog has no usable sources", name)
                     continue
+                log.info("Catalog %d of %d: %s, %d sources", index + 1, len(library), name,
+                         len(table))
                 images.append(
                     ImageCatalog(
                         index=index,

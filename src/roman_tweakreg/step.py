@@ -278,6 +278,7 @@ class TweakRegStep(Step):
                     results.update_model(model, wcs, fit, status, name)
                     if catalog_name:
                         model.meta["tweakreg_catalog"] = catalog_name
+                    log.debug("Updated image %d of %d", index + 1, len(library))
                 finally:
                     library.shelve(model, index)
 
