@@ -125,6 +125,7 @@ class TweakRegStep(Step):
         nclip = integer(min=0, default=3) # Clipping iterations of the relative fit
         sigma = float(default=3.0) # Clipping limit (x rmse) of the relative fit
         abs_refcat = string(default='GAIADR3') # Reference catalog: service name (GAIADR3...), local file, HATS folder or URL; a comma list is tried in order; '' means GAIADR3
+        abs_refcat_url = string(default='') # Catalog service base URL; '' means $ASTROMETRIC_CATALOG_URL or https://gsss.stsci.edu/webservices
         abs_refcat_timeout = float(default=30.0) # Seconds to wait for the catalog service, per try
         abs_refcat_retries = integer(default=3) # Retries of failed catalog service requests (exponential backoff)
         abs_refcat_cache = string(default=None) # Catalog cache folder; None: $ROMAN_TWEAKREG_CACHE or ~/.cache/roman_tweakreg; 'off' disables
@@ -235,6 +236,7 @@ class TweakRegStep(Step):
                 timeout=self.abs_refcat_timeout,
                 retries=self.abs_refcat_retries,
                 cache_dir=self.abs_refcat_cache,
+                base_url=self.abs_refcat_url or None,
             )
         except ReferenceCatalogError as err:
             log.warning("Absolute alignment skipped, relative alignment kept: %s", err)
