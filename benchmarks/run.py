@@ -1,113 +1,549 @@
-"""Benchmark TweakRegStep end to end, as a user runs it, and print JSON.
+"""Benchmark roman_tweakreg's TweakRegStep end to end, as a user runs it; print JSON.
 
 Usage::
 
-    python benchmarks/run.py --exposures 2 --detectors 18 --repeat 3 [--full-arrays]
+    python benchmarks/run.py --exposures 2 --detectors 18 --repeat 3
+    python benchmarks/run.py --exposures 1,2 --compare-romancal        # side by side
+    python benchmarks/run.py --exposures 1 --full-arrays --repeat 1    # 4088 x 4088 arrays
 
-Generates N exposures x D detectors with ``roman_tweakreg.simulate`` (about 1000 sources
-per detector), writes them as L2 ASDF files with catalogs, an association and a reference
-catalog at the observation epoch, then runs ``TweakRegStep.call`` on the association.
-Prints wall time per phase (from the step's log), total, peak RSS and the accuracy
-against the true WCS: the median over ``--repeat`` runs.
+What it does, per size (``--exposures`` may be a comma-separated list):
+
+1. Simulates N exposures x D detectors with ``roman_tweakreg.simulate.make_dataset``
+   (seeded; at most ``--sources`` catalog sources per detector) and writes them with
+   ``simulate.write_dataset``: one L2 ASDF file per detector, its catalog file
+   (``<root>_cat.ecsv``, named in ``meta.source_catalog.tweakreg_catalog_name``), an
+   association ``asn.json``, and a reference catalog ``ref_at_epoch.ecsv`` (RA/DEC of the
+   stars propagated to the observation epoch, no proper motions) that both implementations
+   read.  A written dataset is reused when ``<workdir>/<size>/dataset.json`` matches.
+   Each model gets ``meta.group_id = <visit_id>_<exposure>`` and both implementations run
+   on ``asn_group_ids.json``, the association with the same ``group_id`` per member:
+   romancal 1.1.0 otherwise takes the group from ``meta.observation.observation_id``,
+   which all simulated exposures share, and aligns them as one rigid group (see
+   ``prepare``).  ``--no-group-ids`` keeps the files and ``asn.json`` as
+   ``simulate.write_dataset`` writes them.
+2. Runs ``TweakRegStep.call(asn, abs_refcat=ref_at_epoch.ecsv)`` ``--repeat`` times, each
+   in a fresh subprocess (``run.py --worker``) so that the peak RSS of one run is not
+   inherited from another or from the data generation.  The worker times the ``call``
+   (wall clock), splits it into phases by wrapping the step's internal functions with
+   timers (exclusive time; see ``OURS_PHASES``), reads its own peak RSS (``VmHWM`` of
+   ``/proc/self/status``; ``ru_maxrss`` elsewhere, see ``_peak_rss_mb``) and writes every
+   output WCS to an ASDF file.  This (parent) process compares those WCS with the true
+   ones: the accuracy is the largest RMS sky distance (mas) over the images, on a 9 x 9
+   pixel grid (``simulate.wcs_difference_mas``).
+3. With ``--compare-romancal`` runs ``benchmarks/romancal_run.py`` with another Python
+   (one that has romancal; ours must not be importable there) on the same association,
+   with the same subprocess / RSS / WCS protocol.
+
+The medians over ``--repeat`` runs are reported (wall time, phases, peak RSS); the error
+is the worst over all runs.  By default no output files are written (``save_results``
+False for both implementations); ``--save`` makes both write their outputs and times that.
+
+The JSON goes to stdout (and ``--json-out``); a summary table goes to stderr.  Step logs of
+every run are kept in ``<workdir>/<size>/logs/``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
+import os
+import platform
 import resource
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from astropy.table import Table
+_T_START = time.perf_counter()  # before the heavy imports: the worker reports its import time
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_ROMANCAL_PYTHON = "/root/.pyenv/versions/3.11.7/bin/python"
+SEED = 7
+
+#: Phases of our step: (phase name, module, attribute) of the functions whose (exclusive)
+#: time is attributed to the phase.  A missing attribute is reported in ``phases_missing``
+#: and its time falls into ``other``.
+OURS_PHASES = (
+    ("open", "roman_tweakreg.step", "open_library"),
+    ("catalogs", "roman_tweakreg.catalogs", "collect"),
+    ("correctors", "roman_tweakreg.align", "make_correctors"),
+    ("relative", "roman_tweakreg.align", "relative_align"),
+    ("footprint", "roman_tweakreg.align", "footprint_cone"),
+    ("refcat", "roman_tweakreg.step", "get_reference_catalog"),
+    ("absolute", "roman_tweakreg.align", "absolute_align"),
+    ("update", "roman_tweakreg.step:TweakRegStep", "_write"),
+    ("save", "roman_tweakreg.step:TweakRegStep", "save_model"),
+)
 
 
-class _PhaseClock(logging.Handler):
-    """Time stamps of the step's log messages, to split the wall time into phases."""
-
-    MARKS = {
-        "images to align": "catalogs",
-        "Relative alignment": "relative",
-        "Absolute alignment": "absolute",
-        "Saved model": "save",
-    }
+# ----------------------------------------------------------------------------------------
+# worker: one timed run of our step, in its own process
+# ----------------------------------------------------------------------------------------
+class _PhaseTimer:
+    """Exclusive wall time of wrapped functions: a nested wrapped call is not counted twice."""
 
     def __init__(self):
-        super().__init__(logging.INFO)
-        self.first = {}
+        self.totals: dict[str, float] = {}
+        self._stack: list[list[float]] = []  # [start, time spent in wrapped children]
 
-    def emit(self, record):
-        msg = record.getMessage()
-        for key, phase in self.MARKS.items():
-            if key in msg and phase not in self.first:
-                self.first[phase] = time.perf_counter()
+    def wrap(self, name, func):
+        import functools
+
+        timer = self
+
+        @functools.wraps(func)
+        def wrapper(*args, **kwargs):
+            timer._stack.append([time.perf_counter(), 0.0])
+            try:
+                return func(*args, **kwargs)
+            finally:
+                start, children = timer._stack.pop()
+                elapsed = time.perf_counter() - start
+                timer.totals[name] = timer.totals.get(name, 0.0) + elapsed - children
+                if timer._stack:
+                    timer._stack[-1][1] += elapsed
+
+        return wrapper
+
+    def install(self, phases) -> list[str]:
+        import importlib
+
+        missing = []
+        for name, where, attr in phases:
+            module_name, _, cls_name = where.partition(":")
+            try:
+                owner = importlib.import_module(module_name)
+                if cls_name:
+                    owner = getattr(owner, cls_name)
+                raw = owner.__dict__[attr] if cls_name else getattr(owner, attr)
+            except (ImportError, AttributeError, KeyError):
+                missing.append(f"{where}.{attr}")
+                continue
+            if isinstance(raw, staticmethod):
+                setattr(owner, attr, staticmethod(self.wrap(name, raw.__func__)))
+            elif isinstance(raw, classmethod):
+                setattr(owner, attr, classmethod(self.wrap(name, raw.__func__)))
+            else:
+                setattr(owner, attr, self.wrap(name, raw))
+        return missing
 
 
-def run_once(asn: Path, refcat: Path, out: Path, truths) -> dict:
-    import roman_datamodels.datamodels as rdm
+def _peak_rss_mb() -> float:
+    """Peak resident set size (MiB) of this process since it was exec'd.
 
-    from roman_tweakreg import TweakRegStep, simulate
+    Linux's ``getrusage(RUSAGE_SELF).ru_maxrss`` is carried over ``fork`` + ``exec``: a
+    child started by a process of 220 MB reports at least 220 MB.  ``VmHWM`` of
+    ``/proc/self/status`` belongs to the new address space, so it is read when available.
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    scale = 1024 * 1024 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
 
-    clock = _PhaseClock()
-    logging.getLogger().addHandler(clock)
+
+def _version() -> str:
+    import roman_tweakreg
+
+    return str(getattr(roman_tweakreg, "__version__", "?"))
+
+
+def _src_digest() -> str:
+    """SHA-256 (12 hex digits) of the package's .py files: which source state was timed."""
+    import hashlib
+
+    import roman_tweakreg
+
+    digest = hashlib.sha256()
+    root = Path(roman_tweakreg.__file__).parent
+    for path in sorted(root.rglob("*.py")):
+        digest.update(str(path.relative_to(root)).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def dump_wcs(library, path: Path) -> dict:
+    """Write ``{filename: wcs}`` of every model of ``library`` to ``path``; return statuses."""
+    import asdf
+
+    wcs, status = {}, {}
+    with library:
+        for index in range(len(library)):
+            model = library.borrow(index)
+            name = str(model.meta.filename)
+            wcs[name] = model.meta.wcs
+            status[name] = str(model.meta.cal_step.tweakreg)
+            library.shelve(model, index, modify=False)
+    asdf.AsdfFile({"wcs": wcs}).write_to(path)
+    return status
+
+
+def worker(spec_path: Path) -> int:
+    """Run our step once as described by the JSON ``spec_path``; write the result JSON."""
+    spec = json.loads(spec_path.read_text())
+    from roman_tweakreg import TweakRegStep
+
+    timer = _PhaseTimer()
+    missing = timer.install(OURS_PHASES)
+    kwargs = dict(abs_refcat=spec["refcat"], save_results=spec["save"])
+    if spec["save"]:
+        kwargs["output_dir"] = spec["output_dir"]
+    kwargs.update(spec.get("pars", {}))
+    import_s = time.perf_counter() - _T_START
+    rss_before = _peak_rss_mb()
+    profiler = None
+    if spec.get("profile"):
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.enable()
+    load_before = os.getloadavg()[0]
+    c0 = time.process_time()
     t0 = time.perf_counter()
-    TweakRegStep.call(str(asn), abs_refcat=str(refcat), output_dir=str(out), save_results=True)
-    total = time.perf_counter() - t0
-    logging.getLogger().removeHandler(clock)
-    errors = []
-    for path, truth in zip(sorted(out.glob("*_tweakregstep.asdf")), truths):
-        with rdm.open(path) as model:
-            errors.append(simulate.wcs_difference_mas(model.meta.wcs, truth))
-    marks = sorted(clock.first.items(), key=lambda kv: kv[1])
-    phases, prev_t, prev_name = {}, t0, "load"
-    for name, t in marks:
-        phases[prev_name] = t - prev_t
-        prev_t, prev_name = t, name
-    phases[prev_name] = t0 + total - prev_t
-    return {"total_s": total, "phases_s": phases, "max_error_mas": max(errors)}
+    result = TweakRegStep.call(spec["asn"], **kwargs)
+    call_s = time.perf_counter() - t0
+    cpu_s = time.process_time() - c0
+    if profiler is not None:
+        profiler.disable()
+        profiler.dump_stats(spec["profile"])
+    peak = _peak_rss_mb()
+    status = dump_wcs(result, Path(spec["wcs_out"]))
+    phases = dict(timer.totals)
+    phases["other"] = call_s - sum(phases.values())
+    out = {
+        "implementation": "roman_tweakreg",
+        "version": _version(),
+        "src_digest": _src_digest(),
+        "call_s": call_s,
+        "cpu_s": cpu_s,
+        "loadavg_1min_before": load_before,
+        "import_s": import_s,
+        "phases_s": phases,
+        "phases_missing": missing,
+        "peak_rss_mb": peak,
+        "peak_rss_before_call_mb": rss_before,
+        "status": status,
+        "profile": spec.get("profile"),
+    }
+    Path(spec["result"]).write_text(json.dumps(out, indent=2))
+    return 0
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--exposures", type=int, default=2)
-    parser.add_argument("--detectors", type=int, default=18)
-    parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--full-arrays", action="store_true",
-                        help="write realistic 4088 x 4088 pixel arrays")
-    parser.add_argument("--workdir", default=None)
-    args = parser.parse_args(argv)
+# ----------------------------------------------------------------------------------------
+# driver
+# ----------------------------------------------------------------------------------------
+def _log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def prepare(work: Path, n_exp: int, n_det: int, sources: int, full: bool,
+            group_ids: bool = True):
+    """Simulate (and write, unless a matching dataset is on disk) one dataset.
+
+    Returns the association path, the reference catalog path, ``{filename: true wcs}``,
+    the number of catalog sources and the timings.
+    """
+    import numpy as np
+    from astropy.table import Table
 
     from roman_tweakreg import simulate
 
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="tweakreg-bench-"))
-    shape = simulate.DETECTOR_SHAPE if args.full_arrays else (8, 8)
+    inputs = work / "inputs"
+    manifest = work / "dataset.json"
+    params = {"exposures": n_exp, "detectors": n_det, "sources": sources,
+              "full_arrays": full, "seed": SEED, "group_ids": group_ids, "format": 2}
+    reuse = manifest.exists() and json.loads(manifest.read_text()).get("params") == params
+    # The truth does not depend on the array shape: simulate small arrays when reusing.
+    shape = simulate.DETECTOR_SHAPE if (full and not reuse) else (8, 8)
+    t0 = time.perf_counter()
     exposures, stars = simulate.make_dataset(
-        args.exposures, detectors=simulate.DETECTORS[: args.detectors], seed=7, data_shape=shape
+        n_exp, detectors=simulate.DETECTORS[:n_det], seed=SEED, data_shape=shape,
+        max_sources=sources,
     )
-    asn = simulate.write_dataset(exposures, stars, work / "inputs")
-    ra, dec = simulate.propagate(stars, exposures[0].epoch)
-    refcat = work / "inputs" / "ref_at_epoch.ecsv"
-    Table({"RA": ra, "DEC": dec}).write(refcat, overwrite=True)
-    truths = [w for e in exposures for w in e.true_wcs]
-    runs = [run_once(asn, refcat, work / f"out{k}", truths) for k in range(args.repeat)]
-    phases = sorted({p for r in runs for p in r["phases_s"]})
-    report = {
-        "images": args.exposures * args.detectors,
-        "sources": sum(len(c) for e in exposures for c in e.catalogs),
-        "full_arrays": args.full_arrays,
-        "repeat": args.repeat,
-        "total_s": statistics.median(r["total_s"] for r in runs),
-        "phases_s": {p: statistics.median(r["phases_s"].get(p, 0.0) for r in runs)
-                     for p in phases},
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "max_error_mas": max(r["max_error_mas"] for r in runs),
+    simulate_s = time.perf_counter() - t0
+    truths = {
+        m.meta.filename: w for e in exposures for m, w in zip(e.models, e.true_wcs, strict=True)
     }
-    json.dump(report, sys.stdout, indent=2)
-    print()
+    n_sources = int(sum(len(c) for e in exposures for c in e.catalogs))
+    groups = {
+        m.meta.filename: f"{m.meta.observation.visit_id}_{int(m.meta.observation.exposure):04d}"
+        for e in exposures for m in e.models
+    }
+    if group_ids:
+        # romancal 1.1.0 takes each image's alignment group from meta.group_id, else from
+        # meta.observation.observation_id, which all exposures of an observation share (an
+        # association member's group_id is not used for that).  Without meta.group_id it
+        # aligns all exposures as one rigid group.  Ours derives the same groups from
+        # meta.observation (visit_id + exposure); with meta.group_id it uses that.
+        for e in exposures:
+            for m in e.models:
+                m.meta["group_id"] = groups[m.meta.filename]
+    write_s = None
+    if reuse and json.loads(manifest.read_text()).get("sources_total") == n_sources:
+        _log(f"reusing the dataset in {inputs}")
+    else:
+        if inputs.exists():
+            shutil.rmtree(inputs)
+        manifest.unlink(missing_ok=True)
+        t0 = time.perf_counter()
+        simulate.write_dataset(exposures, stars, inputs)
+        write_s = time.perf_counter() - t0
+        ra, dec = simulate.propagate(stars, exposures[0].epoch)
+        Table({"RA": np.asarray(ra), "DEC": np.asarray(dec)}).write(
+            inputs / "ref_at_epoch.ecsv", overwrite=True)
+        manifest.write_text(json.dumps({"params": params, "sources_total": n_sources,
+                                        "write_s": write_s}, indent=2))
+        _log(f"wrote {len(truths)} images in {write_s:.1f} s to {inputs}")
+    asn = inputs / "asn.json"
+    if group_ids:
+        # The same association with each member's group_id: both libraries then skip
+        # reading every file's metadata to find the groups.
+        data = json.loads(asn.read_text())
+        for member in data["products"][0]["members"]:
+            member["group_id"] = groups[member["expname"]]
+        asn = inputs / "asn_group_ids.json"
+        asn.write_text(json.dumps(data, indent=2))
+    del exposures
+    return (asn, inputs / "ref_at_epoch.ecsv", truths, n_sources,
+            {"simulate_s": simulate_s, "write_s": write_s})
+
+
+def wcs_errors(wcs_file: Path, truths: dict) -> dict[str, float]:
+    import asdf
+
+    from roman_tweakreg import simulate
+
+    with asdf.open(wcs_file, lazy_load=False) as af:
+        return {name: simulate.wcs_difference_mas(wcs, truths[name])
+                for name, wcs in af["wcs"].items()}
+
+
+def _run_child(cmd, env, log_path: Path, timeout: float) -> float:
+    t0 = time.perf_counter()
+    with open(log_path, "w") as log:
+        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                              timeout=timeout, check=False)
+    wall = time.perf_counter() - t0
+    if proc.returncode:
+        tail = log_path.read_text()[-3000:]
+        raise RuntimeError(f"{cmd[:3]} exited with {proc.returncode}; log {log_path}:\n{tail}")
+    return wall
+
+
+def run_ours(work: Path, asn: Path, refcat: Path, k: int, args) -> dict:
+    runs = work / "runs"
+    runs.mkdir(exist_ok=True)
+    spec = {
+        "asn": str(asn), "refcat": str(refcat), "save": args.save,
+        "output_dir": str(runs / f"ours_out{k}"),
+        "wcs_out": str(runs / f"ours_wcs{k}.asdf"), "result": str(runs / f"ours{k}.json"),
+        "profile": str(runs / f"ours{k}.prof") if args.profile else None,
+    }
+    spec_path = runs / f"ours_spec{k}.json"
+    spec_path.write_text(json.dumps(spec))
+    env = dict(os.environ)
+    process_s = _run_child([sys.executable, str(Path(__file__).resolve()), "--worker",
+                            str(spec_path)], env, work / "logs" / f"ours{k}.log", args.timeout)
+    out = json.loads(Path(spec["result"]).read_text())
+    out["process_s"] = process_s
+    out["wcs_out"] = spec["wcs_out"]
+    return out
+
+
+def romancal_env() -> dict:
+    """Environment for romancal: never contact CRDS (see romancal_run.py)."""
+    env = dict(os.environ)
+    env.pop("CRDS_SERVER_URL", None)
+    env["STPIPE_DISABLE_CRDS_STEPPARS"] = "true"  # stpipe accepts true/yes/t/y, not "1"
+    env["CRDS_PATH"] = tempfile.mkdtemp(prefix="crds-empty-")
+    env.pop("PYTHONPATH", None)
+    return env
+
+
+def run_romancal(work: Path, asn: Path, refcat: Path, k: int, args) -> dict:
+    runs = work / "runs"
+    runs.mkdir(exist_ok=True)
+    result = runs / f"romancal{k}.json"
+    cmd = [args.romancal_python, str(HERE / "romancal_run.py"), str(asn),
+           "--abs-refcat", str(refcat), "--wcs-out", str(runs / f"romancal_wcs{k}.asdf"),
+           "--json-out", str(result)]
+    if args.save:
+        cmd += ["--output-dir", str(runs / f"romancal_out{k}")]
+    for par in args.romancal_par:
+        cmd += ["--par", par]
+    process_s = _run_child(cmd, romancal_env(), work / "logs" / f"romancal{k}.log", args.timeout)
+    out = json.loads(result.read_text())
+    out["process_s"] = process_s
+    out["wcs_out"] = str(runs / f"romancal_wcs{k}.asdf")
+    return out
+
+
+def summarize(runs: list[dict], truths: dict) -> dict:
+    errors = {}
+    for r in runs:
+        for name, err in wcs_errors(Path(r["wcs_out"]), truths).items():
+            errors[name] = max(err, errors.get(name, 0.0))
+    missing = sorted(set(truths) - set(errors))
+    first = runs[0]
+    out = {
+        "implementation": first["implementation"],
+        "call_s": statistics.median(r["call_s"] for r in runs),
+        "call_s_runs": [round(r["call_s"], 3) for r in runs],
+        "cpu_s": statistics.median(r.get("cpu_s", float("nan")) for r in runs),
+        "loadavg_1min_before_runs": [r.get("loadavg_1min_before") for r in runs],
+        "process_s": statistics.median(r["process_s"] for r in runs),
+        "import_s": statistics.median(r["import_s"] for r in runs),
+        "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in runs),
+        "peak_rss_before_call_mb": statistics.median(r["peak_rss_before_call_mb"] for r in runs),
+        "max_error_mas": max(errors.values()) if errors else None,
+        "median_error_mas": statistics.median(errors.values()) if errors else None,
+        "images_without_wcs": missing,
+        "status_counts": {s: list(first["status"].values()).count(s)
+                          for s in sorted(set(first["status"].values()))},
+    }
+    if "phases_s" in first:
+        names = sorted({p for r in runs for p in r["phases_s"]})
+        out["phases_s"] = {p: statistics.median(r["phases_s"].get(p, 0.0) for r in runs)
+                           for p in names}
+    for key in ("phases_missing", "version", "src_digest", "parameters", "profile"):
+        if key in first:
+            out[key] = first[key]
+    return out
+
+
+def bench_size(n_exp: int, args, root: Path) -> dict:
+    n_det = args.detectors
+    work = root / (f"{n_exp}x{n_det}_{args.sources}src{'_full' if args.full_arrays else ''}"
+                   f"{'_nogroups' if args.no_group_ids else ''}")
+    (work / "logs").mkdir(parents=True, exist_ok=True)
+    asn, refcat, truths, n_sources, prep = prepare(work, n_exp, n_det, args.sources,
+                                                   args.full_arrays, not args.no_group_ids)
+    result = {"exposures": n_exp, "detectors": n_det, "images": n_exp * n_det,
+              "association": asn.name,
+              "sources": n_sources, "full_arrays": args.full_arrays, "save": args.save,
+              "repeat": args.repeat, "prepare_s": prep, "workdir": str(work)}
+    ours, theirs = [], []
+    for k in range(args.repeat):
+        if not args.skip_ours:
+            ours.append(run_ours(work, asn, refcat, k, args))
+            _log(f"{n_exp * n_det} images, ours run {k}: {ours[-1]['call_s']:.2f} s, "
+                 f"{ours[-1]['peak_rss_mb']:.0f} MB")
+        if args.compare_romancal:
+            theirs.append(run_romancal(work, asn, refcat, k, args))
+            _log(f"{n_exp * n_det} images, romancal run {k}: {theirs[-1]['call_s']:.2f} s, "
+                 f"{theirs[-1]['peak_rss_mb']:.0f} MB")
+    if ours:
+        result["ours"] = summarize(ours, truths)
+    if theirs:
+        result["romancal"] = summarize(theirs, truths)
+    if ours and theirs:
+        result["romancal_over_ours"] = result["romancal"]["call_s"] / result["ours"]["call_s"]
+    if not args.keep_outputs:
+        for r in ours + theirs:
+            for key in ("wcs_out",):
+                Path(r[key]).unlink(missing_ok=True)
+        for d in (work / "runs").glob("*_out*"):
+            shutil.rmtree(d, ignore_errors=True)
+    return result
+
+
+def _table(results: list[dict]) -> str:
+    head = (f"{'images':>6} {'ours s':>8} {'romancal s':>10} {'ratio':>6} "
+            f"{'ours MB':>8} {'romancal MB':>11} {'ours mas':>9} {'romancal mas':>12} "
+            f"{'ours cpu s':>10} {'romancal cpu s':>14}")
+    lines = [head]
+    for r in results:
+        o, t = r.get("ours", {}), r.get("romancal", {})
+
+        def f(d, key, fmt):
+            return format(d[key], fmt) if d.get(key) is not None else "-"
+
+        ratio = format(r["romancal_over_ours"], ".2f") if "romancal_over_ours" in r else "-"
+        lines.append(f"{r['images']:>6} {f(o, 'call_s', '8.2f'):>8} {f(t, 'call_s', '10.2f'):>10} "
+                     f"{ratio:>6} {f(o, 'peak_rss_mb', '8.0f'):>8} "
+                     f"{f(t, 'peak_rss_mb', '11.0f'):>11} {f(o, 'max_error_mas', '9.3f'):>9} "
+                     f"{f(t, 'max_error_mas', '12.3f'):>12} {f(o, 'cpu_s', '10.2f'):>10} "
+                     f"{f(t, 'cpu_s', '14.2f'):>14}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n".join(__doc__.splitlines()[1:]),
+    )
+    parser.add_argument("--exposures", default="2",
+                        help="exposures per dataset; a comma-separated list runs several sizes "
+                             "(default 2)")
+    parser.add_argument("--detectors", type=int, default=18,
+                        help="detectors per exposure, 1-18 (default 18)")
+    parser.add_argument("--sources", type=int, default=1000,
+                        help="at most this many (brightest) catalog sources per detector; the "
+                             "simulated field has about 1000 per detector (default 1000)")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="timed runs per implementation and size; medians are reported")
+    parser.add_argument("--full-arrays", action="store_true",
+                        help="write realistic 4088 x 4088 pixel arrays (slow to write; the "
+                             "dataset is reused by later runs with the same --workdir)")
+    parser.add_argument("--save", action="store_true",
+                        help="let both implementations write their output files (timed)")
+    parser.add_argument("--workdir", default=None,
+                        help="folder for datasets, logs and outputs (default: a new temp dir)")
+    parser.add_argument("--compare-romancal", nargs="?", const=DEFAULT_ROMANCAL_PYTHON,
+                        default=None, metavar="PYTHON", dest="romancal_python",
+                        help="also run romancal's TweakRegStep with this Python (default "
+                             f"{DEFAULT_ROMANCAL_PYTHON}); see benchmarks/romancal_run.py")
+    parser.add_argument("--romancal-par", action="append",
+                        default=["fitgeometry=rshift", "abs_fitgeometry=rshift"],
+                        help="romancal step parameter key=value (repeatable); by default the "
+                             "fit geometries are set to ours (rshift)")
+    parser.add_argument("--profile", action="store_true",
+                        help="run our step under cProfile (slower) and keep "
+                             "<workdir>/<size>/runs/ours<k>.prof; read it with "
+                             "python -m pstats or snakeviz")
+    parser.add_argument("--no-group-ids", action="store_true",
+                        help="no meta.group_id in the files and no group_id in the "
+                             "association (as simulate.write_dataset writes them); romancal "
+                             "1.1.0 then aligns all exposures of the observation as one group")
+    parser.add_argument("--skip-ours", action="store_true", help="run romancal only")
+    parser.add_argument("--keep-outputs", action="store_true",
+                        help="keep the output WCS files and saved models")
+    parser.add_argument("--timeout", type=float, default=3600.0,
+                        help="seconds allowed per run (default 3600)")
+    parser.add_argument("--json-out", default=None, help="also write the JSON to this file")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        return worker(Path(args.worker))
+    args.compare_romancal = args.romancal_python is not None
+    if not 1 <= args.detectors <= 18:
+        parser.error("--detectors must be within 1-18")
+    if args.repeat < 1:
+        parser.error("--repeat must be >= 1")
+    sizes = [int(s) for s in str(args.exposures).split(",") if s.strip()]
+
+    root = Path(args.workdir or tempfile.mkdtemp(prefix="tweakreg-bench-")).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    results = [bench_size(n, args, root) for n in sizes]
+    report = {
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                    "python": platform.python_version(), "processor": platform.processor()},
+        "arguments": {k: v for k, v in vars(args).items() if k != "worker"},
+        "results": results,
+    }
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.json_out:
+        Path(args.json_out).write_text(text + "\n")
+    print(_table(results), file=sys.stderr)
     return 0
 
 

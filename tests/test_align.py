@@ -189,3 +189,33 @@ def test_expand_refcat_never_takes_a_failed_group():
     assert rel["exp2"].status == "FAILED"
     assert rel["exp3"].status == "SUCCESS"
     assert "v2v3corr" not in correctors[1].wcs.available_frames
+
+
+def test_allocation_error_retried_with_wider_separation(two_exposures, caplog):
+    from tweakwcs.matchutils import MatchSourceConfusionError, XYXYMatch
+
+    class Crowded(XYXYMatch):
+        """xyxymatch running out of room whenever separation < 2 x tolerance."""
+
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.kwargs = kwargs
+
+        def __call__(self, *args, **kwargs):
+            if self.kwargs["separation"] < 2 * self.kwargs["tolerance"]:
+                raise MatchSourceConfusionError("Number of output coordinates exceeded allocation")
+            return super().__call__(*args, **kwargs)
+
+    exposures, stars = two_exposures
+    images = images_of(exposures[:1])
+    correctors = make_correctors(images)
+    result = absolute_align(
+        images,
+        correctors,
+        truth_positions(stars),
+        ABS,
+        match=Crowded(searchrad=6.0, separation=0.1, tolerance=0.7),
+    )
+    assert result.status == "SUCCESS"
+    assert "trying again with separation=1.4 arcsec" in caplog.text
+    assert errors_mas(correctors, truths_of(exposures[:1])).max() < 1.0

@@ -20,7 +20,7 @@ and the WCS insertion (``RomanWCSCorrector.set_correction``, which inserts the
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -186,17 +186,39 @@ def _affine_hull(hull, fit):
     return MultiPoint(_affine(pts, fit)).convex_hull
 
 
-def _match(ref_xy: np.ndarray, img_xy: np.ndarray, match: Callable):
+def _match(ref_xy: np.ndarray, img_xy: np.ndarray, match: Callable, pars: FitParameters):
     """Match two tangent-plane source lists with ``match``; return one-to-one index pairs.
+
+    When tweakwcs's own matcher runs out of room ("Number of output coordinates
+    exceeded allocation": many sources within the tolerance of one), matching is
+    tried once more with ``separation`` raised to twice the tolerance, which
+    leaves such close groups out.
 
     Raises
     ------
     MatchSourceConfusionError
-        From tweakwcs, when too many sources fall within the tolerance of one.
+        From tweakwcs, when the second try fails too (or a custom matcher fails).
     """
     ref_tab = Table({"TPx": ref_xy[:, 0], "TPy": ref_xy[:, 1]})
     img_tab = Table({"TPx": img_xy[:, 0], "TPy": img_xy[:, 1]})
-    ridx, iidx = match(ref_tab, img_tab, tp_pscale=_PIXEL_SCALE, tp_units="arcsec")
+    try:
+        ridx, iidx = match(ref_tab, img_tab, tp_pscale=_PIXEL_SCALE, tp_units="arcsec")
+    except MatchSourceConfusionError as err:
+        if not isinstance(match, XYXYMatch) or pars.separation >= 2 * pars.tolerance:
+            raise
+        wider = replace(pars, separation=2 * pars.tolerance)
+        log.warning(
+            "Matching ran out of room (%s); trying again with separation=%g arcsec",
+            err,
+            wider.separation,
+        )
+        retry = type(match)(
+            searchrad=wider.searchrad,
+            separation=wider.separation,
+            use2dhist=wider.use2dhist,
+            tolerance=wider.tolerance,
+        )
+        ridx, iidx = retry(ref_tab, img_tab, tp_pscale=_PIXEL_SCALE, tp_units="arcsec")
     return unique_pairs(ridx, iidx)
 
 
@@ -214,14 +236,18 @@ def _match_and_fit(
     pars: FitParameters,
     match: Callable,
     img_weight: np.ndarray | None = None,
+    all_xy: np.ndarray | None = None,
 ) -> FitResult:
-    """Match ``img_xy`` to ``ref_xy``, fit, and check the correction (nothing applied)."""
+    """Match ``img_xy`` to ``ref_xy``, fit, and check the correction (nothing applied).
+
+    ``all_xy`` are every source the correction would move (default ``img_xy``).
+    """
     if len(img_xy) == 0:
         return FitResult("FAILED", "no sources in the image catalog(s)")
     if len(ref_xy) == 0:
         return FitResult("FAILED", "no sources in the reference catalog")
     try:
-        ridx, iidx = _match(ref_xy, img_xy, match)
+        ridx, iidx = _match(ref_xy, img_xy, match, pars)
     except MatchSourceConfusionError as err:
         return FitResult("FAILED", _confusion(err))
     nmatches = int(ridx.size)
@@ -249,16 +275,9 @@ def _match_and_fit(
     center = np.asarray(fit["center"], dtype=float)
     fit["shift"] = np.asarray(fit["shift"], dtype=float) + center - matrix @ center
     fit["nmatches"] = int(np.count_nonzero(fit["fitmask"]))
-    displacement = np.hypot(*(_affine(img_xy, fit) - img_xy).T)
-    worst = float(displacement.max())
-    if not np.isfinite(worst) or worst > pars.searchrad:
-        return FitResult(
-            "FAILED",
-            f"implausible correction rejected: it would move sources by up to {worst:.3g} arcsec, "
-            f"more than the search radius {pars.searchrad:g} arcsec",
-            fit=fit,
-            nmatches=nmatches,
-        )
+    reason = _implausible(fit, img_xy[iidx], img_xy if all_xy is None else all_xy, pars.searchrad)
+    if reason:
+        return FitResult("FAILED", reason, fit=fit, nmatches=nmatches)
     return FitResult("SUCCESS", fit=fit, nmatches=nmatches, matched_img_idx=iidx)
 
 
@@ -379,7 +398,7 @@ def absolute_align(
         if len(img_xy) == 0 or len(ref_xy) == 0:
             continue
         try:
-            ridx, iidx = _match(ref_xy, img_xy, match)
+            ridx, iidx = _match(ref_xy, img_xy, match, pars)
         except MatchSourceConfusionError as err:
             return FitResult("FAILED", _confusion(err, refcat_name), refcat=refcat_name)
         ref_all.append(ref_xy[ridx])
@@ -391,23 +410,37 @@ def absolute_align(
         )
     ref_m, img_m = np.vstack(ref_all), np.vstack(img_all)
     identity = lambda r, i, **kw: (np.arange(len(r)), np.arange(len(i)))  # noqa: E731
-    result = _match_and_fit(ref_m, img_m, pars, identity)
+    all_members = list(range(len(images)))
+    result = _match_and_fit(ref_m, img_m, pars, identity, all_xy=plane.group_xy(all_members))
     result.refcat = refcat_name
     if result.applied:
-        # plausibility over every source, not only the matched ones
-        all_xy = plane.group_xy(list(range(len(images))))
-        worst = float(np.hypot(*(_affine(all_xy, result.fit) - all_xy).T).max())
-        if worst > pars.searchrad:
-            return FitResult(
-                "FAILED",
-                f"implausible correction rejected: it would move sources by up to {worst:.3g} "
-                f"arcsec, more than abs_searchrad {pars.searchrad:g} arcsec",
-                fit=result.fit,
-                nmatches=result.nmatches,
-                refcat=refcat_name,
-            )
-        plane.apply(list(range(len(images))), result.fit)
+        plane.apply(all_members, result.fit)
     return result
+
+
+def _implausible(fit: dict, matched_xy: np.ndarray, all_xy: np.ndarray, searchrad: float) -> str:
+    """Why a correction is implausible, or '' when it is plausible.
+
+    Plausible: it moves the centre of the matched sources by no more than
+    ``searchrad`` (the offset the matcher may find) and no source by more than
+    twice that (roll about a distant centre moves far detectors further).
+    """
+    centre = matched_xy.mean(axis=0, keepdims=True)
+    shift = float(np.hypot(*(_affine(centre, fit) - centre).T)[0])
+    worst = float(np.hypot(*(_affine(all_xy, fit) - all_xy).T).max())
+    if not (np.isfinite(shift) and np.isfinite(worst)):
+        return "implausible correction rejected: it is not finite"
+    if shift > searchrad:
+        return (
+            f"implausible correction rejected: it would shift the matched sources by "
+            f"{shift:.3g} arcsec, more than the search radius {searchrad:g} arcsec"
+        )
+    if worst > 2 * searchrad:
+        return (
+            f"implausible correction rejected: it would move sources by up to {worst:.3g} "
+            f"arcsec, more than twice the search radius {searchrad:g} arcsec"
+        )
+    return ""
 
 
 def _near(ref_xy: np.ndarray, img_xy: np.ndarray, margin: float) -> np.ndarray:
