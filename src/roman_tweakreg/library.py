@@ -135,14 +135,19 @@ def _open_model(filename, **kwargs):
     Validating the whole L2 schema on read costs ~0.1 s per file, most of the time
     of opening it; outputs are validated when they are written.
     """
+    config = asdf.get_config()
+    previous = config.validate_on_read
+    # set and restored around the call: asdf.config_context() would reload every
+    # extension on each open, costing more than the validation it skips
+    config.validate_on_read = False
     try:
-        with asdf.config_context() as config:
-            config.validate_on_read = False
-            model = rdm.open(filename, **kwargs)
+        model = rdm.open(filename, **kwargs)
     except FileNotFoundError as err:
         raise TweakRegError(f"{filename}: input file does not exist") from err
     except Exception as err:
         raise TweakRegError(f"{filename}: cannot be opened as a Roman datamodel: {err}") from err
+    finally:
+        config.validate_on_read = previous
     return model
 
 
