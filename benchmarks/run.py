@@ -69,11 +69,12 @@ SEED = 7
 OURS_PHASES = (
     ("open", "roman_tweakreg.step", "open_library"),
     ("catalogs", "roman_tweakreg.catalogs", "collect"),
-    ("correctors", "roman_tweakreg.align", "make_correctors"),
+    ("plane", "roman_tweakreg.align", "TangentPlane"),
     ("relative", "roman_tweakreg.align", "relative_align"),
     ("footprint", "roman_tweakreg.align", "footprint_cone"),
     ("refcat", "roman_tweakreg.step", "get_reference_catalog"),
     ("absolute", "roman_tweakreg.align", "absolute_align"),
+    ("wcs", "roman_tweakreg.results", "outcomes"),
     ("update", "roman_tweakreg.step:TweakRegStep", "_write"),
     ("save", "roman_tweakreg.step:TweakRegStep", "save_model"),
 )

@@ -40,9 +40,9 @@ if TYPE_CHECKING:
 __all__ = [
     "FitParameters",
     "FitResult",
+    "TangentPlane",
     "absolute_align",
     "footprint_cone",
-    "make_correctors",
     "relative_align",
     "rigid_sets",
     "unique_pairs",
@@ -101,18 +101,6 @@ class FitResult:
         return self.status == "SUCCESS"
 
 
-def make_correctors(images: Sequence[ImageCatalog]) -> list[RomanWCSCorrector]:
-    """Wrap each image's WCS in tweakwcs's Roman corrector (copies the WCS)."""
-    return [
-        RomanWCSCorrector(
-            img.wcs,
-            {k: float(img.wcsinfo[k]) for k in ("v2_ref", "v3_ref", "roll_ref")},
-            meta={"name": img.name, "group_id": img.group_id},
-        )
-        for img in images
-    ]
-
-
 def unique_pairs(ref_idx: np.ndarray, img_idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Keep only matches whose reference and image sources appear once each.
 
@@ -129,52 +117,80 @@ def unique_pairs(ref_idx: np.ndarray, img_idx: np.ndarray) -> tuple[np.ndarray, 
     return ref_idx[keep], img_idx[keep]
 
 
-class _TangentPlane:
-    """Sources of every image evaluated once into one common tangent plane."""
+class TangentPlane:
+    """Every image's sources, evaluated once into one common tangent plane.
 
-    def __init__(self, images: Sequence[ImageCatalog], correctors: Sequence[RomanWCSCorrector]):
-        self.ref = correctors[0].copy()
-        self.images = images
-        self.correctors = correctors
-        self.xy = [self._source_xy(c, img) for c, img in zip(correctors, images, strict=False)]
-        self.hulls = [self._hull(c, img) for c, img in zip(correctors, images, strict=False)]
+    The plane is that of tweakwcs's Roman corrector of the first image (arcsec).
+    Corrections found by the fits are affine maps in this plane; they are
+    composed per image and turned into a ``v2v3corr`` frame only once, by
+    :meth:`corrected_wcs`.  The images' own WCS objects are never modified.
+    """
 
-    def _source_xy(self, corrector, img) -> np.ndarray:
-        if len(img.catalog) == 0:
+    def __init__(self, images: Sequence[ImageCatalog]):
+        self.images = list(images)
+        self.ref = _corrector(self.images[0]) if self.images else None
+        self.xy = [self._to_plane(img, img.catalog["x"], img.catalog["y"]) for img in images]
+        self.hulls = [self._hull(img) for img in images]
+        self.matrix = [np.eye(2) for _ in images]
+        self.shift = [np.zeros(2) for _ in images]
+
+    def _to_plane(self, img, x, y) -> np.ndarray:
+        if len(x) == 0:
             return np.empty((0, 2))
-        ra, dec = corrector.det_to_world(np.asarray(img.catalog["x"]), np.asarray(img.catalog["y"]))
+        ra, dec = img.wcs(np.asarray(x, float), np.asarray(y, float), with_bounding_box=False)
         return np.column_stack(self.ref.world_to_tanp(ra, dec))
 
-    def _hull(self, corrector, img):
+    def _hull(self, img):
         bbox = bounding_box_of(img.wcs)
         if bbox is None:
-            return MultiPoint(self._source_xy(corrector, img)).convex_hull
+            return MultiPoint(self._to_plane(img, img.catalog["x"], img.catalog["y"])).convex_hull
         (x0, x1), (y0, y1) = bbox
-        xs = np.array([x0, x1, x1, x0, (x0 + x1) / 2, x1, (x0 + x1) / 2, x0])
-        ys = np.array([y0, y0, y1, y1, y0, (y0 + y1) / 2, y1, (y0 + y1) / 2])
-        ra, dec = corrector.det_to_world(xs, ys)
-        return MultiPoint(np.column_stack(self.ref.world_to_tanp(ra, dec))).convex_hull
+        xs = [x0, x1, x1, x0, (x0 + x1) / 2, x1, (x0 + x1) / 2, x0]
+        ys = [y0, y0, y1, y1, y0, (y0 + y1) / 2, y1, (y0 + y1) / 2]
+        return MultiPoint(self._to_plane(img, xs, ys)).convex_hull
 
     def group_xy(self, members: Sequence[int]) -> np.ndarray:
+        """Current (corrected) positions of the sources of ``members``, stacked."""
         return np.vstack([self.xy[i] for i in members]) if members else np.empty((0, 2))
 
     def group_weights(self, members: Sequence[int]) -> np.ndarray | None:
+        """The catalogs' ``weight`` column for ``members`` when every one has it."""
         if not all("weight" in self.images[i].catalog.colnames for i in members):
             return None
         return np.concatenate([np.asarray(self.images[i].catalog["weight"]) for i in members])
 
     def group_hull(self, members: Sequence[int]):
+        """Convex hull of the footprints of ``members``."""
         hull = self.hulls[members[0]]
         for i in members[1:]:
             hull = hull.union(self.hulls[i])
         return hull.convex_hull
 
     def apply(self, members: Sequence[int], fit: dict) -> None:
-        """Apply ``fit`` to the correctors of ``members`` and to their cached positions."""
+        """Compose ``fit`` into the corrections of ``members`` and move their positions."""
+        m, t = np.asarray(fit["matrix"], float), np.asarray(fit["shift"], float)
         for i in members:
-            self.correctors[i].set_correction(fit["matrix"], fit["shift"], ref_tpwcs=self.ref)
+            self.matrix[i] = m @ self.matrix[i]
+            self.shift[i] = m @ self.shift[i] + t
             self.xy[i] = _affine(self.xy[i], fit)
             self.hulls[i] = _affine_hull(self.hulls[i], fit)
+
+    def corrected_wcs(self, index: int):
+        """The image's WCS with its composed correction as a ``v2v3corr`` frame.
+
+        Returns None when no correction was applied to this image.
+        """
+        if np.array_equal(self.matrix[index], np.eye(2)) and not self.shift[index].any():
+            return None
+        corrector = _corrector(self.images[index])
+        corrector.set_correction(self.matrix[index], self.shift[index], ref_tpwcs=self.ref)
+        return corrector.wcs
+
+
+def _corrector(img) -> RomanWCSCorrector:
+    """tweakwcs's Roman corrector of an image (it works on a copy of the WCS)."""
+    info = {k: float(img.wcsinfo[k]) for k in ("v2_ref", "v3_ref", "roll_ref")}
+    return RomanWCSCorrector(img.wcs, info, meta={"name": img.name, "group_id": img.group_id})
 
 
 def _affine(xy: np.ndarray, fit: dict) -> np.ndarray:
@@ -289,8 +305,7 @@ def _groups(images: Sequence[ImageCatalog]) -> dict[str, list[int]]:
 
 
 def relative_align(
-    images: Sequence[ImageCatalog],
-    correctors: Sequence[RomanWCSCorrector],
+    plane: TangentPlane,
     pars: FitParameters,
     *,
     enforce_user_order: bool = False,
@@ -303,7 +318,7 @@ def relative_align(
     overlapping the others most; the next group is always the one that
     overlaps the current reference footprint most.
 
-    .. warning:: Successful corrections are applied to ``correctors`` in place.
+    .. warning:: Successful corrections are composed into ``plane`` in place.
 
     Returns
     -------
@@ -311,8 +326,7 @@ def relative_align(
         Group id -> :class:`FitResult`.
     """
     match = match or pars.matcher()
-    groups = _groups(images)
-    plane = _TangentPlane(images, correctors)
+    groups = _groups(plane.images)
     hulls = {g: plane.group_hull(m) for g, m in groups.items()}
     order = list(groups)
     if not enforce_user_order:
@@ -359,40 +373,44 @@ def relative_align(
 
 
 def absolute_align(
-    images: Sequence[ImageCatalog],
-    correctors: Sequence[RomanWCSCorrector],
+    plane: TangentPlane,
     ref_positions: Callable[[float | None], tuple[np.ndarray, np.ndarray]],
     pars: FitParameters,
     *,
+    members: Sequence[int] | None = None,
     match: Callable | None = None,
     refcat_name: str = "",
 ) -> FitResult:
-    """Align all images, as one rigid set, to a reference catalog.
+    """Align images, as one rigid set, to a reference catalog.
 
     Parameters
     ----------
-    images, correctors
-        The images and their (possibly relatively corrected) correctors.
+    plane : TangentPlane
+        The images and the corrections found so far.
     ref_positions : callable
         ``ref_positions(epoch) -> (ra, dec)`` in degrees: the reference catalog
-        at an image's epoch.  Each distinct epoch is matched separately, then
-        all matches are fitted together.
+        at an image's epoch.  Each exposure group is matched separately, at its
+        own epoch, then all matches are fitted together.
     pars : FitParameters
+    members : sequence of int, optional
+        Indices of the images of the rigid set (default: all).
     match : callable, optional
         Matcher (default: tweakwcs ``XYXYMatch`` from ``pars``).
     refcat_name : str
         For the result and messages.
 
-    .. warning:: On success the correction is applied to every corrector in place.
+    .. warning:: On success the correction is composed into ``plane`` in place.
     """
     match = match or pars.matcher()
-    plane = _TangentPlane(images, correctors)
+    members = list(range(len(plane.images))) if members is None else list(members)
+    images = plane.images
     # Each exposure group is matched on its own (a star seen by two exposures
     # must match the same reference star twice), at its own epoch.
     ref_all, img_all, n_total = [], [], 0
-    for members in _groups(images).values():
-        img_xy = plane.group_xy(members)
-        ra, dec = ref_positions(images[members[0]].epoch)
+    for group in _groups([images[i] for i in members]).values():
+        group = [members[i] for i in group]
+        img_xy = plane.group_xy(group)
+        ra, dec = ref_positions(images[group[0]].epoch)
         ref_xy = np.column_stack(plane.ref.world_to_tanp(ra, dec)) if len(ra) else np.empty((0, 2))
         ref_xy = _near(ref_xy, img_xy, pars.searchrad + pars.tolerance)
         if len(img_xy) == 0 or len(ref_xy) == 0:
@@ -410,11 +428,10 @@ def absolute_align(
         )
     ref_m, img_m = np.vstack(ref_all), np.vstack(img_all)
     identity = lambda r, i, **kw: (np.arange(len(r)), np.arange(len(i)))  # noqa: E731
-    all_members = list(range(len(images)))
-    result = _match_and_fit(ref_m, img_m, pars, identity, all_xy=plane.group_xy(all_members))
+    result = _match_and_fit(ref_m, img_m, pars, identity, all_xy=plane.group_xy(members))
     result.refcat = refcat_name
     if result.applied:
-        plane.apply(all_members, result.fit)
+        plane.apply(members, result.fit)
     return result
 
 
@@ -453,18 +470,17 @@ def _near(ref_xy: np.ndarray, img_xy: np.ndarray, margin: float) -> np.ndarray:
     return ref_xy[keep]
 
 
-def footprint_cone(
-    images: Sequence[ImageCatalog], correctors: Sequence[RomanWCSCorrector]
-) -> tuple[float, float, float]:
+def footprint_cone(plane: TangentPlane) -> tuple[float, float, float]:
     """Return ``(ra, dec, radius)`` in degrees of a cone covering every image's footprint.
 
-    The centre is the normalised mean of the corner unit vectors; the radius
-    the largest angular distance from it to a corner (computed on the sphere).
+    Footprints include the corrections found so far.  The centre is the
+    normalised mean of the corner unit vectors; the radius the largest angular
+    distance from it to a corner (computed on the sphere).
     """
     vectors = []
-    for img, corr in zip(images, correctors, strict=False):
-        (x0, x1), (y0, y1) = bounding_box_of(img.wcs) or ((0, 0), (0, 0))
-        ra, dec = corr.det_to_world(np.array([x0, x1, x1, x0]), np.array([y0, y0, y1, y1]))
+    for hull in plane.hulls:
+        corners = np.asarray(hull.exterior.coords)
+        ra, dec = plane.ref.tanp_to_world(corners[:, 0], corners[:, 1])
         ra, dec = np.deg2rad(ra), np.deg2rad(dec)
         vectors.append(
             np.column_stack([np.cos(dec) * np.cos(ra), np.cos(dec) * np.sin(ra), np.sin(dec)])

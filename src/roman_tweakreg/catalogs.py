@@ -478,8 +478,9 @@ def collect(
                     skipped[index] = "empty source catalog"
                     log.warning("%s: skipped, its catalog has no usable sources", name)
                     continue
-                log.info("Catalog %d of %d: %s, %d sources", index + 1, len(library), name,
-                         len(table))
+                log.info(
+                    "Catalog %d of %d: %s, %d sources", index + 1, len(library), name, len(table)
+                )
                 images.append(
                     ImageCatalog(
                         index=index,

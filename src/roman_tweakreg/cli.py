@@ -23,14 +23,18 @@ __all__ = ["main"]
 
 log = logging.getLogger(__name__)
 
-_PATHS_HELP = ("output ASDF files, association JSON files listing them (paths relative to "
-               "the association), or folders of .asdf files")
+_PATHS_HELP = (
+    "output ASDF files, association JSON files listing them (paths relative to "
+    "the association), or folders of .asdf files"
+)
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="roman-tweakreg", description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        prog="roman-tweakreg",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     ex = sub.add_parser("example", help="simulate a WFI exposure pair, align it, print residuals")
@@ -39,26 +43,53 @@ def _parser() -> argparse.ArgumentParser:
 
     rep = sub.add_parser("report", help="print the fit results stored in output files")
     rep.add_argument("paths", nargs="+", metavar="PATH", help=_PATHS_HELP)
-    rep.add_argument("--json", metavar="FILE", default=None,
-                     help="also write the results as a JSON report (see docs/report.rst)")
+    rep.add_argument(
+        "--json",
+        metavar="FILE",
+        default=None,
+        help="also write the results as a JSON report (see docs/report.rst)",
+    )
 
     plot = sub.add_parser("plot", help="write residual figures (PNG) of aligned output files")
     plot.add_argument("paths", nargs="+", metavar="PATH", help=_PATHS_HELP)
-    plot.add_argument("--inputs", nargs="+", metavar="PATH", default=None,
-                      help="the input files the outputs were made from (files, association or "
-                           "folder) for 'before' residuals; default: an input named like the "
-                           "output without its last _<suffix>, looked for next to the output "
-                           "and in a sibling 'inputs' folder")
-    plot.add_argument("--refcat", metavar="FILE", default=None,
-                      help="reference catalog (RA/DEC columns, optional pmra/pmdec/parallax "
-                           "and epoch); without it, exposure groups are compared with each "
-                           "other")
-    plot.add_argument("--out", default="tweakreg_plots", metavar="DIR",
-                      help="folder for the figures (default: tweakreg_plots)")
-    plot.add_argument("--match-radius", type=float, default=0.5, metavar="ARCSEC",
-                      help="nearest-neighbour matching radius in arcsec (default: 0.5)")
-    plot.add_argument("--max-vectors", type=int, default=5000, metavar="N",
-                      help="largest number of residual vectors drawn per panel (default: 5000)")
+    plot.add_argument(
+        "--inputs",
+        nargs="+",
+        metavar="PATH",
+        default=None,
+        help="the input files the outputs were made from (files, association or "
+        "folder) for 'before' residuals; default: an input named like the "
+        "output without its last _<suffix>, looked for next to the output "
+        "and in a sibling 'inputs' folder",
+    )
+    plot.add_argument(
+        "--refcat",
+        metavar="FILE",
+        default=None,
+        help="reference catalog (RA/DEC columns, optional pmra/pmdec/parallax "
+        "and epoch); without it, exposure groups are compared with each "
+        "other",
+    )
+    plot.add_argument(
+        "--out",
+        default="tweakreg_plots",
+        metavar="DIR",
+        help="folder for the figures (default: tweakreg_plots)",
+    )
+    plot.add_argument(
+        "--match-radius",
+        type=float,
+        default=0.5,
+        metavar="ARCSEC",
+        help="nearest-neighbour matching radius in arcsec (default: 0.5)",
+    )
+    plot.add_argument(
+        "--max-vectors",
+        type=int,
+        default=5000,
+        metavar="N",
+        help="largest number of residual vectors drawn per panel (default: 5000)",
+    )
     plot.add_argument("-v", "--verbose", action="store_true", help="log per-file progress")
     return parser
 
@@ -79,8 +110,14 @@ def _plot(args) -> int:
 
     if args.verbose:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    paths = make_plots(args.paths, inputs=args.inputs, refcat=args.refcat, out_dir=args.out,
-                       match_radius=args.match_radius, max_vectors=args.max_vectors)
+    paths = make_plots(
+        args.paths,
+        inputs=args.inputs,
+        refcat=args.refcat,
+        out_dir=args.out,
+        match_radius=args.match_radius,
+        max_vectors=args.max_vectors,
+    )
     for path in paths:
         print(path)
     return 0

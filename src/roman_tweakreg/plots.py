@@ -147,7 +147,8 @@ def _read_sources(meta, path: Path, search_dirs: Sequence[Path]) -> tuple[np.nda
     if source is None or source.value is None:
         raise TweakRegError(
             f"{path}: names no source catalog (meta.tweakreg_catalog or "
-            "meta.source_catalog.tweakreg_catalog_name)")
+            "meta.source_catalog.tweakreg_catalog_name)"
+        )
     if isinstance(source.value, (str, os.PathLike)):
         dirs = tuple(dict.fromkeys([path.parent, *search_dirs, Path.cwd()]))
         source = CatalogSource(str(source.value), source.origin, dirs)
@@ -217,16 +218,24 @@ def load_images(
             with open_meta(input_path) as in_meta:
                 in_wcs = in_meta["wcs"] if "wcs" in in_meta else None
                 if in_wcs is None:
-                    log.warning("%s: has no meta.wcs; no 'before' residuals for %s",
-                                input_path, path.name)
+                    log.warning(
+                        "%s: has no meta.wcs; no 'before' residuals for %s", input_path, path.name
+                    )
                     input_path = None
                 else:
-                    ra_b, dec_b = (np.asarray(v, float)
-                                   for v in in_wcs(x, y, with_bounding_box=False))
-        images.append(ImageSources(path.name, group, epoch, ra, dec, ra_b, dec_b, footprint,
-                                   input_path))
-        log.info("%s: %d sources, group %s, input %s", path.name, x.size, group,
-                 input_path or "not found")
+                    ra_b, dec_b = (
+                        np.asarray(v, float) for v in in_wcs(x, y, with_bounding_box=False)
+                    )
+        images.append(
+            ImageSources(path.name, group, epoch, ra, dec, ra_b, dec_b, footprint, input_path)
+        )
+        log.info(
+            "%s: %d sources, group %s, input %s",
+            path.name,
+            x.size,
+            group,
+            input_path or "not found",
+        )
     return images
 
 
@@ -295,18 +304,25 @@ class Reference:
                     # far-future UTC dates and the default distance of rows without parallax
                     warnings.simplefilter("ignore", erfa.ErfaWarning)
                     coords = SkyCoord(
-                        ra=self.ra[rows] * u.deg, dec=self.dec[rows] * u.deg,
+                        ra=self.ra[rows] * u.deg,
+                        dec=self.dec[rows] * u.deg,
                         pm_ra_cosdec=self.pmra[rows] * u.mas / u.yr,
                         pm_dec=self.pmdec[rows] * u.mas / u.yr,
-                        obstime=Time(float(ref_epoch), format="decimalyear"), **kwargs,
+                        obstime=Time(float(ref_epoch), format="decimalyear"),
+                        **kwargs,
                     )
                     moved = coords.apply_space_motion(new_obstime=new_time)
                 ra[rows], dec[rows] = moved.ra.deg, moved.dec.deg
         return ra, dec
 
 
-_REF_FORMATS = {".ecsv": "ascii.ecsv", ".csv": "ascii.csv", ".fits": "fits", ".fit": "fits",
-                ".parquet": "parquet"}
+_REF_FORMATS = {
+    ".ecsv": "ascii.ecsv",
+    ".csv": "ascii.csv",
+    ".fits": "fits",
+    ".fit": "fits",
+    ".parquet": "parquet",
+}
 
 
 def _column(table, *names):
@@ -318,8 +334,12 @@ def _column(table, *names):
     return None
 
 
-def read_reference(path: str | os.PathLike, ra: float | None = None, dec: float | None = None,
-                   radius: float | None = None) -> Reference:
+def read_reference(
+    path: str | os.PathLike,
+    ra: float | None = None,
+    dec: float | None = None,
+    radius: float | None = None,
+) -> Reference:
     """Read a reference catalog file, optionally keeping only a cone.
 
     Columns (any case): ``ra``/``dec`` (deg), optional ``pmra``/``pmdec``
@@ -349,17 +369,29 @@ def read_reference(path: str | os.PathLike, ra: float | None = None, dec: float 
     ref_ra, ref_dec = _column(table, "ra"), _column(table, "dec")
     if ref_ra is None or ref_dec is None:
         raise TweakRegError(
-            f"{path}: the reference catalog needs RA/DEC columns (any case); "
-            f"found {table.colnames}")
+            f"{path}: the reference catalog needs RA/DEC columns (any case); found {table.colnames}"
+        )
     epoch = _column(table, "epoch", "ref_epoch")
     if epoch is None and table.meta.get("epoch") is not None:
         epoch = np.full(len(table), float(table.meta["epoch"]))
-    ref = Reference(path.name, ref_ra, ref_dec, _column(table, "pmra"), _column(table, "pmdec"),
-                    _column(table, "parallax"), epoch)
+    ref = Reference(
+        path.name,
+        ref_ra,
+        ref_dec,
+        _column(table, "pmra"),
+        _column(table, "pmdec"),
+        _column(table, "parallax"),
+        epoch,
+    )
     if ra is not None and dec is not None and radius is not None:
         keep = _separation_deg(ref.ra, ref.dec, ra, dec) <= radius
-        ref = Reference(ref.name, *(None if v is None else v[keep] for v in (
-            ref.ra, ref.dec, ref.pmra, ref.pmdec, ref.parallax, ref.epoch)))
+        ref = Reference(
+            ref.name,
+            *(
+                None if v is None else v[keep]
+                for v in (ref.ra, ref.dec, ref.pmra, ref.pmdec, ref.parallax, ref.epoch)
+            ),
+        )
     if not ref.can_move:
         log.warning("%s: no proper motions or epoch; positions are used as stored", path)
     return ref
@@ -387,14 +419,17 @@ def _centre(ra: np.ndarray, dec: np.ndarray) -> tuple[float, float]:
     a, d = np.deg2rad(ra), np.deg2rad(dec)
     v = np.array([np.cos(d) * np.cos(a), np.cos(d) * np.sin(a), np.sin(d)]).mean(axis=1)
     return float(np.rad2deg(np.arctan2(v[1], v[0])) % 360), float(
-        np.rad2deg(np.arctan2(v[2], np.hypot(v[0], v[1]))))
+        np.rad2deg(np.arctan2(v[2], np.hypot(v[0], v[1])))
+    )
 
 
 def _offsets_mas(ra, dec, ra_ref, dec_ref) -> tuple[np.ndarray, np.ndarray]:
     """Source minus reference: dRA cos(Dec), dDec (mas)."""
     dra = (np.asarray(ra) - np.asarray(ra_ref) + 180.0) % 360.0 - 180.0
-    return (dra * np.cos(np.deg2rad(dec_ref)) * _MAS_PER_DEG,
-            (np.asarray(dec) - np.asarray(dec_ref)) * _MAS_PER_DEG)
+    return (
+        dra * np.cos(np.deg2rad(dec_ref)) * _MAS_PER_DEG,
+        (np.asarray(dec) - np.asarray(dec_ref)) * _MAS_PER_DEG,
+    )
 
 
 def match_nearest(ra, dec, ref_ra, ref_dec, radius: float) -> tuple[np.ndarray, np.ndarray]:
@@ -415,8 +450,9 @@ def match_nearest(ra, dec, ref_ra, ref_dec, radius: float) -> tuple[np.ndarray, 
         return empty, empty
     ra0, dec0 = _centre(ra, dec)
     tree = cKDTree(np.column_stack(_tangent(ref_ra, ref_dec, ra0, dec0)))
-    dist, idx = tree.query(np.column_stack(_tangent(ra, dec, ra0, dec0)),
-                           distance_upper_bound=radius)
+    dist, idx = tree.query(
+        np.column_stack(_tangent(ra, dec, ra0, dec0)), distance_upper_bound=radius
+    )
     src = np.flatnonzero(np.isfinite(dist))
     ref, dist = idx[src], dist[src]
     order = np.lexsort((dist, ref))  # by reference source, closest first
@@ -453,7 +489,9 @@ class Residuals:
 
 
 def compute_residuals(
-    images: Sequence[ImageSources], reference: Reference | None = None, *,
+    images: Sequence[ImageSources],
+    reference: Reference | None = None,
+    *,
     match_radius: float = DEFAULT_MATCH_RADIUS,
 ) -> list[Residuals]:
     """Match every image's sources and measure residuals (see the module description).
@@ -480,14 +518,19 @@ def compute_residuals(
                 cache[key] = reference.at_epoch(img.epoch)
             ref_ra, ref_dec = cache[key]
             src, ref = match_nearest(img.ra, img.dec, ref_ra, ref_dec, match_radius)
-            after = np.column_stack(_offsets_mas(img.ra[src], img.dec[src],
-                                                 ref_ra[ref], ref_dec[ref]))
+            after = np.column_stack(
+                _offsets_mas(img.ra[src], img.dec[src], ref_ra[ref], ref_dec[ref])
+            )
             before = None
             if img.ra_before is not None:
-                before = np.column_stack(_offsets_mas(img.ra_before[src], img.dec_before[src],
-                                                      ref_ra[ref], ref_dec[ref]))
-            out.append(Residuals(img.file, img.group_id, img.ra[src], img.dec[src], after,
-                                 before, reference.name))
+                before = np.column_stack(
+                    _offsets_mas(img.ra_before[src], img.dec_before[src], ref_ra[ref], ref_dec[ref])
+                )
+            out.append(
+                Residuals(
+                    img.file, img.group_id, img.ra[src], img.dec[src], after, before, reference.name
+                )
+            )
         return out
     groups = list(dict.fromkeys(img.group_id for img in images))
     for k, group in enumerate(groups[1:], start=1):
@@ -500,14 +543,27 @@ def compute_residuals(
             ref_dec_b = np.concatenate([i.dec_before for i in earlier])
         for img in (i for i in images if i.group_id == group):
             src, ref = match_nearest(img.ra, img.dec, ref_ra, ref_dec, match_radius)
-            after = np.column_stack(_offsets_mas(img.ra[src], img.dec[src],
-                                                 ref_ra[ref], ref_dec[ref]))
+            after = np.column_stack(
+                _offsets_mas(img.ra[src], img.dec[src], ref_ra[ref], ref_dec[ref])
+            )
             before = None
             if all_before and img.ra_before is not None:
-                before = np.column_stack(_offsets_mas(img.ra_before[src], img.dec_before[src],
-                                                      ref_ra_b[ref], ref_dec_b[ref]))
-            out.append(Residuals(img.file, img.group_id, img.ra[src], img.dec[src], after,
-                                 before, "groups " + ", ".join(groups[:k])))
+                before = np.column_stack(
+                    _offsets_mas(
+                        img.ra_before[src], img.dec_before[src], ref_ra_b[ref], ref_dec_b[ref]
+                    )
+                )
+            out.append(
+                Residuals(
+                    img.file,
+                    img.group_id,
+                    img.ra[src],
+                    img.dec[src],
+                    after,
+                    before,
+                    "groups " + ", ".join(groups[:k]),
+                )
+            )
     return out
 
 
@@ -586,30 +642,69 @@ def _focal_plane(images, residuals, out_dir, max_vectors, rng, title_ref):
             vec = np.concatenate([getattr(r, phase) for r in rs])
             pick = rng.random(ra.size) < keep_fraction
             xi, eta = _tangent(ra[pick], dec[pick], ra0, dec0)
-            ax.quiver(xi / 60, eta / 60, vec[pick, 0] * magnify / 6e4,
-                          vec[pick, 1] * magnify / 6e4, angles="xy", scale_units="xy",
-                          scale=1, color=colours[group], width=0.0025, headwidth=3)
+            ax.quiver(
+                xi / 60,
+                eta / 60,
+                vec[pick, 0] * magnify / 6e4,
+                vec[pick, 1] * magnify / 6e4,
+                angles="xy",
+                scale_units="xy",
+                scale=1,
+                color=colours[group],
+                width=0.0025,
+                headwidth=3,
+            )
             n_shown += int(pick.sum())
-            handles.append(Line2D([], [], color=colours[group], marker=r"$\rightarrow$",
-                                  markersize=14, linestyle="none",
-                                  label=f"group {group}: {vec.shape[0]} matches, "
-                                        f"rms {_rms(np.hypot(*vec.T)):.3g} mas"))
+            handles.append(
+                Line2D(
+                    [],
+                    [],
+                    color=colours[group],
+                    marker=r"$\rightarrow$",
+                    markersize=14,
+                    linestyle="none",
+                    label=f"group {group}: {vec.shape[0]} matches, "
+                    f"rms {_rms(np.hypot(*vec.T)):.3g} mas",
+                )
+            )
         if n_shown:
-            ax.add_artist(AnchoredSizeBar(
-                ax.transData, bar * magnify / 6e4, f"scale: {bar:g} mas", loc="lower left",
-                pad=0.4, sep=4, frameon=True, size_vertical=0.004 * span))
-            handles.append(Line2D([], [], color="k", lw=2, label=f"scale bar: {bar:g} mas "
-                                  f"(= {bar * magnify / 6e4:.2g} arcmin at x{magnify:g})"))
+            ax.add_artist(
+                AnchoredSizeBar(
+                    ax.transData,
+                    bar * magnify / 6e4,
+                    f"scale: {bar:g} mas",
+                    loc="lower left",
+                    pad=0.4,
+                    sep=4,
+                    frameon=True,
+                    size_vertical=0.004 * span,
+                )
+            )
+            handles.append(
+                Line2D(
+                    [],
+                    [],
+                    color="k",
+                    lw=2,
+                    label=f"scale bar: {bar:g} mas "
+                    f"(= {bar * magnify / 6e4:.2g} arcmin at x{magnify:g})",
+                )
+            )
         ax.set_xlabel("ξ (towards east) [arcmin]")
         ax.set_ylabel("η (towards north) [arcmin]")
         ax.invert_xaxis()  # east to the left, as on the sky
         ax.set_aspect("equal", adjustable="datalim")
-        ax.set_title(f"Residuals {label}\nvectors magnified x{magnify:g}"
-                     + ("" if keep_fraction >= 1 else f", {n_shown} of {total} shown"))
-        ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.08),
-                  fontsize="small")
-    fig.suptitle(f"Focal plane: source - {title_ref} residual vectors "
-                 f"(tangent plane at RA {ra0:.4f}°, Dec {dec0:+.4f}°)")
+        ax.set_title(
+            f"Residuals {label}\nvectors magnified x{magnify:g}"
+            + ("" if keep_fraction >= 1 else f", {n_shown} of {total} shown")
+        )
+        ax.legend(
+            handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.08), fontsize="small"
+        )
+    fig.suptitle(
+        f"Focal plane: source - {title_ref} residual vectors "
+        f"(tangent plane at RA {ra0:.4f}°, Dec {dec0:+.4f}°)"
+    )
     return _savefig(fig, out_dir / "focal_plane.png")
 
 
@@ -629,9 +724,15 @@ def _histograms(residuals, out_dir, title_ref):
         bins = np.linspace(-lim, lim, 61)
         for k, (name, colour) in enumerate((("ΔRA cos Dec", "tab:blue"), ("ΔDec", "tab:orange"))):
             v = finite[:, k]
-            ax.hist(np.clip(v, -lim, lim), bins=bins, histtype="step", lw=1.5, color=colour,
-                    label=f"{name}: mean {np.mean(v) if v.size else np.nan:+.3g}, "
-                          f"rms {_rms(v):.3g} mas")
+            ax.hist(
+                np.clip(v, -lim, lim),
+                bins=bins,
+                histtype="step",
+                lw=1.5,
+                color=colour,
+                label=f"{name}: mean {np.mean(v) if v.size else np.nan:+.3g}, "
+                f"rms {_rms(v):.3g} mas",
+            )
         ax.set_xlabel("residual (source - reference) [mas]")
         ax.set_ylabel("number of matched sources")
         ax.set_title(f"{label}: {finite.shape[0]} matches")
@@ -654,16 +755,27 @@ def _sky(images, residuals, reference_xy, out_dir, rng, title_ref):
         ref_pick = rng.random(reference_xy[0].size) < min(1.0, 20000 / reference_xy[0].size)
     for ax, group in zip(axes, groups, strict=False):
         if reference_xy is not None and reference_xy[0].size:
-            ax.scatter(reference_xy[0][ref_pick], reference_xy[1][ref_pick], s=1, color="0.8",
-                       label=f"reference ({title_ref})", rasterized=True)
+            ax.scatter(
+                reference_xy[0][ref_pick],
+                reference_xy[1][ref_pick],
+                s=1,
+                color="0.8",
+                label=f"reference ({title_ref})",
+                rasterized=True,
+            )
         labelled = set()
         for img in images:
             corners = np.vstack([img.footprint, img.footprint[:1]])
             mine = img.group_id == group
             label = "detector footprints of this group" if mine else "other groups' footprints"
-            ax.plot(corners[:, 0], corners[:, 1], color=colours[group] if mine else "0.6",
-                    lw=1.2 if mine else 0.6, ls="-" if mine else ":",
-                    label=None if label in labelled else label)
+            ax.plot(
+                corners[:, 0],
+                corners[:, 1],
+                color=colours[group] if mine else "0.6",
+                lw=1.2 if mine else 0.6,
+                ls="-" if mine else ":",
+                label=None if label in labelled else label,
+            )
             labelled.add(label)
         rs = [r for r in residuals if r.group_id == group]
         n = 0
@@ -671,15 +783,16 @@ def _sky(images, residuals, reference_xy, out_dir, rng, title_ref):
             ra = np.concatenate([r.ra for r in rs])
             dec = np.concatenate([r.dec for r in rs])
             n = ra.size
-            ax.scatter(ra, dec, s=2, color=colours[group], rasterized=True,
-                       label=f"matched sources ({n})")
+            ax.scatter(
+                ra, dec, s=2, color=colours[group], rasterized=True, label=f"matched sources ({n})"
+            )
         ax.set_title(f"group {group}: {n} matched sources")
         ax.set_xlabel("RA [deg]")
         ax.set_ylabel("Dec [deg]")
         ax.legend(loc="upper right", fontsize="small", markerscale=4)
         ax.set_aspect(1 / np.cos(np.deg2rad(np.mean(all_dec))), adjustable="box")
     axes[0].invert_xaxis()  # shared: RA increases to the left on every panel
-    for ax in axes[len(groups):]:
+    for ax in axes[len(groups) :]:
         ax.set_visible(False)
     fig.suptitle(f"Matched sources on the sky per exposure group (matched to {title_ref})")
     return _savefig(fig, out_dir / "matched_sky.png")
@@ -742,16 +855,23 @@ def make_plots(
     elif len({i.group_id for i in images}) < 2:
         raise TweakRegError(
             "a single exposure group and no --refcat: there is nothing to compare the "
-            "sources with; pass the reference catalog with --refcat")
+            "sources with; pass the reference catalog with --refcat"
+        )
     residuals = compute_residuals(images, reference, match_radius=match_radius)
     if not any(r.after.shape[0] for r in residuals):
         raise TweakRegError(
             f"no source is within match_radius={match_radius} arcsec of "
-            f"{reference.name if reference else 'another group'}; try a larger --match-radius")
+            f"{reference.name if reference else 'another group'}; try a larger --match-radius"
+        )
     for r in residuals:
-        log.info("%s: %d matches to %s, rms after %.3f mas%s", r.file, r.after.shape[0],
-                 r.reference, _rms(np.hypot(*r.after.T)),
-                 "" if r.before is None else f", before {_rms(np.hypot(*r.before.T)):.3f} mas")
+        log.info(
+            "%s: %d matches to %s, rms after %.3f mas%s",
+            r.file,
+            r.after.shape[0],
+            r.reference,
+            _rms(np.hypot(*r.after.T)),
+            "" if r.before is None else f", before {_rms(np.hypot(*r.before.T)):.3f} mas",
+        )
     title_ref = reference.name if reference is not None else "earlier exposure groups"
     ref_xy = None
     if reference is not None:

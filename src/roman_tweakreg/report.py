@@ -197,14 +197,16 @@ def _group_entries(images: list[dict]) -> list[dict]:
     out = []
     for group_id, members in groups.items():
         first = members[0]
-        out.append({
-            "group_id": group_id,
-            "n_images": len(members),
-            "files": [m["file"] for m in members],
-            "statuses": dict(Counter(str(m["status"]) for m in members)),
-            "wcs_names": sorted({str(m["wcs_name"]) for m in members}),
-            **{phase: dict(first[phase]) for phase in _PHASES},
-        })
+        out.append(
+            {
+                "group_id": group_id,
+                "n_images": len(members),
+                "files": [m["file"] for m in members],
+                "statuses": dict(Counter(str(m["status"]) for m in members)),
+                "wcs_names": sorted({str(m["wcs_name"]) for m in members}),
+                **{phase: dict(first[phase]) for phase in _PHASES},
+            }
+        )
     return out
 
 
@@ -215,9 +217,7 @@ def _statuses(images: list[dict]) -> dict:
     }
 
 
-def build_report(
-    library_or_models: Any, *, parameters: dict, timings: dict | None = None
-) -> dict:
+def build_report(library_or_models: Any, *, parameters: dict, timings: dict | None = None) -> dict:
     """Build the JSON-serialisable report of a TweakRegStep run.
 
     Models are only read (a library's models are shelved with ``modify=False``).
@@ -244,8 +244,9 @@ def build_report(
     return summarize(images, parameters=parameters, timings=timings)
 
 
-def summarize(images: list[dict], *, parameters: dict | None = None,
-              timings: dict | None = None) -> dict:
+def summarize(
+    images: list[dict], *, parameters: dict | None = None, timings: dict | None = None
+) -> dict:
     """Assemble a report from :func:`image_entry` dicts (see :func:`build_report`).
 
     ``roman-tweakreg report --json`` uses it on :func:`read_results` entries, with
@@ -406,22 +407,42 @@ def format_table(entries: list[dict]) -> str:
     Columns: file, group, status (``meta.cal_step.tweakreg``), WCS name, number of
     matches, fit RMS (mas), shift x/y (arcsec), rotation (deg) and the reason.
     """
-    rows = [("file", "group", "status", "wcs name", "nmatches", "rmse [mas]",
-             "shift x,y [arcsec]", "rot [deg]", "reason")]
+    rows = [
+        (
+            "file",
+            "group",
+            "status",
+            "wcs name",
+            "nmatches",
+            "rmse [mas]",
+            "shift x,y [arcsec]",
+            "rot [deg]",
+            "reason",
+        )
+    ]
     for e in entries:
         shift = e.get("shift_arcsec")
         shift_txt = "-" if not shift else f"{_fmt(shift[0], '+.4f')},{_fmt(shift[1], '+.4f')}"
-        rows.append((
-            e["file"], str(e.get("group_id") or "-"), str(e.get("status") or "-"),
-            str(e.get("wcs_name") or "-"), str(e.get("nmatches", 0)),
-            _fmt(e.get("rmse_mas"), ".3f"), shift_txt, _fmt(e.get("rotation_deg"), "+.5f"),
-            e.get("reason") or "",
-        ))
+        rows.append(
+            (
+                e["file"],
+                str(e.get("group_id") or "-"),
+                str(e.get("status") or "-"),
+                str(e.get("wcs_name") or "-"),
+                str(e.get("nmatches", 0)),
+                _fmt(e.get("rmse_mas"), ".3f"),
+                shift_txt,
+                _fmt(e.get("rotation_deg"), "+.5f"),
+                e.get("reason") or "",
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     lines = []
     for k, row in enumerate(rows):
-        cells = [c.ljust(w) if i in (0, 1, 2, 3) else c.rjust(w)
-                 for i, (c, w) in enumerate(zip(row[:-1], widths, strict=True))]
+        cells = [
+            c.ljust(w) if i in (0, 1, 2, 3) else c.rjust(w)
+            for i, (c, w) in enumerate(zip(row[:-1], widths, strict=True))
+        ]
         lines.append("  ".join([*cells, row[-1]]).rstrip())
         if k == 0:
             lines.append("-" * len(lines[0]))

@@ -141,7 +141,7 @@ def update_model(model, wcs, fit_results: dict, status: Status, refcat_name: str
         model.meta.cal_step.tweakreg = status.value
 
 
-def outcomes(images, correctors, relative: dict, absolute: dict, skipped: dict[int, str]) -> dict:
+def outcomes(plane, relative: dict, absolute: dict, skipped: dict[int, str]) -> dict:
     """Decide what to write into each model.
 
     Returns
@@ -151,14 +151,15 @@ def outcomes(images, correctors, relative: dict, absolute: dict, skipped: dict[i
         ``wcs`` is None where no fit changed it.
     """
     out = {}
-    n = len(images)
-    for img, corr in zip(images, correctors, strict=False):
+    n = len(plane.images)
+    for k, img in enumerate(plane.images):
         rel, abs_ = relative.get(img.group_id), absolute.get(img.group_id)
         status = image_status(rel, abs_)
         fit = fit_results_dict(rel, abs_, group_id=img.group_id, status=status, n_images=n)
         changed = any(r is not None and r.applied for r in (rel, abs_))
         name = abs_.refcat if abs_ is not None and abs_.applied else ""
-        out[img.index] = (corr.wcs if changed else None, fit, status, name, img.catalog_name)
+        wcs = plane.corrected_wcs(k) if changed else None
+        out[img.index] = (wcs, fit, status, name, img.catalog_name)
         log.info(
             "%s: %s%s", img.name, status.value, f" ({fit['reason']})" if fit.get("reason") else ""
         )

@@ -179,7 +179,7 @@ class TweakRegStep(Step):
                 detection=detection,
                 catalog_path=self.catalog_path,
             )
-            correctors = align.make_correctors(images)
+            plane = align.TangentPlane(images)
         log.info(
             "%d images to align in %d groups; %d skipped",
             len(images),
@@ -190,18 +190,15 @@ class TweakRegStep(Step):
         if len({i.group_id for i in images}) > 1:
             with clock.phase("relative"):
                 relative = align.relative_align(
-                    images,
-                    correctors,
+                    plane,
                     _fit_parameters(pars, ""),
                     enforce_user_order=self.enforce_user_order,
                     expand_refcat=self.expand_refcat,
                 )
         with clock.phase("absolute"):
-            absolute = (
-                self._absolute(images, correctors, pars, refcat_name, relative) if images else {}
-            )
+            absolute = self._absolute(plane, pars, refcat_name, relative) if images else {}
         with clock.phase("update"):
-            self._write(library, results.outcomes(images, correctors, relative, absolute, skipped))
+            self._write(library, results.outcomes(plane, relative, absolute, skipped))
         if self.report:
             self._write_report(library, pars, clock.timings)
         return library
@@ -219,10 +216,11 @@ class TweakRegStep(Step):
         except (TweakRegError, OSError) as err:  # a report must never lose the alignment
             log.warning("Report not written: %s", err)
 
-    def _absolute(self, images, correctors, pars, refcat_name, relative) -> dict:
+    def _absolute(self, plane, pars, refcat_name, relative) -> dict:
         """Absolute alignment of each rigid set of groups; group id -> result."""
         abs_pars = _fit_parameters(pars, "abs_")
-        ra, dec, radius = align.footprint_cone(images, correctors)
+        images = plane.images
+        ra, dec, radius = align.footprint_cone(plane)
         radius += abs_pars.searchrad / 3600.0
         epochs = [i.epoch for i in images if i.epoch is not None]
         try:
@@ -249,11 +247,7 @@ class TweakRegStep(Step):
         out = {}
         for members in align.rigid_sets(images, relative):
             result = align.absolute_align(
-                [images[i] for i in members],
-                [correctors[i] for i in members],
-                refcat.positions,
-                abs_pars,
-                refcat_name=refcat.name,
+                plane, refcat.positions, abs_pars, members=members, refcat_name=refcat.name
             )
             if not result.applied:
                 log.warning(

@@ -95,8 +95,9 @@ class ConeCache:
         safe = re.sub(r"[^A-Za-z0-9_.+-]", "_", catalog)[:40]
         return self.root / "cones" / f"{safe}-{_digest(key)[:16]}"
 
-    def get(self, service: str, catalog: str, ra: float, dec: float, radius: float,
-            epoch: float | None) -> ConeEntry | None:
+    def get(
+        self, service: str, catalog: str, ra: float, dec: float, radius: float, epoch: float | None
+    ) -> ConeEntry | None:
         """Return the smallest verified entry whose cone contains the query cone, or None."""
         folder = self._folder(service, catalog, epoch)
         candidates = []
@@ -124,11 +125,15 @@ class ConeCache:
             data = path.read_bytes()
             head, _, body = data.partition(b"\n")
             meta = json.loads(head)
-            ok = (meta["service"], meta["catalog"], meta["epoch"]) == (service, catalog, epoch) \
-                and meta["sha256"] == _digest(body)
+            ok = (meta["service"], meta["catalog"], meta["epoch"]) == (
+                service,
+                catalog,
+                epoch,
+            ) and meta["sha256"] == _digest(body)
             if ok:
-                return ConeEntry(path, float(meta["ra"]), float(meta["dec"]),
-                                 float(meta["radius"]), body)
+                return ConeEntry(
+                    path, float(meta["ra"]), float(meta["dec"]), float(meta["radius"]), body
+                )
         except (OSError, ValueError, KeyError, TypeError) as err:
             log.warning("Cache entry %s is unreadable (%s); fetching again", path, err)
         else:
@@ -136,14 +141,30 @@ class ConeCache:
         self.discard(path)
         return None
 
-    def put(self, service: str, catalog: str, ra: float, dec: float, radius: float,
-            epoch: float | None, body: bytes) -> Path | None:
+    def put(
+        self,
+        service: str,
+        catalog: str,
+        ra: float,
+        dec: float,
+        radius: float,
+        epoch: float | None,
+        body: bytes,
+    ) -> Path | None:
         """Store a verified answer; return its path (None when the cache cannot be written)."""
-        meta = {"service": service, "catalog": catalog, "ra": float(ra), "dec": float(dec),
-                "radius": float(radius), "epoch": epoch, "sha256": _digest(body),
-                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        meta = {
+            "service": service,
+            "catalog": catalog,
+            "ra": float(ra),
+            "dec": float(dec),
+            "radius": float(radius),
+            "epoch": epoch,
+            "sha256": _digest(body),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
         path = self._folder(service, catalog, epoch) / (
-            f"{float(ra)!r}_{float(dec)!r}_{float(radius)!r}.cone")
+            f"{float(ra)!r}_{float(dec)!r}_{float(radius)!r}.cone"
+        )
         try:
             _write_atomically(path, json.dumps(meta).encode() + b"\n" + body)
         except OSError as err:

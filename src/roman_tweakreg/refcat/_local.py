@@ -27,8 +27,15 @@ __all__ = ["FILE_SUFFIXES", "read_hats_catalog", "read_local_catalog", "standard
 
 log = logging.getLogger(__name__)
 
-_FORMATS = {".ecsv": "ascii.ecsv", ".csv": "ascii.csv", ".fits": "fits", ".fit": "fits",
-            ".fits.gz": "fits", ".parquet": "parquet", ".pq": "parquet"}
+_FORMATS = {
+    ".ecsv": "ascii.ecsv",
+    ".csv": "ascii.csv",
+    ".fits": "fits",
+    ".fit": "fits",
+    ".fits.gz": "fits",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+}
 #: File name endings read as local catalogs (anything else is given to astropy to guess).
 FILE_SUFFIXES = tuple(_FORMATS)
 
@@ -43,8 +50,7 @@ _ALIASES = {
     "mag": ("mag", "phot_g_mean_mag"),
     "objID": ("objid", "source_id"),
 }
-_UNITS = {"RA": u.deg, "DEC": u.deg, "pmra": u.mas / u.yr, "pmdec": u.mas / u.yr,
-          "parallax": u.mas}
+_UNITS = {"RA": u.deg, "DEC": u.deg, "pmra": u.mas / u.yr, "pmdec": u.mas / u.yr, "parallax": u.mas}
 _HATS_FILE = re.compile(r"Norder=(\d+)/Dir=\d+/Npix=(\d+)(\.parquet)?$")
 
 
@@ -76,8 +82,9 @@ def read_local_catalog(
             import pyarrow.parquet as pq
 
             data = pq.read_table(path)
-            table = Table({c: data.column(c).to_numpy(zero_copy_only=False)
-                           for c in data.column_names})
+            table = Table(
+                {c: data.column(c).to_numpy(zero_copy_only=False) for c in data.column_names}
+            )
         else:
             table = Table.read(path, format=fmt)
     except Exception as err:
@@ -102,7 +109,8 @@ def standard_columns(table: Table | Mapping, where: str) -> dict[str, np.ndarray
         if not isinstance(sc, SkyCoord):
             raise ReferenceCatalogError(
                 f"abs_refcat: {where}: column sky_centroid is a {type(sc).__name__}, "
-                "expected a SkyCoord")
+                "expected a SkyCoord"
+            )
         out["RA"], out["DEC"] = sc.icrs.ra.deg, sc.icrs.dec.deg
     for std, aliases in _ALIASES.items():
         col = next((lower[a] for a in aliases if a in lower), None)
@@ -114,8 +122,8 @@ def standard_columns(table: Table | Mapping, where: str) -> dict[str, np.ndarray
         out[std] = _as_float(table[col], _UNITS.get(std), where, col)
     if "RA" not in out or "DEC" not in out:
         raise ReferenceCatalogError(
-            f"abs_refcat: {where} has no RA/DEC (any case) or sky_centroid column; "
-            f"found {names}")
+            f"abs_refcat: {where} has no RA/DEC (any case) or sky_centroid column; found {names}"
+        )
     return out
 
 
@@ -128,12 +136,20 @@ def _as_float(col, unit, where: str, name: str) -> np.ndarray:
     except (TypeError, ValueError, u.UnitsError) as err:
         raise ReferenceCatalogError(
             f"abs_refcat: {where}: column {name} is not numeric"
-            f"{f' in {unit}' if unit is not None else ''}: {err}") from err
+            f"{f' in {unit}' if unit is not None else ''}: {err}"
+        ) from err
     return np.asarray(values, float)
 
 
-def _in_cone(columns: dict, ra: float, dec: float, radius: float, name: str, source: str,
-             meta: Mapping | None = None) -> ReferenceCatalog:
+def _in_cone(
+    columns: dict,
+    ra: float,
+    dec: float,
+    radius: float,
+    name: str,
+    source: str,
+    meta: Mapping | None = None,
+) -> ReferenceCatalog:
     """Keep the rows within ``radius`` deg; the catalog epoch comes from the rows or the meta."""
     sep = angular_separation(*(np.deg2rad(x) for x in (columns["RA"], columns["DEC"], ra, dec)))
     keep = np.isfinite(sep) & (sep <= np.deg2rad(radius))
@@ -186,13 +202,15 @@ def read_hats_catalog(
         from astropy_healpix import HEALPix
     except ImportError as err:  # pragma: no cover - a declared dependency
         raise ReferenceCatalogError(
-            f"abs_refcat: reading the HATS catalog {root} needs astropy-healpix") from err
+            f"abs_refcat: reading the HATS catalog {root} needs astropy-healpix"
+        ) from err
     root = Path(root)
     parts = hats_partitions(root)
     if not parts:
         raise ReferenceCatalogError(
             f"abs_refcat: {root} is a folder but not a HATS catalog: "
-            "no Norder=K/Dir=D/Npix=N.parquet partitions found")
+            "no Norder=K/Dir=D/Npix=N.parquet partitions found"
+        )
     wanted = []
     for order in sorted({k[0] for k in parts}):
         # cone_search_lonlat may miss pixels that barely touch the cone: search 8 times finer,
@@ -204,15 +222,17 @@ def read_hats_catalog(
     log.debug("HATS %s: reading %d of %d partitions", root, len(wanted), len(parts))
     cat_name = name or root.name
     if not wanted:
-        return _in_cone({"RA": np.array([]), "DEC": np.array([])}, ra, dec, radius, cat_name,
-                        str(root))
+        return _in_cone(
+            {"RA": np.array([]), "DEC": np.array([])}, ra, dec, radius, cat_name, str(root)
+        )
     try:
         first = wanted[0] if wanted[0].is_file() else next(wanted[0].rglob("*.parquet"))
         schema = pq.read_schema(first)
         lower = {c.lower(): c for c in schema.names}
         cols = [lower[a] for aliases in _ALIASES.values() for a in aliases if a in lower]
-        table = pa.concat_tables([pq.read_table(p, columns=cols) for p in wanted],
-                                 promote_options="default")
+        table = pa.concat_tables(
+            [pq.read_table(p, columns=cols) for p in wanted], promote_options="default"
+        )
     except Exception as err:
         raise ReferenceCatalogError(f"abs_refcat: cannot read HATS catalog {root}: {err}") from err
     data = {c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names}

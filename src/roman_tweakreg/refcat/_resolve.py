@@ -106,10 +106,15 @@ def get_reference_catalog(
     if not (np.isfinite([ra, dec, radius]).all() and abs(dec) <= 90 and radius > 0):
         raise ReferenceCatalogError(
             f"abs_refcat: bad cone RA={ra}, Dec={dec}, radius={radius} deg: expected finite "
-            "values, |Dec| <= 90 and radius > 0")
+            "values, |Dec| <= 90 and radius > 0"
+        )
     cache = _cache(cache_dir, use_cache)
-    options = {"timeout": float(timeout), "retries": int(retries), "backoff": float(backoff),
-               "cache": cache}
+    options = {
+        "timeout": float(timeout),
+        "retries": int(retries),
+        "backoff": float(backoff),
+        "cache": cache,
+    }
     entries = split_refcat(refcat)
     faults = []
     for entry in entries:
@@ -125,15 +130,18 @@ def get_reference_catalog(
             if faults:
                 log.info("Using reference catalog %s (%d sources)", cat.name, len(cat))
             return cat
-        fault = (f"{cat.name} has {len(cat)} sources within {radius:.4f} deg of "
-                 f"({ra:.6f}, {dec:.6f}), fewer than {min_sources}")
+        fault = (
+            f"{cat.name} has {len(cat)} sources within {radius:.4f} deg of "
+            f"({ra:.6f}, {dec:.6f}), fewer than {min_sources}"
+        )
         faults.append(fault)
         if len(entries) > 1:
             log.warning("Reference catalog %s not used: %s", entry, fault)
     if len(faults) == 1:
         raise ReferenceCatalogError(faults[0])
     raise ReferenceCatalogError(
-        f"no entry of abs_refcat={refcat!r} gave a reference catalog: " + "; ".join(faults))
+        f"no entry of abs_refcat={refcat!r} gave a reference catalog: " + "; ".join(faults)
+    )
 
 
 def _cache(cache_dir, use_cache: bool) -> ConeCache | None:
@@ -154,5 +162,6 @@ def _get_one(entry: str, ra, dec, radius, epoch, base_url, options) -> Reference
     if not _NAME.match(entry):
         raise ReferenceCatalogError(
             f"abs_refcat: {entry!r} is neither an existing file or folder, nor a URL, nor a "
-            "catalog service name (letters, digits, '_.+-')")
+            "catalog service name (letters, digits, '_.+-')"
+        )
     return query_service(entry.upper(), ra, dec, radius, epoch, base_url=base_url, **options)

@@ -56,7 +56,7 @@ class NoDataError(ReferenceCatalogError):
 
 def service_base(base_url: str | None = None) -> str:
     """Return the service base: ``base_url``, else ``$ASTROMETRIC_CATALOG_URL``, else STScI's."""
-    base = (base_url or os.environ.get(SERVICE_ENV, "").strip() or DEFAULT_SERVICE_URL)
+    base = base_url or os.environ.get(SERVICE_ENV, "").strip() or DEFAULT_SERVICE_URL
     return base.rstrip("/")
 
 
@@ -66,10 +66,18 @@ def _session(retries: int, backoff: float):
     from urllib3.util.retry import Retry
 
     retry = Retry(
-        total=retries, connect=retries, read=retries, status=retries, other=retries,
-        redirect=5, backoff_factor=backoff, backoff_max=max(backoff, 10.0),
-        status_forcelist=_RETRY_STATUS, allowed_methods=frozenset({"GET"}),
-        raise_on_status=False, respect_retry_after_header=False,
+        total=retries,
+        connect=retries,
+        read=retries,
+        status=retries,
+        other=retries,
+        redirect=5,
+        backoff_factor=backoff,
+        backoff_max=max(backoff, 10.0),
+        status_forcelist=_RETRY_STATUS,
+        allowed_methods=frozenset({"GET"}),
+        raise_on_status=False,
+        respect_retry_after_header=False,
     )
     session = requests.Session()
     adapter = HTTPAdapter(max_retries=retry)
@@ -104,8 +112,9 @@ def _describe(err: Exception, timeout: float) -> str:
     return f"{kind} ({text})"
 
 
-def fetch(url: str, params: dict | None, *, what: str, timeout: float, retries: int,
-          backoff: float) -> bytes:
+def fetch(
+    url: str, params: dict | None, *, what: str, timeout: float, retries: int, backoff: float
+) -> bytes:
     """GET ``url`` with retries; return the body of a 200 answer.
 
     Raises
@@ -121,8 +130,10 @@ def fetch(url: str, params: dict | None, *, what: str, timeout: float, retries: 
                 try:
                     response = session.get(url, params=params, timeout=timeout)
                     break
-                except (requests.exceptions.ChunkedEncodingError,
-                        requests.exceptions.ConnectionError) as err:
+                except (
+                    requests.exceptions.ChunkedEncodingError,
+                    requests.exceptions.ConnectionError,
+                ) as err:
                     # urllib3 retries faults before the body; retry a body cut short here
                     exhausted = type(err.args[0] if err.args else None).__name__ == "MaxRetryError"
                     if exhausted or attempt == retries:
@@ -131,14 +142,16 @@ def fetch(url: str, params: dict | None, *, what: str, timeout: float, retries: 
                     time.sleep(backoff * 2**attempt)
     except requests.RequestException as err:
         raise ReferenceCatalogError(
-            f"{what}: {_describe(err, timeout)}, after up to {retries} retries") from err
+            f"{what}: {_describe(err, timeout)}, after up to {retries} retries"
+        ) from err
     except Exception as err:  # anything else from the network stack is still a catalog fault
         raise ReferenceCatalogError(f"{what}: unexpected fault: {err!r}") from err
     if response.status_code != 200:
         tries = f" after {retries} retries" if response.status_code in _RETRY_STATUS else ""
         raise ReferenceCatalogError(
             f"{what}: HTTP {response.status_code} {response.reason}{tries}: "
-            f"{_snippet(response.content)}")
+            f"{_snippet(response.content)}"
+        )
     return response.content
 
 
@@ -187,7 +200,8 @@ def parse_service_csv(body: bytes, what: str) -> dict[str, np.ndarray]:
     if missing:
         raise ReferenceCatalogError(
             f"{what}: the answer lacks column(s) {', '.join(missing)}; expected a CSV header with "
-            f"ra, dec, pmra, pmdec, epoch; got {_snippet(lines[0])}")
+            f"ra, dec, pmra, pmdec, epoch; got {_snippet(lines[0])}"
+        )
     data = rows[1:]
     if not data:
         raise NoDataError(f"{what}: the answer has a header but no rows")
@@ -195,7 +209,8 @@ def parse_service_csv(body: bytes, what: str) -> dict[str, np.ndarray]:
     if bad is not None:
         raise ReferenceCatalogError(
             f"{what}: truncated or malformed CSV: data row {bad + 1} of {len(data)} has "
-            f"{len(data[bad])} fields, the header has {len(header)}")
+            f"{len(data[bad])} fields, the header has {len(header)}"
+        )
     cells = np.array(data, dtype=str)
     columns = {}
     for name, i in lower.items():
@@ -219,9 +234,17 @@ def parse_service_csv(body: bytes, what: str) -> dict[str, np.ndarray]:
 
 
 def query_service(
-    catalog: str, ra: float, dec: float, radius: float, epoch: float | None, *,
-    base_url: str | None = None, timeout: float = 30.0, retries: int = 3,
-    backoff: float = 0.5, cache: ConeCache | None = None,
+    catalog: str,
+    ra: float,
+    dec: float,
+    radius: float,
+    epoch: float | None,
+    *,
+    base_url: str | None = None,
+    timeout: float = 30.0,
+    retries: int = 3,
+    backoff: float = 0.5,
+    cache: ConeCache | None = None,
 ) -> ReferenceCatalog:
     """Ask the catalog service for ``catalog`` over a cone, through the cache.
 
@@ -238,8 +261,13 @@ def query_service(
     url = f"{base}/vo/CatalogSearch.aspx"
     asked = None if epoch is None else round(float(epoch), EPOCH_DECIMALS)
     what = f"catalog service {url} (CAT={catalog})"
-    params = {"RA": f"{ra:.8f}", "DEC": f"{dec:.8f}", "SR": f"{radius:.8f}",
-              "FORMAT": "CSV", "CAT": catalog}
+    params = {
+        "RA": f"{ra:.8f}",
+        "DEC": f"{dec:.8f}",
+        "SR": f"{radius:.8f}",
+        "FORMAT": "CSV",
+        "CAT": catalog,
+    }
     if asked is not None:
         params["EPOCH"] = f"{asked:.{EPOCH_DECIMALS}f}"
     columns = None
@@ -263,8 +291,15 @@ def query_service(
 
 
 def read_url_catalog(
-    url: str, ra: float, dec: float, radius: float, *, timeout: float = 30.0,
-    retries: int = 3, backoff: float = 0.5, cache: ConeCache | None = None,
+    url: str,
+    ra: float,
+    dec: float,
+    radius: float,
+    *,
+    timeout: float = 30.0,
+    retries: int = 3,
+    backoff: float = 0.5,
+    cache: ConeCache | None = None,
 ) -> ReferenceCatalog:
     """Download a catalog file (any local format, by its name) and read the cone from it.
 
@@ -281,8 +316,9 @@ def read_url_catalog(
             cache.discard(path)
     body = fetch(url, None, what=what, timeout=timeout, retries=retries, backoff=backoff)
     if _is_html(body[:512].decode("latin-1")) and not name.lower().endswith((".html", ".htm")):
-        raise ReferenceCatalogError(f"{what}: answered an HTML page, not a catalog file: "
-                                    f"{_snippet(body)}")
+        raise ReferenceCatalogError(
+            f"{what}: answered an HTML page, not a catalog file: {_snippet(body)}"
+        )
     if path is not None and cache.put_file(path, body):
         try:
             cat = read_local_catalog(path, ra, dec, radius, name=name)

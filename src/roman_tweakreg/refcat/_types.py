@@ -101,8 +101,11 @@ class ReferenceCatalog:
             what = f"epoch {float(np.median(known)):.3f}, up to {gap:.2f} yr from {epoch:.3f}"
         else:
             what = f"an unknown epoch, to be used at {epoch:.3f}"
-        why = ("has proper motions but no epoch (ref_epoch or epoch column or meta)"
-               if self.has_motions else "has no proper motions (pmra/pmdec)")
+        why = (
+            "has proper motions but no epoch (ref_epoch or epoch column or meta)"
+            if self.has_motions
+            else "has no proper motions (pmra/pmdec)"
+        )
         msg = f"reference catalog {self.name} {why}: its positions are used as they are, at {what}"
         if msg not in self.warnings:
             self.warnings.append(msg)
@@ -119,12 +122,15 @@ class ReferenceCatalog:
             ra, dec = self.positions(epoch)
             out["RA"], out["DEC"] = ra, dec
             if self.has_motions:
-                moved = (np.isfinite(np.asarray(out["pmra"], float))
-                         & np.isfinite(np.asarray(out["pmdec"], float))
-                         & np.isfinite(self._row_epochs()))
+                moved = (
+                    np.isfinite(np.asarray(out["pmra"], float))
+                    & np.isfinite(np.asarray(out["pmdec"], float))
+                    & np.isfinite(self._row_epochs())
+                )
                 out["ref_epoch"] = np.where(moved, float(epoch), self._row_epochs())
-        out.meta.update(name=self.name, source=self.source,
-                        epoch=self.epoch if epoch is None else float(epoch))
+        out.meta.update(
+            name=self.name, source=self.source, epoch=self.epoch if epoch is None else float(epoch)
+        )
         return out
 
     def write(self, path: str | os.PathLike, epoch: float | None = None) -> Path:
