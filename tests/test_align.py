@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from astropy.table import Table
 
 from conftest import make_data, truths_of
 from roman_tweakreg import simulate
@@ -215,3 +216,42 @@ def test_allocation_error_retried_with_wider_separation(two_exposures, caplog):
     assert result.status == "SUCCESS"
     assert "trying again with separation=1.4 arcsec" in caplog.text
     assert errors_mas(plane, truths_of(exposures[:1])).max() < 1.0
+
+
+def test_agrees_with_tweakwcs_align_wcs(two_exposures):
+    """Our orchestration gives tweakwcs's own align_wcs answer (to 0.01 mas) for one group."""
+    from tweakwcs import align_wcs
+    from tweakwcs.correctors import RomanWCSCorrector
+
+    exposures, stars = two_exposures
+    images = images_of(exposures[:1])
+    ra, dec = simulate.propagate(stars, 2028.0)
+    pars = FitParameters(searchrad=6.0, separation=0.1, tolerance=0.7)
+
+    plane = TangentPlane(images)
+    ours = absolute_align(plane, lambda _e: (ra, dec), pars)
+    assert ours.status == "SUCCESS"
+
+    correctors = [
+        RomanWCSCorrector(
+            img.wcs,
+            {k: img.wcsinfo[k] for k in ("v2_ref", "v3_ref", "roll_ref")},
+            meta={"catalog": img.catalog, "group_id": "one", "name": img.name},
+        )
+        for img in images
+    ]
+    align_wcs(
+        correctors,
+        refcat=Table({"RA": ra, "DEC": dec}),
+        match=pars.matcher(),
+        fitgeom="rshift",
+        nclip=3,
+        sigma=(3.0, "rmse"),
+        clip_accum=True,
+        minobj=15,
+    )
+    assert correctors[0].meta["fit_info"]["status"] == "SUCCESS"
+    # tweakwcs keeps the few ambiguous pairs xyxymatch returns; we drop them (unique_pairs)
+    assert 0 <= correctors[0].meta["fit_info"]["nmatches"] - ours.nmatches <= 0.01 * ours.nmatches
+    for i, corrector in enumerate(correctors):
+        assert simulate.wcs_difference_mas(plane.corrected_wcs(i), corrector.wcs) < 0.01
