@@ -58,29 +58,12 @@ _T_START = time.perf_counter()
 import argparse  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
-import resource  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+from _rss import peak_rss_mb  # noqa: E402  (benchmarks/ is on sys.path)
+
 os.environ.setdefault("STPIPE_DISABLE_CRDS_STEPPARS", "true")
-
-
-def _peak_rss_mb() -> float:
-    """Peak resident set size (MiB) of this process since it was exec'd.
-
-    Linux's ``getrusage(RUSAGE_SELF).ru_maxrss`` is carried over ``fork`` + ``exec``: a
-    child started by a process of 220 MB reports at least 220 MB.  ``VmHWM`` of
-    ``/proc/self/status`` belongs to the new address space, so it is read when available.
-    """
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    scale = 1024 * 1024 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
 
 
 def _value(text: str):
@@ -126,14 +109,14 @@ def main(argv=None) -> int:
     if output_dir:
         kwargs["output_dir"] = output_dir
     import_s = time.perf_counter() - _T_START
-    rss_before = _peak_rss_mb()
+    rss_before = peak_rss_mb()
     load_before = os.getloadavg()[0]
     c0 = time.process_time()
     t0 = time.perf_counter()
     result = TweakRegStep.call(str(asn), **kwargs)
     call_s = time.perf_counter() - t0
     cpu_s = time.process_time() - c0
-    peak = _peak_rss_mb()
+    peak = peak_rss_mb()
 
     status, wcs = {}, {}
     with result:

@@ -26,7 +26,7 @@ What it does, per size (``--exposures`` may be a comma-separated list):
    inherited from another or from the data generation.  The worker times the ``call``
    (wall clock), splits it into phases by wrapping the step's internal functions with
    timers (exclusive time; see ``OURS_PHASES``), reads its own peak RSS (``VmHWM`` of
-   ``/proc/self/status``; ``ru_maxrss`` elsewhere, see ``_peak_rss_mb``) and writes every
+   ``/proc/self/status``; ``ru_maxrss`` elsewhere, see ``_rss.peak_rss_mb``) and writes every
    output WCS to an ASDF file.  This (parent) process compares those WCS with the true
    ones: the accuracy is the largest RMS sky distance (mas) over the images, on a 9 x 9
    pixel grid (``simulate.wcs_difference_mas``).
@@ -48,7 +48,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import shutil
 import statistics
 import subprocess
@@ -56,6 +55,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _rss import peak_rss_mb
 
 _T_START = time.perf_counter()  # before the heavy imports: the worker reports its import time
 
@@ -132,24 +133,6 @@ class _PhaseTimer:
         return missing
 
 
-def _peak_rss_mb() -> float:
-    """Peak resident set size (MiB) of this process since it was exec'd.
-
-    Linux's ``getrusage(RUSAGE_SELF).ru_maxrss`` is carried over ``fork`` + ``exec``: a
-    child started by a process of 220 MB reports at least 220 MB.  ``VmHWM`` of
-    ``/proc/self/status`` belongs to the new address space, so it is read when available.
-    """
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    scale = 1024 * 1024 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
-
-
 def _version() -> str:
     import roman_tweakreg
 
@@ -198,7 +181,7 @@ def worker(spec_path: Path) -> int:
         kwargs["output_dir"] = spec["output_dir"]
     kwargs.update(spec.get("pars", {}))
     import_s = time.perf_counter() - _T_START
-    rss_before = _peak_rss_mb()
+    rss_before = peak_rss_mb()
     profiler = None
     if spec.get("profile"):
         import cProfile
@@ -214,7 +197,7 @@ def worker(spec_path: Path) -> int:
     if profiler is not None:
         profiler.disable()
         profiler.dump_stats(spec["profile"])
-    peak = _peak_rss_mb()
+    peak = peak_rss_mb()
     status = dump_wcs(result, Path(spec["wcs_out"]))
     phases = dict(timer.totals)
     phases["other"] = call_s - sum(phases.values())
