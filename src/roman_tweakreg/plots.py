@@ -4,9 +4,8 @@ Residuals are measured from the files alone: each image's source catalog
 (pixel ``x``/``y``) is evaluated through its WCS and matched, by nearest
 neighbour within ``match_radius``, to
 
-* a reference catalog (``refcat``), carried to each image's epoch with
-  astropy ``SkyCoord.apply_space_motion`` when it has ``pmra``/``pmdec`` and an
-  epoch; or, without one,
+* a reference catalog (``refcat``, read and carried to each image's epoch by
+  :func:`roman_tweakreg.refcat.read_local_catalog`, as the step does); or, without one,
 * the sources of the exposure groups that come before it (in order of first
   appearance), so that overlapping groups are compared with each other.
 
@@ -32,22 +31,23 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .errors import TweakRegError
+from .refcat import read_local_catalog
 from .report import expand_paths, open_meta
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Sequence
 
+    from .refcat import ReferenceCatalog
+
 __all__ = [
     "DEFAULT_MATCH_RADIUS",
     "ImageSources",
-    "Reference",
     "Residuals",
     "compute_residuals",
     "find_input",
     "load_images",
     "make_plots",
     "match_nearest",
-    "read_reference",
 ]
 
 log = logging.getLogger(__name__)
@@ -239,164 +239,6 @@ def load_images(
     return images
 
 
-# -- the reference catalog --------------------------------------------------------------------
-@dataclass
-class Reference:
-    """A reference catalog: positions and, when known, motions and epochs.
-
-    Attributes
-    ----------
-    name : str
-        File name.
-    ra, dec : numpy.ndarray
-        Positions (deg) at ``epoch``.
-    pmra, pmdec : numpy.ndarray or None
-        Proper motions (mas/yr, ``pmra`` includes cos Dec).
-    parallax : numpy.ndarray or None
-        Parallax (mas).
-    epoch : numpy.ndarray or None
-        Decimal year of each row's position.
-    """
-
-    name: str
-    ra: np.ndarray
-    dec: np.ndarray
-    pmra: np.ndarray | None = None
-    pmdec: np.ndarray | None = None
-    parallax: np.ndarray | None = None
-    epoch: np.ndarray | None = None
-
-    def __len__(self) -> int:
-        return self.ra.size
-
-    @property
-    def can_move(self) -> bool:
-        """Whether positions can be carried to another epoch (motions and an epoch)."""
-        return self.pmra is not None and self.pmdec is not None and self.epoch is not None
-
-    def at_epoch(self, epoch: float | None) -> tuple[np.ndarray, np.ndarray]:
-        """Return ``(ra, dec)`` (deg) at ``epoch`` with ``SkyCoord.apply_space_motion``.
-
-        Rows without finite motions or epoch, and every row when ``epoch`` is
-        None or the catalog has no motions, are returned as stored.
-        """
-        if epoch is None or not self.can_move or len(self) == 0:
-            return self.ra, self.dec
-        import erfa
-        from astropy import units as u
-        from astropy.coordinates import Distance, SkyCoord
-        from astropy.time import Time
-
-        ra, dec = self.ra.copy(), self.dec.copy()
-        ok = np.isfinite(self.pmra) & np.isfinite(self.pmdec) & np.isfinite(self.epoch)
-        plx = self.parallax if self.parallax is not None else np.full(len(self), np.nan)
-        has_plx = np.isfinite(plx) & (plx > 0)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", erfa.ErfaWarning)  # far-future UTC is "dubious"
-            new_time = Time(float(epoch), format="decimalyear")
-        for ref_epoch in np.unique(self.epoch[ok]):
-            for with_plx in (True, False):
-                rows = ok & (self.epoch == ref_epoch) & (has_plx == with_plx)
-                if not rows.any():
-                    continue
-                kwargs = {"distance": Distance(parallax=plx[rows] * u.mas)} if with_plx else {}
-                with warnings.catch_warnings():
-                    # far-future UTC dates and the default distance of rows without parallax
-                    warnings.simplefilter("ignore", erfa.ErfaWarning)
-                    coords = SkyCoord(
-                        ra=self.ra[rows] * u.deg,
-                        dec=self.dec[rows] * u.deg,
-                        pm_ra_cosdec=self.pmra[rows] * u.mas / u.yr,
-                        pm_dec=self.pmdec[rows] * u.mas / u.yr,
-                        obstime=Time(float(ref_epoch), format="decimalyear"),
-                        **kwargs,
-                    )
-                    moved = coords.apply_space_motion(new_obstime=new_time)
-                ra[rows], dec[rows] = moved.ra.deg, moved.dec.deg
-        return ra, dec
-
-
-_REF_FORMATS = {
-    ".ecsv": "ascii.ecsv",
-    ".csv": "ascii.csv",
-    ".fits": "fits",
-    ".fit": "fits",
-    ".parquet": "parquet",
-}
-
-
-def _column(table, *names):
-    lower = {c.lower(): c for c in table.colnames}
-    for name in names:
-        if name in lower:
-            col = table[lower[name]]
-            return np.asarray(np.ma.asarray(col, dtype=float).filled(np.nan), float)
-    return None
-
-
-def read_reference(
-    path: str | os.PathLike,
-    ra: float | None = None,
-    dec: float | None = None,
-    radius: float | None = None,
-) -> Reference:
-    """Read a reference catalog file, optionally keeping only a cone.
-
-    Columns (any case): ``ra``/``dec`` (deg), optional ``pmra``/``pmdec``
-    (mas/yr), ``parallax`` (mas) and ``epoch`` or ``ref_epoch`` (decimal year;
-    else the table's ``epoch`` meta value).
-
-    Parameters
-    ----------
-    path : str or path-like
-        ECSV, CSV, FITS or Parquet file.
-    ra, dec, radius : float, optional
-        Cone centre and radius (deg).
-
-    Raises
-    ------
-    TweakRegError
-        Naming the file, when it cannot be read or has no RA/DEC columns.
-    """
-    from astropy.table import Table
-
-    path = Path(path)
-    fmt = _REF_FORMATS.get(path.suffix.lower())
-    try:
-        table = Table.read(path, format=fmt)
-    except Exception as err:
-        raise TweakRegError(f"{path}: cannot read the reference catalog: {err}") from err
-    ref_ra, ref_dec = _column(table, "ra"), _column(table, "dec")
-    if ref_ra is None or ref_dec is None:
-        raise TweakRegError(
-            f"{path}: the reference catalog needs RA/DEC columns (any case); found {table.colnames}"
-        )
-    epoch = _column(table, "epoch", "ref_epoch")
-    if epoch is None and table.meta.get("epoch") is not None:
-        epoch = np.full(len(table), float(table.meta["epoch"]))
-    ref = Reference(
-        path.name,
-        ref_ra,
-        ref_dec,
-        _column(table, "pmra"),
-        _column(table, "pmdec"),
-        _column(table, "parallax"),
-        epoch,
-    )
-    if ra is not None and dec is not None and radius is not None:
-        keep = _separation_deg(ref.ra, ref.dec, ra, dec) <= radius
-        ref = Reference(
-            ref.name,
-            *(
-                None if v is None else v[keep]
-                for v in (ref.ra, ref.dec, ref.pmra, ref.pmdec, ref.parallax, ref.epoch)
-            ),
-        )
-    if not ref.can_move:
-        log.warning("%s: no proper motions or epoch; positions are used as stored", path)
-    return ref
-
-
 # -- geometry and matching --------------------------------------------------------------------
 def _separation_deg(ra1, dec1, ra2, dec2) -> np.ndarray:
     from astropy.coordinates import angular_separation
@@ -490,7 +332,7 @@ class Residuals:
 
 def compute_residuals(
     images: Sequence[ImageSources],
-    reference: Reference | None = None,
+    reference: ReferenceCatalog | None = None,
     *,
     match_radius: float = DEFAULT_MATCH_RADIUS,
 ) -> list[Residuals]:
@@ -499,7 +341,7 @@ def compute_residuals(
     Parameters
     ----------
     images : sequence of ImageSources
-    reference : Reference or None
+    reference : roman_tweakreg.refcat.ReferenceCatalog or None
         Without it, each group is compared with the groups before it.
     match_radius : float
         Matching radius (arcsec), applied to the aligned positions.
@@ -515,7 +357,7 @@ def compute_residuals(
         for img in images:
             key = None if img.epoch is None else round(img.epoch, 6)
             if key not in cache:
-                cache[key] = reference.at_epoch(img.epoch)
+                cache[key] = reference.positions(img.epoch)
             ref_ra, ref_dec = cache[key]
             src, ref = match_nearest(img.ra, img.dec, ref_ra, ref_dec, match_radius)
             after = np.column_stack(
@@ -851,7 +693,9 @@ def make_plots(
         corners = np.vstack([i.footprint for i in images])
         ra0, dec0 = _centre(corners[:, 0], corners[:, 1])
         radius = float(_separation_deg(corners[:, 0], corners[:, 1], ra0, dec0).max())
-        reference = read_reference(refcat, ra0, dec0, radius + 2 * match_radius / 3600 + 0.01)
+        reference = read_local_catalog(refcat, ra0, dec0, radius + 2 * match_radius / 3600 + 0.01)
+        for message in reference.warnings:
+            log.warning("%s", message)
     elif len({i.group_id for i in images}) < 2:
         raise TweakRegError(
             "a single exposure group and no --refcat: there is nothing to compare the "
@@ -876,7 +720,7 @@ def make_plots(
     ref_xy = None
     if reference is not None:
         epochs = [i.epoch for i in images if i.epoch is not None]
-        ref_xy = reference.at_epoch(float(np.mean(epochs)) if epochs else None)
+        ref_xy = reference.positions(float(np.mean(epochs)) if epochs else None)
     rng = np.random.default_rng(seed)
     out_dir = Path(out_dir)
     return [
