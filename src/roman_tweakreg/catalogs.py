@@ -21,15 +21,14 @@ Pixel columns, first pair present wins: ``x``/``y``, ``xcentroid``/``ycentroid``
 from __future__ import annotations
 
 import logging
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import erfa
 import numpy as np
 from astropy.table import Table
 
+from ._meta import exposure_epoch, meta_get
 from .errors import CatalogError, MissingCatalogError
 
 if TYPE_CHECKING:
@@ -175,25 +174,18 @@ def read_catfile(path: str | Path) -> dict[str, CatalogSource]:
 def model_catalog_source(meta: Any, model_dir: Path | None) -> CatalogSource | None:
     """Return the catalog a model names in its own metadata, or None."""
     base = tuple(d for d in (model_dir, Path.cwd()) if d is not None)
-    value = _get(meta, "tweakreg_catalog")
+    value = meta_get(meta, "tweakreg_catalog")
     if value is not None:
         return CatalogSource(value, "meta.tweakreg_catalog", base)
-    source_catalog = _get(meta, "source_catalog")
+    source_catalog = meta_get(meta, "source_catalog")
     if source_catalog is not None:
-        value = _get(source_catalog, "tweakreg_catalog")
+        value = meta_get(source_catalog, "tweakreg_catalog")
         if value is not None:
             return CatalogSource(value, "meta.source_catalog.tweakreg_catalog", base)
-        value = _get(source_catalog, "tweakreg_catalog_name")
+        value = meta_get(source_catalog, "tweakreg_catalog_name")
         if value:
             return CatalogSource(value, "meta.source_catalog.tweakreg_catalog_name", base)
     return None
-
-
-def _get(node: Any, key: str) -> Any:
-    try:
-        return node[key] if key in node else None
-    except TypeError:
-        return getattr(node, key, None)
 
 
 def read_catalog(source: CatalogSource, image: str, catalog_format: str = "ascii.ecsv") -> Table:
@@ -383,16 +375,6 @@ def _catalog_source(
     return model_catalog_source(model.meta, model_dir)
 
 
-def _epoch(model) -> float | None:
-    try:
-        with warnings.catch_warnings():
-            # ERFA calls far-future UTC dates "dubious" (unknown leap seconds): harmless here
-            warnings.simplefilter("ignore", erfa.ErfaWarning)
-            return float(model.meta.exposure.start_time.decimalyear)
-    except (AttributeError, TypeError, ValueError):
-        return None
-
-
 def _detect(model, name: str, params, catalog_path: str, catalog_format: str) -> CatalogSource:
     """Detect sources in ``model``'s pixels and write the catalog; return where it is."""
     from .detection import catalog_filename, detect_sources, write_catalog
@@ -492,7 +474,7 @@ def collect(
                             k: float(model.meta.wcsinfo[k])
                             for k in ("v2_ref", "v3_ref", "roll_ref")
                         },
-                        epoch=_epoch(model),
+                        epoch=exposure_epoch(model.meta),
                         catalog_name=str(source.resolve()) if source.assigned else "",
                     )
                 )

@@ -26,6 +26,7 @@ import asdf
 from roman_datamodels import datamodels as rdm
 from stpipe.library import AbstractModelLibrary, NoGroupID
 
+from ._meta import meta_get
 from .errors import TweakRegError
 
 if TYPE_CHECKING:
@@ -52,24 +53,17 @@ def exposure_group_id(meta: Any, filename: str | None = None) -> str:
     stpipe.library.NoGroupID
         When nothing identifies the exposure.
     """
-    group_id = _get(meta, "group_id")
+    group_id = meta_get(meta, "group_id")
     if group_id not in _UNSET:
         return str(group_id)
-    obs = _get(meta, "observation") or {}
-    visit_id, exposure = _get(obs, "visit_id"), _get(obs, "exposure")
+    obs = meta_get(meta, "observation") or {}
+    visit_id, exposure = meta_get(obs, "visit_id"), meta_get(obs, "exposure")
     if visit_id not in _UNSET and exposure not in _UNSET:
         return f"{visit_id}_{int(exposure):04d}"
-    name = filename or _get(meta, "filename")
+    name = filename or meta_get(meta, "filename")
     if name and (match := _ROMAN_STEM.match(Path(str(name)).name)):
         return match.group(1).lower()
     raise NoGroupID(f"{filename or 'model'}: no group_id, exposure identity or Roman file name")
-
-
-def _get(node: Any, key: str) -> Any:
-    try:
-        return node[key] if key in node else None
-    except TypeError:
-        return getattr(node, key, None)
 
 
 class ModelLibrary(AbstractModelLibrary):

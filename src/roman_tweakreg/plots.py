@@ -23,13 +23,13 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ._meta import exposure_epoch
 from .errors import TweakRegError
 from .refcat import read_local_catalog
 from .report import expand_paths, open_meta
@@ -121,17 +121,6 @@ def find_input(output: Path, inputs: dict[str, Path] | None) -> Path | None:
     return None
 
 
-def _epoch(meta) -> float | None:
-    import erfa
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", erfa.ErfaWarning)  # far-future UTC is "dubious"
-            return float(meta["exposure"]["start_time"].decimalyear)
-    except (KeyError, AttributeError, TypeError, ValueError):
-        return None
-
-
 def _read_sources(meta, path: Path, search_dirs: Sequence[Path]) -> tuple[np.ndarray, np.ndarray]:
     """Pixel x, y of the catalog an image names, inside its WCS bounding box."""
     from .catalogs import (
@@ -210,7 +199,7 @@ def load_images(
                 group = str(fit.get("group_id") or exposure_group_id(meta, path.name))
             except Exception:
                 group = path.name
-            epoch = _epoch(meta)
+            epoch = exposure_epoch(meta)
             ra, dec = (np.asarray(v, float) for v in wcs(x, y, with_bounding_box=False))
             footprint = np.asarray(wcs.footprint(center=False), float)
         ra_b = dec_b = None

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from ._meta import meta_get
 from .errors import TweakRegError
 
 __all__ = [
@@ -93,32 +94,20 @@ def _pair(value: Any) -> list[float | None] | None:
     return [_number(v) for v in seq[:2]] if len(seq) >= 2 else None
 
 
-def _get(node: Any, key: str, default: Any = None) -> Any:
-    """``node[key]`` for dicts, stnode objects and ASDF lazy nodes; ``default`` when absent."""
-    if node is None:
-        return default
-    try:
-        if key in node:
-            return node[key]
-        return default
-    except TypeError:
-        return getattr(node, key, default)
-
-
 def _phase_summary(fit: Mapping | None) -> dict:
     """The report fields of one phase (or of the final fit) of ``wcs_fit_results``."""
     fit = fit or {}
     return {
-        "status": _get(fit, "status"),
-        "reason": _get(fit, "reason") or "",
-        "fitgeom": _get(fit, "fitgeom"),
-        "refcat": _get(fit, "refcat") or "",
-        "nmatches": int(_get(fit, "nmatches", 0) or 0),
-        "rmse_mas": _number(_get(fit, "rmse"), 1000.0),
-        "mae_mas": _number(_get(fit, "mae"), 1000.0),
-        "shift_arcsec": _pair(_get(fit, "shift")),
-        "rotation_deg": _number(_get(fit, "<rot>", _get(fit, "proper_rot"))),
-        "scale": _number(_get(fit, "<scale>")),
+        "status": meta_get(fit, "status"),
+        "reason": meta_get(fit, "reason") or "",
+        "fitgeom": meta_get(fit, "fitgeom"),
+        "refcat": meta_get(fit, "refcat") or "",
+        "nmatches": int(meta_get(fit, "nmatches", 0) or 0),
+        "rmse_mas": _number(meta_get(fit, "rmse"), 1000.0),
+        "mae_mas": _number(meta_get(fit, "mae"), 1000.0),
+        "shift_arcsec": _pair(meta_get(fit, "shift")),
+        "rotation_deg": _number(meta_get(fit, "<rot>", meta_get(fit, "proper_rot"))),
+        "scale": _number(meta_get(fit, "<scale>")),
     }
 
 
@@ -141,10 +130,10 @@ def image_entry(meta: Any, file: str) -> dict:
         ``scale``) and ``relative`` / ``absolute`` with the same fit keys per phase
         (``status`` there is the phase's own status).
     """
-    fit = _get(meta, "wcs_fit_results")
+    fit = meta_get(meta, "wcs_fit_results")
     fit = _plain(fit) if fit is not None else None
-    wcs = _get(meta, "wcs")
-    status = _get(_get(meta, "cal_step"), "tweakreg")
+    wcs = meta_get(meta, "wcs")
+    status = meta_get(meta_get(meta, "cal_step"), "tweakreg")
     final = _phase_summary(fit)
     entry = {
         "file": file,
