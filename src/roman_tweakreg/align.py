@@ -42,6 +42,7 @@ __all__ = [
     "FitResult",
     "TangentPlane",
     "absolute_align",
+    "enclosing_cone",
     "footprint_cone",
     "relative_align",
     "rigid_sets",
@@ -470,28 +471,29 @@ def _near(ref_xy: np.ndarray, img_xy: np.ndarray, margin: float) -> np.ndarray:
     return ref_xy[keep]
 
 
-def footprint_cone(plane: TangentPlane) -> tuple[float, float, float]:
-    """Return ``(ra, dec, radius)`` in degrees of a cone covering every image's footprint.
+def enclosing_cone(ra: np.ndarray, dec: np.ndarray) -> tuple[float, float, float]:
+    """Return ``(ra, dec, radius)`` in degrees of a cone around sky positions (degrees).
 
-    Footprints include the corrections found so far.  The centre is the
-    normalised mean of the corner unit vectors; the radius the largest angular
-    distance from it to a corner (computed on the sphere).
+    The centre is the normalised mean of the unit vectors; the radius the largest
+    angular distance from it to a position (computed on the sphere).
     """
-    vectors = []
-    for hull in plane.hulls:
-        corners = np.asarray(hull.exterior.coords)
-        ra, dec = plane.ref.tanp_to_world(corners[:, 0], corners[:, 1])
-        ra, dec = np.deg2rad(ra), np.deg2rad(dec)
-        vectors.append(
-            np.column_stack([np.cos(dec) * np.cos(ra), np.cos(dec) * np.sin(ra), np.sin(dec)])
-        )
-    v = np.vstack(vectors)
+    a, d = np.deg2rad(np.ravel(ra)), np.deg2rad(np.ravel(dec))
+    v = np.column_stack([np.cos(d) * np.cos(a), np.cos(d) * np.sin(a), np.sin(d)])
     centre = v.mean(axis=0)
     centre /= np.linalg.norm(centre)
     radius = np.rad2deg(np.arccos(np.clip(v @ centre, -1, 1)).max())
     ra_c = np.rad2deg(np.arctan2(centre[1], centre[0])) % 360.0
     dec_c = np.rad2deg(np.arcsin(centre[2]))
     return float(ra_c), float(dec_c), float(radius)
+
+
+def footprint_cone(plane: TangentPlane) -> tuple[float, float, float]:
+    """Return ``(ra, dec, radius)`` in degrees of a cone covering every image's footprint.
+
+    Footprints include the corrections found so far.
+    """
+    corners = np.vstack([np.asarray(hull.exterior.coords) for hull in plane.hulls])
+    return enclosing_cone(*plane.ref.tanp_to_world(corners[:, 0], corners[:, 1]))
 
 
 def rigid_sets(images: Sequence[ImageCatalog], relative: dict[str, FitResult]) -> list[list[int]]:

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ._meta import exposure_epoch
+from .align import enclosing_cone
 from .errors import TweakRegError
 from .refcat import read_local_catalog
 from .report import expand_paths, open_meta
@@ -229,13 +230,6 @@ def load_images(
 
 
 # -- geometry and matching --------------------------------------------------------------------
-def _separation_deg(ra1, dec1, ra2, dec2) -> np.ndarray:
-    from astropy.coordinates import angular_separation
-
-    args = np.broadcast_arrays(*(np.deg2rad(np.asarray(v, float)) for v in (ra1, dec1, ra2, dec2)))
-    return np.rad2deg(angular_separation(*args))
-
-
 def _tangent(ra, dec, ra0: float, dec0: float) -> tuple[np.ndarray, np.ndarray]:
     """Gnomonic projection about (ra0, dec0): xi (east), eta (north) in arcsec."""
     a, d = np.deg2rad(np.asarray(ra, float) - ra0), np.deg2rad(np.asarray(dec, float))
@@ -244,14 +238,6 @@ def _tangent(ra, dec, ra0: float, dec0: float) -> tuple[np.ndarray, np.ndarray]:
     xi = np.cos(d) * np.sin(a) / den
     eta = (np.cos(d0) * np.sin(d) - np.sin(d0) * np.cos(d) * np.cos(a)) / den
     return np.rad2deg(xi) * 3600.0, np.rad2deg(eta) * 3600.0
-
-
-def _centre(ra: np.ndarray, dec: np.ndarray) -> tuple[float, float]:
-    a, d = np.deg2rad(ra), np.deg2rad(dec)
-    v = np.array([np.cos(d) * np.cos(a), np.cos(d) * np.sin(a), np.sin(d)]).mean(axis=1)
-    return float(np.rad2deg(np.arctan2(v[1], v[0])) % 360), float(
-        np.rad2deg(np.arctan2(v[2], np.hypot(v[0], v[1])))
-    )
 
 
 def _offsets_mas(ra, dec, ra_ref, dec_ref) -> tuple[np.ndarray, np.ndarray]:
@@ -279,7 +265,7 @@ def match_nearest(ra, dec, ref_ra, ref_dec, radius: float) -> tuple[np.ndarray, 
     empty = np.empty(0, int)
     if ra.size == 0 or np.size(ref_ra) == 0:
         return empty, empty
-    ra0, dec0 = _centre(ra, dec)
+    ra0, dec0 = enclosing_cone(ra, dec)[:2]
     tree = cKDTree(np.column_stack(_tangent(ref_ra, ref_dec, ra0, dec0)))
     dist, idx = tree.query(
         np.column_stack(_tangent(ra, dec, ra0, dec0)), distance_upper_bound=radius
@@ -441,7 +427,7 @@ def _focal_plane(images, residuals, out_dir, max_vectors, rng, title_ref):
 
     all_ra = np.concatenate([i.footprint[:, 0] for i in images])
     all_dec = np.concatenate([i.footprint[:, 1] for i in images])
-    ra0, dec0 = _centre(all_ra, all_dec)
+    ra0, dec0 = enclosing_cone(all_ra, all_dec)[:2]
     groups = list(dict.fromkeys(i.group_id for i in images))
     colours = _colours(groups)
     phases = [("after", "after alignment (output WCS)")]
@@ -680,8 +666,7 @@ def make_plots(
     reference = None
     if refcat is not None:
         corners = np.vstack([i.footprint for i in images])
-        ra0, dec0 = _centre(corners[:, 0], corners[:, 1])
-        radius = float(_separation_deg(corners[:, 0], corners[:, 1], ra0, dec0).max())
+        ra0, dec0, radius = enclosing_cone(corners[:, 0], corners[:, 1])
         reference = read_local_catalog(refcat, ra0, dec0, radius + 2 * match_radius / 3600 + 0.01)
         for message in reference.warnings:
             log.warning("%s", message)
