@@ -363,3 +363,18 @@ def test_never_asks_crds(monkeypatch, refcat_file):
     # .call goes through stpipe's build_config, where a step would fetch CRDS parameters
     result = TweakRegStep.call(exposures[0].models[0], abs_refcat=str(refcat_file))
     assert metas(result)[0][0] == "COMPLETE"
+
+
+def test_running_again_on_aligned_outputs(refcat_file):
+    exposures, _ = make_data()
+    first = TweakRegStep.call(models_of(exposures), abs_refcat=str(refcat_file))
+    with first:
+        models = [first.borrow(i) for i in range(len(first))]
+        for i, m in enumerate(models):
+            first.shelve(m, i, modify=False)
+    second = TweakRegStep.call(models, abs_refcat=str(refcat_file))
+    assert errors_mas(second, truths_of(exposures)).max() < 1.0
+    for status, fit, _, frames in metas(second):
+        assert status == "COMPLETE"
+        assert frames == ["detector", "v2v3", "v2v3corr", "world"]
+        assert abs(fit["shift"][0]) < 0.002  # arcsec: nothing left to correct
