@@ -378,3 +378,17 @@ def test_running_again_on_aligned_outputs(refcat_file):
         assert status == "COMPLETE"
         assert frames == ["detector", "v2v3", "v2v3corr", "world"]
         assert abs(fit["shift"][0]) < 0.002  # arcsec: nothing left to correct
+
+
+def test_file_and_list_of_files_inputs(on_disk, tmp_path):
+    asn, exposures = on_disk
+    files = sorted(asn.parent.glob("*_cal.asdf"))
+    refcat = str(asn.parent / "gaia_2028.ecsv")
+    result = TweakRegStep.call([str(f) for f in files], abs_refcat=refcat)
+    assert errors_mas(result, truths_of(exposures)).max() < 1.0
+    assert len({o[1]["group_id"] for o in metas(result)}) == 2  # groups from the file metadata
+    single = TweakRegStep.call(
+        str(files[0]), abs_refcat=refcat, output_dir=str(tmp_path), save_results=True
+    )
+    assert metas(single)[0][0] == "COMPLETE"
+    assert (tmp_path / files[0].name.replace("_cal.asdf", "_cal_tweakregstep.asdf")).is_file()
