@@ -392,3 +392,29 @@ def test_file_and_list_of_files_inputs(on_disk, tmp_path):
     )
     assert metas(single)[0][0] == "COMPLETE"
     assert (tmp_path / files[0].name.replace("_cal.asdf", "_cal_tweakregstep.asdf")).is_file()
+
+
+def test_outputs_have_ordinary_permissions(refcat_file, tmp_path):
+    """Outputs are written through a temporary file, yet readable like any new file."""
+    import os
+
+    exposures, _ = make_data(1, detectors=("WFI01",))
+    out = tmp_path / "out"
+    TweakRegStep.call(
+        exposures[0].models[0],
+        abs_refcat=str(refcat_file),
+        output_dir=str(out),
+        save_results=True,
+        report="report.json",
+        save_abs_catalog=True,
+    )
+    umask = os.umask(0)
+    os.umask(umask)
+    written = sorted(out.iterdir())
+    assert [p.name for p in written] == [
+        "fit_gaia_2028_ref.ecsv",
+        "r0000101001001001001_0001_wfi01_cal_tweakregstep.asdf",
+        "report.json",
+    ]
+    for path in written:
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask, path

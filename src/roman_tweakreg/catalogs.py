@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from astropy.table import Table
 
+from ._io import read_parquet
 from ._meta import exposure_epoch, meta_get
 from .errors import CatalogError, MissingCatalogError
 
@@ -242,9 +243,7 @@ def read_catalog(source: CatalogSource, image: str, catalog_format: str = "ascii
 def _read_table(path: Path, catalog_format: str) -> Table:
     suffix = path.suffix.lower()
     if suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        return Table(pq.read_table(path).to_pydict())
+        return read_parquet(path)
     if suffix == ".asdf":
         import asdf
 

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -43,6 +42,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from astropy.table import Table
 
+from ._io import write_atomically, write_parquet
 from .errors import InvalidParameterError
 
 if TYPE_CHECKING:
@@ -423,21 +423,9 @@ def write_catalog(
         ``path``.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        if path.suffix.lower() == ".parquet":
-            import pyarrow as pa
-            import pyarrow.parquet as pq
-
-            columns = {name: np.asarray(table[name]) for name in table.colnames}
-            pq.write_table(pa.table(columns), tmp)
-        else:
-            table.write(tmp, format=catalog_format, overwrite=True)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    if path.suffix.lower() == ".parquet":
+        write_atomically(path, lambda p: write_parquet(table, p))
+    else:
+        write_atomically(path, lambda p: table.write(p, format=catalog_format))
     log.debug("Wrote catalog of %d sources to %s", len(table), path)
     return path

@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ._io import write_atomically
 from ._meta import exposure_epoch
 from .align import enclosing_cone
 from .errors import TweakRegError
@@ -398,19 +398,7 @@ def _rms(a: np.ndarray) -> float:
 
 
 def _savefig(fig, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=120)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual mode
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomically(path, lambda p: fig.savefig(p, dpi=120))
 
 
 def _colours(groups: Sequence[str]) -> dict[str, tuple]:

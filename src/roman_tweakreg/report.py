@@ -21,7 +21,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -29,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from ._io import write_atomically
 from ._meta import meta_get
 from .errors import TweakRegError
 
@@ -278,19 +278,9 @@ def write_report(report: dict, path: str | os.PathLike) -> Path:
     path = Path(path)
     try:
         text = json.dumps(_plain(report), indent=2, allow_nan=False) + "\n"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        write_atomically(path, lambda p: p.write_text(text, encoding="utf-8"))
     except (TypeError, ValueError, OSError) as err:
         raise TweakRegError(f"{path}: cannot write the tweakreg report: {err}") from err
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException as err:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(err, OSError):
-            raise TweakRegError(f"{path}: cannot write the tweakreg report: {err}") from err
-        raise
     log.info("Wrote the tweakreg report %s", path)
     return path
 

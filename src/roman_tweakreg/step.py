@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,6 +13,7 @@ from stpipe import Step, config_parser
 from stpipe.library import AbstractModelLibrary
 
 from . import align, catalogs, results
+from ._io import write_atomically
 from .errors import InvalidParameterError, ReferenceCatalogError
 from .library import open_library
 from .refcat import DEFAULT_REFCAT, get_reference_catalog
@@ -212,7 +211,6 @@ class TweakRegStep(Step):
             path = Path(self.output_dir) / path
         try:
             write_report(build_report(library, parameters=pars, timings=timings), path)
-            log.info("Wrote the fit report %s", path)
         except (TweakRegError, OSError) as err:  # a report must never lose the alignment
             log.warning("Report not written: %s", err)
 
@@ -291,7 +289,7 @@ class TweakRegStep(Step):
         if self.output_use_model or (output_file is None and not self.search_output_file):
             output_file, idx = model.meta.filename, None
         path = self.make_output_path(basepath=output_file, suffix=suffix, idx=idx, **components)
-        _write_atomically(Path(path), model.save)
+        write_atomically(path, model.save)
         log.info("Saved model in %s", path)
         return path
 
@@ -311,12 +309,3 @@ class _Clock:
         self.timings[name] = time.perf_counter() - t
         self.timings["total"] = time.perf_counter() - self.start
         log.info("Phase %s done in %.2f s", name, self.timings[name])
-
-
-def _write_atomically(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` then rename to ``path``: readers never see a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".tweakreg-") as tmp:
-        tmp_path = Path(tmp) / path.name
-        write(tmp_path)
-        os.replace(tmp_path, path)

@@ -20,13 +20,14 @@ import json
 import logging
 import os
 import re
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from astropy.coordinates import angular_separation
+
+from .._io import write_atomically
 
 __all__ = ["CACHE_ENV", "CACHE_OFF", "ConeCache", "ConeEntry", "default_cache_dir"]
 
@@ -51,18 +52,6 @@ def default_cache_dir() -> Path | None:
 
 def _digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 @dataclass(frozen=True)
@@ -166,7 +155,9 @@ class ConeCache:
             f"{float(ra)!r}_{float(dec)!r}_{float(radius)!r}.cone"
         )
         try:
-            _write_atomically(path, json.dumps(meta).encode() + b"\n" + body)
+            write_atomically(
+                path, lambda p: p.write_bytes(json.dumps(meta).encode() + b"\n" + body)
+            )
         except OSError as err:
             log.warning("Cannot write the catalog cache entry %s: %s", path, err)
             return None
@@ -202,8 +193,9 @@ class ConeCache:
     def put_file(self, path: Path, data: bytes) -> Path | None:
         """Store a downloaded file and its checksum; None when the cache cannot be written."""
         try:
-            _write_atomically(path, data)
-            _write_atomically(path.with_name(path.name + ".sha256"), _digest(data).encode())
+            write_atomically(path, lambda p: p.write_bytes(data))
+            digest = _digest(data).encode()
+            write_atomically(path.with_name(path.name + ".sha256"), lambda p: p.write_bytes(digest))
         except OSError as err:
             log.warning("Cannot write the cached file %s: %s", path, err)
             return None

@@ -20,6 +20,7 @@ from astropy import units as u
 from astropy.coordinates import SkyCoord, angular_separation
 from astropy.table import Table
 
+from .._io import read_parquet
 from ..errors import ReferenceCatalogError
 from ._types import ReferenceCatalog, standard_table
 
@@ -78,13 +79,8 @@ def read_local_catalog(
         return read_hats_catalog(path, ra, dec, radius, name=name)
     fmt = next((f for s, f in _FORMATS.items() if path.name.lower().endswith(s)), None)
     try:
-        if fmt == "parquet":  # pyarrow directly: astropy's reader wants pandas
-            import pyarrow.parquet as pq
-
-            data = pq.read_table(path)
-            table = Table(
-                {c: data.column(c).to_numpy(zero_copy_only=False) for c in data.column_names}
-            )
+        if fmt == "parquet":
+            table = read_parquet(path)
         else:
             table = Table.read(path, format=fmt)
     except Exception as err:

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from astropy.table import Table
 
+from .._io import write_atomically
 from ._motion import carry
 
 __all__ = ["COLUMNS", "DEFAULT_REFCAT", "ReferenceCatalog", "standard_table"]
@@ -148,18 +148,8 @@ class ReferenceCatalog:
         pathlib.Path
             The path written.
         """
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         table = self.at_epoch(epoch)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            table.write(tmp, format="ascii.ecsv", overwrite=True)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return write_atomically(path, lambda p: table.write(p, format="ascii.ecsv"))
 
 
 def standard_table(columns: dict[str, np.ndarray]) -> Table:
