@@ -255,3 +255,23 @@ def test_agrees_with_tweakwcs_align_wcs(two_exposures):
     assert 0 <= correctors[0].meta["fit_info"]["nmatches"] - ours.nmatches <= 0.01 * ours.nmatches
     for i, corrector in enumerate(correctors):
         assert simulate.wcs_difference_mas(plane.corrected_wcs(i), corrector.wcs) < 0.01
+
+
+@pytest.mark.parametrize("weighted", [True, False])
+def test_weight_column_weights_the_absolute_fit(two_exposures, weighted):
+    exposures, stars = two_exposures
+    images = images_of(exposures[:1])
+    rng = np.random.default_rng(3)
+    for img in images:
+        bad = rng.random(len(img.catalog)) < 0.3
+        img.catalog["x"][bad] += 0.45  # pixels: ~50 mas, inside tolerance and the clip limit
+        if weighted:
+            img.catalog["weight"] = np.where(bad, 1e-6, 1.0)
+    plane = TangentPlane(images)
+    result = absolute_align(plane, truth_positions(stars), ABS)
+    assert result.status == "SUCCESS"
+    error = errors_mas(plane, truths_of(exposures[:1])).max()
+    if weighted:
+        assert error < 1.0
+    else:
+        assert error > 5.0  # the same data unweighted is pulled by the displaced sources

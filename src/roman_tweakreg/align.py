@@ -253,12 +253,8 @@ def _match_and_fit(
     pars: FitParameters,
     match: Callable,
     img_weight: np.ndarray | None = None,
-    all_xy: np.ndarray | None = None,
 ) -> FitResult:
-    """Match ``img_xy`` to ``ref_xy``, fit, and check the correction (nothing applied).
-
-    ``all_xy`` are every source the correction would move (default ``img_xy``).
-    """
+    """Match ``img_xy`` to ``ref_xy``, fit, and check the correction (nothing applied)."""
     if len(img_xy) == 0:
         return FitResult("FAILED", "no sources in the image catalog(s)")
     if len(ref_xy) == 0:
@@ -267,7 +263,21 @@ def _match_and_fit(
         ridx, iidx = _match(ref_xy, img_xy, match, pars)
     except MatchSourceConfusionError as err:
         return FitResult("FAILED", _confusion(err))
-    nmatches = int(ridx.size)
+    weight = None if img_weight is None else img_weight[iidx]
+    result = _fit(ref_xy[ridx], img_xy[iidx], weight, img_xy, pars)
+    result.matched_img_idx = iidx
+    return result
+
+
+def _fit(
+    ref_m: np.ndarray,
+    img_m: np.ndarray,
+    weight: np.ndarray | None,
+    all_xy: np.ndarray,
+    pars: FitParameters,
+) -> FitResult:
+    """Fit matched pairs with tweakwcs and check the correction on ``all_xy`` (nothing applied)."""
+    nmatches = len(img_m)
     minobj = max(pars.minobj, MIN_MATCHES[pars.fitgeometry])
     if nmatches < minobj:
         return FitResult(
@@ -277,9 +287,9 @@ def _match_and_fit(
         )
     try:
         fit = iter_linear_fit(
-            ref_xy[ridx],
-            img_xy[iidx],
-            wuv=None if img_weight is None else img_weight[iidx],
+            ref_m,
+            img_m,
+            wuv=weight,
             fitgeom=pars.fitgeometry,
             nclip=pars.nclip,
             sigma=(pars.sigma, "rmse"),
@@ -292,10 +302,10 @@ def _match_and_fit(
     center = np.asarray(fit["center"], dtype=float)
     fit["shift"] = np.asarray(fit["shift"], dtype=float) + center - matrix @ center
     fit["nmatches"] = int(np.count_nonzero(fit["fitmask"]))
-    reason = _implausible(fit, img_xy[iidx], img_xy if all_xy is None else all_xy, pars.searchrad)
+    reason = _implausible(fit, img_m, all_xy, pars.searchrad)
     if reason:
         return FitResult("FAILED", reason, fit=fit, nmatches=nmatches)
-    return FitResult("SUCCESS", fit=fit, nmatches=nmatches, matched_img_idx=iidx)
+    return FitResult("SUCCESS", fit=fit, nmatches=nmatches)
 
 
 def _groups(images: Sequence[ImageCatalog]) -> dict[str, list[int]]:
@@ -407,7 +417,7 @@ def absolute_align(
     images = plane.images
     # Each exposure group is matched on its own (a star seen by two exposures
     # must match the same reference star twice), at its own epoch.
-    ref_all, img_all, n_total = [], [], 0
+    ref_all, img_all, weights = [], [], []
     for group in _groups([images[i] for i in members]).values():
         group = [members[i] for i in group]
         img_xy = plane.group_xy(group)
@@ -422,14 +432,14 @@ def absolute_align(
             return FitResult("FAILED", _confusion(err, refcat_name), refcat=refcat_name)
         ref_all.append(ref_xy[ridx])
         img_all.append(img_xy[iidx])
-        n_total += len(img_xy)
+        group_weight = plane.group_weights(group)
+        weights.append(None if group_weight is None else group_weight[iidx])
     if not ref_all:
         return FitResult(
             "FAILED", f"no {refcat_name} sources fall on the images", refcat=refcat_name
         )
-    ref_m, img_m = np.vstack(ref_all), np.vstack(img_all)
-    identity = lambda r, i, **kw: (np.arange(len(r)), np.arange(len(i)))  # noqa: E731
-    result = _match_and_fit(ref_m, img_m, pars, identity, all_xy=plane.group_xy(members))
+    weight = None if any(w is None for w in weights) else np.concatenate(weights)
+    result = _fit(np.vstack(ref_all), np.vstack(img_all), weight, plane.group_xy(members), pars)
     result.refcat = refcat_name
     if result.applied:
         plane.apply(members, result.fit)
