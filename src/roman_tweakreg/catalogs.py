@@ -41,6 +41,7 @@ __all__ = [
     "ImageCatalog",
     "collect",
     "filter_catalog",
+    "load_catalog",
     "normalize_catalog",
     "read_catalog",
     "read_catfile",
@@ -304,7 +305,7 @@ def normalize_catalog(catalog: Table, image: str) -> Table:
     return out
 
 
-def filter_catalog(catalog: Table, bounding_box, image: str) -> tuple[Table, int, int]:
+def filter_catalog(catalog: Table, bounding_box, image: str) -> Table:
     """Drop rows with non-finite positions and rows outside ``bounding_box``.
 
     Parameters
@@ -318,7 +319,8 @@ def filter_catalog(catalog: Table, bounding_box, image: str) -> tuple[Table, int
 
     Returns
     -------
-    catalog, n_nonfinite, n_outside
+    Table
+        The rows kept; the counts dropped are logged.
     """
     x, y = np.asarray(catalog["x"]), np.asarray(catalog["y"])
     finite = np.isfinite(x) & np.isfinite(y)
@@ -333,7 +335,17 @@ def filter_catalog(catalog: Table, bounding_box, image: str) -> tuple[Table, int
         log.warning("%s: dropped %d catalog rows with non-finite x/y", image, n_nonfinite)
     if n_outside:
         log.info("%s: dropped %d sources outside the WCS bounding box", image, n_outside)
-    return catalog[inside], n_nonfinite, n_outside
+    return catalog[inside]
+
+
+def load_catalog(source: CatalogSource, image: str, wcs, catalog_format: str = "ascii.ecsv"):
+    """Read, normalise and filter one image's catalog: ``x``, ``y`` of its usable sources.
+
+    See :func:`read_catalog`, :func:`normalize_catalog` and :func:`filter_catalog`
+    (the bounding box is ``wcs``'s) for what is read, accepted and dropped.
+    """
+    table = normalize_catalog(read_catalog(source, image, catalog_format), image)
+    return filter_catalog(table, bounding_box_of(wcs), image)
 
 
 def bounding_box_of(wcs) -> tuple | None:
@@ -453,8 +465,7 @@ def collect(
                     if detection is None:
                         raise MissingCatalogError(f"{name}: no source catalog ({where} gives none)")
                     source = _detect(model, name, detection, catalog_path, catalog_format)
-                table = normalize_catalog(read_catalog(source, name, catalog_format), name)
-                table, _, _ = filter_catalog(table, bounding_box_of(model.meta.wcs), name)
+                table = load_catalog(source, name, model.meta.wcs, catalog_format)
                 if len(table) == 0:
                     skipped[index] = "empty source catalog"
                     log.warning("%s: skipped, its catalog has no usable sources", name)

@@ -20,7 +20,7 @@ import json
 import re
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import asdf
 from roman_datamodels import datamodels as rdm
@@ -28,9 +28,6 @@ from stpipe.library import AbstractModelLibrary, NoGroupID
 
 from ._meta import meta_get
 from .errors import TweakRegError
-
-if TYPE_CHECKING:
-    from roman_datamodels.datamodels import DataModel
 
 __all__ = ["ModelLibrary", "exposure_group_id", "open_library"]
 
@@ -213,7 +210,7 @@ def open_library(init: Any, *, on_disk: bool = False) -> ModelLibrary:
             return ModelLibrary(path, on_disk=on_disk)
         if not path.exists():
             raise TweakRegError(f"{path}: input file does not exist")
-        return ModelLibrary(_single_file_asn(path), on_disk=on_disk)
+        return ModelLibrary(_files_asn([path]), on_disk=on_disk)
     if isinstance(init, dict):
         return ModelLibrary(init, on_disk=on_disk)
     if isinstance(init, Iterable):
@@ -227,18 +224,9 @@ def open_library(init: Any, *, on_disk: bool = False) -> ModelLibrary:
     )
 
 
-def _single_file_asn(path: Path) -> dict:
-    return _files_asn([path])
-
-
 def _files_asn(paths: list[Path]) -> dict:
     for p in paths:
         if not p.exists():
             raise TweakRegError(f"{p}: input file does not exist")
     members = [{"expname": str(p.resolve()), "exptype": "science"} for p in paths]
     return {"asn_pool": "", "products": [{"name": "files", "members": members}]}
-
-
-def model_name(model: DataModel, index: int) -> str:
-    """A name for messages: the file name or ``image <index>``."""
-    return str(model.meta.filename or f"image {index}")

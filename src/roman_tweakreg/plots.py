@@ -124,14 +124,7 @@ def find_input(output: Path, inputs: dict[str, Path] | None) -> Path | None:
 
 def _read_sources(meta, path: Path, search_dirs: Sequence[Path]) -> tuple[np.ndarray, np.ndarray]:
     """Pixel x, y of the catalog an image names, inside its WCS bounding box."""
-    from .catalogs import (
-        CatalogSource,
-        bounding_box_of,
-        filter_catalog,
-        model_catalog_source,
-        normalize_catalog,
-        read_catalog,
-    )
+    from .catalogs import CatalogSource, load_catalog, model_catalog_source
 
     source = model_catalog_source(meta, path.parent)
     if source is None or source.value is None:
@@ -143,8 +136,7 @@ def _read_sources(meta, path: Path, search_dirs: Sequence[Path]) -> tuple[np.nda
         dirs = tuple(dict.fromkeys([path.parent, *search_dirs, Path.cwd()]))
         source = CatalogSource(str(source.value), source.origin, dirs)
     try:
-        table = normalize_catalog(read_catalog(source, path.name), path.name)
-        table, _, _ = filter_catalog(table, bounding_box_of(meta["wcs"]), path.name)
+        table = load_catalog(source, path.name, meta["wcs"])
     except TweakRegError as err:
         raise TweakRegError(f"{path}: {err}") from err
     return np.asarray(table["x"], float), np.asarray(table["y"], float)
