@@ -1,5 +1,7 @@
 """The alignment core, without stpipe."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from astropy.table import Table
@@ -275,3 +277,46 @@ def test_weight_column_weights_the_absolute_fit(two_exposures, weighted):
         assert error < 1.0
     else:
         assert error > 5.0  # the same data unweighted is pulled by the displaced sources
+
+
+def test_corrected_wcs_equals_tweakwcs_corrector_of_the_whole_wcs(two_exposures):
+    """The v2v3-to-sky stand-in gives the WCS tweakwcs's corrector of the full WCS gives.
+
+    Checked on a fresh WCS and on one that already has a v2v3corr frame (a second run),
+    with a correction of 40 mas and 2e-6 rad in the plane of another detector.
+    """
+    from tweakwcs.correctors import RomanWCSCorrector
+
+    exposures, _ = two_exposures
+    images = images_of(exposures)
+    plane = TangentPlane(images)
+    k = len(images) - 1  # another detector, another exposure than the plane's own
+    matrix = np.array([[1.0, 2e-6], [-2e-6, 1.0]])
+    shift = np.array([0.04, -0.03])
+    plane.matrix[k], plane.shift[k] = matrix, shift
+
+    ref = RomanWCSCorrector(
+        images[0].wcs, {n: images[0].wcsinfo[n] for n in ("v2_ref", "v3_ref", "roll_ref")}
+    )
+    full = RomanWCSCorrector(
+        images[k].wcs, {n: images[k].wcsinfo[n] for n in ("v2_ref", "v3_ref", "roll_ref")}
+    )
+    full.set_correction(matrix, shift, ref_tpwcs=ref)
+    ours = plane.corrected_wcs(k)
+    assert ours.available_frames == ["detector", "v2v3", "v2v3corr", "world"]
+    assert images[k].wcs.available_frames == ["detector", "v2v3", "world"]  # input untouched
+    assert simulate.wcs_difference_mas(ours, images[k].wcs) > 30  # the correction is applied
+    assert simulate.wcs_difference_mas(ours, full.wcs) < 1e-5
+    assert ours.bounding_box == images[k].wcs.bounding_box
+
+    # a second correction on the corrected WCS composes into the same v2v3corr frame
+    again = TangentPlane([replace(images[k], wcs=ours, index=0)])
+    again.matrix[0], again.shift[0] = matrix, shift
+    full2 = RomanWCSCorrector(
+        full.wcs, {n: images[k].wcsinfo[n] for n in ("v2_ref", "v3_ref", "roll_ref")}
+    )
+    full2.set_correction(matrix, shift)
+    twice = again.corrected_wcs(0)
+    assert twice.available_frames == ["detector", "v2v3", "v2v3corr", "world"]
+    assert simulate.wcs_difference_mas(twice, ours) > 30
+    assert simulate.wcs_difference_mas(twice, full2.wcs) < 1e-5
