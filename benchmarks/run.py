@@ -69,7 +69,7 @@ SEED = 7
 #: and its time falls into ``other``.
 OURS_PHASES = (
     ("open", "roman_tweakreg.step", "open_library"),
-    ("catalogs", "roman_tweakreg.catalogs", "collect"),
+    ("catalogs", "roman_tweakreg.step:TweakRegStep", "_prepare"),
     ("plane", "roman_tweakreg.align", "TangentPlane"),
     ("relative", "roman_tweakreg.align", "relative_align"),
     ("footprint", "roman_tweakreg.align", "footprint_cone"),

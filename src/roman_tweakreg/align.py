@@ -27,12 +27,14 @@ import numpy as np
 from astropy.modeling.models import Identity
 from astropy.table import Table
 from gwcs import WCS
+from gwcs import coordinate_frames as cf
 from shapely.geometry import MultiPoint
 from tweakwcs import RomanWCSCorrector
 from tweakwcs.linearfit import NotEnoughPointsError, SingularMatrixError, iter_linear_fit
 from tweakwcs.matchutils import MatchSourceConfusionError, XYXYMatch
 
-from .catalogs import bounding_box_of
+from ._parallel import Workers
+from .catalogs import bounding_box_of, load_catalog
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -123,34 +125,28 @@ def unique_pairs(ref_idx: np.ndarray, img_idx: np.ndarray) -> tuple[np.ndarray, 
 class TangentPlane:
     """Every image's sources, evaluated once into one common tangent plane.
 
-    The plane is that of tweakwcs's Roman corrector of the first image (arcsec).
-    Corrections found by the fits are affine maps in this plane; they are
-    composed per image and turned into a ``v2v3corr`` frame only once, by
-    :meth:`corrected_wcs`.  The images' own WCS objects are never modified.
+    The plane is that of tweakwcs's Roman corrector of the first image (arcsec;
+    see :func:`plane_of`).  Corrections found by the fits are affine maps in this
+    plane; they are composed per image and turned into a ``v2v3corr`` frame only
+    once, by :meth:`corrected_wcs`.  The images' own WCS objects are never modified.
+
+    ``ref`` and ``projections`` (what :func:`project` returns for each image) may be
+    given when they were computed elsewhere (by worker processes).
     """
 
-    def __init__(self, images: Sequence[ImageCatalog]):
+    def __init__(self, images: Sequence[ImageCatalog], ref=None, projections=None):
         self.images = list(images)
-        self.ref = _corrector(self.images[0]) if self.images else None
-        self.xy = [self._to_plane(img, img.catalog["x"], img.catalog["y"]) for img in images]
-        self.hulls = [self._hull(img) for img in images]
+        if ref is None and self.images:
+            ref = plane_of(sky_part(self.images[0].wcs), self.images[0].wcsinfo)
+        self.ref = ref
+        if projections is None:
+            projections = [
+                project(ref, img.wcs, img.catalog["x"], img.catalog["y"]) for img in images
+            ]
+        self.xy = [xy for xy, _ in projections]
+        self.hulls = [MultiPoint(corners).convex_hull for _, corners in projections]
         self.matrix = [np.eye(2) for _ in images]
         self.shift = [np.zeros(2) for _ in images]
-
-    def _to_plane(self, img, x, y) -> np.ndarray:
-        if len(x) == 0:
-            return np.empty((0, 2))
-        ra, dec = img.wcs(np.asarray(x, float), np.asarray(y, float), with_bounding_box=False)
-        return np.column_stack(self.ref.world_to_tanp(ra, dec))
-
-    def _hull(self, img):
-        bbox = bounding_box_of(img.wcs)
-        if bbox is None:
-            return MultiPoint(self._to_plane(img, img.catalog["x"], img.catalog["y"])).convex_hull
-        (x0, x1), (y0, y1) = bbox
-        xs = [x0, x1, x1, x0, (x0 + x1) / 2, x1, (x0 + x1) / 2, x0]
-        ys = [y0, y0, y1, y1, y0, (y0 + y1) / 2, y1, (y0 + y1) / 2]
-        return MultiPoint(self._to_plane(img, xs, ys)).convex_hull
 
     def group_xy(self, members: Sequence[int]) -> np.ndarray:
         """Current (corrected) positions of the sources of ``members``, stacked."""
@@ -178,6 +174,10 @@ class TangentPlane:
             self.xy[i] = _affine(self.xy[i], fit)
             self.hulls[i] = _affine_hull(self.hulls[i], fit)
 
+    def corrected(self, index: int) -> bool:
+        """Whether a correction was applied to the image."""
+        return not (np.array_equal(self.matrix[index], np.eye(2)) and not self.shift[index].any())
+
     def corrected_wcs(self, index: int):
         """The image's WCS with its composed correction as a ``v2v3corr`` frame.
 
@@ -185,18 +185,35 @@ class TangentPlane:
         WCS is a new object; the image's own WCS is not modified (the two share
         the detector-to-v2v3 transforms, which the correction does not change).
         """
-        if np.array_equal(self.matrix[index], np.eye(2)) and not self.shift[index].any():
-            return None
-        img = self.images[index]
-        corrector = _corrector(img)
-        corrector.set_correction(self.matrix[index], self.shift[index], ref_tpwcs=self.ref)
-        head = img.wcs.pipeline[: img.wcs.available_frames.index("v2v3")]
-        tail = corrector.wcs.pipeline[1:]
-        return WCS([(s.frame, s.transform) for s in (*head, *tail)], name=img.wcs.name)
+        return self.corrected_wcss([index]).get(index)
+
+    def corrected_wcss(self, indices: Sequence[int], workers=None) -> dict:
+        """:meth:`corrected_wcs` of several images: index -> WCS, for corrected ones.
+
+        ``workers`` (a :class:`roman_tweakreg._parallel.Workers` whose context is
+        this plane's ``ref``) builds them in parallel.
+        """
+        workers = workers or Workers(1, self.ref)
+        todo = list(filter(self.corrected, indices))
+        args = [
+            (sky_part(self.images[i].wcs), self.images[i].wcsinfo, self.matrix[i], self.shift[i])
+            for i in todo
+        ]
+        out = {}
+        for i, sky in zip(todo, workers.map(corrected_sky_part, args), strict=True):
+            wcs = self.images[i].wcs
+            head = wcs.pipeline[: wcs.available_frames.index("v2v3")]
+            out[i] = WCS([(s.frame, s.transform) for s in head] + sky, name=wcs.name)
+        return out
 
 
-def _corrector(img) -> RomanWCSCorrector:
-    """tweakwcs's Roman corrector of the v2v3-to-sky part of an image's WCS.
+def sky_part(wcs) -> list:
+    """The ``(frame, transform)`` steps of a WCS from its ``v2v3`` frame on."""
+    return [(s.frame, s.transform) for s in wcs.pipeline[wcs.available_frames.index("v2v3") :]]
+
+
+def plane_of(sky: list, wcsinfo: dict) -> RomanWCSCorrector:
+    """tweakwcs's Roman corrector of the v2v3-to-sky steps ``sky`` of a WCS (:func:`sky_part`).
 
     A tangent-plane correction lives between the ``v2v3`` frame and the sky, so
     the corrector is given that part of the pipeline only, with an identity in
@@ -206,14 +223,47 @@ def _corrector(img) -> RomanWCSCorrector:
     planes differs from a corrector of the whole WCS; the corrected WCS agree to
     about 1e-6 mas (tested).
     """
-    wcs = img.wcs
-    tail = wcs.pipeline[wcs.available_frames.index("v2v3") :]
-    stand_in = WCS(
-        [(wcs.pipeline[0].frame, Identity(2))] + [(s.frame, s.transform) for s in tail],
-        name=wcs.name,
-    )
-    info = {k: float(img.wcsinfo[k]) for k in ("v2_ref", "v3_ref", "roll_ref")}
-    return RomanWCSCorrector(stand_in, info, meta={"name": img.name, "group_id": img.group_id})
+    stand_in = WCS([(cf.Frame2D(name="detector", axes_order=(0, 1)), Identity(2)), *sky])
+    info = {k: float(wcsinfo[k]) for k in ("v2_ref", "v3_ref", "roll_ref")}
+    return RomanWCSCorrector(stand_in, info)
+
+
+def corrected_sky_part(ref, sky: list, wcsinfo: dict, matrix, shift) -> list:
+    """The steps of ``sky`` (see :func:`sky_part`) with the correction ``matrix``,
+    ``shift`` (in the plane of ``ref``, arcsec) as tweakwcs's ``v2v3corr`` frame."""
+    corrector = plane_of(sky, wcsinfo)
+    corrector.set_correction(matrix, shift, ref_tpwcs=ref)
+    return [(s.frame, s.transform) for s in corrector.wcs.pipeline[1:]]
+
+
+def read_and_project(ref, source, name: str, wcs, catalog_format: str):
+    """Read an image's catalog (:func:`~roman_tweakreg.catalogs.load_catalog`) and
+    :func:`project` it: returns the catalog, the positions and the outline."""
+    table = load_catalog(source, name, wcs, catalog_format)
+    return (table, *project(ref, wcs, table["x"], table["y"]))
+
+
+def project(ref, wcs, x, y) -> tuple[np.ndarray, np.ndarray]:
+    """Sources ``x``, ``y`` of an image and its footprint outline, in the plane of ``ref``.
+
+    Returns the sources' positions (N x 2, arcsec) and points whose convex hull is
+    the footprint (the bounding box's corners and edge midpoints; the sources
+    when the WCS has no bounding box).  The WCS is evaluated once for both.
+    """
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    bbox = bounding_box_of(wcs)
+    if bbox is not None:
+        (x0, x1), (y0, y1) = bbox
+        xm, ym = (x0 + x1) / 2, (y0 + y1) / 2
+        x = np.concatenate([x, [x0, x1, x1, x0, xm, x1, xm, x0]])
+        y = np.concatenate([y, [y0, y0, y1, y1, y0, ym, y1, ym]])
+    if len(x) == 0:
+        return np.empty((0, 2)), np.empty((0, 2))
+    ra, dec = wcs(x, y, with_bounding_box=False)
+    xy = np.column_stack(ref.world_to_tanp(ra, dec))
+    if bbox is None:
+        return xy, xy
+    return xy[:-8], xy[-8:]
 
 
 def _affine(xy: np.ndarray, fit: dict) -> np.ndarray:

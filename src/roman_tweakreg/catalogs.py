@@ -33,6 +33,8 @@ from ._meta import exposure_epoch, meta_get
 from .errors import CatalogError, MissingCatalogError
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from gwcs import WCS
 
 __all__ = [
@@ -122,7 +124,7 @@ class ImageCatalog:
     index: int
     name: str
     group_id: str
-    catalog: Table
+    catalog: Table | None
     wcs: WCS
     wcsinfo: dict
     epoch: float | None
@@ -431,54 +433,97 @@ def collect(
     CatalogError
         A catalog or the catfile cannot be read or has no pixel columns.
     """
+    images, skipped = [], {}
+    for index, image, source in members(
+        library,
+        use_custom_catalogs=use_custom_catalogs,
+        catfile=catfile,
+        catalog_format=catalog_format,
+        detection=detection,
+        catalog_path=catalog_path,
+    ):
+        if image is None:
+            skipped[index] = source
+            continue
+        image.catalog = load_catalog(source, image.name, image.wcs, catalog_format)
+        if accept(image, len(library), skipped):
+            images.append(image)
+    return images, skipped
+
+
+def accept(image: ImageCatalog, n_images: int, skipped: dict[int, str]) -> bool:
+    """Whether ``image`` (its catalog read) takes part; if not, say why in ``skipped``."""
+    if len(image.catalog) == 0:
+        skipped[image.index] = "empty source catalog"
+        log.warning("%s: skipped, its catalog has no usable sources", image.name)
+        return False
+    log.info(
+        "Catalog %d of %d: %s, %d sources",
+        image.index + 1,
+        n_images,
+        image.name,
+        len(image.catalog),
+    )
+    return True
+
+
+def members(
+    library,
+    *,
+    use_custom_catalogs: bool = False,
+    catfile: str = "",
+    catalog_format: str = "ascii.ecsv",
+    detection=None,
+    catalog_path: str = "",
+) -> Iterator[tuple[int, ImageCatalog | None, CatalogSource | str]]:
+    """Each image of ``library`` with its catalog source, its catalog not yet read.
+
+    Yields ``(index, image, source)``, where ``image`` is an :class:`ImageCatalog`
+    whose ``catalog`` is None and ``source`` the :class:`CatalogSource` to read it
+    from (see :func:`load_catalog`), or ``(index, None, reason)`` for an image left
+    out.  Parameters and errors are those of :func:`collect`.
+    """
     entries = read_catfile(catfile) if (use_custom_catalogs and catfile) else None
-    members = library.asn["products"][0]["members"]
+    asn_members = library.asn["products"][0]["members"]
     if (
         use_custom_catalogs
         and entries is None
-        and not any("tweakreg_catalog" in m for m in members)
+        and not any("tweakreg_catalog" in m for m in asn_members)
     ):
         log.warning(
             "use_custom_catalogs=True but there is no catfile and no association member "
             "has a tweakreg_catalog attribute: using the models' own catalogs"
         )
     known: set[str] = set()
-    images, skipped = [], {}
     with library:
         for index in range(len(library)):
             model = library.borrow(index)
             try:
                 name = str(model.meta.filename or f"image {index}")
                 known.add(Path(name).name)
-                exp_type = str(getattr(model.meta.exposure, "type", "WFI_IMAGE"))
-                if exp_type != "WFI_IMAGE":
-                    skipped[index] = f"not an imaging exposure (meta.exposure.type={exp_type})"
-                    log.info("%s: skipped, %s", name, skipped[index])
-                    continue
-                source = _catalog_source(library, index, model, use_custom_catalogs, entries)
-                if source is None or source.value is None:
-                    where = (
-                        source.origin
-                        if source is not None
-                        else ("meta.tweakreg_catalog or meta.source_catalog")
-                    )
-                    if detection is None:
-                        raise MissingCatalogError(f"{name}: no source catalog ({where} gives none)")
-                    source = _detect(model, name, detection, catalog_path, catalog_format)
-                table = load_catalog(source, name, model.meta.wcs, catalog_format)
-                if len(table) == 0:
-                    skipped[index] = "empty source catalog"
-                    log.warning("%s: skipped, its catalog has no usable sources", name)
-                    continue
-                log.info(
-                    "Catalog %d of %d: %s, %d sources", index + 1, len(library), name, len(table)
-                )
-                images.append(
-                    ImageCatalog(
+                reason = _unusable(model)
+                if reason:
+                    level = logging.INFO if reason.startswith("not an imaging") else logging.WARNING
+                    log.log(level, "%s: skipped, %s", name, reason)
+                    item = (index, None, reason)
+                else:
+                    source = _catalog_source(library, index, model, use_custom_catalogs, entries)
+                    if source is None or source.value is None:
+                        where = (
+                            source.origin
+                            if source is not None
+                            else ("meta.tweakreg_catalog or meta.source_catalog")
+                        )
+                        if detection is None:
+                            raise MissingCatalogError(
+                                f"{name}: no source catalog ({where} gives none)"
+                            )
+                        source = _detect(model, name, detection, catalog_path, catalog_format)
+                    image = ImageCatalog(
                         index=index,
                         name=name,
-                        group_id=str(members[index]["group_id"]),
-                        catalog=table,
+                        group_id=str(asn_members[index]["group_id"]),
+                        catalog=None,
                         wcs=model.meta.wcs,
                         wcsinfo={
                             k: float(model.meta.wcsinfo[k])
@@ -487,10 +532,28 @@ def collect(
                         epoch=exposure_epoch(model.meta),
                         catalog_name=str(source.resolve()) if source.assigned else "",
                     )
-                )
+                    item = (index, image, source)
             finally:
                 library.shelve(model, index, modify=False)
+            yield item
     if entries is not None:
         for missing in sorted(set(entries) - known):
             log.warning("catfile %s names %s, which is not among the inputs", catfile, missing)
-    return images, skipped
+
+
+def _unusable(model) -> str:
+    """Why an image cannot be aligned ('' when it can)."""
+    exp_type = str(getattr(model.meta.exposure, "type", "WFI_IMAGE"))
+    if exp_type != "WFI_IMAGE":
+        return f"not an imaging exposure (meta.exposure.type={exp_type})"
+    frames = getattr(meta_get(model.meta, "wcs"), "available_frames", None)
+    if frames is None:
+        return "it has no WCS (meta.wcs)"
+    if "v2v3" not in frames:
+        return f"its WCS has no 'v2v3' frame to put the correction after (frames: {frames})"
+    missing = [
+        k for k in ("v2_ref", "v3_ref", "roll_ref") if meta_get(model.meta.wcsinfo, k) is None
+    ]
+    if missing:
+        return f"meta.wcsinfo has no {', '.join(missing)}"
+    return ""

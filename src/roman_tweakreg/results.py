@@ -141,8 +141,11 @@ def update_model(model, wcs, fit_results: dict, status: Status, refcat_name: str
         model.meta.cal_step.tweakreg = status.value
 
 
-def outcomes(plane, relative: dict, absolute: dict, skipped: dict[int, str]) -> dict:
+def outcomes(plane, relative: dict, absolute: dict, skipped: dict[int, str], workers=None) -> dict:
     """Decide what to write into each model.
+
+    ``workers`` (see :meth:`~roman_tweakreg.align.TangentPlane.corrected_wcss`) build
+    the corrected WCSs in parallel.
 
     Returns
     -------
@@ -152,14 +155,13 @@ def outcomes(plane, relative: dict, absolute: dict, skipped: dict[int, str]) -> 
     """
     out = {}
     n = len(plane.images)
+    wcss = plane.corrected_wcss(range(n), workers)
     for k, img in enumerate(plane.images):
         rel, abs_ = relative.get(img.group_id), absolute.get(img.group_id)
         status = image_status(rel, abs_)
         fit = fit_results_dict(rel, abs_, group_id=img.group_id, status=status, n_images=n)
-        changed = any(r is not None and r.applied for r in (rel, abs_))
         name = abs_.refcat if abs_ is not None and abs_.applied else ""
-        wcs = plane.corrected_wcs(k) if changed else None
-        out[img.index] = (wcs, fit, status, name, img.catalog_name)
+        out[img.index] = (wcss.get(k), fit, status, name, img.catalog_name)
         log.info(
             "%s: %s%s", img.name, status.value, f" ({fit['reason']})" if fit.get("reason") else ""
         )

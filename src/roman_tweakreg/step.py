@@ -14,6 +14,7 @@ from stpipe.library import AbstractModelLibrary
 
 from . import align, catalogs, results
 from ._io import write_atomically
+from ._parallel import Workers, gc_frozen
 from .errors import InvalidParameterError, ReferenceCatalogError
 from .library import open_library
 from .refcat import DEFAULT_REFCAT, get_reference_catalog
@@ -137,6 +138,7 @@ class TweakRegStep(Step):
         abs_nclip = integer(min=0, default=3) # Clipping iterations of the absolute fit
         abs_sigma = float(default=3.0) # Clipping limit (x rmse) of the absolute fit
         on_disk = boolean(default=False) # Keep association models in temporary files between uses (large associations)
+        processes = integer(min=0, default=0) # Processes for per-image work (catalogs, corrected WCS): 0 one per usable core, 1 none forked
         report = string(default='') # Write a JSON fit report to this file (relative to output_dir); '' for none
         save_abs_catalog = boolean(default=False) # Write the reference catalog used as fit_<refcat>_ref.ecsv
         output_use_model = boolean(default=True) # Name outputs after each model's meta.filename
@@ -167,40 +169,76 @@ class TweakRegStep(Step):
         validate_parameters(pars)
         detection = _detection_parameters(pars)
         refcat_name = (self.abs_refcat or DEFAULT_REFCAT).strip()
+        with gc_frozen():
+            return self._align(input_data, pars, detection, refcat_name)
+
+    def _align(self, input_data, pars, detection, refcat_name) -> ModelLibrary:
         clock = _Clock()
         with clock.phase("catalogs"):
             library = open_library(input_data, on_disk=self.on_disk)
-            images, skipped = catalogs.collect(
+            plane, skipped, workers = self._prepare(library, detection)
+        with workers:
+            images = plane.images
+            log.info(
+                "%d images to align in %d groups; %d skipped",
+                len(images),
+                len({i.group_id for i in images}),
+                len(skipped),
+            )
+            relative = {}
+            if len({i.group_id for i in images}) > 1:
+                with clock.phase("relative"):
+                    relative = align.relative_align(
+                        plane,
+                        _fit_parameters(pars, ""),
+                        enforce_user_order=self.enforce_user_order,
+                        expand_refcat=self.expand_refcat,
+                    )
+            with clock.phase("absolute"):
+                absolute = self._absolute(plane, pars, refcat_name, relative) if images else {}
+            with clock.phase("update"):
+                outcomes = results.outcomes(plane, relative, absolute, skipped, workers)
+                self._write(library, outcomes)
+        if self.report:
+            self._write_report(library, pars, clock.timings)
+        return library
+
+    def _prepare(self, library, detection):
+        """Read every catalog and project it into the alignment plane.
+
+        Models are opened here, one after the other; reading their catalogs and
+        projecting them is shared with forked workers (``processes``), which also
+        build the corrected WCSs later.  Returns the plane, the skipped images and
+        the workers (to be closed by the caller).
+        """
+        workers, jobs, skipped = Workers(1), [], {}
+        images, projections = [], []
+        try:
+            for index, image, source in catalogs.members(
                 library,
                 use_custom_catalogs=self.use_custom_catalogs,
                 catfile=self.catfile,
                 catalog_format=self.catalog_format,
                 detection=detection,
                 catalog_path=self.catalog_path,
-            )
-            plane = align.TangentPlane(images)
-        log.info(
-            "%d images to align in %d groups; %d skipped",
-            len(images),
-            len({i.group_id for i in images}),
-            len(skipped),
-        )
-        relative = {}
-        if len({i.group_id for i in images}) > 1:
-            with clock.phase("relative"):
-                relative = align.relative_align(
-                    plane,
-                    _fit_parameters(pars, ""),
-                    enforce_user_order=self.enforce_user_order,
-                    expand_refcat=self.expand_refcat,
-                )
-        with clock.phase("absolute"):
-            absolute = self._absolute(plane, pars, refcat_name, relative) if images else {}
-        with clock.phase("update"):
-            self._write(library, results.outcomes(plane, relative, absolute, skipped))
-        if self.report:
-            self._write_report(library, pars, clock.timings)
-        return library
+            ):
+                if image is None:
+                    skipped[index] = source
+                elif workers.context is None:  # the first image's plane; workers inherit it
+                    plane = align.plane_of(align.sky_part(image.wcs), image.wcsinfo)
+                    workers = Workers(self.processes, plane)
+                if image is not None:
+                    args = (source, image.name, image.wcs, self.catalog_format)
+                    jobs.append((image, workers.submit(align.read_and_project, *args)))
+            for image, job in jobs:
+                image.catalog, xy, outline = job.result()
+                if catalogs.accept(image, len(library), skipped):
+                    images.append(image)
+                    projections.append((xy, outline))
+        except BaseException:
+            workers.close()
+            raise
+        return align.TangentPlane(images, workers.context, projections), skipped, workers
 
     def _write_report(self, library, pars, timings) -> None:
         from .errors import TweakRegError
