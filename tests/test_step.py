@@ -219,6 +219,24 @@ def test_non_imaging_exposure_is_skipped(refcat_file):
     assert [o[0] for o in outcome[1:]] == ["COMPLETE"] * 5
 
 
+def test_image_whose_wcs_has_no_v2v3_frame_is_skipped_with_the_reason(refcat_file, caplog):
+    from gwcs import WCS
+
+    exposures, _ = make_data()
+    models = models_of(exposures)
+    wcs = models[1].meta.wcs
+    models[1].meta.wcs = WCS(
+        [(wcs.input_frame, wcs.forward_transform), (wcs.output_frame, None)], name="flat"
+    )
+    result = TweakRegStep.call(models, abs_refcat=str(refcat_file))
+    outcome = metas(result)
+    assert outcome[1][0] == "SKIPPED"
+    assert "no 'v2v3' frame" in outcome[1][1]["reason"]
+    assert outcome[1][3] == ["detector", "world"]  # left as it was
+    assert [o[0] for i, o in enumerate(outcome) if i != 1] == ["COMPLETE"] * 5
+    assert f"{models[1].meta.filename}: skipped, its WCS has no 'v2v3' frame" in caplog.text
+
+
 def test_association_on_disk_outputs_and_inputs_untouched(on_disk, tmp_path):
     asn, exposures = on_disk
     folder = asn.parent
@@ -418,3 +436,40 @@ def test_outputs_have_ordinary_permissions(refcat_file, tmp_path):
     ]
     for path in written:
         assert path.stat().st_mode & 0o777 == 0o666 & ~umask, path
+
+
+def test_forked_workers_give_the_same_alignment(on_disk, caplog):
+    """processes=2 (a forked worker reads catalogs and builds WCSs) == processes=1, exactly."""
+    import logging
+
+    asn, exposures = on_disk
+    caplog.set_level(logging.DEBUG, logger="roman_tweakreg")
+    runs = {}
+    for processes in (1, 2):
+        caplog.clear()
+        result = TweakRegStep.call(
+            str(asn), abs_refcat=str(asn.parent / "gaia_2028.ecsv"), processes=processes
+        )
+        shared = "Per-image work shared with 1 forked worker(s)" in caplog.text
+        assert shared == (processes == 2)
+        assert caplog.text.count("Catalog 6 of 6") == 1
+        runs[processes] = (metas(result), result)
+    (one, lib1), (two, lib2) = runs[1], runs[2]
+    assert [m[0] for m in two] == ["COMPLETE"] * 6
+    for a, b in zip(one, two, strict=True):
+        assert a[1]["nmatches"] == b[1]["nmatches"]
+        assert a[1]["shift"] == b[1]["shift"]
+        assert a[3] == b[3] == ["detector", "v2v3", "v2v3corr", "world"]
+    wcs1 = [m.meta.wcs for m in _models(lib1)]
+    wcs2 = [m.meta.wcs for m in _models(lib2)]
+    assert max(simulate.wcs_difference_mas(a, b) for a, b in zip(wcs1, wcs2, strict=True)) < 1e-9
+    assert errors_mas(lib2, truths_of(exposures)).max() < 1.0
+
+
+def _models(library):
+    out = []
+    with library:
+        for i, model in enumerate(library):
+            out.append(model)
+            library.shelve(model, i, modify=False)
+    return out

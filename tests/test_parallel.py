@@ -1,0 +1,87 @@
+"""Per-image jobs in forked workers: shared out, in order, logs and errors brought back."""
+
+import gc
+import logging
+import os
+import threading
+
+import pytest
+
+from roman_tweakreg._parallel import Workers, gc_frozen
+from roman_tweakreg.errors import CatalogError
+
+PARENT = os.getpid()
+
+
+def _job(context, x):
+    logging.getLogger("roman_tweakreg.test_job").warning("job %d in %s", x, os.getpid())
+    if x == 3:
+        raise CatalogError(f"catalog {x} is bad")
+    return os.getpid(), context * x
+
+
+def _dies_in_worker(context, x):
+    if os.getpid() != PARENT:
+        os._exit(3)
+    return context + x
+
+
+@pytest.fixture
+def no_other_threads():
+    assert threading.active_count() == 1, threading.enumerate()  # forking needs it
+
+
+def test_map_shares_out_in_order(no_other_threads):
+    with Workers(2, context=10) as workers:
+        assert workers.n_workers == 1
+        out = workers.map(_job, [(x,) for x in (1, 2, 4, 5, 6, 7)])
+    assert [value for _, value in out] == [10, 20, 40, 50, 60, 70]
+    pids = {pid for pid, _ in out}
+    assert PARENT in pids
+    assert len(pids) == 2  # one share computed here, one in the worker
+
+
+def test_submit_brings_back_logs_and_errors(no_other_threads, caplog):
+    caplog.set_level(logging.INFO, logger="roman_tweakreg")
+    with Workers(2, context=2) as workers:
+        jobs = [workers.submit(_job, x) for x in (1, 2, 3)]
+        first = jobs[0].result()
+        assert first[0] != PARENT  # the first job went to the worker
+        assert first[1] == 2
+        assert jobs[1].result()[1] == 4
+        with pytest.raises(CatalogError, match="catalog 3 is bad"):
+            jobs[2].result()
+    logged = [r.getMessage() for r in caplog.records if r.name == "roman_tweakreg.test_job"]
+    assert f"job 1 in {first[0]}" in logged
+    assert sum(m.startswith("job 3 in") for m in logged) == 1  # logged once, not per result()
+
+
+def test_a_dead_worker_s_job_is_done_here(no_other_threads, caplog):
+    with Workers(2, context=100) as workers:
+        jobs = [workers.submit(_dies_in_worker, x) for x in range(3)]
+        assert [j.result() for j in jobs] == [100, 101, 102]
+    assert "A worker process stopped" in caplog.text
+
+
+def test_one_process_or_other_threads_mean_no_fork(no_other_threads):
+    assert Workers(1, context=1).n_workers == 0
+    stop = threading.Event()
+    thread = threading.Thread(target=stop.wait)
+    thread.start()
+    try:
+        workers = Workers(2, context=5)
+        assert workers.n_workers == 0
+        assert [v for _, v in workers.map(_job, [(1,), (2,)])] == [5, 10]
+    finally:
+        stop.set()
+        thread.join()
+
+
+def test_gc_frozen_restores_and_nests():
+    assert gc.get_freeze_count() == 0
+    with gc_frozen():
+        assert gc.get_freeze_count() > 0
+        with gc_frozen():
+            pass
+        assert gc.get_freeze_count() > 0  # the inner block did not unfreeze the outer one
+    assert gc.get_freeze_count() == 0
