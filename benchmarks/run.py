@@ -331,6 +331,16 @@ def _run_child(cmd, env, log_path: Path, timeout: float) -> float:
     return wall
 
 
+def _key_value(text: str) -> tuple[str, object]:
+    key, _, value = text.partition("=")
+    for convert in (int, float):
+        try:
+            return key, convert(value)
+        except ValueError:
+            pass
+    return key, {"true": True, "false": False}.get(value.lower(), value)
+
+
 def run_ours(work: Path, asn: Path, refcat: Path, k: int, args) -> dict:
     runs = work / "runs"
     runs.mkdir(exist_ok=True)
@@ -339,6 +349,7 @@ def run_ours(work: Path, asn: Path, refcat: Path, k: int, args) -> dict:
         "output_dir": str(runs / f"ours_out{k}"),
         "wcs_out": str(runs / f"ours_wcs{k}.asdf"), "result": str(runs / f"ours{k}.json"),
         "profile": str(runs / f"ours{k}.prof") if args.profile else None,
+        "pars": dict(_key_value(p) for p in args.par),
     }
     spec_path = runs / f"ours_spec{k}.json"
     spec_path.write_text(json.dumps(spec))
@@ -501,6 +512,9 @@ def main(argv=None) -> int:
                         default=["fitgeometry=rshift", "abs_fitgeometry=rshift"],
                         help="romancal step parameter key=value (repeatable); by default the "
                              "fit geometries are set to ours (rshift)")
+    parser.add_argument("--par", action="append", default=[],
+                        help="our step parameter key=value (repeatable; integers, floats and "
+                             "true/false are converted), e.g. --par processes=1")
     parser.add_argument("--profile", action="store_true",
                         help="run our step under cProfile (slower) and keep "
                              "<workdir>/<size>/runs/ours<k>.prof; read it with "

@@ -162,3 +162,12 @@ def test_cli_errors_name_the_file(tmp_path, capsys):
     missing = tmp_path / "missing_cal_tweakregstep.asdf"
     assert main(["report", str(missing)]) == 1
     assert str(missing) in capsys.readouterr().err
+
+
+def test_plot_projection_is_gnomonic_east_and_north():
+    from roman_tweakreg.plots import _tangent
+
+    one_arcmin = np.rad2deg(np.tan(np.deg2rad(1 / 60))) * 3600  # gnomonic, arcsec
+    xi, eta = _tangent([10 + 1 / 60, 10.0], [0.0, 1 / 60], 10.0, 0.0)
+    np.testing.assert_allclose(xi, [one_arcmin, 0.0], atol=1e-9)
+    np.testing.assert_allclose(eta, [0.0, one_arcmin], atol=1e-9)

@@ -35,6 +35,7 @@ __all__ = ["Workers", "gc_frozen", "usable_cores"]
 log = logging.getLogger(__name__)
 
 _PACKAGE_LOGGER = "roman_tweakreg"
+AUTO_MAX = 4  #: processes in all with ``processes=0``
 _context: Any = None  # the context of jobs in a worker, set when it starts
 
 
@@ -103,14 +104,15 @@ class Workers:
     ----------
     processes : int
         Processes in all, this one included: 1 runs every job here; 0 means one per
-        usable core.
+        usable core, at most ``AUTO_MAX`` (the main process opening models is what
+        limits the speed; more workers only share the corrected WCSs further).
     context : object
         Passed to every job as its first argument (inherited by the workers, not sent).
     """
 
     def __init__(self, processes: int, context=None):
         self.context = context
-        wanted = usable_cores() if processes <= 0 else processes
+        wanted = min(usable_cores(), AUTO_MAX) if processes <= 0 else processes
         self.n_workers = 0
         self._pool = None
         self._waiting: list[Future] = []

@@ -223,13 +223,19 @@ def load_images(
 
 # -- geometry and matching --------------------------------------------------------------------
 def _tangent(ra, dec, ra0: float, dec0: float) -> tuple[np.ndarray, np.ndarray]:
-    """Gnomonic projection about (ra0, dec0): xi (east), eta (north) in arcsec."""
-    a, d = np.deg2rad(np.asarray(ra, float) - ra0), np.deg2rad(np.asarray(dec, float))
-    d0 = np.deg2rad(dec0)
-    den = np.sin(d0) * np.sin(d) + np.cos(d0) * np.cos(d) * np.cos(a)
-    xi = np.cos(d) * np.sin(a) / den
-    eta = (np.cos(d0) * np.sin(d) - np.sin(d0) * np.cos(d) * np.cos(a)) / den
-    return np.rad2deg(xi) * 3600.0, np.rad2deg(eta) * 3600.0
+    """Gnomonic projection about (ra0, dec0): xi (east), eta (north) in arcsec.
+
+    astropy's TAN WCS with 1-arcsec pixels and (ra0, dec0) at pixel (0, 0).
+    """
+    from astropy.wcs import WCS
+
+    tan = WCS(naxis=2)
+    tan.wcs.ctype = ["RA---TAN", "DEC--TAN"]
+    tan.wcs.crval = [ra0, dec0]
+    tan.wcs.crpix = [1.0, 1.0]
+    tan.wcs.cdelt = [1 / 3600.0, 1 / 3600.0]
+    xi, eta = tan.wcs_world2pix(np.asarray(ra, float), np.asarray(dec, float), 0)
+    return xi, eta
 
 
 def _offsets_mas(ra, dec, ra_ref, dec_ref) -> tuple[np.ndarray, np.ndarray]:

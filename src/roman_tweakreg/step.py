@@ -138,7 +138,7 @@ class TweakRegStep(Step):
         abs_nclip = integer(min=0, default=3) # Clipping iterations of the absolute fit
         abs_sigma = float(default=3.0) # Clipping limit (x rmse) of the absolute fit
         on_disk = boolean(default=False) # Keep association models in temporary files between uses (large associations)
-        processes = integer(min=0, default=0) # Processes for per-image work (catalogs, corrected WCS): 0 one per usable core, 1 none forked
+        processes = integer(min=0, default=0) # Processes for per-image work (catalogs, corrected WCS): 0 one per usable core (at most 4), 1 none forked
         report = string(default='') # Write a JSON fit report to this file (relative to output_dir); '' for none
         save_abs_catalog = boolean(default=False) # Write the reference catalog used as fit_<refcat>_ref.ecsv
         output_use_model = boolean(default=True) # Name outputs after each model's meta.filename
