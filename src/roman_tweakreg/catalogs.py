@@ -401,21 +401,14 @@ def _detect(model, name: str, params, catalog_path: str, catalog_format: str) ->
     return CatalogSource(str(path), "detection", ())
 
 
-def collect(
-    library,
-    *,
-    use_custom_catalogs: bool = False,
-    catfile: str = "",
-    catalog_format: str = "ascii.ecsv",
-    detection=None,
-    catalog_path: str = "",
-) -> tuple[list[ImageCatalog], dict[int, str]]:
+def collect(library, **options) -> tuple[list[ImageCatalog], dict[int, str]]:
     """Read, normalise and filter the catalog of every image in ``library``.
 
-    Models are borrowed and shelved unmodified. Pixel arrays are read only for
-    images without any catalog, when ``detection`` (a
-    :class:`~roman_tweakreg.detection.DetectionParameters`) is given: sources are
-    then detected and the catalog written to ``catalog_path`` as
+    ``options`` are those of :func:`members`: ``use_custom_catalogs``, ``catfile``,
+    ``catalog_format``, ``detection`` and ``catalog_path``. Models are borrowed and
+    shelved unmodified. Pixel arrays are read only for images without any catalog,
+    when ``detection`` (a :class:`~roman_tweakreg.detection.DetectionParameters`) is
+    given: sources are then detected and the catalog written to ``catalog_path`` as
     ``<image root>_cat.<ext>`` in ``catalog_format``.
 
     Returns
@@ -434,14 +427,8 @@ def collect(
         A catalog or the catfile cannot be read or has no pixel columns.
     """
     images, skipped = [], {}
-    for index, image, source in members(
-        library,
-        use_custom_catalogs=use_custom_catalogs,
-        catfile=catfile,
-        catalog_format=catalog_format,
-        detection=detection,
-        catalog_path=catalog_path,
-    ):
+    catalog_format = options.get("catalog_format", "ascii.ecsv")
+    for index, image, source in members(library, **options):
         if image is None:
             skipped[index] = source
             continue
