@@ -30,7 +30,12 @@ from gwcs import WCS
 from gwcs import coordinate_frames as cf
 from shapely.geometry import MultiPoint
 from tweakwcs import RomanWCSCorrector
-from tweakwcs.linearfit import NotEnoughPointsError, SingularMatrixError, iter_linear_fit
+from tweakwcs.linearfit import (
+    NotEnoughPointsError,
+    SingularMatrixError,
+    fit_general,
+    iter_linear_fit,
+)
 from tweakwcs.matchutils import MatchSourceConfusionError, XYXYMatch
 
 from ._parallel import Workers
@@ -137,7 +142,7 @@ class TangentPlane:
     def __init__(self, images: Sequence[ImageCatalog], ref=None, projections=None):
         self.images = list(images)
         if ref is None and self.images:
-            ref = plane_of(sky_part(self.images[0].wcs), self.images[0].wcsinfo)
+            ref = common_plane(self.images[0].wcs)
         self.ref = ref
         if projections is None:
             projections = [
@@ -228,11 +233,43 @@ def plane_of(sky: list, wcsinfo: dict) -> RomanWCSCorrector:
     return RomanWCSCorrector(stand_in, info)
 
 
+def common_plane(wcs) -> RomanWCSCorrector:
+    """The alignment plane: tangent to the sky at the telescope's V1 axis of ``wcs``.
+
+    A roll about V1 is an exact rotation in this plane and a pointing error a shift
+    to within 0.1 mas over the WFI field, so the affine corrections fitted in it
+    are those of a rigid attitude change.  (In the plane of one detector, 0.5 deg
+    from V1, a 10 arcsec roll is a rotation plus 0.8 mas of non-affine motion.)
+    """
+    frames = wcs.available_frames
+    v2v3_to_sky = wcs.get_transform("v2v3", frames[-1])
+    sky = [(wcs.pipeline[frames.index("v2v3")].frame, v2v3_to_sky), (wcs.output_frame, None)]
+    return plane_of(sky, {"v2_ref": 0.0, "v3_ref": 0.0, "roll_ref": 0.0})
+
+
+#: Points of an image's own tangent plane (arcsec) over which its correction is
+#: carried from the common plane: a 5 x 5 grid over +-300", beyond a WFI detector.
+_OWN_GRID = np.meshgrid(np.linspace(-300.0, 300.0, 5), np.linspace(-300.0, 300.0, 5))
+
+
 def corrected_sky_part(ref, sky: list, wcsinfo: dict, matrix, shift) -> list:
     """The steps of ``sky`` (see :func:`sky_part`) with the correction ``matrix``,
-    ``shift`` (in the plane of ``ref``, arcsec) as tweakwcs's ``v2v3corr`` frame."""
+    ``shift`` (in the plane of ``ref``, arcsec) as tweakwcs's ``v2v3corr`` frame.
+
+    The correction is carried into the image's own tangent plane point by point:
+    grid points of that plane are corrected exactly (to the sky, into ``ref``'s
+    plane, the affine map, back) and the image's affine correction is fitted to
+    them (tweakwcs ``fit_general``).  tweakwcs's own conversion linearises the
+    map between the two planes at ``ref``'s origin, which is off by up to about
+    1 mas for a detector 0.5 deg away and a roll of 10 arcsec.
+    """
     corrector = plane_of(sky, wcsinfo)
-    corrector.set_correction(matrix, shift, ref_tpwcs=ref)
+    u, v = (g.ravel() for g in _OWN_GRID)
+    x, y = ref.world_to_tanp(*corrector.tanp_to_world(u, v))
+    xc, yc = np.asarray(matrix) @ np.vstack([x, y]) + np.asarray(shift)[:, None]
+    uc, vc = corrector.world_to_tanp(*ref.tanp_to_world(xc, yc))
+    fit = fit_general(np.column_stack([uc, vc]), np.column_stack([u, v]))
+    corrector.set_correction(fit["matrix"], fit["shift"])
     return [(s.frame, s.transform) for s in corrector.wcs.pipeline[1:]]
 
 
@@ -337,8 +374,33 @@ def _match_and_fit(
         return FitResult("FAILED", _confusion(err))
     weight = None if img_weight is None else img_weight[iidx]
     result = _fit(ref_xy[ridx], img_xy[iidx], weight, img_xy, pars)
+    if result.applied and _match_again(result.fit, img_xy[iidx], img_xy, pars):
+        try:
+            ridx2, iidx2 = _match(ref_xy, _affine(img_xy, result.fit), match, pars)
+        except MatchSourceConfusionError:
+            ridx2 = iidx2 = np.empty(0, int)
+        if len(iidx2) > len(iidx):
+            weight = None if img_weight is None else img_weight[iidx2]
+            second = _fit(ref_xy[ridx2], img_xy[iidx2], weight, img_xy, pars)
+            if second.applied:
+                result, iidx = second, iidx2
     result.matched_img_idx = iidx
     return result
+
+
+def _match_again(fit: dict, matched_xy: np.ndarray, all_xy: np.ndarray, pars) -> bool:
+    """Whether to match once more, with the sources moved by ``fit``.
+
+    The matcher finds one offset for all sources; when the correction moves some
+    sources differently from the matched ones' centre by more than a quarter of
+    the tolerance (a roll of a few arcseconds over the WFI field), those were
+    matched poorly or not at all, and the fit rests on the centre only.  The
+    second fit is of the original positions, with the pairs found after the first
+    correction.
+    """
+    centre = matched_xy.mean(axis=0, keepdims=True)
+    motion = _affine(all_xy, fit) - all_xy - (_affine(centre, fit) - centre)
+    return bool(np.hypot(*motion.T).max() > pars.tolerance / 4)
 
 
 def _fit(
@@ -486,36 +548,58 @@ def absolute_align(
     """
     match = match or pars.matcher()
     members = list(range(len(plane.images))) if members is None else list(members)
+    try:
+        pairs = _reference_pairs(plane, members, ref_positions, match, pars)
+        if not pairs[0]:
+            return FitResult(
+                "FAILED", f"no {refcat_name} sources fall on the images", refcat=refcat_name
+            )
+        all_xy = plane.group_xy(members)
+        result = _fit(*_stack(pairs), all_xy, pars)
+        if result.applied and _match_again(result.fit, np.vstack(pairs[1]), all_xy, pars):
+            again = _reference_pairs(plane, members, ref_positions, match, pars, result.fit)
+            if sum(map(len, again[1])) > result.nmatches:
+                second = _fit(*_stack(again), all_xy, pars)
+                result = second if second.applied else result
+    except MatchSourceConfusionError as err:
+        return FitResult("FAILED", _confusion(err, refcat_name), refcat=refcat_name)
+    result.refcat = refcat_name
+    if result.applied:
+        plane.apply(members, result.fit)
+    return result
+
+
+def _reference_pairs(plane, members, ref_positions, match, pars, fit=None):
+    """Matched reference and image positions of ``members``: lists, one entry per group.
+
+    Each exposure group is matched on its own (a star seen by two exposures must
+    match the same reference star twice), at its own epoch.  With ``fit``, the
+    sources are matched where ``fit`` moves them; the pairs are of their positions
+    before it.  Returns (reference positions, image positions, weights or None).
+    """
     images = plane.images
-    # Each exposure group is matched on its own (a star seen by two exposures
-    # must match the same reference star twice), at its own epoch.
     ref_all, img_all, weights = [], [], []
     for group in _groups([images[i] for i in members]).values():
         group = [members[i] for i in group]
         img_xy = plane.group_xy(group)
         ra, dec = ref_positions(images[group[0]].epoch)
         ref_xy = np.column_stack(plane.ref.world_to_tanp(ra, dec)) if len(ra) else np.empty((0, 2))
-        ref_xy = _near(ref_xy, img_xy, pars.searchrad + pars.tolerance)
+        moved = img_xy if fit is None else _affine(img_xy, fit)
+        ref_xy = _near(ref_xy, moved, pars.searchrad + pars.tolerance)
         if len(img_xy) == 0 or len(ref_xy) == 0:
             continue
-        try:
-            ridx, iidx = _match(ref_xy, img_xy, match, pars)
-        except MatchSourceConfusionError as err:
-            return FitResult("FAILED", _confusion(err, refcat_name), refcat=refcat_name)
+        ridx, iidx = _match(ref_xy, moved, match, pars)
         ref_all.append(ref_xy[ridx])
         img_all.append(img_xy[iidx])
         group_weight = plane.group_weights(group)
         weights.append(None if group_weight is None else group_weight[iidx])
-    if not ref_all:
-        return FitResult(
-            "FAILED", f"no {refcat_name} sources fall on the images", refcat=refcat_name
-        )
+    return ref_all, img_all, weights
+
+
+def _stack(pairs):
+    ref_all, img_all, weights = pairs
     weight = None if any(w is None for w in weights) else np.concatenate(weights)
-    result = _fit(np.vstack(ref_all), np.vstack(img_all), weight, plane.group_xy(members), pars)
-    result.refcat = refcat_name
-    if result.applied:
-        plane.apply(members, result.fit)
-    return result
+    return np.vstack(ref_all), np.vstack(img_all), weight
 
 
 def _implausible(fit: dict, matched_xy: np.ndarray, all_xy: np.ndarray, searchrad: float) -> str:
