@@ -255,9 +255,9 @@ def test_agrees_with_tweakwcs_align_wcs(two_exposures):
     assert correctors[0].meta["fit_info"]["status"] == "SUCCESS"
     # tweakwcs keeps the few ambiguous pairs xyxymatch returns; we drop them (unique_pairs)
     assert 0 <= correctors[0].meta["fit_info"]["nmatches"] - ours.nmatches <= 0.01 * ours.nmatches
-    # tweakwcs fits in the first detector's plane and carries the correction to the
-    # others linearised at that plane's origin; ours fits in the V1 plane and carries it
-    # point by point: the two agree to a few hundredths of a mas, both within the noise
+    # both fit in the first detector's plane; tweakwcs carries the correction to the
+    # others linearised at that plane's origin, ours point by point (and matches again
+    # after a large roll): the two agree to 0.01 mas (0.001-0.008 here), both within noise
     truths = truths_of(exposures[:1])
     ours_err = [
         simulate.wcs_difference_mas(plane.corrected_wcs(i), t) for i, t in enumerate(truths)
@@ -266,7 +266,7 @@ def test_agrees_with_tweakwcs_align_wcs(two_exposures):
         simulate.wcs_difference_mas(c.wcs, t) for c, t in zip(correctors, truths, strict=True)
     ]
     for i, corrector in enumerate(correctors):
-        assert simulate.wcs_difference_mas(plane.corrected_wcs(i), corrector.wcs) < 0.05
+        assert simulate.wcs_difference_mas(plane.corrected_wcs(i), corrector.wcs) < 0.01
     assert max(ours_err) < 0.15
     assert max(theirs_err) < 0.15
 
@@ -373,7 +373,7 @@ def test_relative_fit_after_a_large_roll_uses_all_the_overlap(monkeypatch):
         plane = TangentPlane(images_of(exposures))
         fitted = [r for r in relative_align(plane, FitParameters()).values() if r.applied]
         assert len(fitted) == 1
-        assert abs(fitted[0].fit["rot"][0] - 0.076) < 0.001
+        assert abs(abs(fitted[0].fit["rot"][0]) - 0.076) < 0.001  # either one is the reference
         counts.append(fitted[0].nmatches)
     assert counts[0] > 2500
     assert counts[0] > 2.5 * counts[1]

@@ -225,7 +225,7 @@ class TweakRegStep(Step):
                 if image is None:
                     skipped[index] = source
                 elif workers.context is None:  # the first image's plane; workers inherit it
-                    plane = align.common_plane(image.wcs)
+                    plane = align.common_plane(image.wcs, image.wcsinfo)
                     workers = Workers(self.processes, plane)
                 if image is not None:
                     args = (source, image.name, image.wcs, self.catalog_format)
