@@ -375,7 +375,8 @@ def _match_and_fit(
     result = _fit(ref_xy[ridx], img_xy[iidx], weight, img_xy, pars)
     if result.applied and _match_again(result.fit, img_xy[iidx], img_xy, pars):
         try:
-            ridx2, iidx2 = _match(ref_xy, _affine(img_xy, result.fit), match, pars)
+            moved = _affine(img_xy, result.fit)
+            ridx2, iidx2 = _match(ref_xy, moved, _rematcher(match, pars), pars)
         except MatchSourceConfusionError:
             ridx2 = iidx2 = np.empty(0, int)
         if len(iidx2) > len(iidx):
@@ -385,6 +386,20 @@ def _match_and_fit(
                 result, iidx = second, iidx2
     result.matched_img_idx = iidx
     return result
+
+
+def _rematcher(match: Callable, pars: FitParameters) -> Callable:
+    """The matcher of the second matching: sources already moved by the first fit need
+    no offset search (no 2D histogram, search radius the tolerance); a custom matcher is
+    used as it is."""
+    if not isinstance(match, XYXYMatch):
+        return match
+    return XYXYMatch(
+        searchrad=pars.tolerance,
+        separation=pars.separation,
+        use2dhist=False,
+        tolerance=pars.tolerance,
+    )
 
 
 def _match_again(fit: dict, matched_xy: np.ndarray, all_xy: np.ndarray, pars) -> bool:
@@ -548,7 +563,8 @@ def absolute_align(
     match = match or pars.matcher()
     members = list(range(len(plane.images))) if members is None else list(members)
     try:
-        pairs = _reference_pairs(plane, members, ref_positions, match, pars)
+        cache: dict = {}
+        pairs = _reference_pairs(plane, members, ref_positions, match, pars, cache)
         if not pairs[0]:
             return FitResult(
                 "FAILED", f"no {refcat_name} sources fall on the images", refcat=refcat_name
@@ -556,7 +572,10 @@ def absolute_align(
         all_xy = plane.group_xy(members)
         result = _fit(*_stack(pairs), all_xy, pars)
         if result.applied and _match_again(result.fit, np.vstack(pairs[1]), all_xy, pars):
-            again = _reference_pairs(plane, members, ref_positions, match, pars, result.fit)
+            rematch = _rematcher(match, pars)
+            again = _reference_pairs(
+                plane, members, ref_positions, rematch, pars, cache, result.fit
+            )
             if sum(map(len, again[1])) > result.nmatches:
                 second = _fit(*_stack(again), all_xy, pars)
                 result = second if second.applied else result
@@ -568,21 +587,26 @@ def absolute_align(
     return result
 
 
-def _reference_pairs(plane, members, ref_positions, match, pars, fit=None):
+def _reference_pairs(plane, members, ref_positions, match, pars, cache, fit=None):
     """Matched reference and image positions of ``members``: lists, one entry per group.
 
     Each exposure group is matched on its own (a star seen by two exposures must
     match the same reference star twice), at its own epoch.  With ``fit``, the
     sources are matched where ``fit`` moves them; the pairs are of their positions
-    before it.  Returns (reference positions, image positions, weights or None).
+    before it.  ``cache`` keeps each group's reference positions in the plane
+    between calls.  Returns (reference positions, image positions, weights or None).
     """
     images = plane.images
     ref_all, img_all, weights = [], [], []
     for group in _groups([images[i] for i in members]).values():
         group = [members[i] for i in group]
         img_xy = plane.group_xy(group)
-        ra, dec = ref_positions(images[group[0]].epoch)
-        ref_xy = np.column_stack(plane.ref.world_to_tanp(ra, dec)) if len(ra) else np.empty((0, 2))
+        if group[0] not in cache:  # the reference in the plane, once per group
+            ra, dec = ref_positions(images[group[0]].epoch)
+            cache[group[0]] = (
+                np.column_stack(plane.ref.world_to_tanp(ra, dec)) if len(ra) else np.empty((0, 2))
+            )
+        ref_xy = cache[group[0]]
         moved = img_xy if fit is None else _affine(img_xy, fit)
         ref_xy = _near(ref_xy, moved, pars.searchrad + pars.tolerance)
         if len(img_xy) == 0 or len(ref_xy) == 0:
