@@ -473,3 +473,28 @@ def _models(library):
             out.append(model)
             library.shelve(model, i, modify=False)
     return out
+
+
+def test_missing_inputs_name_the_file(on_disk, tmp_path):
+    """A file, an association or an association member that does not exist: a
+    FileNotFoundError (MissingInputError) naming it, before anything is aligned."""
+    import json
+
+    from roman_tweakreg import MissingInputError
+
+    asn, _ = on_disk
+    with pytest.raises(FileNotFoundError, match=r"nothere_cal\.asdf: input file does not exist"):
+        TweakRegStep.call(str(tmp_path / "nothere_cal.asdf"))
+    with pytest.raises(MissingInputError, match=r"noasn\.json: association file does not exist"):
+        TweakRegStep.call(str(tmp_path / "noasn.json"))
+    broken = json.loads(asn.read_text())
+    broken["products"][0]["members"][1]["expname"] = "gone_cal.asdf"
+    broken_asn = asn.parent / "broken_asn.json"  # beside the members it names
+    broken_asn.write_text(json.dumps(broken))
+    try:
+        with pytest.raises(
+            MissingInputError, match=r"gone_cal\.asdf: association member file does not exist"
+        ):
+            TweakRegStep.call(str(broken_asn))
+    finally:
+        broken_asn.unlink()

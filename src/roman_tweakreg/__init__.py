@@ -17,6 +17,7 @@ from .errors import (
     CatalogError,
     InvalidParameterError,
     MissingCatalogError,
+    MissingInputError,
     ReferenceCatalogError,
     TweakRegError,
 )
@@ -28,6 +29,7 @@ __all__ = [
     "CatalogError",
     "InvalidParameterError",
     "MissingCatalogError",
+    "MissingInputError",
     "ModelLibrary",
     "ReferenceCatalogError",
     "TweakRegError",

@@ -7,6 +7,7 @@ __all__ = [
     "CatalogError",
     "InvalidParameterError",
     "MissingCatalogError",
+    "MissingInputError",
     "ReferenceCatalogError",
     "TweakRegError",
 ]
@@ -26,6 +27,10 @@ class CatalogError(TweakRegError, ValueError):
 
 class MissingCatalogError(CatalogError, FileNotFoundError):
     """An image has no catalog, or its catalog file does not exist."""
+
+
+class MissingInputError(TweakRegError, FileNotFoundError):
+    """An input file (model, association or association member) does not exist."""
 
 
 class ReferenceCatalogError(TweakRegError, RuntimeError):

@@ -27,7 +27,7 @@ from roman_datamodels import datamodels as rdm
 from stpipe.library import AbstractModelLibrary, NoGroupID
 
 from ._meta import meta_get
-from .errors import TweakRegError
+from .errors import MissingInputError, TweakRegError
 
 __all__ = ["ModelLibrary", "exposure_group_id", "open_library"]
 
@@ -134,7 +134,7 @@ def _open_model(filename, **kwargs):
     try:
         model = rdm.open(filename, **kwargs)
     except FileNotFoundError as err:
-        raise TweakRegError(f"{filename}: input file does not exist") from err
+        raise MissingInputError(f"{filename}: input file does not exist") from err
     except Exception as err:
         raise TweakRegError(f"{filename}: cannot be opened as a Roman datamodel: {err}") from err
     finally:
@@ -147,7 +147,7 @@ def _read_meta(filename) -> dict:
     try:
         meta = asdf.util.load_yaml(filename)["roman"]["meta"]
     except FileNotFoundError as err:
-        raise TweakRegError(f"{filename}: association member file does not exist") from err
+        raise MissingInputError(f"{filename}: association member file does not exist") from err
     except (KeyError, TypeError, ValueError) as err:
         raise TweakRegError(f"{filename}: not a Roman ASDF file (no roman.meta): {err}") from err
     return {
@@ -170,7 +170,7 @@ def load_association(filename) -> dict:
     try:
         asn = json.loads(path.read_text())
     except FileNotFoundError as err:
-        raise TweakRegError(f"{path}: association file does not exist") from err
+        raise MissingInputError(f"{path}: association file does not exist") from err
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise TweakRegError(f"{path}: not a JSON association file ({err})") from err
     try:
@@ -209,7 +209,7 @@ def open_library(init: Any, *, on_disk: bool = False) -> ModelLibrary:
         if path.suffix.lower() == ".json":
             return ModelLibrary(path, on_disk=on_disk)
         if not path.exists():
-            raise TweakRegError(f"{path}: input file does not exist")
+            raise MissingInputError(f"{path}: input file does not exist")
         return ModelLibrary(_files_asn([path]), on_disk=on_disk)
     if isinstance(init, dict):
         return ModelLibrary(init, on_disk=on_disk)
@@ -227,6 +227,6 @@ def open_library(init: Any, *, on_disk: bool = False) -> ModelLibrary:
 def _files_asn(paths: list[Path]) -> dict:
     for p in paths:
         if not p.exists():
-            raise TweakRegError(f"{p}: input file does not exist")
+            raise MissingInputError(f"{p}: input file does not exist")
     members = [{"expname": str(p.resolve()), "exptype": "science"} for p in paths]
     return {"asn_pool": "", "products": [{"name": "files", "members": members}]}
