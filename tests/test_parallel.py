@@ -85,3 +85,15 @@ def test_gc_frozen_restores_and_nests():
             pass
         assert gc.get_freeze_count() > 0  # the inner block did not unfreeze the outer one
     assert gc.get_freeze_count() == 0
+
+
+def test_automatic_processes_fork_only_on_linux(no_other_threads, monkeypatch):
+    import roman_tweakreg._parallel as parallel
+
+    monkeypatch.setattr(parallel, "usable_cores", lambda: 8)
+    with Workers(0) as workers:
+        assert workers.n_workers == parallel.AUTO_MAX - 1 == 3
+    monkeypatch.setattr(parallel.sys, "platform", "darwin")
+    assert Workers(0).n_workers == 0
+    with Workers(2) as workers:  # asked for explicitly
+        assert workers.n_workers == 1

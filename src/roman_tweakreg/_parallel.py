@@ -21,6 +21,7 @@ import gc
 import logging
 import multiprocessing
 import os
+import sys
 import threading
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -105,14 +106,20 @@ class Workers:
     processes : int
         Processes in all, this one included: 1 runs every job here; 0 means one per
         usable core, at most ``AUTO_MAX`` (the main process opening models is what
-        limits the speed; more workers only share the corrected WCSs further).
+        limits the speed; more workers only share the corrected WCSs further), on
+        Linux; elsewhere 0 means 1.
     context : object
         Passed to every job as its first argument (inherited by the workers, not sent).
     """
 
     def __init__(self, processes: int, context=None):
         self.context = context
-        wanted = min(usable_cores(), AUTO_MAX) if processes <= 0 else processes
+        if processes > 0:
+            wanted = processes
+        elif sys.platform.startswith("linux"):
+            wanted = min(usable_cores(), AUTO_MAX)
+        else:  # macOS has fork but its system libraries may not survive one
+            wanted = 1
         self.n_workers = 0
         self._pool = None
         self._waiting: list[Future] = []
