@@ -14,7 +14,12 @@ and builds the correction (``RomanWCSCorrector.set_correction``, which makes the
   the reference catalog;
 * matches are made one-to-one (see :func:`unique_pairs`), so that a small
   ``separation`` next to a larger ``tolerance`` cannot pair one reference
-  source with several image sources.
+  source with several image sources;
+* after a fit whose roll moves far sources beyond a quarter of the tolerance,
+  sources are matched again where it moved them (see :func:`_match_again`);
+* each image's composed correction is carried into its own tangent plane point
+  by point (see :func:`corrected_sky_part`) and handed to tweakwcs's corrector
+  of the image's v2v3-to-sky part only (see :func:`plane_of`).
 """
 
 from __future__ import annotations

@@ -224,12 +224,12 @@ class TweakRegStep(Step):
             ):
                 if image is None:
                     skipped[index] = source
-                elif workers.context is None:  # the first image's plane; workers inherit it
+                    continue
+                if workers.context is None:  # the first image's plane; workers inherit it
                     plane = align.common_plane(image.wcs, image.wcsinfo)
                     workers = Workers(self.processes, plane)
-                if image is not None:
-                    args = (source, image.name, image.wcs, self.catalog_format)
-                    jobs.append((image, workers.submit(align.read_and_project, *args)))
+                args = (source, image.name, image.wcs, self.catalog_format)
+                jobs.append((image, workers.submit(align.read_and_project, *args)))
             for image, job in jobs:
                 image.catalog, xy, outline = job.result()
                 if catalogs.accept(image, len(library), skipped):
