@@ -136,10 +136,15 @@ class Workers:
                     initargs=(context,),
                 )
                 # fork now, with every object out of the collector's sight: a collection
-                # in a worker would otherwise write to (and so copy) every inherited page
-                with gc_frozen():
-                    gc.freeze()  # also what was made since an enclosing gc_frozen began
+                # in a worker would otherwise write to (and so copy) every inherited page.
+                # Inside an enclosing freeze (gc_frozen) the objects stay frozen after.
+                enclosed = gc.get_freeze_count() > 0
+                gc.freeze()
+                try:
                     self._pool.submit(int).result()
+                finally:
+                    if not enclosed:
+                        gc.unfreeze()
                 log.debug("Per-image work shared with %d forked worker(s)", self.n_workers)
 
     def submit(self, fn: Callable, *args) -> Future:

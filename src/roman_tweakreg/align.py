@@ -229,9 +229,8 @@ def plane_of(sky: list, wcsinfo: dict) -> RomanWCSCorrector:
     the corrector is given that part of the pipeline only, with an identity in
     place of the detector-to-v2v3 distortion: tweakwcs deep-copies the WCS it is
     given (twice per correction), and the distortion is nearly all of a Roman
-    WCS.  Only the scale of tweakwcs's finite differences between two tangent
-    planes differs from a corrector of the whole WCS; the corrected WCS agree to
-    about 1e-6 mas (tested).
+    WCS.  The plane (``world_to_tanp``, ``tanp_to_world``) and the frame that
+    ``set_correction`` builds in it depend on this part only.
     """
     stand_in = WCS([(cf.Frame2D(name="detector", axes_order=(0, 1)), Identity(2)), *sky])
     info = {k: float(wcsinfo[k]) for k in ("v2_ref", "v3_ref", "roll_ref")}

@@ -108,8 +108,9 @@ class ImageCatalog:
         The image's file name (for messages and results).
     group_id : str
         Exposure group.
-    catalog : Table
-        ``x``, ``y`` (0-indexed pixels) of usable sources.
+    catalog : Table or None
+        ``x``, ``y`` (0-indexed pixels) of usable sources; None until read (see
+        :func:`members`).
     wcs : gwcs.WCS
         The image's WCS as given.
     wcsinfo : dict
