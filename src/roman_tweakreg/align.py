@@ -29,10 +29,12 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
+import shapely
 from astropy.modeling.models import Identity
 from astropy.table import Table
 from gwcs import WCS
 from gwcs import coordinate_frames as cf
+from scipy.stats import norm, poisson
 from shapely.geometry import MultiPoint
 from tweakwcs import RomanWCSCorrector
 from tweakwcs.linearfit import (
@@ -54,10 +56,14 @@ if TYPE_CHECKING:
 __all__ = [
     "FitParameters",
     "FitResult",
+    "Quality",
     "TangentPlane",
     "absolute_align",
     "enclosing_cone",
     "footprint_cone",
+    "gates",
+    "group_results",
+    "quality",
     "relative_align",
     "rigid_sets",
     "unique_pairs",
@@ -99,7 +105,9 @@ class FitResult:
 
     ``status`` is ``SUCCESS`` (correction applied), ``REFERENCE`` (the group the
     others were aligned to), ``FAILED`` (nothing applied; ``reason`` says why)
-    or ``SKIPPED`` (not attempted; ``reason`` says why).
+    or ``SKIPPED`` (not attempted; ``reason`` says why).  ``quality`` says how
+    sure the fit is (see :func:`quality`); an absolute fit of several exposure
+    groups also has each group's own in ``group_quality`` (see :func:`group_results`).
     """
 
     status: str
@@ -109,6 +117,9 @@ class FitResult:
     group_id: str | None = None
     refcat: str = ""
     matched_img_idx: np.ndarray | None = None
+    quality: Quality | None = None
+    group_quality: dict[str, Quality] = field(default_factory=dict)
+    pairs: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)
 
     @property
     def applied(self) -> bool:
@@ -387,8 +398,9 @@ def _match_and_fit(
             weight = None if img_weight is None else img_weight[iidx2]
             second = _fit(ref_xy[ridx2], img_xy[iidx2], weight, img_xy, pars)
             if second.applied:
-                result, iidx = second, iidx2
+                result, ridx, iidx = second, ridx2, iidx2
     result.matched_img_idx = iidx
+    result.pairs = (ref_xy[ridx], img_xy[iidx])
     return result
 
 
@@ -518,6 +530,10 @@ def relative_align(
         )
         result = _match_and_fit(ref_xy, img_xy, pars, match, plane.group_weights(members))
         result.group_id = g
+        if result.fit:
+            overlap = ref_hull.intersection(hulls[g])
+            q = quality([(ref_xy, img_xy, overlap)], result.pairs, result.fit, overlap, pars)
+            _judge(result, q, pars, "searchrad")
         results[g] = result
         if not result.applied:
             log.warning("Relative alignment of group %s failed: %s", g, result.reason)
@@ -543,6 +559,7 @@ def absolute_align(
     members: Sequence[int] | None = None,
     match: Callable | None = None,
     refcat_name: str = "",
+    searchrad_name: str = "abs_searchrad",
 ) -> FitResult:
     """Align images, as one rigid set, to a reference catalog.
 
@@ -561,6 +578,14 @@ def absolute_align(
         Matcher (default: tweakwcs ``XYXYMatch`` from ``pars``).
     refcat_name : str
         For the result and messages.
+    searchrad_name : str
+        The parameter a failed quality gate's reason suggests widening.
+
+    Returns
+    -------
+    FitResult
+        The fit of the whole set, judged by :func:`gates` on its :class:`Quality`;
+        ``group_quality`` holds each exposure group's own figures within it.
 
     .. warning:: On success the correction is composed into ``plane`` in place.
     """
@@ -582,10 +607,12 @@ def absolute_align(
             )
             if sum(map(len, again[1])) > result.nmatches:
                 second = _fit(*_stack(again), all_xy, pars)
-                result = second if second.applied else result
+                result, pairs = (second, again) if second.applied else (result, pairs)
     except MatchSourceConfusionError as err:
         return FitResult("FAILED", _confusion(err, refcat_name), refcat=refcat_name)
     result.refcat = refcat_name
+    if result.fit:
+        _judge_set(plane, members, result, pairs, pars, searchrad_name)
     if result.applied:
         plane.apply(members, result.fit)
     return result
@@ -598,10 +625,11 @@ def _reference_pairs(plane, members, ref_positions, match, pars, cache, fit=None
     match the same reference star twice), at its own epoch.  With ``fit``, the
     sources are matched where ``fit`` moves them; the pairs are of their positions
     before it.  ``cache`` keeps each group's reference positions in the plane
-    between calls.  Returns (reference positions, image positions, weights or None).
+    between calls.  Returns (reference positions, image positions, weights or None,
+    (group id, reference positions near the group, image positions, footprint)).
     """
     images = plane.images
-    ref_all, img_all, weights = [], [], []
+    ref_all, img_all, weights, searches = [], [], [], []
     for group in _groups([images[i] for i in members]).values():
         group = [members[i] for i in group]
         img_xy = plane.group_xy(group)
@@ -620,13 +648,72 @@ def _reference_pairs(plane, members, ref_positions, match, pars, cache, fit=None
         img_all.append(img_xy[iidx])
         group_weight = plane.group_weights(group)
         weights.append(None if group_weight is None else group_weight[iidx])
-    return ref_all, img_all, weights
+        searches.append((images[group[0]].group_id, ref_xy, img_xy, plane.group_hull(group)))
+    return ref_all, img_all, weights, searches
 
 
 def _stack(pairs):
-    ref_all, img_all, weights = pairs
+    ref_all, img_all, weights, _ = pairs
     weight = None if any(w is None for w in weights) else np.concatenate(weights)
     return np.vstack(ref_all), np.vstack(img_all), weight
+
+
+def _judge(result: FitResult, q: Quality, pars: FitParameters, searchrad_name: str) -> None:
+    """Record ``q`` in ``result`` and fail it when a quality gate fails.
+
+    A gate's reason replaces any earlier one (an implausible correction made of
+    chance matches is reported as the chance matches it is).
+
+    .. warning:: Modifies ``result`` in place.
+    """
+    result.quality = q
+    reason = gates(q, pars, searchrad_name)
+    if reason:
+        result.status, result.reason = "FAILED", reason
+
+
+def _judge_set(plane, members, result: FitResult, pairs, pars, searchrad_name: str) -> None:
+    """:func:`_judge` an absolute fit of ``members`` on all its pairs, and record each
+    exposure group's own :class:`Quality` (its pairs, residuals and spread) in
+    ``result.group_quality``.
+
+    .. warning:: Modifies ``result`` in place.
+    """
+    ref_all, img_all, _, searches = pairs
+    mask = np.asarray(result.fit["fitmask"], bool)
+    start = 0
+    for (group_id, ref_xy, img_xy, hull), ref_m, img_m in zip(
+        searches, ref_all, img_all, strict=True
+    ):
+        own = dict(result.fit, fitmask=mask[start : start + len(img_m)])
+        start += len(img_m)
+        result.group_quality[group_id] = quality(
+            [(ref_xy, img_xy, hull)], (ref_m, img_m), own, hull, pars
+        )
+    stacked = (np.vstack(ref_all), np.vstack(img_all))
+    footprint = plane.group_hull(list(members))
+    q = quality([s[1:] for s in searches], stacked, result.fit, footprint, pars)
+    _judge(result, q, pars, searchrad_name)
+
+
+def group_results(result: FitResult) -> dict[str, FitResult]:
+    """Each exposure group's own view of an absolute fit of several (:func:`absolute_align`).
+
+    The correction (``matrix``, ``shift``) and the status are the shared fit's;
+    ``nmatches``, ``quality`` and the fit's ``rmse`` and ``mae`` are the group's
+    own, so that a group's ``wcs_fit_results`` never show another group's figures.
+    Groups absent from ``result.group_quality`` (no pairs) are not in the answer.
+    """
+    out = {}
+    for group_id, q in result.group_quality.items():
+        fit = dict(result.fit)
+        if "rmse" in fit:
+            fit["rmse"] = q.rmse
+            fit.pop("mae", None)
+        out[group_id] = replace(
+            result, fit=fit, nmatches=q.nmatches, quality=q, group_id=group_id
+        )
+    return out
 
 
 def _implausible(fit: dict, matched_xy: np.ndarray, all_xy: np.ndarray, searchrad: float) -> str:
@@ -703,3 +790,223 @@ def rigid_sets(images: Sequence[ImageCatalog], relative: dict[str, FitResult]) -
     sets = [[i for g in together for i in groups[g]]] if together else []
     sets += [groups[g] for g in groups if g not in together]
     return sets
+
+
+# -- quality of a fit: is it real? ------------------------------------------------------
+
+#: False-alarm probability a fit may have of being chance alone: one-sided 5 sigma.
+FALSE_ALARM = float(norm.sf(5.0))
+#: The matches must outnumber the pairs chance gives by at least this factor.
+CHANCE_MARGIN = 10.0
+#: A fit's rmse may exceed its robust core (tweakwcs ``mad``) by this factor ...
+RMSE_OVER_NOISE = 3.0
+#: ... or be this fraction of the tolerance, but not both (see :func:`gates`).
+RMSE_OVER_TOLERANCE = 0.25
+#: Largest footprint fraction the matches' hull may be required to cover.
+SPREAD_CAP = 0.25
+
+
+@dataclass(frozen=True)
+class Quality:
+    """How sure a fit is: what chance would give and what the fit got.
+
+    Lengths are arcsec, areas square arcsec, in the alignment plane.
+
+    Attributes
+    ----------
+    nmatches : int
+        One-to-one pairs within the tolerance (before the fit's clipping).
+    nkept : int
+        Pairs the fit kept (after clipping).
+    n_image, n_reference : int
+        Image and reference sources in the overlap.
+    overlap_area : float
+        Area of the footprint the pairs should cover: the overlap of the image
+        and reference footprints (relative) or the images' footprint (absolute).
+    expected_chance : float
+        Pairs expected within the tolerance by chance for these densities:
+        ``n_image * n_reference * pi * tolerance**2 / overlap area``, summed over
+        separate matches (the exposure groups of an absolute fit).
+    trials : float
+        Independent offsets the offset search tried (look-elsewhere factor):
+        ``((searchrad + tolerance) / tolerance)**2`` with the 2D histogram, else 1;
+        to the power of the number of separate matches.
+    false_alarm : float
+        Probability that chance alone gives ``nmatches`` pairs at the best of
+        ``trials`` offsets: ``min(1, trials * P(Poisson(expected_chance) >= nmatches))``.
+    significance : float
+        ``false_alarm`` as a one-sided Gaussian significance (sigma).
+    rmse, noise : float
+        The fit's rmse and its robust core (tweakwcs ``mad``: median residual
+        scaled to an rmse for Gaussian errors), over the pairs the fit kept.
+    matched_fraction : float
+        ``nmatches`` over the smaller of ``n_image`` and ``n_reference``.
+    spread : float
+        Area of the convex hull of the kept pairs over ``overlap_area``.
+    """
+
+    nmatches: int
+    nkept: int
+    n_image: int
+    n_reference: int
+    overlap_area: float
+    expected_chance: float
+    trials: float
+    false_alarm: float
+    significance: float
+    rmse: float
+    noise: float
+    matched_fraction: float
+    spread: float
+
+    @property
+    def rmse_over_noise(self) -> float:
+        """``rmse / noise`` (1 for Gaussian residuals; far above with mismatches)."""
+        return self.rmse / self.noise if self.noise > 0 else float("inf")
+
+    def as_dict(self) -> dict:
+        """Plain values for ``wcs_fit_results`` (``rmse_over_noise`` included)."""
+        out = {k: (int(v) if isinstance(v, int) else float(v)) for k, v in vars(self).items()}
+        out["rmse_over_noise"] = float(self.rmse_over_noise)
+        return out
+
+
+def _inside(polygon, xy: np.ndarray) -> int:
+    if len(xy) == 0 or polygon.is_empty:
+        return 0
+    return int(np.count_nonzero(shapely.contains_xy(polygon, xy[:, 0], xy[:, 1])))
+
+
+def _significance(false_alarm_log: float) -> float:
+    """One-sided Gaussian significance of a probability given by its natural log."""
+    if not np.isfinite(false_alarm_log):
+        return float("inf")  # no chance pairs possible (no sources to pair by chance)
+    if false_alarm_log > -700.0:
+        return max(0.0, float(norm.isf(np.exp(false_alarm_log))))
+    return float(np.sqrt(-2.0 * false_alarm_log))  # asymptotic, where exp() underflows
+
+
+def quality(
+    searches: Sequence[tuple[np.ndarray, np.ndarray, object]],
+    pairs: tuple[np.ndarray, np.ndarray],
+    fit: dict,
+    footprint,
+    pars: FitParameters,
+) -> Quality:
+    """The :class:`Quality` of ``fit`` of the matched ``pairs`` (reference, image positions).
+
+    Parameters
+    ----------
+    searches : sequence of (ref_xy, img_xy, overlap)
+        One entry per separate match (offset search) whose pairs were fitted
+        together: the reference and image positions that took part and their
+        overlap (a shapely polygon), in which the densities are counted.
+    pairs : (ndarray, ndarray)
+        Matched reference and image positions (N x 2 each), in the fit's order.
+    fit : dict
+        The fit (``matrix``, ``shift`` about the plane's origin, ``fitmask``).
+    footprint : shapely geometry
+        The footprint the pairs should cover (for ``spread``).
+    pars : FitParameters
+        ``tolerance``, ``searchrad`` and ``use2dhist`` of the matching.
+    """
+    ref_m, img_m = pairs
+    m = len(img_m)
+    tol = pars.tolerance
+    n_img = n_ref = 0
+    expected = smaller = 0.0
+    for ref_xy, img_xy, overlap in searches:
+        ni, nr = _inside(overlap, img_xy), _inside(overlap, ref_xy)
+        n_img, n_ref, smaller = n_img + ni, n_ref + nr, smaller + min(ni, nr)
+        if ni and nr:
+            expected += ni * nr * np.pi * tol**2 / overlap.area
+    per_search = ((pars.searchrad + tol) / tol) ** 2 if pars.use2dhist else 1.0
+    log_trials = max(len(searches), 1) * np.log(per_search)
+    log_fa = 0.0
+    if m and expected > 0:
+        log_fa = min(0.0, float(log_trials + poisson.logsf(m - 1, expected)))
+    elif m:
+        log_fa = -np.inf
+    kept = np.asarray(fit.get("fitmask", np.ones(m, bool)), bool)
+    resid = ref_m[kept] - _affine(img_m[kept], fit) if m else np.empty((0, 2))
+    norms = np.hypot(*resid.T)
+    rmse = float(np.sqrt(np.mean(norms**2))) if len(norms) else float("nan")
+    noise = float(np.median(norms) / np.sqrt(np.log(2.0))) if len(norms) else float("nan")
+    area = float(footprint.area)
+    covered = MultiPoint(img_m[kept]).convex_hull.area if kept.any() else 0.0
+    return Quality(
+        nmatches=m,
+        nkept=int(np.count_nonzero(kept)),
+        n_image=n_img,
+        n_reference=n_ref,
+        overlap_area=area,
+        expected_chance=float(expected),
+        trials=float(np.exp(log_trials)),
+        false_alarm=float(np.exp(log_fa)),
+        significance=_significance(log_fa),
+        rmse=rmse,
+        noise=noise,
+        matched_fraction=min(1.0, m / smaller) if smaller else 0.0,
+        spread=min(1.0, covered / area) if area > 0 else 0.0,
+    )
+
+
+def gates(q: Quality, pars: FitParameters, searchrad_name: str = "searchrad") -> str:
+    """Why a fit of quality ``q`` cannot be trusted, naming the gate; '' when it passes.
+
+    The gates, in order (see docs/algorithm.rst for their derivation):
+
+    1. *significance*: the chance that pairs as many as ``q.nmatches`` arise by
+       chance (Poisson with mean ``q.expected_chance``, at the best of
+       ``q.trials`` offsets) is at most :data:`FALSE_ALARM` (5 sigma);
+    2. *matched fraction*: the pairs are at least :data:`CHANCE_MARGIN` times
+       what chance gives (``matched_fraction`` at least that multiple of the
+       chance fraction), a margin for stellar fields being clumpier than the
+       uniform densities of gate 1 assume;
+    3. *rmse*: chance pairs lie uniformly in the tolerance disk (rmse
+       ``tolerance / sqrt(2)``); the rmse fails when it is both above
+       :data:`RMSE_OVER_TOLERANCE` of the tolerance (mismatches then make up more
+       than about an eighth of the pairs) and :data:`RMSE_OVER_NOISE` times the
+       residuals' robust core (which Gaussian errors of any size meet, even for
+       15 pairs at 5 sigma and with moderately unequal errors);
+    4. *spread*: if the pairs were spread uniformly over the overlap, all ``k``
+       of them would lie in a region of area fraction ``s`` with probability
+       ``s**k``; the hull of the kept pairs must cover at least
+       ``min(SPREAD_CAP, FALSE_ALARM**(1/k))`` of the overlap.
+
+    When gate 1 or 2 fails, the reason suggests widening ``searchrad_name``:
+    the true offset may lie outside the search.
+    """
+    wider = (
+        f"; if the pointing may be off by more than {searchrad_name}={pars.searchrad:g} "
+        f"arcsec, widen {searchrad_name} (see the troubleshooting page)"
+    )
+    if q.false_alarm > FALSE_ALARM:
+        return (
+            f"quality gate 'significance' failed: {q.nmatches} matches where chance gives "
+            f"{q.expected_chance:.3g} (significance {q.significance:.2f} sigma after "
+            f"{q.trials:.3g} trial offsets, 5 sigma needed); the matches are likely chance "
+            f"coincidences{wider}"
+        )
+    if q.nmatches < CHANCE_MARGIN * q.expected_chance:
+        return (
+            f"quality gate 'matched fraction' failed: {q.nmatches} matches "
+            f"({q.matched_fraction:.3g} of the sources in the overlap) are fewer than "
+            f"{CHANCE_MARGIN:g} x the {q.expected_chance:.3g} that chance gives{wider}"
+        )
+    if (
+        q.rmse > RMSE_OVER_TOLERANCE * pars.tolerance
+        and q.rmse > RMSE_OVER_NOISE * q.noise
+    ):
+        return (
+            f"quality gate 'rmse' failed: fit rmse {q.rmse:.3g} arcsec is "
+            f"{q.rmse_over_noise:.3g} x the residuals' core {q.noise:.3g} arcsec and more than "
+            f"{RMSE_OVER_TOLERANCE:g} x the tolerance {pars.tolerance:g} arcsec: mismatched pairs"
+        )
+    need = min(SPREAD_CAP, FALSE_ALARM ** (1.0 / max(q.nkept, 1)))
+    if q.spread < need:
+        return (
+            f"quality gate 'spread' failed: the matches cover {q.spread:.3g} of the overlap, "
+            f"less than {need:.3g}; a fit on one corner does not constrain the rest"
+        )
+    return ""

@@ -544,4 +544,33 @@ def _unusable(model) -> str:
     ]
     if missing:
         return f"meta.wcsinfo has no {', '.join(missing)}"
+    return _absurd_wcsinfo(model.meta.wcsinfo)
+
+
+#: Limits of the ``meta.wcsinfo`` values the alignment uses: keyword -> (low, high).
+_WCSINFO_LIMITS = {
+    "v2_ref": (-36000.0, 36000.0),  # arcsec: every aperture is within 10 deg of V1
+    "v3_ref": (-36000.0, 36000.0),
+    "roll_ref": (-360.0, 360.0),  # deg
+    "ra_ref": (-360.0, 360.0),
+    "dec_ref": (-90.0, 90.0),
+}
+
+
+def _absurd_wcsinfo(wcsinfo) -> str:
+    """Why ``meta.wcsinfo``'s reference values cannot be used ('' when they can).
+
+    Values must be finite numbers within :data:`_WCSINFO_LIMITS`; ``ra_ref`` and
+    ``dec_ref`` are checked when present.
+    """
+    for key, (low, high) in _WCSINFO_LIMITS.items():
+        value = meta_get(wcsinfo, key)
+        if value is None:
+            continue
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            return f"meta.wcsinfo.{key}={value!r} is not a number"
+        if not (np.isfinite(number) and low <= number <= high):
+            return f"meta.wcsinfo.{key}={number!r} is not a finite value in [{low:g}, {high:g}]"
     return ""

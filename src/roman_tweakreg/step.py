@@ -292,6 +292,7 @@ class TweakRegStep(Step):
                     result.reason,
                 )
             out.update(dict.fromkeys({images[i].group_id for i in members}, result))
+            out.update(align.group_results(result))  # each group's own figures
         return out
 
     def _save_refcat(self, refcat, epoch) -> None:
