@@ -108,7 +108,13 @@ def _phase_summary(fit: Mapping | None) -> dict:
         "shift_arcsec": _pair(meta_get(fit, "shift")),
         "rotation_deg": _number(meta_get(fit, "<rot>", meta_get(fit, "proper_rot"))),
         "scale": _number(meta_get(fit, "<scale>")),
+        "quality": _quality(meta_get(fit, "quality")),
     }
+
+
+def _quality(quality: Mapping | None) -> dict | None:
+    """The fit's quality figures (``wcs_fit_results[...]['quality']``); non-finite -> None."""
+    return None if quality is None else _plain(quality)
 
 
 def image_entry(meta: Any, file: str) -> dict:
@@ -128,7 +134,8 @@ def image_entry(meta: Any, file: str) -> dict:
         then the final fit (``fit_status``, ``reason``, ``fitgeom``, ``refcat``,
         ``nmatches``, ``rmse_mas``, ``mae_mas``, ``shift_arcsec``, ``rotation_deg``,
         ``scale``) and ``relative`` / ``absolute`` with the same fit keys per phase
-        (``status`` there is the phase's own status).
+        (``status`` there is the phase's own status), each with ``quality``: the
+        fit's quality figures (see ``docs/outputs.rst``) or None where no fit was made.
     """
     fit = meta_get(meta, "wcs_fit_results")
     fit = _plain(fit) if fit is not None else None

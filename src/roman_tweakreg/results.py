@@ -84,6 +84,8 @@ def _phase_dict(result: FitResult | None) -> dict:
         out["refcat"] = result.refcat
     if result.fit:
         out.update({k: _plain(result.fit[k]) for k in _FIT_KEYS if k in result.fit})
+    if result.quality is not None:
+        out["quality"] = result.quality.as_dict()
     return out
 
 
@@ -100,7 +102,8 @@ def fit_results_dict(
     Top-level keys describe the fit that set the final WCS (absolute when it
     was applied, else relative); ``relative`` and ``absolute`` hold each
     phase's own outcome.  Lengths (shift, rmse, mae) are arcsec in the
-    tangent plane, angles degrees.
+    tangent plane, angles degrees.  ``quality`` (where a fit was made) holds the
+    :class:`~roman_tweakreg.align.Quality` figures of the group's own fit.
     """
     final = absolute if absolute is not None and absolute.applied else relative
     top = _phase_dict(final if final is not None else absolute)
