@@ -63,12 +63,18 @@ def test_relative_and_absolute_in_memory(refcat_file):
     result = TweakRegStep.call(models_of(exposures), abs_refcat=str(refcat_file))
     assert isinstance(result, ModelLibrary)
     assert errors_mas(result, truths_of(exposures)).max() < 1.0
+    own = {}
     for status, fit, name, frames in metas(result):
         assert status == "COMPLETE"
         assert name == "FIT-LVL2-gaia_2028.ecsv"
         assert frames == ["detector", "v2v3", "v2v3corr", "world"]
         assert fit["status"] == "SUCCESS"
-        assert fit["nmatches"] > 4500
+        # the group's own pairs within the shared absolute fit (~2,900 of each exposure)
+        assert 2500 < fit["nmatches"] == fit["quality"]["nmatches"] < 3200
+        assert fit["quality"]["significance"] > 30
+        assert fit["quality"]["rmse_over_noise"] < 1.5
+        assert fit["quality"]["matched_fraction"] > 0.9
+        own[fit["group_id"]] = (fit["nmatches"], fit["rmse"])
         assert fit["fitgeom"] == "rshift"
         for key in (
             "matrix",
@@ -87,6 +93,8 @@ def test_relative_and_absolute_in_memory(refcat_file):
             assert key in fit
         assert fit["relative"]["status"] in ("REFERENCE", "SUCCESS")
         assert fit["rmse"] < 0.01  # arcsec: 0.02 px centroid noise
+    assert len(set(own.values())) == 2  # each group shows its own figures
+    assert sum(n for n, _ in own.values()) > 5500
 
 
 def test_relative_only_when_gaia_service_unavailable(caplog):

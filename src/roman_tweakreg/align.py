@@ -662,7 +662,8 @@ def _judge(result: FitResult, q: Quality, pars: FitParameters, searchrad_name: s
     """Record ``q`` in ``result`` and fail it when a quality gate fails.
 
     A gate's reason replaces any earlier one (an implausible correction made of
-    chance matches is reported as the chance matches it is).
+    chance matches is reported as the chance matches it is); an implausible
+    correction of real matches says that a wider search would accept it.
 
     .. warning:: Modifies ``result`` in place.
     """
@@ -670,6 +671,11 @@ def _judge(result: FitResult, q: Quality, pars: FitParameters, searchrad_name: s
     reason = gates(q, pars, searchrad_name)
     if reason:
         result.status, result.reason = "FAILED", reason
+    elif result.reason.startswith("implausible"):
+        result.reason += (
+            f"; the matches are no chance ({q.significance:.3g} sigma): if the pointing may "
+            f"be off this much, widen {searchrad_name} (see the troubleshooting page)"
+        )
 
 
 def _judge_set(plane, members, result: FitResult, pairs, pars, searchrad_name: str) -> None:
@@ -708,11 +714,8 @@ def group_results(result: FitResult) -> dict[str, FitResult]:
     for group_id, q in result.group_quality.items():
         fit = dict(result.fit)
         if "rmse" in fit:
-            fit["rmse"] = q.rmse
-            fit.pop("mae", None)
-        out[group_id] = replace(
-            result, fit=fit, nmatches=q.nmatches, quality=q, group_id=group_id
-        )
+            fit["rmse"], fit["mae"] = q.rmse, q.mae
+        out[group_id] = replace(result, fit=fit, nmatches=q.nmatches, quality=q, group_id=group_id)
     return out
 
 
@@ -836,9 +839,10 @@ class Quality:
         ``trials`` offsets: ``min(1, trials * P(Poisson(expected_chance) >= nmatches))``.
     significance : float
         ``false_alarm`` as a one-sided Gaussian significance (sigma).
-    rmse, noise : float
-        The fit's rmse and its robust core (tweakwcs ``mad``: median residual
-        scaled to an rmse for Gaussian errors), over the pairs the fit kept.
+    rmse, mae, noise : float
+        The fit's rmse, mean residual and robust core (as tweakwcs's ``mad``: the
+        median residual scaled to an rmse for Gaussian errors), over the pairs the
+        fit kept (unweighted).
     matched_fraction : float
         ``nmatches`` over the smaller of ``n_image`` and ``n_reference``.
     spread : float
@@ -855,6 +859,7 @@ class Quality:
     false_alarm: float
     significance: float
     rmse: float
+    mae: float
     noise: float
     matched_fraction: float
     spread: float
@@ -924,7 +929,10 @@ def quality(
     log_trials = max(len(searches), 1) * np.log(per_search)
     log_fa = 0.0
     if m and expected > 0:
-        log_fa = min(0.0, float(log_trials + poisson.logsf(m - 1, expected)))
+        log_tail = poisson.logsf(m - 1, expected)
+        if not np.isfinite(log_tail):  # underflow far out in the tail: its first term
+            log_tail = poisson.logpmf(m, expected)
+        log_fa = min(0.0, float(log_trials + log_tail))
     elif m:
         log_fa = -np.inf
     kept = np.asarray(fit.get("fitmask", np.ones(m, bool)), bool)
@@ -945,6 +953,7 @@ def quality(
         false_alarm=float(np.exp(log_fa)),
         significance=_significance(log_fa),
         rmse=rmse,
+        mae=float(np.mean(norms)) if len(norms) else float("nan"),
         noise=noise,
         matched_fraction=min(1.0, m / smaller) if smaller else 0.0,
         spread=min(1.0, covered / area) if area > 0 else 0.0,
@@ -994,10 +1003,7 @@ def gates(q: Quality, pars: FitParameters, searchrad_name: str = "searchrad") ->
             f"({q.matched_fraction:.3g} of the sources in the overlap) are fewer than "
             f"{CHANCE_MARGIN:g} x the {q.expected_chance:.3g} that chance gives{wider}"
         )
-    if (
-        q.rmse > RMSE_OVER_TOLERANCE * pars.tolerance
-        and q.rmse > RMSE_OVER_NOISE * q.noise
-    ):
+    if q.rmse > RMSE_OVER_TOLERANCE * pars.tolerance and q.rmse > RMSE_OVER_NOISE * q.noise:
         return (
             f"quality gate 'rmse' failed: fit rmse {q.rmse:.3g} arcsec is "
             f"{q.rmse_over_noise:.3g} x the residuals' core {q.noise:.3g} arcsec and more than "
