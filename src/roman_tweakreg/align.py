@@ -531,7 +531,8 @@ def relative_align(
         result = _match_and_fit(ref_xy, img_xy, pars, match, plane.group_weights(members))
         result.group_id = g
         if result.fit:
-            overlap = ref_hull.intersection(hulls[g])
+            # pairs come from sources up to searchrad + tolerance apart
+            overlap = ref_hull.intersection(hulls[g].buffer(pars.searchrad + pars.tolerance))
             q = quality([(ref_xy, img_xy, overlap)], result.pairs, result.fit, overlap, pars)
             _judge(result, q, pars, "searchrad")
         results[g] = result
@@ -824,8 +825,9 @@ class Quality:
     n_image, n_reference : int
         Image and reference sources in the overlap.
     overlap_area : float
-        Area of the footprint the pairs should cover: the overlap of the image
-        and reference footprints (relative) or the images' footprint (absolute).
+        Area of the footprint the pairs should cover: the overlap of the reference
+        footprint with the group's grown by ``searchrad + tolerance`` (relative) or
+        the images' footprint (absolute).
     expected_chance : float
         Pairs expected within the tolerance by chance for these densities:
         ``n_image * n_reference * pi * tolerance**2 / overlap area``, summed over
