@@ -15,9 +15,11 @@ except ImportError:  # pragma: no cover - running from a source tree without bui
 from .errors import (
     AlignmentError,
     CatalogError,
+    InvalidInputError,
     InvalidParameterError,
     MissingCatalogError,
     MissingInputError,
+    OutputError,
     ReferenceCatalogError,
     TweakRegError,
 )
@@ -27,10 +29,12 @@ from .step import TweakRegStep
 __all__ = [
     "AlignmentError",
     "CatalogError",
+    "InvalidInputError",
     "InvalidParameterError",
     "MissingCatalogError",
     "MissingInputError",
     "ModelLibrary",
+    "OutputError",
     "ReferenceCatalogError",
     "TweakRegError",
     "TweakRegStep",

@@ -5,9 +5,11 @@ from __future__ import annotations
 __all__ = [
     "AlignmentError",
     "CatalogError",
+    "InvalidInputError",
     "InvalidParameterError",
     "MissingCatalogError",
     "MissingInputError",
+    "OutputError",
     "ReferenceCatalogError",
     "TweakRegError",
 ]
@@ -19,6 +21,14 @@ class TweakRegError(Exception):
 
 class InvalidParameterError(TweakRegError, ValueError):
     """A step parameter has a value outside what it accepts."""
+
+
+class InvalidInputError(TweakRegError, ValueError):
+    """An input file (model, association) is broken, hostile or not what the step reads."""
+
+
+class OutputError(TweakRegError, OSError):
+    """An output (model, catalog, report) cannot be written where it must go."""
 
 
 class CatalogError(TweakRegError, ValueError):

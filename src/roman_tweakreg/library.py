@@ -26,10 +26,11 @@ import asdf
 from roman_datamodels import datamodels as rdm
 from stpipe.library import AbstractModelLibrary, NoGroupID
 
+from ._asdf_check import check_asdf_file
 from ._meta import meta_get
-from .errors import MissingInputError, TweakRegError
+from .errors import InvalidInputError, MissingInputError, TweakRegError
 
-__all__ = ["ModelLibrary", "exposure_group_id", "open_library"]
+__all__ = ["ModelLibrary", "check_members", "exposure_group_id", "open_library"]
 
 _ROMAN_STEM = re.compile(r"^(r\d+_\d+)_wfi\d\d", re.IGNORECASE)
 _UNSET = ("", "?", None, -999999)
@@ -126,6 +127,8 @@ def _open_model(filename, **kwargs):
     Validating the whole L2 schema on read costs ~0.1 s per file, most of the time
     of opening it; outputs are validated when they are written.
     """
+    if isinstance(filename, (str, Path)):
+        _check_file(filename, "input file")
     config = asdf.get_config()
     previous = config.validate_on_read
     # set and restored around the call: asdf.config_context() would reload every
@@ -135,8 +138,13 @@ def _open_model(filename, **kwargs):
         model = rdm.open(filename, **kwargs)
     except FileNotFoundError as err:
         raise MissingInputError(f"{filename}: input file does not exist") from err
+    except MemoryError as err:
+        raise InvalidInputError(f"{filename}: not enough memory to open it") from err
     except Exception as err:
-        raise TweakRegError(f"{filename}: cannot be opened as a Roman datamodel: {err}") from err
+        raise InvalidInputError(
+            f"{filename}: cannot be opened as a Roman datamodel (expected a Roman L2 ASDF "
+            f"file): {type(err).__name__}: {err}"
+        ) from err
     finally:
         config.validate_on_read = previous
     return model
@@ -144,12 +152,17 @@ def _open_model(filename, **kwargs):
 
 def _read_meta(filename) -> dict:
     """Read ``roman.meta`` of an ASDF file from its YAML header only (no arrays, no schemas)."""
+    _check_file(filename, "association member file")
     try:
         meta = asdf.util.load_yaml(filename)["roman"]["meta"]
-    except FileNotFoundError as err:
-        raise MissingInputError(f"{filename}: association member file does not exist") from err
     except (KeyError, TypeError, ValueError) as err:
-        raise TweakRegError(f"{filename}: not a Roman ASDF file (no roman.meta): {err}") from err
+        raise InvalidInputError(
+            f"{filename}: not a Roman ASDF file (expected a roman.meta tree): {err}"
+        ) from err
+    except Exception as err:  # YAML errors and anything else the parser raises
+        raise InvalidInputError(
+            f"{filename}: cannot read its ASDF header: {type(err).__name__}: {err}"
+        ) from err
     return {
         "group_id": meta.get("group_id"),
         "filename": meta.get("filename"),
@@ -157,12 +170,82 @@ def _read_meta(filename) -> dict:
     }
 
 
+def _check_file(filename, what: str) -> None:
+    """:func:`~roman_tweakreg._asdf_check.check_asdf_file`, a missing file as MissingInputError."""
+    try:
+        check_asdf_file(filename, what)
+    except FileNotFoundError as err:
+        raise MissingInputError(f"{filename}: {what} does not exist") from err
+    except IsADirectoryError as err:
+        raise InvalidInputError(f"{filename}: {what} is a folder, expected an ASDF file") from err
+    except OSError as err:
+        raise InvalidInputError(f"{filename}: {what} cannot be read: {err}") from err
+
+
+def check_members(asn: dict, asn_dir: str | Path | None, where: str) -> None:
+    """Refuse an association whose members would overwrite each other's outputs.
+
+    Outputs are named after each input's file name, so two members with the same
+    file name (the same file listed twice, or files of one name in two folders)
+    would write one output and be merged into one exposure group.  Each member
+    file is also checked (:func:`~roman_tweakreg._asdf_check.check_asdf_file`), so
+    that a broken or hostile file stops the run before any work.
+
+    Parameters
+    ----------
+    asn : dict
+        The association (``products[0].members[*].expname``).
+    asn_dir : str, Path or None
+        Folder relative member names are taken from.
+    where : str
+        The association, for messages.
+
+    Raises
+    ------
+    InvalidInputError
+        Naming both members (and the association) that share an output name, or the
+        member file that is broken.
+    MissingInputError
+        Naming a member file that does not exist.
+    """
+    seen: dict[str, tuple[int, Path]] = {}
+    for index, member in enumerate(asn["products"][0]["members"]):
+        expname = member["expname"]
+        if not isinstance(expname, (str, Path)):
+            raise InvalidInputError(
+                f"{where}: member {index} has expname {expname!r}, expected a file name"
+            )
+        path = Path(expname) if asn_dir is None else Path(asn_dir) / expname
+        key = path.name.lower()
+        if key in seen:
+            first, other = seen[key]
+            if _same_file(other, path):
+                raise InvalidInputError(
+                    f"{where}: member {index} ({path}) is listed twice (also member {first}); "
+                    "each input may appear once"
+                )
+            raise InvalidInputError(
+                f"{where}: members {first} ({other}) and {index} ({path}) have the same file "
+                f"name, so both would be written to the output {path.name}; rename one of them"
+            )
+        seen[key] = (index, path)
+    for _, path in seen.values():
+        _check_file(path, "association member file")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve() or a.samefile(b)
+    except OSError:
+        return False
+
+
 def load_association(filename) -> dict:
     """Read and check a Roman association JSON file.
 
     Raises
     ------
-    TweakRegError
+    InvalidInputError
         Naming the file and what is missing when it is not an association
         with ``products[0].members[*].expname``.
     """
@@ -172,14 +255,14 @@ def load_association(filename) -> dict:
     except FileNotFoundError as err:
         raise MissingInputError(f"{path}: association file does not exist") from err
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise TweakRegError(f"{path}: not a JSON association file ({err})") from err
+        raise InvalidInputError(f"{path}: not a JSON association file ({err})") from err
     try:
         members = asn["products"][0]["members"]
         names = [m["expname"] for m in members]
     except (KeyError, IndexError, TypeError) as err:
-        raise TweakRegError(f"{path}: an association needs products[0].members[*].expname") from err
+        raise InvalidInputError(f"{path}: an association needs products[0].members[*].expname") from err
     if not names:
-        raise TweakRegError(f"{path}: the association's first product has no members")
+        raise InvalidInputError(f"{path}: the association's first product has no members")
     for m in members:
         m.setdefault("exptype", "science")
     return asn
@@ -207,16 +290,20 @@ def open_library(init: Any, *, on_disk: bool = False) -> ModelLibrary:
     if isinstance(init, (str, Path)):
         path = Path(init)
         if path.suffix.lower() == ".json":
+            asn = load_association(path)
+            check_members(asn, path.parent, f"association {path}")
             return ModelLibrary(path, on_disk=on_disk)
         if not path.exists():
             raise MissingInputError(f"{path}: input file does not exist")
         return ModelLibrary(_files_asn([path]), on_disk=on_disk)
     if isinstance(init, dict):
+        check_members(init, None, "association")
         return ModelLibrary(init, on_disk=on_disk)
     if isinstance(init, Iterable):
         items = list(init)
         if items and all(isinstance(i, (str, Path)) for i in items):
             return ModelLibrary(_files_asn([Path(i) for i in items]), on_disk=on_disk)
+        _check_model_names(items)
         return ModelLibrary(items)
     raise TweakRegError(
         f"unsupported input of type {type(init).__name__}: expected an ImageModel, an ASDF "
@@ -229,4 +316,23 @@ def _files_asn(paths: list[Path]) -> dict:
         if not p.exists():
             raise MissingInputError(f"{p}: input file does not exist")
     members = [{"expname": str(p.resolve()), "exptype": "science"} for p in paths]
-    return {"asn_pool": "", "products": [{"name": "files", "members": members}]}
+    asn = {"asn_pool": "", "products": [{"name": "files", "members": members}]}
+    check_members(asn, None, "the input list")
+    return asn
+
+
+def _check_model_names(models: list) -> None:
+    """Refuse in-memory models that would be saved under one name (``meta.filename``)."""
+    seen: dict[str, int] = {}
+    for index, model in enumerate(models):
+        name = meta_get(getattr(model, "meta", None), "filename")
+        if not name:
+            continue
+        key = Path(str(name)).name.lower()
+        if key in seen:
+            raise InvalidInputError(
+                f"input models {seen[key]} and {index} have the same meta.filename "
+                f"{Path(str(name)).name!r}, so both would be written to one output; give "
+                "each model its own meta.filename"
+            )
+        seen[key] = index
