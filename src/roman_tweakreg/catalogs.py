@@ -30,7 +30,7 @@ from astropy.table import Table
 
 from ._io import read_parquet
 from ._meta import exposure_epoch, meta_get
-from .errors import CatalogError, MissingCatalogError
+from .errors import CatalogError, MissingCatalogError, OutputError
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -238,9 +238,14 @@ def read_catalog(source: CatalogSource, image: str, catalog_format: str = "ascii
         )
     try:
         return _read_table(found, catalog_format)
+    except CatalogError:
+        raise
+    except MemoryError as err:
+        raise CatalogError(f"{image}: not enough memory to read catalog {found}") from err
     except Exception as err:
         raise CatalogError(
-            f"{image}: cannot read catalog {found} as {catalog_format}: {err}"
+            f"{image}: cannot read catalog {found} as {catalog_format} (expected a table with "
+            f"x/y pixel columns): {type(err).__name__}: {err}"
         ) from err
 
 
@@ -273,15 +278,17 @@ def _walk(node):
         yield from _walk(node.source_catalog)
 
 
-def normalize_catalog(catalog: Table, image: str) -> Table:
+def normalize_catalog(catalog: Table, image: str, where: str = "catalog") -> Table:
     """Return a new table with float ``x``, ``y`` columns taken from the accepted pixel columns.
 
     Sources flagged DO_NOT_USE in a ``warning_flags`` column are dropped.
+    ``where`` names the catalog in messages (e.g. ``catalog /data/a_cat.ecsv``).
 
     Raises
     ------
     CatalogError
-        Listing the columns found and the pairs accepted, when no pair is present.
+        Listing the columns found and the pairs accepted, when no pair is present;
+        naming the column when a pixel, weight or flag column is not numeric.
     """
     for xcol, ycol in PIXEL_COLUMNS:
         if xcol in catalog.colnames and ycol in catalog.colnames:
@@ -289,23 +296,49 @@ def normalize_catalog(catalog: Table, image: str) -> Table:
     else:
         accepted = ", ".join(f"{x}/{y}" for x, y in PIXEL_COLUMNS)
         raise CatalogError(
-            f"{image}: catalog has no pixel columns; found {catalog.colnames}, "
+            f"{image}: {where} has no pixel columns; found {catalog.colnames}, "
             f"accepted pairs: {accepted}"
         )
     out = Table(
         {
-            "x": np.asarray(catalog[xcol], dtype=float),
-            "y": np.asarray(catalog[ycol], dtype=float),
+            "x": _numeric(catalog, xcol, float, image, where),
+            "y": _numeric(catalog, ycol, float, image, where),
         }
     )
     if "weight" in catalog.colnames:
-        out["weight"] = np.asarray(catalog["weight"], dtype=float)
+        out["weight"] = _numeric(catalog, "weight", float, image, where)
     if "warning_flags" in catalog.colnames:
-        bad = (np.asarray(catalog["warning_flags"]).astype(np.int64) & _DO_NOT_USE) != 0
+        flags = _numeric(catalog, "warning_flags", np.int64, image, where)
+        bad = (flags & _DO_NOT_USE) != 0
         if bad.any():
             log.info("%s: dropped %d sources flagged DO_NOT_USE", image, int(bad.sum()))
         out = out[~bad]
     return out
+
+
+def _numeric(catalog: Table, name: str, dtype, image: str, where: str) -> np.ndarray:
+    """Column ``name`` as ``dtype``, or a CatalogError naming the catalog and the column."""
+    col = catalog[name]
+    try:
+        if np.dtype(dtype).kind == "i" and np.asarray(col).dtype.kind in "iub":
+            return np.ma.asarray(col).filled(0).astype(dtype)
+        if np.ma.isMaskedArray(col) or hasattr(col, "mask"):
+            col = np.ma.asarray(col).astype(float).filled(np.nan)
+        values = np.asarray(col, dtype=float)
+        if np.dtype(dtype).kind == "i":
+            values = np.nan_to_num(values, nan=0).astype(dtype)
+    except (TypeError, ValueError, OverflowError) as err:
+        kind = "integers" if np.dtype(dtype).kind == "i" else "numbers (pixels)"
+        raise CatalogError(
+            f"{image}: {where}: column {name!r} is not numeric: expected {kind}, found "
+            f"{getattr(col, 'dtype', type(col).__name__)} values ({err})"
+        ) from err
+    if values.ndim != 1:
+        raise CatalogError(
+            f"{image}: {where}: column {name!r} has shape {values.shape}, expected one value "
+            "per source"
+        )
+    return values
 
 
 def filter_catalog(catalog: Table, bounding_box, image: str) -> Table:
@@ -347,7 +380,10 @@ def load_catalog(source: CatalogSource, image: str, wcs, catalog_format: str = "
     See :func:`read_catalog`, :func:`normalize_catalog` and :func:`filter_catalog`
     (the bounding box is ``wcs``'s) for what is read, accepted and dropped.
     """
-    table = normalize_catalog(read_catalog(source, image, catalog_format), image)
+    raw = read_catalog(source, image, catalog_format)
+    found = source.resolve() if isinstance(source.value, (str, Path)) else None
+    where = f"catalog {found}" if found is not None else f"catalog ({source.origin})"
+    table = normalize_catalog(raw, image, where)
     return filter_catalog(table, bounding_box_of(wcs), image)
 
 
@@ -397,7 +433,13 @@ def _detect(model, name: str, params, catalog_path: str, catalog_format: str) ->
     err = getattr(model, "err", None)
     table = detect_sources(model.data, model.dq, err, params)
     path = catalog_filename(name, catalog_path or Path.cwd(), catalog_format)
-    write_catalog(table, path, catalog_format)
+    try:
+        write_catalog(table, path, catalog_format)
+    except (OSError, MemoryError) as err:
+        raise OutputError(
+            f"{name}: the detected catalog cannot be written to {path}: "
+            f"{type(err).__name__}: {err}"
+        ) from err
     log.info("%s: %d sources detected, catalog written to %s", name, len(table), path)
     return CatalogSource(str(path), "detection", ())
 

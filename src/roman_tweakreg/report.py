@@ -213,7 +213,13 @@ def _statuses(images: list[dict]) -> dict:
     }
 
 
-def build_report(library_or_models: Any, *, parameters: dict, timings: dict | None = None) -> dict:
+def build_report(
+    library_or_models: Any,
+    *,
+    parameters: dict,
+    timings: dict | None = None,
+    outputs: list[str | None] | None = None,
+) -> dict:
     """Build the JSON-serialisable report of a TweakRegStep run.
 
     Models are only read (a library's models are shelved with ``modify=False``).
@@ -226,18 +232,35 @@ def build_report(library_or_models: Any, *, parameters: dict, timings: dict | No
         The step parameters, e.g. ``step.get_pars()``.
     timings : dict or None
         Seconds per phase, e.g. ``{"catalogs": 1.2, "relative": 3.4}``.
+    outputs : list or None
+        The output file written for each image (None where it was not written), in
+        library order; None when the step saves no files.
 
     Returns
     -------
     dict
-        ``schema``, ``created`` (UTC ISO time), ``version``, ``parameters``,
+        ``schema``, ``created`` (UTC ISO time), ``version``, ``parameters``, ``outputs``
+        (``expected``, ``written``, ``complete`` and ``missing``; null when no files
+        were to be saved; each image entry then has its ``output`` file or null),
         ``timings`` (s), ``statuses`` (counts of ``meta.cal_step.tweakreg`` values and
         of each phase's status), ``images`` (:func:`image_entry` per image) and
         ``groups`` (per exposure group: ``group_id``, ``n_images``, ``files``,
         ``statuses``, ``wcs_names``, ``relative`` and ``absolute`` fit summaries).
     """
     images = [image_entry(meta, name) for name, meta in _iter_metas(library_or_models)]
-    return summarize(images, parameters=parameters, timings=timings)
+    report = summarize(images, parameters=parameters, timings=timings)
+    report["outputs"] = None
+    if outputs is not None:
+        for image, path in zip(images, outputs, strict=False):
+            image["output"] = path
+        written = [p for p in outputs if p is not None]
+        report["outputs"] = {
+            "expected": len(images),
+            "written": len(written),
+            "complete": len(written) == len(images),
+            "missing": [i["file"] for i, p in zip(images, outputs, strict=False) if p is None],
+        }
+    return report
 
 
 def summarize(

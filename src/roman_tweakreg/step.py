@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,14 +17,14 @@ from stpipe.library import AbstractModelLibrary
 from . import align, catalogs, results
 from ._io import write_atomically
 from ._parallel import Workers, gc_frozen
-from .errors import InvalidParameterError, ReferenceCatalogError
+from .errors import InvalidParameterError, OutputError, ReferenceCatalogError
 from .library import open_library
 from .refcat import DEFAULT_REFCAT, get_reference_catalog
 
 if TYPE_CHECKING:
     from .library import ModelLibrary
 
-__all__ = ["TweakRegStep", "validate_parameters"]
+__all__ = ["TweakRegStep", "check_writable", "validate_parameters"]
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +110,7 @@ class TweakRegStep(Step):
         use_custom_catalogs = boolean(default=False) # Use catalogs from catfile / association / meta.tweakreg_catalog
         catalog_format = string(default='ascii.ecsv') # astropy format of custom catalog files
         catfile = string(default='') # Text file: '<model file> <catalog file>' per line
-        catalog_path = string(default='') # Folder for written catalogs (default: current folder)
+        catalog_path = string(default='') # Folder for written catalogs (default: output_dir, else the current folder)
         kernel_fwhm = float(default=2.0) # Detection (images without a catalog): PSF FWHM (pixels)
         snr_threshold = float(default=10.0) # Detection: minimum peak signal-to-noise
         bkg_boxsize = integer(default=128) # Detection: background mesh size (pixels)
@@ -169,6 +171,7 @@ class TweakRegStep(Step):
         validate_parameters(pars)
         detection = _detection_parameters(pars)
         refcat_name = (self.abs_refcat or DEFAULT_REFCAT).strip()
+        self._check_output_places()
         with gc_frozen():
             return self._align(input_data, pars, detection, refcat_name)
 
@@ -199,8 +202,10 @@ class TweakRegStep(Step):
             with clock.phase("update"):
                 outcomes = results.outcomes(plane, relative, absolute, skipped, workers)
                 self._write(library, outcomes)
-        if self.report:
-            self._write_report(library, pars, clock.timings)
+        # the report is written last: after the outputs when stpipe saves them (save_model)
+        self._report_args = (pars, clock.timings) if self.report else None
+        if self.report and not self._saves_outputs():
+            self._write_report(library, outputs=None)
         return library
 
     def _prepare(self, library, detection):
@@ -220,7 +225,7 @@ class TweakRegStep(Step):
                 catfile=self.catfile,
                 catalog_format=self.catalog_format,
                 detection=detection,
-                catalog_path=self.catalog_path,
+                catalog_path=self._catalog_folder(),
             ):
                 if image is None:
                     skipped[index] = source
@@ -240,17 +245,59 @@ class TweakRegStep(Step):
             raise
         return align.TangentPlane(images, workers.context, projections), skipped, workers
 
-    def _write_report(self, library, pars, timings) -> None:
+    def _write_report(self, library, outputs: list | None) -> None:
+        """Write the JSON report; ``outputs`` lists each image's output path (None: none)."""
         from .errors import TweakRegError
         from .report import build_report, write_report
 
+        args, self._report_args = getattr(self, "_report_args", None), None
+        if args is None:
+            return
+        pars, timings = args
+        try:
+            report = build_report(library, parameters=pars, timings=timings, outputs=outputs)
+            write_report(report, self._report_path())
+        except (TweakRegError, OSError) as err:  # a report must never lose the alignment
+            log.warning("Report not written: %s", err)
+
+    def _report_path(self) -> Path:
         path = Path(self.report)
         if not path.is_absolute() and self.output_dir:
             path = Path(self.output_dir) / path
-        try:
-            write_report(build_report(library, parameters=pars, timings=timings), path)
-        except (TweakRegError, OSError) as err:  # a report must never lose the alignment
-            log.warning("Report not written: %s", err)
+        return path
+
+    # -- output places, checked before any work ---------------------------------------------
+    def _saves_outputs(self) -> bool:
+        """Whether stpipe will save the outputs after :meth:`process` (``save_results``)."""
+        return bool(self.save_results or self.output_file)
+
+    def _catalog_folder(self) -> str:
+        """Where detected catalogs go: ``catalog_path``, else ``output_dir``, else ''."""
+        return self.catalog_path or self.output_dir or ""
+
+    def _check_output_places(self) -> None:
+        """Check that every folder this run will write into can be written, before any work.
+
+        Raises
+        ------
+        OutputError
+            Naming the folder, the parameter that chose it and the reason.
+        """
+        places = []
+        if self._saves_outputs():
+            folder = Path(self.make_output_path(basepath="probe.asdf")).parent
+            places.append((folder, "output_dir (the models' outputs)"))
+        if self.report:
+            places.append((self._report_path().parent, "report"))
+        if self.catalog_path:
+            places.append((Path(self.catalog_path), "catalog_path"))
+        if self.save_abs_catalog:
+            places.append((self._refcat_folder(), "save_abs_catalog"))
+        for folder, what in places:
+            check_writable(folder, what)
+
+    def _refcat_folder(self) -> Path:
+        return Path(self.output_dir or self.catalog_path or ".")
 
     def _absolute(self, plane, pars, refcat_name, relative) -> dict:
         """Absolute alignment of each rigid set of groups; group id -> result."""
@@ -296,9 +343,13 @@ class TweakRegStep(Step):
         return out
 
     def _save_refcat(self, refcat, epoch) -> None:
-        folder = Path(self.output_dir or self.catalog_path or ".")
         stem = Path(refcat.name).stem.lower()
-        path = refcat.write(folder / f"fit_{stem}_ref.ecsv", epoch)
+        path = self._refcat_folder() / f"fit_{stem}_ref.ecsv"
+        try:
+            refcat.write(path, epoch)
+        except (OSError, MemoryError) as err:
+            log.warning("save_abs_catalog: the reference catalog was not saved: %s: %s", path, err)
+            return
         log.info("Saved the reference catalog used (at epoch %s) in %s", epoch, path)
 
     @staticmethod
@@ -317,8 +368,20 @@ class TweakRegStep(Step):
 
     # -- outputs are written whole or not at all --------------------------------
     def save_model(self, model, suffix=None, idx=None, output_file=None, force=False, **components):
-        """Save like stpipe, but through a temporary file renamed into place."""
-        if isinstance(model, AbstractModelLibrary) or not isinstance(model, rdm.DataModel):
+        """Save like stpipe, but each model through a temporary file renamed into place.
+
+        A library is saved model by model, then the report (``report``) is written,
+        saying which outputs exist, also when saving failed or was interrupted.
+
+        Raises
+        ------
+        OutputError
+            When an output cannot be written (full disk, file size limit, memory):
+            naming the file and which outputs were written before it.
+        """
+        if isinstance(model, AbstractModelLibrary):
+            return self._save_library(model, suffix, output_file, force, components)
+        if not isinstance(model, rdm.DataModel):
             return super().save_model(
                 model, suffix=suffix, idx=idx, output_file=output_file, force=force, **components
             )
@@ -328,9 +391,93 @@ class TweakRegStep(Step):
         if self.output_use_model or (output_file is None and not self.search_output_file):
             output_file, idx = model.meta.filename, None
         path = self.make_output_path(basepath=output_file, suffix=suffix, idx=idx, **components)
-        write_atomically(path, model.save)
+        try:
+            write_atomically(path, model.save)
+        except (OSError, MemoryError) as err:
+            raise OutputError(f"{path}: output not written: {_describe_write_error(err)}") from err
         log.info("Saved model in %s", path)
         return path
+
+    def _save_library(self, library, suffix, output_file, force, components) -> list | None:
+        if not force and not self.save_results and not (output_file or self.output_file):
+            return None
+        written: list = [None] * len(library)
+        try:
+            with library:
+                for index in range(len(library)):
+                    model = library.borrow(index)
+                    try:
+                        written[index] = self.save_model(
+                            model, idx=index, suffix=suffix, force=force, **components
+                        )
+                    finally:
+                        library.shelve(model, index)
+        except OutputError as err:
+            done = [str(p) for p in written if p is not None]
+            raise OutputError(
+                f"{err}; {len(done)} of {len(library)} outputs were written"
+                + (f" ({', '.join(done)})" if done else "")
+                + "; the others do not exist"
+            ) from err
+        finally:
+            self._write_report(library, outputs=[None if p is None else str(p) for p in written])
+        return written
+
+
+def _describe_write_error(err: BaseException) -> str:
+    """Say in words why a write failed."""
+    import errno
+
+    if isinstance(err, MemoryError):
+        return "not enough memory to write it"
+    reason = {
+        errno.ENOSPC: "the disk is full (ENOSPC)",
+        errno.EFBIG: "the file is larger than allowed (EFBIG: file size limit)",
+        errno.EDQUOT: "the disk quota is exceeded (EDQUOT)",
+        errno.EROFS: "the file system is read-only (EROFS)",
+        errno.EACCES: "permission denied (EACCES)",
+        errno.EPERM: "operation not permitted (EPERM)",
+        errno.EEXIST: "a file of that name is in the way (expected a folder)",
+        errno.ENOTDIR: "a part of the path is a file, not a folder (ENOTDIR)",
+    }.get(getattr(err, "errno", None))
+    return f"{reason}: {err}" if reason else f"{type(err).__name__}: {err}"
+
+
+def check_writable(folder: str | os.PathLike, what: str) -> Path:
+    """Create ``folder`` if needed and check that a file can be created in it.
+
+    Parameters
+    ----------
+    folder : str or path-like
+        The folder.
+    what : str
+        Which parameter or output chose it, for the message.
+
+    Returns
+    -------
+    pathlib.Path
+        ``folder``.
+
+    Raises
+    ------
+    OutputError
+        Naming the folder and why it cannot be written (also for root, for whom
+        permission bits do not apply: a file is really created and removed).
+
+    .. warning:: Creates ``folder`` (and its parents) when it does not exist.
+    """
+    folder = Path(folder or ".")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".roman_tweakreg-probe-")
+        os.close(fd)
+        Path(probe).unlink()
+    except OSError as err:
+        raise OutputError(
+            f"{folder}: the folder for {what} cannot be written: {_describe_write_error(err)}; "
+            "nothing was aligned"
+        ) from err
+    return folder
 
 
 class _Clock:
