@@ -5,21 +5,24 @@ Layout under the cache folder::
     cones/<CATALOG>-<hash of service and epoch>/<ra>_<dec>_<radius>.cone
     files/<hash of URL>/<file name>  (+ <file name>.sha256)
 
-A ``.cone`` entry is one JSON line (service, catalog, cone, epoch, SHA-256 of
-the body) followed by the service's answer as received.  Entries are written
-to a temporary file and renamed into place, so a reader never sees half an
-entry; one whose header or checksum does not verify is deleted and fetched
-again.  An entry serves any query of the same service, catalog and epoch
-whose cone lies inside its own.  Entries never expire: Gaia releases are fixed.
+A ``.cone`` entry is one JSON line (version, service, catalog, cone, epoch and a
+SHA-256 over these fields and the body) followed by the service's answer as
+received.  Entries are written to a temporary file and renamed into place, so a
+reader never sees half an entry; one whose header or checksum does not verify is
+deleted and fetched again.  An entry serves any query of the same service,
+catalog and epoch whose cone, as stated in its checksummed header (never its file
+name), contains the query's.  Entries never expire: Gaia releases are fixed.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
 import os
 import re
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +40,6 @@ log = logging.getLogger(__name__)
 CACHE_ENV = "ROMAN_TWEAKREG_CACHE"
 #: Values of ``$ROMAN_TWEAKREG_CACHE`` or ``cache_dir`` that turn the cache off.
 CACHE_OFF = frozenset({"off", "none", "0", "false", "no"})
-_CONE = re.compile(r"^(.+)_(.+)_(.+)\.cone$")
 
 
 def default_cache_dir() -> Path | None:
@@ -70,6 +72,15 @@ class ConeCache:
 
     Failures to read or write the cache are logged and never raised: the
     cache can only save requests, not lose a catalog.
+
+    An entry is trusted by its header, never by its file name: the header states the
+    service, catalog, epoch and cone, and its ``sha256`` covers the header fields
+    and the answer, so an entry renamed or edited to claim another cone is not
+    served.  Symbolic links inside the cache are never followed: entries are opened
+    with ``O_NOFOLLOW`` and nothing is written through a linked folder.  Writers
+    only create files under unique temporary names and rename them into place, so
+    any number of processes on any number of hosts may share the folder without
+    locks; a reader deletes a bad entry only if it is still the file it read.
     """
 
     def __init__(self, root: str | os.PathLike):
@@ -87,47 +98,72 @@ class ConeCache:
     def get(
         self, service: str, catalog: str, ra: float, dec: float, radius: float, epoch: float | None
     ) -> ConeEntry | None:
-        """Return the smallest verified entry whose cone contains the query cone, or None."""
+        """Return the smallest verified entry whose cone contains the query cone, or None.
+
+        The cone of each entry is read from its header (the file name is not trusted);
+        the chosen entry's checksum is then verified.
+        """
         folder = self._folder(service, catalog, epoch)
         candidates = []
         try:
-            files = list(folder.glob("*.cone"))
+            files = [] if folder.is_symlink() else sorted(folder.glob("*.cone"))
         except OSError:
             return None
         for path in files:
-            m = _CONE.match(path.name)
+            meta = self._header(path)
+            if meta is None:
+                continue
             try:
-                c_ra, c_dec, c_rad = (float(g) for g in m.groups())
-            except (AttributeError, ValueError):
+                c_ra, c_dec, c_rad = (float(meta[k]) for k in ("ra", "dec", "radius"))
+                same = (meta["service"], meta["catalog"], meta["epoch"]) == (
+                    service,
+                    catalog,
+                    epoch,
+                )
+            except (KeyError, TypeError, ValueError):
                 continue
             sep = np.rad2deg(angular_separation(*np.deg2rad([ra, dec, c_ra, c_dec])))
-            if sep + radius <= c_rad * (1 + 1e-12):
-                candidates.append((c_rad, path))
-        for _, path in sorted(candidates):
+            if same and sep + radius <= c_rad * (1 + 1e-12):
+                candidates.append((c_rad, str(path), path))
+        for _, _, path in sorted(candidates):
             entry = self._read(path, service, catalog, epoch)
             if entry is not None:
                 return entry
         return None
 
+    def _header(self, path: Path) -> dict | None:
+        """The JSON header line of an entry (at most 4 kB), or None."""
+        try:
+            with _open_nofollow(path) as f:
+                head = f.readline(4096)
+            meta = json.loads(head)
+        except (OSError, ValueError) as err:
+            log.warning("Cache entry %s is unreadable (%s); ignored", path, err)
+            return None
+        return meta if isinstance(meta, dict) else None
+
     def _read(self, path: Path, service: str, catalog: str, epoch: float | None):
         try:
-            data = path.read_bytes()
+            with _open_nofollow(path) as f:
+                status = os.fstat(f.fileno())
+                data = f.read()
             head, _, body = data.partition(b"\n")
             meta = json.loads(head)
             ok = (meta["service"], meta["catalog"], meta["epoch"]) == (
                 service,
                 catalog,
                 epoch,
-            ) and meta["sha256"] == _digest(body)
+            ) and meta["sha256"] == _entry_digest(meta, body)
             if ok:
                 return ConeEntry(
                     path, float(meta["ra"]), float(meta["dec"]), float(meta["radius"]), body
                 )
         except (OSError, ValueError, KeyError, TypeError) as err:
             log.warning("Cache entry %s is unreadable (%s); fetching again", path, err)
+            status = None
         else:
             log.warning("Cache entry %s fails its checksum; fetching again", path)
-        self.discard(path)
+        self.discard(path, status)
         return None
 
     def put(
@@ -142,19 +178,21 @@ class ConeCache:
     ) -> Path | None:
         """Store a verified answer; return its path (None when the cache cannot be written)."""
         meta = {
+            "version": _ENTRY_VERSION,
             "service": service,
             "catalog": catalog,
             "ra": float(ra),
             "dec": float(dec),
             "radius": float(radius),
             "epoch": epoch,
-            "sha256": _digest(body),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
+        meta["sha256"] = _entry_digest(meta, body)
         path = self._folder(service, catalog, epoch) / (
             f"{float(ra)!r}_{float(dec)!r}_{float(radius)!r}.cone"
         )
         try:
+            self._safe_folder(path.parent)
             write_atomically(
                 path, lambda p: p.write_bytes(json.dumps(meta).encode() + b"\n" + body)
             )
@@ -163,8 +201,50 @@ class ConeCache:
             return None
         return path
 
-    def discard(self, path: Path) -> None:
-        """Delete an entry (and a file's checksum), ignoring errors."""
+    def _safe_folder(self, folder: Path) -> None:
+        """Create ``folder`` under the root, refusing any symbolic link below the root.
+
+        Raises
+        ------
+        OSError
+            When a folder on the way is a symbolic link or not a folder.
+        """
+        self.root.mkdir(parents=True, exist_ok=True)
+        current = self.root
+        for part in folder.relative_to(self.root).parts:
+            current = current / part
+            try:
+                st = os.lstat(current)
+            except FileNotFoundError:
+                try:
+                    current.mkdir()
+                except FileExistsError:  # made meanwhile by another process
+                    pass
+                st = os.lstat(current)
+            if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+                raise OSError(
+                    errno.ELOOP if stat.S_ISLNK(st.st_mode) else errno.ENOTDIR,
+                    "the cache will not write through a symbolic link or a file",
+                    str(current),
+                )
+
+    def discard(self, path: Path, status: os.stat_result | None = None) -> None:
+        """Delete an entry (and a file's checksum), ignoring errors.
+
+        With ``status`` (the ``os.fstat`` of the file as read), the entry is deleted
+        only if it is still that file: another process may have replaced it meanwhile.
+        """
+        if status is not None:
+            try:
+                now = os.lstat(path)
+            except OSError:
+                return
+            if (now.st_ino, now.st_dev, now.st_mtime_ns) != (
+                status.st_ino,
+                status.st_dev,
+                status.st_mtime_ns,
+            ):
+                return
         for p in (path, path.with_name(path.name + ".sha256")):
             try:
                 p.unlink(missing_ok=True)
@@ -178,14 +258,19 @@ class ConeCache:
 
     def get_file(self, path: Path) -> Path | None:
         """Return ``path`` if it is present and matches its checksum, else None (deleting it)."""
-        if not path.exists():
+        if not os.path.lexists(path):
             return None
         try:
-            want = path.with_name(path.name + ".sha256").read_text().strip()
-            if want == _digest(path.read_bytes()):
+            with _open_nofollow(path.with_name(path.name + ".sha256")) as f:
+                want = f.read(200).decode().strip()
+            with _open_nofollow(path) as f:
+                digest = hashlib.sha256()
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(chunk)
+            if want == digest.hexdigest():
                 return path
             log.warning("Cached file %s fails its checksum; fetching again", path)
-        except OSError as err:
+        except (OSError, UnicodeDecodeError) as err:
             log.warning("Cached file %s is unreadable (%s); fetching again", path, err)
         self.discard(path)
         return None
@@ -193,6 +278,7 @@ class ConeCache:
     def put_file(self, path: Path, data: bytes) -> Path | None:
         """Store a downloaded file and its checksum; None when the cache cannot be written."""
         try:
+            self._safe_folder(path.parent)
             write_atomically(path, lambda p: p.write_bytes(data))
             digest = _digest(data).encode()
             write_atomically(path.with_name(path.name + ".sha256"), lambda p: p.write_bytes(digest))
@@ -200,3 +286,20 @@ class ConeCache:
             log.warning("Cannot write the cached file %s: %s", path, err)
             return None
         return path
+
+
+#: Version of the ``.cone`` header; entries of another version are fetched again.
+_ENTRY_VERSION = 2
+
+
+def _entry_digest(meta: dict, body: bytes) -> str:
+    """SHA-256 over the header fields (all but ``sha256``) and the answer body."""
+    fields = {k: v for k, v in meta.items() if k != "sha256"}
+    head = json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(head + b"\n" + body).hexdigest()
+
+
+def _open_nofollow(path: Path):
+    """Open ``path`` for reading in binary, failing (ELOOP) if it is a symbolic link."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    return os.fdopen(fd, "rb")
