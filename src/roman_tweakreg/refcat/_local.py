@@ -167,8 +167,18 @@ def _in_cone(
 
 # -- HATS -------------------------------------------------------------------------------------
 def hats_partitions(root: Path) -> dict[tuple[int, int], Path]:
-    """Map ``(order, pixel)`` to the partition file (or folder) of a HATS catalog at ``root``."""
+    """Map ``(order, pixel)`` to the partition file (or folder) of a HATS catalog at ``root``.
+
+    The catalog's partition index is read when there is one: ``partition_info.csv``
+    (columns ``Norder``, ``Npix``) or the row groups' file paths in
+    ``dataset/_metadata``; otherwise the ``Norder=K/Dir=D/Npix=N`` tree is listed.
+    """
     base = root / "dataset" if (root / "dataset").is_dir() else root
+    index = _partition_index(root, base)
+    if index is not None:
+        return {
+            (k, n): _partition_path(base, k, n) for k, n in index
+        }
     parts = {}
     for path in base.glob("Norder=*/Dir=*/Npix=*"):
         m = _HATS_FILE.search(path.relative_to(base).as_posix())
@@ -177,13 +187,85 @@ def hats_partitions(root: Path) -> dict[tuple[int, int], Path]:
     return parts
 
 
+def _partition_path(base: Path, order: int, pixel: int) -> Path:
+    folder = base / f"Norder={order}" / f"Dir={pixel // 10000 * 10000}"
+    path = folder / f"Npix={pixel}.parquet"
+    return path if path.exists() or not (folder / f"Npix={pixel}").is_dir() else path.with_suffix("")
+
+
+def _partition_index(root: Path, base: Path) -> list[tuple[int, int]] | None:
+    """``(order, pixel)`` of every partition from the catalog's index, or None without one."""
+    for csv_path in (root / "partition_info.csv", base / "partition_info.csv"):
+        if csv_path.is_file():
+            try:
+                table = Table.read(csv_path, format="ascii.csv")
+                lower = {c.lower(): c for c in table.colnames}
+                orders = np.asarray(table[lower["norder"]], dtype=np.int64)
+                pixels = np.asarray(table[lower["npix"]], dtype=np.int64)
+            except Exception as err:
+                raise ReferenceCatalogError(
+                    f"abs_refcat: {csv_path}: cannot read the HATS partition index (expected "
+                    f"Norder and Npix columns): {err}"
+                ) from err
+            return list(zip(orders.tolist(), pixels.tolist(), strict=True))
+    meta_path = base / "_metadata"
+    if meta_path.is_file():
+        import pyarrow.parquet as pq
+
+        try:
+            meta = pq.read_metadata(meta_path)
+            found = set()
+            for i in range(meta.num_row_groups):
+                m = _HATS_FILE.search(meta.row_group(i).column(0).file_path)
+                if m:
+                    found.add((int(m.group(1)), int(m.group(2))))
+        except Exception as err:
+            raise ReferenceCatalogError(
+                f"abs_refcat: {meta_path}: cannot read the HATS partition index: {err}"
+            ) from err
+        return sorted(found) if found else None
+    return None
+
+
+def covering_partitions(
+    keys: list[tuple[int, int]], ra: float, dec: float, radius: float
+) -> list[tuple[int, int]]:
+    """The ``(order, pixel)`` partitions (nested HEALPix) that may hold sources in the cone.
+
+    Each partition is tested at its own order: it is kept when the cone reaches
+    within the distance from the pixel's centre to its farthest corner (plus 1%,
+    as pixel edges are not great circles), so the work grows with the number of
+    partitions, not with the deepest order.
+    """
+    from astropy_healpix import HEALPix
+
+    out = []
+    by_order: dict[int, list[int]] = {}
+    for order, pixel in keys:
+        by_order.setdefault(order, []).append(pixel)
+    for order, pixels in sorted(by_order.items()):
+        hp = HEALPix(nside=2**order, order="nested")
+        pix = np.asarray(pixels, dtype=np.int64)
+        lon, lat = hp.healpix_to_lonlat(pix)
+        c_lon, c_lat = lon.to_value(u.rad), lat.to_value(u.rad)
+        b_lon, b_lat = hp.boundaries_lonlat(pix, step=2)
+        corner = angular_separation(
+            b_lon.to_value(u.rad), b_lat.to_value(u.rad), c_lon[:, None], c_lat[:, None]
+        ).max(axis=1)
+        sep = angular_separation(c_lon, c_lat, np.deg2rad(ra), np.deg2rad(dec))
+        keep = sep <= np.deg2rad(radius) + corner * 1.01 + 1e-9
+        out += [(order, int(p)) for p in pix[keep]]
+    return out
+
+
 def read_hats_catalog(
     root: str | Path, ra: float, dec: float, radius: float, *, name: str | None = None
 ) -> ReferenceCatalog:
     """Read the sources within ``radius`` deg of ``(ra, dec)`` from a HATS catalog folder.
 
     Only the partitions whose HEALPix pixel (nested, ICRS) overlaps the cone
-    are opened, and only the reference catalog columns are read from them.
+    are opened (each tested at its own order, see :func:`covering_partitions`),
+    and only the reference catalog columns are read from them.
 
     Raises
     ------
@@ -195,7 +277,7 @@ def read_hats_catalog(
     import pyarrow.parquet as pq
 
     try:
-        from astropy_healpix import HEALPix
+        import astropy_healpix  # noqa: F401
     except ImportError as err:  # pragma: no cover - a declared dependency
         raise ReferenceCatalogError(
             f"abs_refcat: reading the HATS catalog {root} needs astropy-healpix"
@@ -207,14 +289,7 @@ def read_hats_catalog(
             f"abs_refcat: {root} is a folder but not a HATS catalog: "
             "no Norder=K/Dir=D/Npix=N.parquet partitions found"
         )
-    wanted = []
-    for order in sorted({k[0] for k in parts}):
-        # cone_search_lonlat may miss pixels that barely touch the cone: search 8 times finer,
-        # padded by one fine pixel, and take the parents (nested: 6 bits per 3 orders)
-        fine = HEALPix(nside=2 ** (order + 3), order="nested")
-        pad = fine.pixel_resolution.to_value(u.deg)
-        pixels = fine.cone_search_lonlat(ra * u.deg, dec * u.deg, (radius + pad) * u.deg) >> 6
-        wanted += [parts[order, int(p)] for p in np.unique(pixels) if (order, int(p)) in parts]
+    wanted = [parts[k] for k in covering_partitions(list(parts), ra, dec, radius)]
     log.debug("HATS %s: reading %d of %d partitions", root, len(wanted), len(parts))
     cat_name = name or root.name
     if not wanted:
