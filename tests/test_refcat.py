@@ -377,6 +377,43 @@ def test_hats_mixed_orders_under_dataset(tmp_path):
         assert inside.sum() > 50
 
 
+@pytest.mark.parametrize("deep", [12, 16])
+def test_hats_deep_partition_is_read_in_seconds(tmp_path, monkeypatch, deep):
+    """Order-5 partitions plus one deep partition, listed in partition_info.csv: the cone
+    is tested per partition at its own order (it took 106 s at order 12 when searched at
+    the deepest order over the whole cone)."""
+    import time
+
+    ra, dec, radius = 150.0, 2.0, 0.5
+    sky = simulate.make_star_field(ra, dec, 5.0, 100.0, np.random.default_rng(5))
+    hp = HEALPix(nside=2**deep, order="nested")
+    pix_deep = hp.lonlat_to_healpix(ra * u.deg, dec * u.deg)
+    c_ra, c_dec = (a.to_value(u.deg) for a in hp.healpix_to_lonlat(pix_deep))
+    size = hp.pixel_resolution.to_value(u.deg)
+    extra = Table({c: np.repeat(sky[c][:1], 20) for c in sky.colnames})  # stars in the deep pixel
+    extra["ra"] = c_ra + np.random.default_rng(6).uniform(-0.2, 0.2, 20) * size
+    extra["dec"] = c_dec + np.random.default_rng(7).uniform(-0.2, 0.2, 20) * size
+    extra["objID"] = np.arange(20) + 10**9
+    root = tmp_path / "deep_hats"
+    pix5 = write_hats(root, sky, order=5)
+    write_hats(root, extra, order=deep)
+    rows = [f"5,{p}" for p in np.unique(pix5)] + [f"{deep},{pix_deep}"]
+    (root / "partition_info.csv").write_text("Norder,Npix\n" + "\n".join(rows) + "\n")
+    read = []
+    real = pq.read_table
+    monkeypatch.setattr(pq, "read_table", lambda p, **kw: read.append(p) or real(p, **kw))
+    t = time.perf_counter()
+    cat = get_reference_catalog(str(root), ra, dec, radius, epoch=2016.0)
+    elapsed = time.perf_counter() - t
+    both = Table({c: np.concatenate([sky[c], extra[c]]) for c in ("ra", "dec", "objID")})
+    inside = sep_mas(both["ra"], both["dec"], ra, dec) <= radius * 3.6e6
+    assert np.array_equal(np.sort(cat.table["objID"]), np.sort(both["objID"][inside]))
+    assert np.isin(extra["objID"], cat.table["objID"]).all()
+    assert any(f"Norder={deep}" in str(p) for p in read)
+    assert len(read) < len(rows) / 2  # only the partitions over the cone
+    assert elapsed < 5.0, f"{elapsed:.1f} s"
+
+
 def test_hats_folder_without_partitions(tmp_path):
     (tmp_path / "empty_hats").mkdir()
     with pytest.raises(ReferenceCatalogError, match=r"empty_hats is a folder but not a HATS"):

@@ -43,7 +43,6 @@ MAX_YAML_NODES = 1_000_000
 MAX_ARRAY_BYTES = 2**30
 
 _BLOCK_MAGIC = b"\xd3BLK"
-_INDEX_MAGIC = b"#ASDF BLOCK INDEX"
 _STREAMED = 0x1
 _CHUNK = 1 << 20
 _NDARRAY = re.compile(
@@ -170,7 +169,7 @@ def _read_blocks(path: Path, offset: int, size: int, what: str) -> list[tuple[in
         while offset < size:
             f.seek(offset)
             head = f.read(6 + 48)
-            if head.startswith(_INDEX_MAGIC):
+            if head.startswith(b"#ASDF"):  # the block index (optional; may be cut short)
                 break
             if not head.startswith(_BLOCK_MAGIC):
                 if not head.strip(b"\x00 \r\n"):
@@ -195,7 +194,7 @@ def _read_blocks(path: Path, offset: int, size: int, what: str) -> list[tuple[in
                 )
             streamed = bool(flags & _STREAMED)
             end = size if streamed else offset + 6 + header_size + allocated
-            if end > size or used > allocated and not streamed:
+            if end > size or (used > allocated and not streamed):
                 raise InvalidInputError(
                     f"{path}: {what} is truncated: block {len(blocks)} at byte {offset} "
                     f"declares {allocated} bytes, the file ends {max(end - size, 0)} bytes "
@@ -223,7 +222,11 @@ def _check_arrays(header: bytes, blocks: list, path: Path, what: str) -> None:
     """Declared array sizes: under the limit and matching their blocks."""
     for m in _SHAPE.finditer(header):
         shape = _ints(m.group("shape"))
-        if shape and math.prod(abs(s) for s in shape) > MAX_ARRAY_BYTES:
+        if shape and min(shape) < 0:
+            raise InvalidInputError(
+                f"{path}: {what} declares an array of shape {tuple(shape)}: expected sizes >= 0"
+            )
+        if shape and math.prod(shape) > MAX_ARRAY_BYTES:
             raise InvalidInputError(
                 f"{path}: {what} declares an array of shape {tuple(shape)}, more than the "
                 f"{_human(MAX_ARRAY_BYTES)} accepted per array"
@@ -234,7 +237,12 @@ def _check_arrays(header: bytes, blocks: list, path: Path, what: str) -> None:
             itemsize = np.dtype(m.group("dtype").decode()).itemsize
         except TypeError:
             continue
-        if shape is None or not 0 <= source < len(blocks) or blocks[source][1]:
+        if source >= len(blocks):
+            raise InvalidInputError(
+                f"{path}: {what} is truncated: an array of shape {tuple(shape or ())} is in "
+                f"block {source}, but the file has {len(blocks)} block(s)"
+            )
+        if shape is None or source < 0 or blocks[source][1]:
             continue
         need = math.prod(shape) * itemsize
         if need > MAX_ARRAY_BYTES:

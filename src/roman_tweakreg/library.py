@@ -260,7 +260,9 @@ def load_association(filename) -> dict:
         members = asn["products"][0]["members"]
         names = [m["expname"] for m in members]
     except (KeyError, IndexError, TypeError) as err:
-        raise InvalidInputError(f"{path}: an association needs products[0].members[*].expname") from err
+        raise InvalidInputError(
+            f"{path}: an association needs products[0].members[*].expname"
+        ) from err
     if not names:
         raise InvalidInputError(f"{path}: the association's first product has no members")
     for m in members:

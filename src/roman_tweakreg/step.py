@@ -391,9 +391,11 @@ class TweakRegStep(Step):
         if self.output_use_model or (output_file is None and not self.search_output_file):
             output_file, idx = model.meta.filename, None
         path = self.make_output_path(basepath=output_file, suffix=suffix, idx=idx, **components)
+        name = model.meta.filename
         try:
             write_atomically(path, model.save)
         except (OSError, MemoryError) as err:
+            model.meta.filename = name  # the save may have renamed it to the output
             raise OutputError(f"{path}: output not written: {_describe_write_error(err)}") from err
         log.info("Saved model in %s", path)
         return path
@@ -439,6 +441,7 @@ def _describe_write_error(err: BaseException) -> str:
         errno.EPERM: "operation not permitted (EPERM)",
         errno.EEXIST: "a file of that name is in the way (expected a folder)",
         errno.ENOTDIR: "a part of the path is a file, not a folder (ENOTDIR)",
+        errno.ENOENT: "files cannot be created there (ENOENT)",
     }.get(getattr(err, "errno", None))
     return f"{reason}: {err}" if reason else f"{type(err).__name__}: {err}"
 

@@ -176,9 +176,7 @@ def hats_partitions(root: Path) -> dict[tuple[int, int], Path]:
     base = root / "dataset" if (root / "dataset").is_dir() else root
     index = _partition_index(root, base)
     if index is not None:
-        return {
-            (k, n): _partition_path(base, k, n) for k, n in index
-        }
+        return {(k, n): _partition_path(base, k, n) for k, n in index}
     parts = {}
     for path in base.glob("Norder=*/Dir=*/Npix=*"):
         m = _HATS_FILE.search(path.relative_to(base).as_posix())
@@ -190,7 +188,9 @@ def hats_partitions(root: Path) -> dict[tuple[int, int], Path]:
 def _partition_path(base: Path, order: int, pixel: int) -> Path:
     folder = base / f"Norder={order}" / f"Dir={pixel // 10000 * 10000}"
     path = folder / f"Npix={pixel}.parquet"
-    return path if path.exists() or not (folder / f"Npix={pixel}").is_dir() else path.with_suffix("")
+    if path.exists() or not (folder / f"Npix={pixel}").is_dir():
+        return path
+    return path.with_suffix("")
 
 
 def _partition_index(root: Path, base: Path) -> list[tuple[int, int]] | None:

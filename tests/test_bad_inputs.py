@@ -1,0 +1,697 @@
+"""A corpus of bad inputs: each gives a named error (or status) and leaves every input untouched.
+
+Models, associations, catfiles, image catalogs, reference catalogs, parameters, service
+answers and file-system faults.  Each case asserts the error type and message, and that
+the SHA-256 of every input file is the same before and after.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import asdf
+import numpy as np
+import pytest
+from astropy.table import Table
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import bad_factory as bf
+from conftest import make_data
+from roman_tweakreg import (
+    CatalogError,
+    InvalidInputError,
+    InvalidParameterError,
+    MissingCatalogError,
+    MissingInputError,
+    OutputError,
+    ReferenceCatalogError,
+    TweakRegStep,
+    simulate,
+)
+from roman_tweakreg.catalogs import CatalogSource, load_catalog, read_catfile
+from roman_tweakreg.library import open_library
+from roman_tweakreg.refcat import ConeCache
+from roman_tweakreg.refcat._local import read_local_catalog
+from roman_tweakreg.refcat._service import NoDataError, parse_service_csv
+from roman_tweakreg.step import validate_parameters
+
+RA, DEC = 270.0, -30.0
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """One exposure of two detectors on disk (64 x 64 arrays, so arrays live in blocks)."""
+    folder = tmp_path_factory.mktemp("good")
+    exposures, stars = make_data(1, detectors=("WFI01", "WFI02"), data_shape=(64, 64),
+                                 max_sources=300)
+    asn = simulate.write_dataset(exposures, stars[:2000], folder)
+    models = sorted(folder.glob("*_cal.asdf"))
+    return folder, asn, models
+
+
+@pytest.fixture(scope="module")
+def good_bytes(dataset):
+    return dataset[2][0].read_bytes()
+
+
+def _refuse_model(tmp_path, data: bytes, error, match, name="bad_cal.asdf"):
+    path = tmp_path / name
+    path.write_bytes(data)
+    t = time.perf_counter()
+    with bf.untouched(tmp_path), pytest.raises(error, match=match) as info:
+        open_library(str(path))
+    assert time.perf_counter() - t < 10  # fails fast, whatever the file declares
+    assert path.name in str(info.value)
+    return info.value
+
+
+# -- model files ---------------------------------------------------------------------------------
+def test_good_model_and_small_anchor_tree_pass(dataset, good_bytes, tmp_path):
+    library = open_library(str(dataset[2][0]))
+    assert len(library) == 1
+    path = tmp_path / "ok_cal.asdf"
+    path.write_bytes(bf.yaml_bomb(good_bytes, 3, 10))  # 1000 nodes: a harmless anchor tree
+    assert len(open_library(str(path))) == 1
+
+
+@pytest.mark.parametrize("kind", bf.NOT_ASDF)
+def test_not_an_asdf_file(tmp_path, kind):
+    data = bf.not_asdf(kind, np.random.default_rng(len(kind)))
+    err = _refuse_model(tmp_path, data, InvalidInputError, r"is not an ASDF file.*expected it "
+                        r"to start with '#ASDF 1\.0\.0'")
+    assert ("FITS" in str(err)) == (kind == "fits")
+
+
+@pytest.mark.parametrize("fraction", np.round(np.linspace(0.02, 0.98, 25), 3))
+def test_truncated_model(good_bytes, tmp_path, fraction):
+    end = good_bytes.find(b"#ASDF BLOCK INDEX")
+    _refuse_model(tmp_path, bf.truncated(good_bytes[:end], fraction), InvalidInputError,
+                  r"is truncated")
+
+
+@pytest.mark.parametrize(("levels", "width", "where"), [
+    (7, 10, b"  meta:\n"), (8, 10, b"  meta:\n"), (9, 10, b"  meta:\n"), (5, 20, b"  meta:\n"),
+    (4, 40, b"  meta:\n"), (3, 120, b"  meta:\n"), (20, 2, b"  meta:\n"), (12, 4, b"  meta:\n"),
+    (30, 2, b"  meta:\n"), (8, 10, b"history:\n"), (8, 10, b"    cal_step: "),
+])
+def test_yaml_bomb(good_bytes, tmp_path, levels, width, where):
+    if where.endswith(b": "):  # a flow mapping value: insert a whole key before it instead
+        where = b"  meta:\n"
+    _refuse_model(tmp_path, bf.yaml_bomb(good_bytes, levels, width, where), InvalidInputError,
+                  r"anchors and aliases expand to more than 1000000 nodes")
+
+
+@pytest.mark.parametrize(("shape", "nth", "match"), [
+    ((200000, 200000), 0, r"declares an array of shape \(200000, 200000\), more than"),
+    ((10**6, 10**6), 1, r"shape \(1000000, 1000000\), more than"),
+    ((4096, 4096, 4096), 2, r"shape \(4096, 4096, 4096\), more than"),
+    ((2**31, 1), 0, r"shape \(2147483648, 1\), more than"),
+    ((16385, 16384), 0, r"shape \(16385, 16384\) \(1\.1 GB\), more than"),
+    ((64, 65), 0, r"shape \(64, 65\) \(float32, 16640 bytes\) in block 0, which holds only "
+                  r"16384 bytes"),
+    ((128, 128), 1, r"shape \(128, 128\) .* which holds only"),
+    ((64, 64, 2), 0, r"shape \(64, 64, 2\) .* which holds only"),
+    ((-1, 64), 0, r"shape \(-1, 64\): expected sizes >= 0"),
+    ((64, -64), 3, r"shape \(64, -64\): expected sizes >= 0"),
+])
+def test_absurd_array_shape(good_bytes, tmp_path, shape, nth, match):
+    _refuse_model(tmp_path, bf.with_shape(good_bytes, shape, nth), InvalidInputError, match)
+
+
+@pytest.mark.parametrize("block", [0, 3, -1])
+@pytest.mark.parametrize("size", [2**31, 2**40, 2**63])
+def test_compression_bomb(good_bytes, tmp_path, block, size):
+    n = len(bf.block_offsets(good_bytes))
+    data = bf.block_field(good_bytes, block % n, "data_size", size)
+    _refuse_model(tmp_path, data, InvalidInputError,
+                  rf"block \({block % n}\) that decompresses to [\d.]+ [GTP]B, more "
+                  r"than the 1\.1 GB accepted per array \(a compression bomb\?")
+
+
+@pytest.mark.parametrize(("field", "value", "match"), [
+    ("header_size", 10, r"header size 10 is under the 48 bytes"),
+    ("allocated", 2**40, r"is truncated: block 0 at byte \d+ declares 1099511627776 bytes"),
+    ("used", 2**20, r"is truncated: block 0"),
+])
+def test_corrupt_block_header(good_bytes, tmp_path, field, value, match):
+    _refuse_model(tmp_path, bf.block_field(good_bytes, 0, field, value), InvalidInputError, match)
+
+
+@pytest.mark.parametrize("block", [1, 2, 5])
+def test_garbage_instead_of_a_block(good_bytes, tmp_path, block):
+    _refuse_model(tmp_path, bf.garbage_block(good_bytes, block), InvalidInputError,
+                  rf"is corrupt: expected ASDF block {block} at byte \d+, found b'JUNK")
+
+
+def test_hostile_file_among_good_ones_stops_the_step_before_work(dataset, good_bytes, tmp_path):
+    """Through the step: the hostile file is named within seconds, nothing is written."""
+    bomb = tmp_path / "r0000101001001001001_0002_wfi03_cal.asdf"
+    bomb.write_bytes(bf.yaml_bomb(good_bytes, 9, 10))
+    out = tmp_path / "out"
+    t = time.perf_counter()
+    with bf.untouched(dataset[0]), pytest.raises(InvalidInputError, match=re.escape(bomb.name)):
+        TweakRegStep.call([*map(str, dataset[2]), str(bomb)], output_dir=str(out),
+                          save_results=True, report="r.json")
+    assert time.perf_counter() - t < 20
+    assert not out.exists() or not list(out.iterdir())
+
+
+# -- associations and file lists ----------------------------------------------------------------
+@pytest.mark.parametrize(("text", "match"), [
+    ("{", r"not a JSON association file"),
+    ("nope", r"not a JSON association file"),
+    ("", r"not a JSON association file"),
+    ("[]", r"an association needs products\[0\]\.members\[\*\]\.expname"),
+    ('{"products": []}', r"needs products\[0\]"),
+    ('{"products": [{"members": "abc"}]}', r"needs products\[0\]"),
+    ('{"products": [{"members": [{}]}]}', r"needs products\[0\]"),
+    ('{"products": [{"name": "x"}]}', r"needs products\[0\]"),
+    ('{"products": [{"members": []}]}', r"first product has no members"),
+    ('{"products": [{"members": [{"expname": 5}]}]}', r"member 0 has expname 5, expected a file"),
+    ('{"products": [{"members": [{"expname": null}]}]}', r"member 0 has expname None"),
+    ('{"products": [{"members": [{"expname": ["a"]}]}]}', r"member 0 has expname \['a'\]"),
+])
+def test_bad_association_json(tmp_path, text, match):
+    path = tmp_path / "asn.json"
+    path.write_text(text)
+    with bf.untouched(tmp_path), pytest.raises(InvalidInputError, match=match):
+        open_library(str(path))
+
+
+def test_association_not_utf8(tmp_path):
+    path = tmp_path / "asn.json"
+    path.write_bytes(b"\xff\xfe{\x00")
+    with bf.untouched(tmp_path), pytest.raises(InvalidInputError, match=r"asn\.json: not a JSON"):
+        open_library(str(path))
+
+
+def _members_asn(folder, names, extra=None):
+    asn = {"products": [{"name": "p", "members": [{"expname": n} for n in names]}]}
+    path = folder / "asn.json"
+    path.write_text(json.dumps(asn | (extra or {})))
+    return path
+
+
+@pytest.mark.parametrize("second", ["{name}", "./{name}", "sub/../{name}"])
+def test_association_member_listed_twice(dataset, tmp_path, second):
+    name = dataset[2][0].name
+    shutil.copy(dataset[2][0], tmp_path / name)
+    (tmp_path / "sub").mkdir()
+    asn = _members_asn(tmp_path, [name, dataset[2][1].name, second.format(name=name)])
+    shutil.copy(dataset[2][1], tmp_path)
+    with bf.untouched(tmp_path), pytest.raises(
+        InvalidInputError, match=rf"asn\.json: member 2 \(.*{re.escape(name)}\) is listed twice "
+                                 r"\(also member 0\)"):
+        open_library(str(asn))
+
+
+@pytest.mark.parametrize("case", ["lower", "same"])
+def test_association_same_name_in_two_folders(dataset, tmp_path, case):
+    name = dataset[2][0].name
+    for sub in ("a", "b"):
+        (tmp_path / sub).mkdir()
+    shutil.copy(dataset[2][0], tmp_path / "a" / name)
+    other = name if case == "same" else name.upper().replace(".ASDF", ".asdf")
+    shutil.copy(dataset[2][1], tmp_path / "b" / other)
+    asn = _members_asn(tmp_path, [f"a/{name}", f"b/{other}"])
+    with bf.untouched(tmp_path), pytest.raises(
+        InvalidInputError,
+        match=rf"members 0 \(.*a/{re.escape(name)}\) and 1 \(.*b/{re.escape(other)}\) have the "
+              rf"same file name, so both would be written to the output {re.escape(other)}"):
+        open_library(str(asn))
+
+
+def test_file_list_same_name_in_two_folders_and_twice(dataset, tmp_path):
+    name = dataset[2][0].name
+    for sub in ("a", "b"):
+        (tmp_path / sub).mkdir()
+        shutil.copy(dataset[2][0], tmp_path / sub / name)
+    with bf.untouched(tmp_path):
+        with pytest.raises(InvalidInputError, match=r"the input list: members 0 .*a/.* and 1 "
+                                                    r".*b/.* have the same file name"):
+            open_library([tmp_path / "a" / name, tmp_path / "b" / name])
+        with pytest.raises(InvalidInputError, match=r"member 1 .* is listed twice"):
+            open_library([tmp_path / "a" / name, tmp_path / "a" / name])
+        with pytest.raises(InvalidInputError, match=r"members 0 .* and 1 .* same file name"):
+            TweakRegStep.call([str(tmp_path / "a" / name), str(tmp_path / "b" / name)])
+
+
+def test_in_memory_models_with_one_filename():
+    exposures, _ = make_data(1, detectors=("WFI01", "WFI02"))
+    models = exposures[0].models
+    models[1].meta.filename = models[0].meta.filename
+    with pytest.raises(InvalidInputError, match=r"input models 0 and 1 have the same "
+                                                r"meta\.filename 'r0000101001001001001_0001_wfi01"):
+        open_library(models)
+
+
+@pytest.mark.parametrize(("member", "error", "match"), [
+    ("missing", MissingInputError, r"gone_cal\.asdf: association member file does not exist"),
+    ("folder", InvalidInputError, r"folder_cal\.asdf: association member file is a folder"),
+    ("fits", InvalidInputError, r"fits_cal\.asdf: association member file is not an ASDF "
+                                r"file \(a FITS file\?\)"),
+    ("truncated", InvalidInputError, r"truncated_cal\.asdf: association member file is "
+                                     r"truncated"),
+    ("bomb", InvalidInputError, r"bomb_cal\.asdf: association member file has a YAML header"),
+])
+def test_bad_association_member(dataset, good_bytes, tmp_path, member, error, match):
+    shutil.copy(dataset[2][1], tmp_path)
+    name = f"{'gone' if member == 'missing' else member}_cal.asdf"
+    if member == "folder":
+        (tmp_path / name).mkdir()
+    elif member == "fits":
+        (tmp_path / name).write_bytes(bf.not_asdf("fits", np.random.default_rng(0)))
+    elif member == "truncated":
+        (tmp_path / name).write_bytes(good_bytes[: len(good_bytes) // 2])
+    elif member == "bomb":
+        (tmp_path / name).write_bytes(bf.yaml_bomb(good_bytes, 8, 10))
+    asn = _members_asn(tmp_path, [dataset[2][1].name, name])
+    with bf.untouched(tmp_path), pytest.raises(error, match=match):
+        open_library(str(asn))
+
+
+# -- catfiles -----------------------------------------------------------------------------------
+@pytest.mark.parametrize(("content", "error", "match"), [
+    ("a.asdf b.ecsv c\n", CatalogError, r"line 1: expected '<model file> \[<catalog file>\]', "
+                                        r"found 3 columns"),
+    ("# ok\na.asdf b.ecsv\nx y z w\n", CatalogError, r"line 3: .*found 4 columns"),
+    ("a.asdf\tb.ecsv\tc.ecsv\n", CatalogError, r"line 1: .*found 3 columns"),
+    (b"\xff\xfe\x00a", CatalogError, r"cannot be read"),
+    (None, MissingCatalogError, r"catfile .*catfile\.txt does not exist"),
+    ("folder", CatalogError, r"cannot be read"),
+])
+def test_bad_catfile(tmp_path, content, error, match):
+    path = tmp_path / "catfile.txt"
+    if content == "folder":
+        path.mkdir()
+    elif isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
+        path.write_text(content)
+    with bf.untouched(tmp_path), pytest.raises(error, match=match):
+        read_catfile(path)
+
+
+# -- image catalogs -----------------------------------------------------------------------------
+PAIRS = (("x", "y"), ("xcentroid", "ycentroid"), ("x_centroid", "y_centroid"), ("x_psf", "y_psf"))
+
+
+def _read(tmp_path, path):
+    """Read a catalog for image "img" (every case fails before the WCS is used)."""
+    with bf.untouched(tmp_path):
+        return load_catalog(CatalogSource(str(path), "catfile test"), "img", None)
+
+
+@pytest.mark.parametrize("pair", PAIRS)
+@pytest.mark.parametrize("axis", [0, 1])
+@pytest.mark.parametrize("token", ["abc", "1.2.3", "--x"])
+def test_text_in_a_pixel_column(tmp_path, pair, axis, token):
+    rng = np.random.default_rng(7)
+    cols = {pair[0]: rng.uniform(0, 100, 5).astype(str), pair[1]: rng.uniform(0, 100, 5)
+            .astype(str)}
+    cols[pair[axis]][3] = token
+    if axis == 0:
+        cols[pair[1]] = cols[pair[1]].astype(float)
+    else:
+        cols[pair[0]] = cols[pair[0]].astype(float)
+    path = tmp_path / "cat.ecsv"
+    Table(cols).write(path)
+    with pytest.raises(CatalogError, match=rf"img: catalog {re.escape(str(path))}: column "
+                                           rf"'{pair[axis]}' is not numeric: expected numbers"):
+        _read(tmp_path, path)
+
+
+@pytest.mark.parametrize(("column", "match"), [
+    ("weight", r"column 'weight' is not numeric: expected numbers"),
+    ("warning_flags", r"column 'warning_flags' is not numeric: expected integers"),
+])
+def test_text_in_weight_or_flags(tmp_path, column, match):
+    path = tmp_path / "cat.ecsv"
+    Table({"x": [1.0, 2.0], "y": [1.0, 2.0], column: ["a", "b"]}).write(path)
+    with pytest.raises(CatalogError, match=match):
+        _read(tmp_path, path)
+
+
+@pytest.mark.parametrize(("name", "content", "error", "match"), [
+    ("cat.ecsv", "# %ECSV 1.0\n# ---\n# datatype:\n# - {name: ra, datatype: float64}\nra\n1\n",
+     CatalogError, r"catalog .*cat\.ecsv has no pixel columns; found \['ra'\]"),
+    ("cat.ecsv", "", CatalogError, r"cannot read catalog .*cat\.ecsv as ascii\.ecsv"),
+    ("cat.ecsv", b"\x00\x01\x02garbage", CatalogError, r"cannot read catalog .*cat\.ecsv"),
+    ("cat.ecsv", b"SIMPLE  =                    T", CatalogError, r"cannot read catalog"),
+    ("cat.ecsv", "# %ECSV 1.0\n# ---\n# datatype:\n# - {name: x, dat", CatalogError,
+     r"cannot read catalog .*cat\.ecsv"),
+    ("cat.parquet", b"PAR1garbagePAR1", CatalogError, r"cannot read catalog .*cat\.parquet"),
+    ("cat.asdf", "asdf-no-table", CatalogError, r"cat\.asdf: no table found in the ASDF file"),
+    ("nothere.ecsv", None, MissingCatalogError, r"img: catalog named by catfile test does not "
+                                                r"exist; tried .*nothere\.ecsv"),
+])
+def test_unreadable_catalog(tmp_path, name, content, error, match):
+    path = tmp_path / name
+    if content == "asdf-no-table":
+        asdf.AsdfFile({"numbers": [1, 2, 3]}).write_to(path)
+    elif isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
+        path.write_text(content)
+    with pytest.raises(error, match=match):
+        _read(tmp_path, path)
+
+
+def test_two_dimensional_pixel_column(tmp_path):
+    path = tmp_path / "cat.ecsv"
+    Table({"x": np.ones((3, 2)), "y": np.ones(3)}).write(path)
+    with pytest.raises(CatalogError, match=r"column 'x' has shape \(3, 2\), expected one value"):
+        _read(tmp_path, path)
+
+
+# -- reference catalogs -------------------------------------------------------------------------
+@pytest.mark.parametrize(("name", "content", "match"), [
+    ("r.csv", "a,b\n1,2\n", r"r\.csv has no RA/DEC \(any case\) or sky_centroid column"),
+    ("r.csv", "ra,dec\nx,1\n", r"r\.csv: column ra is not numeric"),
+    ("r.csv", "ra,dec\n1,y\n", r"r\.csv: column dec is not numeric"),
+    ("r.csv", "ra,dec,pmra\n1,1,fast\n", r"r\.csv: column pmra is not numeric"),
+    ("r.csv", "ra,dec,parallax\n1,1,far\n", r"r\.csv: column parallax is not numeric"),
+    ("r.csv", "", r"r\.csv has no RA/DEC \(any case\) or sky_centroid column; found \[\]"),
+    ("r.fits", "SIMPLE = what", r"cannot read .*r\.fits"),
+    ("r.parquet", "PAR1 not parquet", r"cannot read .*r\.parquet"),
+    ("r.ecsv", "# %ECSV 1.0\n# ---\nra dec\n", r"cannot read .*r\.ecsv"),
+])
+def test_bad_reference_catalog_file(tmp_path, name, content, match):
+    path = tmp_path / name
+    path.write_text(content)
+    with bf.untouched(tmp_path), pytest.raises(ReferenceCatalogError, match=match):
+        read_local_catalog(path, RA, DEC, 0.1)
+
+
+@pytest.mark.parametrize("case", ["empty", "bad_index", "index_names_missing", "bad_partition"])
+def test_bad_hats_folder(tmp_path, case):
+    root = tmp_path / "hats"
+    root.mkdir()
+    part = root / "Norder=0" / "Dir=0"
+    if case == "bad_index":
+        (root / "partition_info.csv").write_text("order,pixel\n0,4\n")
+        match = r"partition_info\.csv: cannot read the HATS partition index \(expected Norder"
+    elif case == "index_names_missing":  # the index names the partition over the cone
+        from astropy import units as u
+        from astropy_healpix import HEALPix
+
+        pixel = HEALPix(nside=1, order="nested").lonlat_to_healpix(RA * u.deg, DEC * u.deg)
+        (root / "partition_info.csv").write_text(f"Norder,Npix\n0,{pixel}\n")
+        match = r"cannot read HATS catalog .*hats"
+    elif case == "bad_partition":
+        part.mkdir(parents=True)
+        for p in range(12):
+            (part / f"Npix={p}.parquet").write_bytes(b"not parquet")
+        match = r"cannot read HATS catalog .*hats"
+    else:
+        match = r"hats is a folder but not a HATS catalog"
+    with bf.untouched(tmp_path), pytest.raises(ReferenceCatalogError, match=match):
+        read_local_catalog(root, RA, DEC, 0.5)
+
+
+# -- parameters ---------------------------------------------------------------------------------
+_BAD_PARAMETERS = [
+    ("minobj", 0, r"expected an integer >= 1"), ("minobj", -1, r"expected an integer >= 1"),
+    ("minobj", 1.5, r"expected an integer >= 1"), ("minobj", "5", r"expected an integer >= 1"),
+    ("minobj", None, r"expected an integer >= 1"),
+    ("searchrad", 0, r"expected a number > 0"), ("searchrad", -1.0, r"expected a number > 0"),
+    ("searchrad", "2", r"expected a number > 0"), ("searchrad", None, r"expected a number > 0"),
+    ("separation", 0.0, r"expected a number > 0"), ("separation", -0.5, r"expected a number > 0"),
+    ("tolerance", 0, r"expected a number > 0"), ("tolerance", -1, r"expected a number > 0"),
+    ("tolerance", 100.0, r"is larger than .*searchrad=.*must not exceed the search radius"),
+    ("sigma", 0, r"expected a number > 0"), ("sigma", -3.0, r"expected a number > 0"),
+    ("sigma", float("nan"), r"expected a number > 0"),
+    ("nclip", -1, r"expected an integer >= 0"), ("nclip", 1.5, r"expected an integer >= 0"),
+    ("fitgeometry", "affine", r"expected one of shift, rshift, rscale, general"),
+    ("fitgeometry", "", r"expected one of shift"), ("fitgeometry", "SHIFT", r"expected one of"),
+]
+
+
+@pytest.mark.parametrize("prefix", ["", "abs_"])
+@pytest.mark.parametrize(("name", "value", "match"), _BAD_PARAMETERS)
+def test_bad_parameter(prefix, name, value, match):
+    pars = TweakRegStep().get_pars()
+    pars[prefix + name] = value
+    with pytest.raises(InvalidParameterError, match=rf"{prefix}{name}=.*{match}"):
+        validate_parameters(pars)
+
+
+# -- service answers ----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def body():
+    return bf.service_body(40, np.random.default_rng(11))
+
+
+@pytest.mark.parametrize(("answer", "error", "match"), [
+    (b"<html><title>Runtime Error</title></html>", ReferenceCatalogError,
+     r"answered an HTML page, not CSV: 'Runtime Error'"),
+    (b"<!DOCTYPE html><p>busy</p>", ReferenceCatalogError, r"answered an HTML page"),
+    (b"   \n <HTML>down</HTML>", ReferenceCatalogError, r"answered an HTML page"),
+    (b"", ReferenceCatalogError, r"svc: empty answer"),
+    (b" \n\n\t ", ReferenceCatalogError, r"svc: empty answer"),
+    (b"No data records found", NoDataError, r"No data records: no sources in the cone"),
+    (b"#only\n#comments\n", ReferenceCatalogError, r"the answer has no CSV header"),
+    (b"objID,ra,dec\n", NoDataError, r"the answer has a header but no rows"),
+    (b"objID,alpha,dec\n1,2,3\n", ReferenceCatalogError, r"lacks column\(s\) ra; "),
+    (b"objID,ra,delta\n1,2,3\n", ReferenceCatalogError, r"lacks column\(s\) dec; "),
+    (b"a,b\n1,2\n", ReferenceCatalogError, r"lacks column\(s\) ra, dec"),
+    (b"objID,ra,dec\n1,,3\n", ReferenceCatalogError, r"ra/dec not numeric"),
+    (b"objID,ra,dec\n1,2,\n", ReferenceCatalogError, r"ra/dec not numeric"),
+    (b"objID,ra,dec\n1,x,3\n", ReferenceCatalogError, r"truncated or malformed CSV"),
+    (b"objID,ra,dec,pmra\n1,2,3,fast\n", ReferenceCatalogError, r"truncated or malformed CSV"),
+    (b"objID,ra,dec\n1,2,3,4\n", ReferenceCatalogError, r"data row 1 of 1 has 4 fields, the "
+                                                        r"header has 3"),
+    (b"obj\xffID,ra,dec\n1,2,3\n", ReferenceCatalogError, r"the CSV header is not UTF-8"),
+    (b"objID,ra,dec\n1,\xff\xfe,3\n", ReferenceCatalogError, r"truncated or malformed CSV"),
+])
+def test_bad_service_answer(answer, error, match):
+    with pytest.raises(error, match=match):
+        parse_service_csv(answer, "svc")
+
+
+@pytest.mark.parametrize("row", [0, 3, 7, 11, 19, 23, 31, 38])
+def test_service_answer_cut_short(body, row):
+    with pytest.raises(ReferenceCatalogError, match=rf"truncated or malformed CSV: data row "
+                                                    rf"{row + 1} of {row + 1} has 4 fields, the "
+                                                    r"header has 8"):
+        parse_service_csv(bf.cut_after_comma(body, row), "svc")
+
+
+@pytest.mark.parametrize("row", [1, 9, 17, 33])
+@pytest.mark.parametrize("column", [1, 2])
+def test_service_answer_text_value(body, row, column):
+    lines = body.split(b"\n")
+    fields = lines[2 + row].split(b",")
+    fields[column] = b"n/a!"
+    lines[2 + row] = b",".join(fields)
+    with pytest.raises(ReferenceCatalogError, match=r"truncated or malformed CSV: .*n/a!"):
+        parse_service_csv(b"\n".join(lines), "svc")
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(max_size=300) | st.text(alphabet="ra,dec\n#0123456789.-e x", max_size=200)
+       .map(str.encode))
+def test_service_answers_of_any_bytes_give_a_catalog_or_a_named_error(answer):
+    try:
+        out = parse_service_csv(answer, "svc")
+    except ReferenceCatalogError as err:
+        message = str(err)
+    else:
+        message = ""
+        assert np.isfinite(out["RA"]).all()
+        assert len(out["RA"]) > 0
+    assert message == "" or message.startswith("svc: ")
+
+
+# -- the catalog cache --------------------------------------------------------------------------
+SVC = "http://127.0.0.1:9/svc"
+
+
+def _cache_with_entry(tmp_path, body, radius=0.49):
+    cache = ConeCache(tmp_path / "cache")
+    path = cache.put(SVC, "GAIADR3", RA, DEC, radius, 2028.0, body)
+    assert path is not None
+    assert cache.get(SVC, "GAIADR3", RA, DEC, 0.3, 2028.0) is not None
+    return cache, path
+
+
+def test_cache_entry_renamed_to_claim_a_larger_cone_is_not_served(tmp_path, body):
+    cache, path = _cache_with_entry(tmp_path, body)
+    path.rename(path.with_name(f"{RA!r}_{DEC!r}_1.0.cone"))
+    assert cache.get(SVC, "GAIADR3", RA, DEC, 0.9, 2028.0) is None  # the header says 0.49
+    entry = cache.get(SVC, "GAIADR3", RA, DEC, 0.3, 2028.0)
+    assert entry is not None
+    assert entry.radius == 0.49
+
+
+@pytest.mark.parametrize("edit", [(b'"radius": 0.49', b'"radius": 1.0'),
+                                  (b'"ra": 270.0', b'"ra": 270.1'),
+                                  (b'"epoch": 2028.0', b'"epoch": 2029.0')])
+def test_cache_entry_with_an_edited_header_fails_its_checksum(tmp_path, body, edit):
+    cache, path = _cache_with_entry(tmp_path, body)
+    data = path.read_bytes()
+    assert edit[0] in data
+    path.write_bytes(data.replace(*edit))
+    assert cache.get(SVC, "GAIADR3", RA, DEC, 0.3, 2028.0) is None
+    assert cache.get(SVC, "GAIADR3", RA + 0.05, DEC, 0.3, 2029.0) is None
+
+
+def test_cache_does_not_write_through_a_planted_folder_link(tmp_path, body):
+    cache, path = _cache_with_entry(tmp_path, body)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.rmtree(path.parent)
+    path.parent.symlink_to(elsewhere, target_is_directory=True)
+    with bf.untouched(elsewhere):
+        assert cache.put(SVC, "GAIADR3", RA, DEC, 0.49, 2028.0, body) is None
+    assert list(elsewhere.iterdir()) == []
+
+
+def test_cache_does_not_read_a_planted_entry_link(tmp_path, body):
+    cache, path = _cache_with_entry(tmp_path, body)
+    target = tmp_path / "planted.cone"
+    path.rename(target)
+    path.symlink_to(target)
+    with bf.untouched(tmp_path / "cache"):
+        assert cache.get(SVC, "GAIADR3", RA, DEC, 0.3, 2028.0) is None
+    assert target.exists()  # the link's target is never touched
+
+
+def test_cache_write_replaces_a_planted_file_link_not_its_target(tmp_path, body):
+    cache, path = _cache_with_entry(tmp_path, body)
+    target = tmp_path / "victim.txt"
+    target.write_text("keep me")
+    path.unlink()
+    path.symlink_to(target)
+    assert cache.put(SVC, "GAIADR3", RA, DEC, 0.49, 2028.0, body) == path
+    assert target.read_text() == "keep me"
+    assert not path.is_symlink()
+
+
+# -- file-system faults -------------------------------------------------------------------------
+def _step_kw(dataset, **kw):
+    return {"abs_refcat": str(dataset[0] / "gaia.ecsv"), "processes": 1} | kw
+
+
+@pytest.mark.parametrize(("parameter", "where", "match"), [
+    ("output_dir", "proc", r"/proc/sys/roman: the folder for output_dir \(the models' "
+                           r"outputs\) cannot be written"),
+    ("report", "file", r"asn\.json: the folder for report cannot be written: a file of that "
+                       r"name is in the way"),
+    ("catalog_path", "under_file", r"the folder for catalog_path cannot be written: a part of "
+                                   r"the path is a file"),
+    ("save_abs_catalog", "proc", r"/proc/sys/roman: the folder for save_abs_catalog cannot be "
+                                 r"written"),
+])
+def test_unwritable_output_place_is_found_before_work(dataset, tmp_path, parameter, where,
+                                                      match):
+    folder, asn, _ = dataset
+    place = {"proc": "/proc/sys/roman", "file": str(asn / "r.json"),
+             "under_file": str(asn / "cats")}[where]
+    kw = {"save_results": True, "output_dir": str(tmp_path / "out")}
+    if parameter == "output_dir":
+        kw = {"save_results": True, "output_dir": place}
+    elif parameter == "save_abs_catalog":
+        kw = {"save_abs_catalog": True}
+    else:
+        kw[parameter] = place
+    if parameter in ("output_dir", "save_abs_catalog"):
+        # stpipe makes output_dir before process(): the step is given it afterwards
+        step = TweakRegStep(**_step_kw(dataset, **kw))
+        step.output_dir = place
+        run = step.process
+    else:
+        step = TweakRegStep(**_step_kw(dataset, **kw))
+        run = step.run
+    t = time.perf_counter()
+    with bf.untouched(folder), pytest.raises(OutputError, match=match) as info:
+        run(str(asn))
+    assert "nothing was aligned" in str(info.value)
+    assert time.perf_counter() - t < 10
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("*.asdf"))
+
+
+def test_disk_full_while_saving(dataset, tmp_path, monkeypatch):
+    """ENOSPC on the second output: the error names it and the first; the report says so."""
+    from roman_datamodels import datamodels as rdm
+
+    real, calls = rdm.DataModel.save, []
+
+    def save(self, path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) == 2:
+            Path(path).write_bytes(b"#ASDF half")
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(rdm.DataModel, "save", save)
+    out = tmp_path / "out"
+    with bf.untouched(dataset[0]), pytest.raises(
+        OutputError, match=r"wfi02_cal_tweakregstep\.asdf: output not written: the disk is full "
+                           r"\(ENOSPC\).*; 1 of 2 outputs were written \(.*wfi01_cal_tweakregstep"
+                           r"\.asdf\); the others do not exist"):
+        TweakRegStep.call(str(dataset[1]), **_step_kw(dataset, save_results=True,
+                                                      output_dir=str(out), report="r.json"))
+    assert sorted(p.name for p in out.iterdir()) == [
+        "r.json", "r0000101001001001001_0001_wfi01_cal_tweakregstep.asdf"]  # no half file
+    report = json.loads((out / "r.json").read_text())
+    assert report["outputs"] == {"expected": 2, "written": 1, "complete": False,
+                                 "missing": ["r0000101001001001001_0001_wfi02_cal.asdf"]}
+    assert [i["output"] is not None for i in report["images"]] == [True, False]
+
+
+_EFBIG_RUN = """
+import resource, sys
+from roman_tweakreg import TweakRegStep
+resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[4]), int(sys.argv[4])))
+TweakRegStep.call(sys.argv[1], abs_refcat=sys.argv[2], output_dir=sys.argv[3],
+                  save_results=True, report="r.json", processes=1)
+"""
+
+
+def test_file_size_limit_while_saving(dataset, tmp_path):
+    """EFBIG from a real file-size limit (RLIMIT_FSIZE) in a child process."""
+    out = tmp_path / "out"
+    size = dataset[2][0].stat().st_size  # outputs are a little larger than inputs
+    env = os.environ | {"PYTHONPATH": os.pathsep.join(
+        [str(Path(__file__).parents[1] / "src"), os.environ.get("PYTHONPATH", "")])}
+    with bf.untouched(dataset[0]):
+        run = subprocess.run(
+            [sys.executable, "-c", _EFBIG_RUN, str(dataset[1]), str(dataset[0] / "gaia.ecsv"),
+             str(out), str(size)],
+            capture_output=True, text=True, env=env, timeout=300, check=False)
+    assert run.returncode != 0
+    assert re.search(r"OutputError: .*wfi01_cal_tweakregstep\.asdf: output not written: the "
+                     r"file is larger than allowed \(EFBIG: file size limit\).*; 0 of 2 outputs "
+                     r"were written; the others do not exist", run.stderr), run.stderr[-2000:]
+    assert sorted(p.name for p in out.iterdir()) == ["r.json"]
+    report = json.loads((out / "r.json").read_text())
+    assert report["outputs"]["written"] == 0
+    assert not report["outputs"]["complete"]
+    assert report["statuses"]["cal_step"] == {"COMPLETE": 2}  # aligned, but nothing saved
+
+
+def test_detected_catalogs_go_to_output_dir(dataset, tmp_path, monkeypatch):
+    """Catalogs the step writes go beside the outputs, not to the current folder."""
+    exposures, _stars = make_data(1, detectors=("WFI01", "WFI02"), data_shape=(32, 32))
+    for model in exposures[0].models:
+        del model.meta["tweakreg_catalog"]
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    result = TweakRegStep.call(exposures[0].models, output_dir=str(out), abs_refcat_retries=0,
+                               bkg_boxsize=16, processes=1)
+    written = sorted(p.name for p in out.glob("*_cat.ecsv"))
+    assert written == ["r0000101001001001001_0001_wfi01_cal_cat.ecsv",
+                       "r0000101001001001001_0001_wfi02_cal_cat.ecsv"]
+    assert not list(tmp_path.glob("*_cat.ecsv"))
+    assert {"x", "y"} <= set(Table.read(out / written[0]).colnames)
+    assert len(result) == 2
