@@ -620,8 +620,10 @@ def test_unwritable_output_place_is_found_before_work(dataset, tmp_path, paramet
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("*.asdf"))
 
 
-def test_disk_full_while_saving(dataset, tmp_path, monkeypatch):
-    """ENOSPC on the second output: the error names it and the first; the report says so."""
+@pytest.mark.parametrize("fault", ["enospc", "interrupt"])
+def test_disk_full_or_interrupt_while_saving(dataset, tmp_path, monkeypatch, fault):
+    """ENOSPC (or Ctrl-C) on the second output: the error names it and the first output;
+    the report, written last, says which outputs exist; no half-written file."""
     from roman_datamodels import datamodels as rdm
 
     real, calls = rdm.DataModel.save, []
@@ -630,23 +632,44 @@ def test_disk_full_while_saving(dataset, tmp_path, monkeypatch):
         calls.append(path)
         if len(calls) == 2:
             Path(path).write_bytes(b"#ASDF half")
+            if fault == "interrupt":
+                raise KeyboardInterrupt
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
         return real(self, path, *args, **kwargs)
 
     monkeypatch.setattr(rdm.DataModel, "save", save)
     out = tmp_path / "out"
-    with bf.untouched(dataset[0]), pytest.raises(
-        OutputError, match=r"wfi02_cal_tweakregstep\.asdf: output not written: the disk is full "
-                           r"\(ENOSPC\).*; 1 of 2 outputs were written \(.*wfi01_cal_tweakregstep"
-                           r"\.asdf\); the others do not exist"):
-        TweakRegStep.call(str(dataset[1]), **_step_kw(dataset, save_results=True,
-                                                      output_dir=str(out), report="r.json"))
+    error, match = (KeyboardInterrupt, None) if fault == "interrupt" else (
+        OutputError, r"wfi02_cal_tweakregstep\.asdf: output not written: the disk is full "
+                     r"\(ENOSPC\).*; 1 of 2 outputs were written \(.*wfi01_cal_tweakregstep"
+                     r"\.asdf\); the others do not exist")
+    step = TweakRegStep(**_step_kw(dataset, save_results=True, output_dir=str(out),
+                                   report="r.json"))
+    with bf.untouched(dataset[0]), pytest.raises(error, match=match):
+        step.run(str(dataset[1]))
     assert sorted(p.name for p in out.iterdir()) == [
         "r.json", "r0000101001001001001_0001_wfi01_cal_tweakregstep.asdf"]  # no half file
     report = json.loads((out / "r.json").read_text())
     assert report["outputs"] == {"expected": 2, "written": 1, "complete": False,
                                  "missing": ["r0000101001001001001_0001_wfi02_cal.asdf"]}
     assert [i["output"] is not None for i in report["images"]] == [True, False]
+    assert report["statuses"]["cal_step"] == {"COMPLETE": 2}
+
+
+def test_out_of_memory_while_saving_one_model(two_exposures, tmp_path, monkeypatch):
+    from roman_datamodels import datamodels as rdm
+
+    def save(self, path, *args, **kwargs):
+        raise MemoryError
+
+    model = two_exposures[0][0].models[0]
+    monkeypatch.setattr(rdm.DataModel, "save", save)
+    step = TweakRegStep(output_dir=str(tmp_path))
+    with pytest.raises(OutputError, match=r"wfi01_cal_tweakregstep\.asdf: output not written: "
+                                          r"not enough memory to write it"):
+        step.save_model(model, force=True)
+    assert list(tmp_path.iterdir()) == []
+    assert model.meta.filename == "r0000101001001001001_0001_wfi01_cal.asdf"
 
 
 _EFBIG_RUN = """
