@@ -245,9 +245,10 @@ def test_file_list_same_name_in_two_folders_and_twice(dataset, tmp_path):
             TweakRegStep.call([str(tmp_path / "a" / name), str(tmp_path / "b" / name)])
 
 
-def test_in_memory_models_with_one_filename():
-    exposures, _ = make_data(1, detectors=("WFI01", "WFI02"))
-    models = exposures[0].models
+def test_in_memory_models_with_one_filename(dataset):
+    from roman_datamodels import datamodels as rdm
+
+    models = [rdm.open(p) for p in dataset[2]]
     models[1].meta.filename = models[0].meta.filename
     with pytest.raises(InvalidInputError, match=r"input models 0 and 1 have the same "
                                                 r"meta\.filename 'r0000101001001001001_0001_wfi01"):
@@ -656,13 +657,13 @@ def test_disk_full_or_interrupt_while_saving(dataset, tmp_path, monkeypatch, fau
     assert report["statuses"]["cal_step"] == {"COMPLETE": 2}
 
 
-def test_out_of_memory_while_saving_one_model(two_exposures, tmp_path, monkeypatch):
+def test_out_of_memory_while_saving_one_model(dataset, tmp_path, monkeypatch):
     from roman_datamodels import datamodels as rdm
 
     def save(self, path, *args, **kwargs):
         raise MemoryError
 
-    model = two_exposures[0][0].models[0]
+    model = rdm.open(dataset[2][0])
     monkeypatch.setattr(rdm.DataModel, "save", save)
     step = TweakRegStep(output_dir=str(tmp_path))
     with pytest.raises(OutputError, match=r"wfi01_cal_tweakregstep\.asdf: output not written: "
