@@ -110,6 +110,16 @@ def test_yaml_bomb(good_bytes, tmp_path, levels, width, where):
                   r"anchors and aliases expand to more than 1000000 nodes")
 
 
+@pytest.mark.parametrize("megabytes", [17, 40])
+def test_oversized_yaml_header(good_bytes, tmp_path, megabytes):
+    i = good_bytes.index(b"  meta:\n") + len(b"  meta:\n")
+    line = b"    - 'a long log line padding the header of this file out to many megabytes'\n"
+    filler = b"    log:\n" + line * (megabytes * 2**20 // len(line))
+    _refuse_model(tmp_path, good_bytes[:i] + filler + good_bytes[i:], InvalidInputError,
+                  r"has a YAML header larger than 16\.8 MB; a Roman image's header is well "
+                  r"under 1 MB")
+
+
 @pytest.mark.parametrize(("shape", "nth", "match"), [
     ((200000, 200000), 0, r"declares an array of shape \(200000, 200000\), more than"),
     ((10**6, 10**6), 1, r"shape \(1000000, 1000000\), more than"),

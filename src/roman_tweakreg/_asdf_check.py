@@ -34,8 +34,9 @@ from .errors import InvalidInputError
 
 __all__ = ["MAX_ARRAY_BYTES", "MAX_YAML_BYTES", "MAX_YAML_NODES", "check_asdf_file"]
 
-#: Largest YAML header accepted (bytes); a Roman L2 header is well under 1 MB.
-MAX_YAML_BYTES = 64 * 2**20
+#: Largest YAML header accepted (bytes): parsed in a few seconds; a Roman L2 header is
+#: well under 1 MB.
+MAX_YAML_BYTES = 16 * 2**20
 #: Largest number of YAML nodes the header may expand to once aliases are followed.
 MAX_YAML_NODES = 1_000_000
 #: Largest array (declared, or a block decompressed) accepted, in bytes: 1 GiB, eight
