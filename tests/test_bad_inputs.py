@@ -265,6 +265,27 @@ def test_in_memory_models_with_one_filename(dataset):
         open_library(models)
 
 
+def test_library_whose_meta_filenames_collide_is_not_saved(dataset, tmp_path, monkeypatch):
+    """A ModelLibrary given as is (not checked up front) whose models share meta.filename:
+    refused before any output is written; the report says none exists."""
+    from roman_datamodels import datamodels as rdm
+
+    from roman_tweakreg import ModelLibrary
+
+    models = [rdm.open(p) for p in dataset[2]]
+    models[1].meta.filename = models[0].meta.filename
+    monkeypatch.chdir(dataset[0])  # where the models' relative catalog names are found
+    out = tmp_path / "out"
+    with bf.untouched(dataset[0]), pytest.raises(
+        OutputError, match=r"images 0 and 1 have the same meta\.filename "
+                           r"'r0000101001001001001_0001_wfi01_cal\.asdf': both would be saved "
+                           r"to one output, so none was saved"):
+        TweakRegStep.call(ModelLibrary(models), **_step_kw(
+            dataset, save_results=True, output_dir=str(out), report="r.json"))
+    assert sorted(p.name for p in out.iterdir()) == ["r.json"]
+    assert json.loads((out / "r.json").read_text())["outputs"]["written"] == 0
+
+
 @pytest.mark.parametrize(("member", "error", "match"), [
     ("missing", MissingInputError, r"gone_cal\.asdf: association member file does not exist"),
     ("folder", InvalidInputError, r"folder_cal\.asdf: association member file is a folder"),

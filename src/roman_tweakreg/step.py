@@ -405,6 +405,8 @@ class TweakRegStep(Step):
             return None
         written: list = [None] * len(library)
         try:
+            if self.output_use_model:
+                _check_output_names(library)
             with library:
                 for index in range(len(library)):
                     model = library.borrow(index)
@@ -424,6 +426,28 @@ class TweakRegStep(Step):
         finally:
             self._write_report(library, outputs=[None if p is None else str(p) for p in written])
         return written
+
+
+def _check_output_names(library) -> None:
+    """Refuse to save two models under one name (outputs are named after ``meta.filename``).
+
+    Inputs are checked up front by their file names; this catches models whose
+    ``meta.filename`` differs from their file's name, before any output is written.
+    """
+    seen: dict[str, int] = {}
+    with library:
+        for index in range(len(library)):
+            model = library.borrow(index)
+            try:
+                name = Path(str(model.meta.filename)).name
+            finally:
+                library.shelve(model, index, modify=False)
+            if name.lower() in seen:
+                raise OutputError(
+                    f"images {seen[name.lower()]} and {index} have the same meta.filename "
+                    f"{name!r}: both would be saved to one output, so none was saved"
+                )
+            seen[name.lower()] = index
 
 
 def _describe_write_error(err: BaseException) -> str:
