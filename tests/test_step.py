@@ -266,6 +266,16 @@ def test_association_on_disk_outputs_and_inputs_untouched(on_disk, tmp_path):
             assert model.meta.wcsinfo.s_region.startswith("POLYGON ICRS")
             assert simulate.wcs_difference_mas(model.meta.wcs, truth) < 1.0
     assert not list(out.glob(".tweakreg-*"))
+    # romancal's WCS product beside each output
+    products = sorted(out.glob("*_wcs.asdf"))
+    assert [p.name.replace("_wcs.", "_tweakregstep.") for p in products] == [
+        p.name for p in outputs
+    ]
+    for path, truth in zip(products, truths, strict=True):
+        with rdm.open(path) as product:
+            assert isinstance(product, rdm.WfiWcsModel)
+            assert simulate.wcs_difference_mas(product.wcs_l2, truth) < 1.0
+            assert product.meta.wcs_fit_results["n_detector"] == 6
 
 
 def test_strun_alias_and_parameter_file(on_disk, tmp_path):
@@ -291,7 +301,7 @@ def test_strun_alias_and_parameter_file(on_disk, tmp_path):
     run = subprocess.run(
         [
             STRUN,
-            "tweakreg",
+            "roman_tweakreg",
             str(asn),
             f"--abs_refcat={folder / 'gaia_2028.ecsv'}",
             f"--output_dir={tmp_path / 'b'}",
@@ -306,6 +316,21 @@ def test_strun_alias_and_parameter_file(on_disk, tmp_path):
     with rdm.open(sorted((tmp_path / "b").glob("*_tweakregstep.asdf"))[-1]) as model:
         assert model.meta.wcs_fit_results["relative"]["fitgeom"] == "general"
         assert simulate.wcs_difference_mas(model.meta.wcs, truths_of(exposures)[-1]) < 1.0
+
+
+def test_romancal_defaults_parameter_file():
+    from importlib.resources import files
+
+    path = files("roman_tweakreg") / "data" / "romancal-1.1.0-tweakreg.asdf"
+    step = TweakRegStep.from_config_file(str(path))
+    assert (step.minobj, step.abs_minobj, step.fitgeometry, step.abs_fitgeometry) == (
+        10,
+        10,
+        "general",
+        "general",
+    )
+    assert (step.abs_separation, step.abs_refcat, step.vo_timeout) == (1.0, "GAIADR3_S3", 1200.0)
+    assert step.use_custom_catalogs is True
 
 
 def test_strun_with_class_path_and_bad_parameter(on_disk, tmp_path):
