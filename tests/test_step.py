@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import roman_datamodels.datamodels as rdm
+from astropy.table import Table
 
 from conftest import make_data, models_of, refcat_at, truths_of
 from roman_tweakreg import InvalidParameterError, MissingCatalogError, TweakRegStep, simulate
@@ -531,3 +532,45 @@ def test_missing_inputs_name_the_file(on_disk, tmp_path):
             TweakRegStep.call(str(broken_asn))
     finally:
         broken_asn.unlink()
+
+
+def test_update_source_catalog_coordinates(tmp_path):
+    import astropy.units as u
+    import pyarrow.parquet as pq
+
+    from roman_tweakreg._io import read_parquet
+
+    exposures, stars = make_data(detectors=("WFI01",))
+    refcat = tmp_path / "gaia_2028.ecsv"
+    refcat_at(stars, 2028.0).write(refcat)
+    models = models_of(exposures)
+    rng = np.random.default_rng(17)
+    for m in models:
+        cat = m.meta["tweakreg_catalog"]
+        table = Table({"label": np.asarray(cat["objID"]), "x_psf": cat["x"], "y_psf": cat["y"]})
+        table["x_centroid"] = table["x_psf"] + rng.normal(0, 0.05, len(table))
+        table["y_centroid"] = table["y_psf"] + rng.normal(0, 0.05, len(table))
+        for name in ("ra_psf", "dec_psf", "ra_centroid", "dec_centroid"):
+            table[name] = np.zeros(len(table)) * u.deg
+        path = tmp_path / m.meta.filename.replace("_cal.asdf", "_cat.parquet")
+        table.write(path)
+        del m.meta["tweakreg_catalog"]
+        m.meta["source_catalog"] = {"tweakreg_catalog_name": str(path)}
+    paths = sorted(tmp_path.glob("*_cat.parquet"))
+    digests = [hashlib.sha256(p.read_bytes()).hexdigest() for p in paths]
+    schemas = [pq.read_schema(p) for p in paths]
+    TweakRegStep.call(models, abs_refcat=str(refcat))
+    assert [hashlib.sha256(p.read_bytes()).hexdigest() for p in paths] == digests  # not asked
+    result = TweakRegStep.call(
+        models, abs_refcat=str(refcat), update_source_catalog_coordinates=True
+    )
+    assert errors_mas(result, truths_of(exposures)).max() < 1.0
+    for model, path, schema in zip(models, paths, schemas, strict=True):
+        assert model.meta.cal_step.tweakreg == "COMPLETE"
+        table = read_parquet(path)
+        ra, dec = model.meta.wcs(table["x_psf"], table["y_psf"])
+        np.testing.assert_array_equal(table["ra_psf"], ra)
+        np.testing.assert_array_equal(table["dec_psf"], dec)
+        ra, dec = model.meta.wcs(table["x_centroid"], table["y_centroid"])
+        np.testing.assert_array_equal(table["ra_centroid"], ra)
+        assert pq.read_schema(path).equals(schema, check_metadata=True)

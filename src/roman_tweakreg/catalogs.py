@@ -635,7 +635,9 @@ def update_sky_columns(table: Table, wcs) -> list[str]:
 def update_catalog_file(
     path: str | Path, wcs, catalog_format: str = "ascii.ecsv"
 ) -> list[str]:
-    """Recompute the sky columns of a source catalog file with ``wcs`` (see :func:`update_sky_columns`).
+    """Recompute the sky columns of a source catalog file with ``wcs``.
+
+    The columns are those of :func:`update_sky_columns`.
 
     A Parquet file keeps its schema (column order and types) and schema metadata
     (astropy units); other files are read and written with astropy in
@@ -668,7 +670,10 @@ def update_catalog_file(
 
             original = pq.read_table(path)
             table = Table(
-                {c: original.column(c).to_numpy(zero_copy_only=False) for c in original.column_names}
+                {
+                    c: original.column(c).to_numpy(zero_copy_only=False)
+                    for c in original.column_names
+                }
             )
             updated = update_sky_columns(table, wcs)
             if updated:

@@ -28,8 +28,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
-from functools import cache
 from collections.abc import Iterable
+from functools import cache
 from pathlib import Path
 from typing import Any
 

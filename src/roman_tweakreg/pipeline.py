@@ -1,8 +1,8 @@
 """romancal's ExposurePipeline with this package's TweakRegStep in place of its own.
 
 Needs romancal (1.1.0); importing this module without it raises ImportError.
-Run it as romancal's pipeline, e.g. ``strun roman_tweakreg_elp r0000101001001001001_0001_wfi01_uncal.asdf``
-or ``strun roman_tweakreg.pipeline.ExposurePipeline ...``, with the step's parameters as
+Run it as romancal's pipeline, e.g. ``strun roman_tweakreg_elp <uncal file>`` or
+``strun roman_tweakreg.pipeline.ExposurePipeline ...``, with the step's parameters as
 ``--steps.tweakreg.<name>=<value>``.  Everything else is romancal's pipeline unchanged: it
 calls the step's ``run`` on its ModelLibrary and, for aligned images, the step's
 ``_update_catalog_coordinates`` (see :class:`roman_tweakreg.TweakRegStep`).
@@ -25,7 +25,7 @@ __all__ = ["ExposurePipeline"]
 
 
 class ExposurePipeline(_RomancalExposurePipeline):
-    """romancal's ExposurePipeline whose ``tweakreg`` step is :class:`~roman_tweakreg.TweakRegStep`."""
+    """romancal's ExposurePipeline whose ``tweakreg`` is :class:`~roman_tweakreg.TweakRegStep`."""
 
     class_alias = "roman_tweakreg_elp"
 

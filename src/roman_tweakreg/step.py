@@ -356,7 +356,9 @@ class TweakRegStep(Step):
 
         .. warning:: Rewrites the file ``tweakreg_catalog_name``.
         """
-        updated = catalogs.update_catalog_file(tweakreg_catalog_name, tweaked_wcs, self.catalog_format)
+        updated = catalogs.update_catalog_file(
+            tweakreg_catalog_name, tweaked_wcs, self.catalog_format
+        )
         if updated:
             log.info("Updated %s of %s", ", ".join(updated), tweakreg_catalog_name)
         else:
