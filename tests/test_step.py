@@ -466,6 +466,7 @@ def test_outputs_have_ordinary_permissions(refcat_file, tmp_path):
     assert [p.name for p in written] == [
         "fit_gaia_2028_ref.ecsv",
         "r0000101001001001001_0001_wfi01_cal_tweakregstep.asdf",
+        "r0000101001001001001_0001_wfi01_cal_wcs.asdf",
         "report.json",
     ]
     for path in written:
