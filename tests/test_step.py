@@ -162,6 +162,7 @@ def test_all_defaults_run_without_a_crash():
         ({"searchrad": -1.0}, "searchrad=-1.0: expected a number > 0"),
         ({"abs_tolerance": 9.0}, "abs_tolerance=9.0 is larger than abs_searchrad=6.0"),
         ({"sigma": 0.0}, "sigma=0.0: expected a number > 0"),
+        ({"vo_timeout": 0.0}, "vo_timeout=0.0: expected a number of seconds > 0"),
     ],
 )
 def test_invalid_parameters_are_rejected(pars, message):

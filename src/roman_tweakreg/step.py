@@ -61,6 +61,10 @@ def validate_parameters(pars: dict) -> None:
                 f"{prefix}searchrad={pars[prefix + 'searchrad']}: the matching tolerance must "
                 "not exceed the search radius"
             )
+    for name in ("abs_refcat_timeout", "vo_timeout"):
+        value = pars.get(name)
+        if value is not None and not value > 0:
+            raise InvalidParameterError(f"{name}={value!r}: expected a number of seconds > 0")
 
 
 def _detection_parameters(pars: dict):
@@ -386,7 +390,6 @@ class TweakRegStep(Step):
         write_atomically(path, model.save)
         log.info("Saved model in %s", path)
         return path
-
 
     def _save_wcs_products(self, library, output_file, force) -> None:
         if not force and not self.save_results and not (output_file or self.output_file):
