@@ -5,6 +5,7 @@ Skipped where romancal is not installed (the suite runs with and without it).
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -43,20 +44,29 @@ def small_data(folder):
     return exposures, stars, path
 
 
-def test_romancal_library_in_same_library_out_updated(tmp_path):
-    exposures, _, refcat_file = small_data(tmp_path)
-    models = models_of(exposures)
-    for model in models:  # romancal groups by group_id, else observation_id (one here)
-        model.meta["group_id"] = model.meta.filename[:26]
-    library = RomancalLibrary(models)
+def test_romancal_library_in_same_library_out_updated(tmp_path, caplog):
+    exposures, stars, refcat_file = small_data(tmp_path)
+    asn = simulate.write_dataset(exposures, stars, tmp_path)
+    content = json.loads(asn.read_text())
+    for member in content["products"][0]["members"]:
+        # romancal groups by group_id, else observation_id (one for both exposures here)
+        member["group_id"] = member["expname"][:26]
+        # a member catalog, not the file's own (moved away): romancal's library copies it
+        # into meta.source_catalog.tweakreg_catalog_name, where the step reads it
+        own = tmp_path / member["expname"].replace("_cal.asdf", "_cat.ecsv")
+        member["tweakreg_catalog"] = str(own.rename(own.with_name(own.stem + "_member.ecsv")))
+    asn.write_text(json.dumps(content))
+    library = RomancalLibrary(str(asn))
     result = TweakRegStep.call(library, abs_refcat=str(refcat_file))
     assert result is library
     assert errors_mas(result, truths_of(exposures)).max() < 1.0
     with result:
-        model = result.borrow(0)
-        assert model.meta.cal_step.tweakreg == "COMPLETE"
-        assert model.meta.wcs_fit_results["n_detector"] == 2
-        result.shelve(model, 0, modify=False)
+        for i, model in enumerate(result):
+            assert model.meta.cal_step.tweakreg == "COMPLETE"
+            assert model.meta.wcs_fit_results["n_detector"] == 2
+            assert model.meta.wcs_fit_results["group_id"] == model.meta.filename[:26]
+            result.shelve(model, i, modify=False)
+    assert "ignored because use_custom_catalogs is False" not in caplog.text
 
 
 # crds (imported by romancal's resample) warns about its own deprecated lock function

@@ -402,14 +402,18 @@ def _catalog_source(
             asn_dir = getattr(library, "asn_dir", None)
             base = tuple(d for d in (asn_dir, Path.cwd()) if d is not None)
             return CatalogSource(value, "association member attribute tweakreg_catalog", base)
-    elif attributes.get("tweakreg_catalog"):
+    source = model_catalog_source(model.meta, model_dir)
+    wanted = attributes.get("tweakreg_catalog")
+    # a romancal library has already copied it into meta.source_catalog: then it is used
+    used = source.value if source is not None else None
+    if not use_custom and wanted and not (isinstance(used, str) and used == wanted):
         log.warning(
             "%s: association member attribute tweakreg_catalog=%r ignored because "
             "use_custom_catalogs is False; run with use_custom_catalogs=True to use it",
             name or f"image {index}",
-            attributes["tweakreg_catalog"],
+            wanted,
         )
-    return model_catalog_source(model.meta, model_dir)
+    return source
 
 
 def _detect(model, name: str, params, catalog_path: str, catalog_format: str) -> CatalogSource:
