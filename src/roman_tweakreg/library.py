@@ -178,7 +178,13 @@ def library_class() -> type[ModelLibrary]:
         from romancal.datamodels import ModelLibrary as RomancalLibrary
     except ImportError:  # a broken romancal installation: work without it
         return ModelLibrary
-    return type("ModelLibrary", (ModelLibrary, RomancalLibrary), {"__module__": __name__})
+    cls = type(
+        "RomancalModelLibrary",
+        (ModelLibrary, RomancalLibrary),
+        {"__module__": __name__, "__doc__": ModelLibrary.__doc__},
+    )
+    globals()[cls.__name__] = cls  # importable by name (pickle) once built
+    return cls
 
 
 def _open_model(filename, **kwargs):
