@@ -178,10 +178,12 @@ def test_romancal_own_tweakreg_tests(tmp_path):
     site = Path(romancal.__file__).parent
     module = site / "tweakreg" / "tests" / "test_tweakreg.py"
     report = tmp_path / "report.xml"
-    env = {**os.environ, "ROMAN_TWEAKREG_CACHE": "off",
-           "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    ini = tmp_path / "pytest.ini"  # pytest's defaults, not this project's configuration
+    ini.write_text("[pytest]\n")
+    path = [str(TESTS), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    env = {**os.environ, "ROMAN_TWEAKREG_CACHE": "off", "PYTHONPATH": os.pathsep.join(path)}
     run = subprocess.run(
-        [sys.executable, "-m", "pytest", str(module), "-p", "romancal_plugin",
+        [sys.executable, "-m", "pytest", str(module), "-c", str(ini), "-p", "romancal_plugin",
          "-p", "no:cacheprovider", f"--confcutdir={site.parent}", f"--rootdir={site}",
          f"--junitxml={report}", "-q"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, check=False,
