@@ -25,6 +25,7 @@ from __future__ import annotations
 import socket
 import struct
 import threading
+from contextlib import contextmanager
 from functools import lru_cache
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
@@ -35,7 +36,7 @@ from astropy.coordinates import angular_separation
 
 from roman_tweakreg import simulate
 
-__all__ = ["FIELD", "GaiaService", "gaia_service", "stars", "truth"]
+__all__ = ["FIELD", "GaiaService", "gaia_service", "running_service", "stars", "truth"]
 
 #: Centre (deg), radius (deg) and epoch of the synthetic field.
 FIELD = (150.1, 2.2, 0.3, 2016.0)
@@ -62,9 +63,9 @@ def truth(rows, epoch: float | None):
     return ra, dec
 
 
-def in_cone(ra, dec, radius):
-    """Mask of :func:`stars` within ``radius`` deg of ``(ra, dec)``."""
-    s = stars()
+def in_cone(ra, dec, radius, field=None):
+    """Mask of :func:`stars` (or of the table ``field``) within ``radius`` deg of ``(ra, dec)``."""
+    s = stars() if field is None else field
     sep = angular_separation(*(np.deg2rad(x) for x in (s["ra"], s["dec"], ra, dec)))
     return sep <= np.deg2rad(radius)
 
@@ -74,6 +75,7 @@ class GaiaService:
 
     def __init__(self):
         self.catalogs = {"GAIADR1", "GAIADR2", "GAIADR3"}
+        self.field = None  # a table like stars() to serve instead of it
         self.empty: set[str] = set()
         self.files: dict[str, bytes] = {}
         self.faults: list[str] = []
@@ -93,7 +95,8 @@ class GaiaService:
 
     def csv_body(self, q: dict[str, str], fault: str | None) -> bytes:
         ra, dec, sr = float(q["RA"]), float(q["DEC"]), float(q["SR"])
-        rows = stars()[in_cone(ra, dec, sr)]
+        field = stars() if self.field is None else self.field
+        rows = field[in_cone(ra, dec, sr, field)]
         epoch = float(q["EPOCH"]) if "EPOCH" in q else FIELD[3]
         x, y = truth(rows, epoch if "EPOCH" in q else None)
         head = "ra,dec" if fault != "nocolumns" else "alpha,delta"
@@ -185,6 +188,13 @@ class _Server(ThreadingHTTPServer):
 @pytest.fixture
 def gaia_service():
     """A running fake catalog service; yields its :class:`GaiaService` (``.url`` is the base)."""
+    with running_service() as svc:
+        yield svc
+
+
+@contextmanager
+def running_service():
+    """Run a fake catalog service for the ``with`` block; yields its :class:`GaiaService`."""
     server = _Server(("127.0.0.1", 0), _Handler)
     server.service = svc = GaiaService()
     svc.url = f"http://127.0.0.1:{server.server_address[1]}"

@@ -170,10 +170,75 @@ def test_missing_catalog_names_model_and_paths(field):
 def test_catalog_without_pixel_columns_lists_columns():
     with pytest.raises(
         CatalogError,
-        match=r"img: catalog has no pixel columns; found \['ra', "
-        r"'dec'\], accepted pairs: x/y, xcentroid/ycentroid",
+        match=r"img: 'tweakreg' source catalogs must contain a pair of pixel columns "
+        r"\(x/y, x_psf/y_psf, xcentroid/ycentroid, x_centroid/y_centroid\): catalog has no "
+        r"pixel columns; found \['ra', 'dec'\]",
     ):
         normalize_catalog(Table({"ra": [1.0], "dec": [2.0]}), "img")
+
+
+def test_psf_positions_preferred_over_centroids():
+    rng = np.random.default_rng(11)
+    cat = Table({"x_centroid": rng.uniform(0, 100, 5), "y_centroid": rng.uniform(0, 100, 5)})
+    cat["x_psf"], cat["y_psf"] = cat["x_centroid"] + 0.25, cat["y_centroid"] - 0.25
+    out = normalize_catalog(cat, "img")
+    np.testing.assert_array_equal(out["x"], cat["x_psf"])
+    np.testing.assert_array_equal(out["y"], cat["y_psf"])
+    cat["x"], cat["y"] = cat["x_psf"] + 1.0, cat["y_psf"] + 1.0  # plain x/y still come first
+    np.testing.assert_array_equal(normalize_catalog(cat, "img")["x"], cat["x"])
+
+
+def test_member_catalog_ignored_without_use_custom_warns(field, caplog):
+    folder, names = field
+    attrs = {n: {"tweakreg_catalog": f"{n.removesuffix('.asdf')}_asn.ecsv"} for n in names}
+    used, _ = _used(folder, _asn(folder, names, attrs))
+    assert used == dict.fromkeys(names, 11)  # the model's own catalog
+    assert (
+        f"{names[0]}: association member attribute tweakreg_catalog='{names[0][:-5]}_asn.ecsv' "
+        "ignored because use_custom_catalogs is False; run with use_custom_catalogs=True"
+    ) in caplog.text
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".ecsv"])
+def test_update_catalog_file_keeps_everything_but_sky_columns(tmp_path, suffix):
+    import astropy.units as u
+    import pyarrow.parquet as pq
+
+    from roman_tweakreg import simulate
+    from roman_tweakreg._io import read_parquet
+    from roman_tweakreg.catalogs import update_catalog_file
+
+    wcsinfo = {"v2_ref": 0.0, "v3_ref": 0.0, "roll_ref": 0.0, "ra_ref": 10.0, "dec_ref": 20.0}
+    wcs = simulate.detector_wcs("WFI01", wcsinfo)
+    rng = np.random.default_rng(5)
+    cat = Table({"label": np.arange(1, 9, dtype=np.int32)})
+    cat["x_centroid"], cat["y_centroid"] = rng.uniform(0, 4000, (2, 8))
+    cat["x_psf"], cat["y_psf"] = cat["x_centroid"] + 0.5, cat["y_centroid"] + 0.5
+    for name in ("ra_centroid", "dec_centroid", "ra_psf", "dec_psf", "ra", "dec"):
+        cat[name] = np.zeros(8) * u.deg
+    cat["flux"] = rng.uniform(1, 2, 8) * u.nJy
+    path = tmp_path / f"cat{suffix}"
+    cat.write(path)
+    before = pq.read_schema(path).metadata if suffix == ".parquet" else None
+    updated = update_catalog_file(path, wcs)
+    assert updated == ["ra_centroid", "dec_centroid", "ra", "dec", "ra_psf", "dec_psf"]
+    # astropy reads Parquet only with pandas: pyarrow here, units in the schema metadata
+    after = read_parquet(path) if suffix == ".parquet" else Table.read(path)
+    ra, dec = wcs(cat["x_psf"], cat["y_psf"])
+    np.testing.assert_array_equal(after["ra_psf"], ra)
+    np.testing.assert_array_equal(after["dec_psf"], dec)
+    ra, dec = wcs(cat["x_centroid"], cat["y_centroid"])
+    np.testing.assert_array_equal(after["ra"], ra)
+    np.testing.assert_array_equal(after["dec_centroid"], dec)
+    assert after.colnames == cat.colnames
+    for name in ("label", "x_centroid", "y_psf", "flux"):
+        np.testing.assert_array_equal(np.asarray(after[name]), np.asarray(cat[name]))
+    assert after["label"].dtype == np.int32
+    if suffix == ".parquet":
+        assert pq.read_schema(path).metadata == before
+    else:
+        assert (after["ra"].unit, after["flux"].unit) == (u.deg, u.nJy)
+    assert list(tmp_path.iterdir()) == [path]  # written atomically, nothing left behind
 
 
 def test_non_finite_rows_dropped_and_counted(field, caplog):
@@ -221,5 +286,6 @@ def test_catfile_end_to_end_sets_meta(tmp_path):
     with result:
         for i, m in enumerate(result):
             assert m.meta["tweakreg_catalog"] == str(tmp_path / lines[i].split()[1])
+            assert m.meta.source_catalog.tweakreg_catalog_name == m.meta["tweakreg_catalog"]
             assert m.meta.cal_step.tweakreg == "COMPLETE"
             result.shelve(m, i, modify=False)

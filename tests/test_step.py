@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import roman_datamodels.datamodels as rdm
+from astropy.table import Table
 
 from conftest import make_data, models_of, refcat_at, truths_of
 from roman_tweakreg import InvalidParameterError, MissingCatalogError, TweakRegStep, simulate
@@ -161,6 +162,7 @@ def test_all_defaults_run_without_a_crash():
         ({"searchrad": -1.0}, "searchrad=-1.0: expected a number > 0"),
         ({"abs_tolerance": 9.0}, "abs_tolerance=9.0 is larger than abs_searchrad=6.0"),
         ({"sigma": 0.0}, "sigma=0.0: expected a number > 0"),
+        ({"vo_timeout": 0.0}, "vo_timeout=0.0: expected a number of seconds > 0"),
     ],
 )
 def test_invalid_parameters_are_rejected(pars, message):
@@ -266,6 +268,16 @@ def test_association_on_disk_outputs_and_inputs_untouched(on_disk, tmp_path):
             assert model.meta.wcsinfo.s_region.startswith("POLYGON ICRS")
             assert simulate.wcs_difference_mas(model.meta.wcs, truth) < 1.0
     assert not list(out.glob(".tweakreg-*"))
+    # romancal's WCS product beside each output
+    products = sorted(out.glob("*_wcs.asdf"))
+    assert [p.name.replace("_wcs.", "_tweakregstep.") for p in products] == [
+        p.name for p in outputs
+    ]
+    for path, truth in zip(products, truths, strict=True):
+        with rdm.open(path) as product:
+            assert isinstance(product, rdm.WfiWcsModel)
+            assert simulate.wcs_difference_mas(product.wcs_l2, truth) < 1.0
+            assert product.meta.wcs_fit_results["n_detector"] == 6
 
 
 def test_strun_alias_and_parameter_file(on_disk, tmp_path):
@@ -291,7 +303,7 @@ def test_strun_alias_and_parameter_file(on_disk, tmp_path):
     run = subprocess.run(
         [
             STRUN,
-            "tweakreg",
+            "roman_tweakreg",
             str(asn),
             f"--abs_refcat={folder / 'gaia_2028.ecsv'}",
             f"--output_dir={tmp_path / 'b'}",
@@ -306,6 +318,21 @@ def test_strun_alias_and_parameter_file(on_disk, tmp_path):
     with rdm.open(sorted((tmp_path / "b").glob("*_tweakregstep.asdf"))[-1]) as model:
         assert model.meta.wcs_fit_results["relative"]["fitgeom"] == "general"
         assert simulate.wcs_difference_mas(model.meta.wcs, truths_of(exposures)[-1]) < 1.0
+
+
+def test_romancal_defaults_parameter_file():
+    from importlib.resources import files
+
+    path = files("roman_tweakreg") / "data" / "romancal-1.1.0-tweakreg.asdf"
+    step = TweakRegStep.from_config_file(str(path))
+    assert (step.minobj, step.abs_minobj, step.fitgeometry, step.abs_fitgeometry) == (
+        10,
+        10,
+        "general",
+        "general",
+    )
+    assert (step.abs_separation, step.abs_refcat, step.vo_timeout) == (1.0, "GAIADR3_S3", 1200.0)
+    assert step.use_custom_catalogs is True
 
 
 def test_strun_with_class_path_and_bad_parameter(on_disk, tmp_path):
@@ -440,6 +467,7 @@ def test_outputs_have_ordinary_permissions(refcat_file, tmp_path):
     assert [p.name for p in written] == [
         "fit_gaia_2028_ref.ecsv",
         "r0000101001001001001_0001_wfi01_cal_tweakregstep.asdf",
+        "r0000101001001001001_0001_wfi01_cal_wcs.asdf",
         "report.json",
     ]
     for path in written:
@@ -506,3 +534,45 @@ def test_missing_inputs_name_the_file(on_disk, tmp_path):
             TweakRegStep.call(str(broken_asn))
     finally:
         broken_asn.unlink()
+
+
+def test_update_source_catalog_coordinates(tmp_path):
+    import astropy.units as u
+    import pyarrow.parquet as pq
+
+    from roman_tweakreg._io import read_parquet
+
+    exposures, stars = make_data(detectors=("WFI01",))
+    refcat = tmp_path / "gaia_2028.ecsv"
+    refcat_at(stars, 2028.0).write(refcat)
+    models = models_of(exposures)
+    rng = np.random.default_rng(17)
+    for m in models:
+        cat = m.meta["tweakreg_catalog"]
+        table = Table({"label": np.asarray(cat["objID"]), "x_psf": cat["x"], "y_psf": cat["y"]})
+        table["x_centroid"] = table["x_psf"] + rng.normal(0, 0.05, len(table))
+        table["y_centroid"] = table["y_psf"] + rng.normal(0, 0.05, len(table))
+        for name in ("ra_psf", "dec_psf", "ra_centroid", "dec_centroid"):
+            table[name] = np.zeros(len(table)) * u.deg
+        path = tmp_path / m.meta.filename.replace("_cal.asdf", "_cat.parquet")
+        table.write(path)
+        del m.meta["tweakreg_catalog"]
+        m.meta["source_catalog"] = {"tweakreg_catalog_name": str(path)}
+    paths = sorted(tmp_path.glob("*_cat.parquet"))
+    digests = [hashlib.sha256(p.read_bytes()).hexdigest() for p in paths]
+    schemas = [pq.read_schema(p) for p in paths]
+    TweakRegStep.call(models, abs_refcat=str(refcat))
+    assert [hashlib.sha256(p.read_bytes()).hexdigest() for p in paths] == digests  # not asked
+    result = TweakRegStep.call(
+        models, abs_refcat=str(refcat), update_source_catalog_coordinates=True
+    )
+    assert errors_mas(result, truths_of(exposures)).max() < 1.0
+    for model, path, schema in zip(models, paths, schemas, strict=True):
+        assert model.meta.cal_step.tweakreg == "COMPLETE"
+        table = read_parquet(path)
+        ra, dec = model.meta.wcs(table["x_psf"], table["y_psf"])
+        np.testing.assert_array_equal(table["ra_psf"], ra)
+        np.testing.assert_array_equal(table["dec_psf"], dec)
+        ra, dec = model.meta.wcs(table["x_centroid"], table["y_centroid"])
+        np.testing.assert_array_equal(table["ra_centroid"], ra)
+        assert pq.read_schema(path).equals(schema, check_metadata=True)

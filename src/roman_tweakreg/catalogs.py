@@ -14,8 +14,9 @@ Where a catalog comes from (first that applies):
 Relative file names are looked up next to the catfile (catfile entries), the
 association (member entries) or the model file, then in the current directory.
 
-Pixel columns, first pair present wins: ``x``/``y``, ``xcentroid``/``ycentroid``,
-``x_centroid``/``y_centroid``, ``x_psf``/``y_psf``; all 0-indexed.
+Pixel columns, first pair present wins: ``x``/``y``, ``x_psf``/``y_psf`` (PSF fits,
+the more accurate positions, preferred like romancal does), ``xcentroid``/``ycentroid``,
+``x_centroid``/``y_centroid``; all 0-indexed.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from astropy.table import Table
 from ._io import read_parquet
 from ._meta import exposure_epoch, meta_get
 from .errors import CatalogError, MissingCatalogError, OutputError
+from .library import member, member_dir
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -39,6 +41,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "PIXEL_COLUMNS",
+    "SKY_COLUMNS",
     "CatalogSource",
     "ImageCatalog",
     "collect",
@@ -47,6 +50,8 @@ __all__ = [
     "normalize_catalog",
     "read_catalog",
     "read_catfile",
+    "update_catalog_file",
+    "update_sky_columns",
 ]
 
 log = logging.getLogger(__name__)
@@ -54,11 +59,20 @@ log = logging.getLogger(__name__)
 #: Accepted pairs of pixel columns, in order of precedence.
 PIXEL_COLUMNS = (
     ("x", "y"),
+    ("x_psf", "y_psf"),
     ("xcentroid", "ycentroid"),
     ("x_centroid", "y_centroid"),
-    ("x_psf", "y_psf"),
 )
 _DO_NOT_USE = 1
+
+#: Sky columns recomputed from pixel columns by :func:`update_sky_columns`, as
+#: ``(x, y, ra, dec)``: the layout of romancal's source catalogs.
+SKY_COLUMNS = (
+    ("x_centroid", "y_centroid", "ra_centroid", "dec_centroid"),
+    ("x_centroid", "y_centroid", "ra", "dec"),
+    ("x_centroid_win", "y_centroid_win", "ra_centroid_win", "dec_centroid_win"),
+    ("x_psf", "y_psf", "ra_psf", "dec_psf"),
+)
 
 
 @dataclass
@@ -120,6 +134,8 @@ class ImageCatalog:
     catalog_name : str
         Resolved catalog file the step assigned (catfile, association or
         detection), to be recorded in ``meta.tweakreg_catalog``; '' otherwise.
+    catalog_file : str
+        The catalog file read, whatever named it; '' for an in-memory catalog.
     """
 
     index: int
@@ -130,6 +146,7 @@ class ImageCatalog:
     wcsinfo: dict
     epoch: float | None
     catalog_name: str = ""
+    catalog_file: str = ""
 
 
 def read_catfile(path: str | Path) -> dict[str, CatalogSource]:
@@ -296,8 +313,8 @@ def normalize_catalog(catalog: Table, image: str, where: str = "catalog") -> Tab
     else:
         accepted = ", ".join(f"{x}/{y}" for x, y in PIXEL_COLUMNS)
         raise CatalogError(
-            f"{image}: {where} has no pixel columns; found {catalog.colnames}, "
-            f"accepted pairs: {accepted}"
+            f"{image}: 'tweakreg' source catalogs must contain a pair of pixel columns "
+            f"({accepted}): {where} has no pixel columns; found {catalog.colnames}"
         )
     out = Table(
         {
@@ -409,20 +426,30 @@ def _catalog_source(
     library, index: int, model, use_custom: bool, catfile_entries: dict | None
 ) -> CatalogSource | None:
     """Pick the catalog source of one image by the precedence in the module docstring."""
-    path = library.member_path(index)
-    model_dir = path.parent if path is not None else None
+    model_dir = member_dir(library, index)
     name = Path(str(model.meta.filename or "")).name
+    attributes = member(library, index)
     if use_custom:
         if catfile_entries is not None:
             if name in catfile_entries:
                 return catfile_entries[name]
-        else:
-            member = library.member(index)
-            if "tweakreg_catalog" in member:
-                value = member["tweakreg_catalog"] or None
-                base = tuple(d for d in (library.asn_dir, Path.cwd()) if d is not None)
-                return CatalogSource(value, "association member attribute tweakreg_catalog", base)
-    return model_catalog_source(model.meta, model_dir)
+        elif "tweakreg_catalog" in attributes:
+            value = attributes["tweakreg_catalog"] or None
+            asn_dir = getattr(library, "asn_dir", None)
+            base = tuple(d for d in (asn_dir, Path.cwd()) if d is not None)
+            return CatalogSource(value, "association member attribute tweakreg_catalog", base)
+    source = model_catalog_source(model.meta, model_dir)
+    wanted = attributes.get("tweakreg_catalog")
+    # a romancal library has already copied it into meta.source_catalog: then it is used
+    used = source.value if source is not None else None
+    if not use_custom and wanted and not (isinstance(used, str) and used == wanted):
+        log.warning(
+            "%s: association member attribute tweakreg_catalog=%r ignored because "
+            "use_custom_catalogs is False; run with use_custom_catalogs=True to use it",
+            name or f"image {index}",
+            wanted,
+        )
+    return source
 
 
 def _detect(model, name: str, params, catalog_path: str, catalog_format: str) -> CatalogSource:
@@ -561,6 +588,11 @@ def members(
                         },
                         epoch=exposure_epoch(model.meta),
                         catalog_name=str(source.resolve()) if source.assigned else "",
+                        catalog_file=(
+                            str(source.resolve() or "")
+                            if isinstance(source.value, (str, Path))
+                            else ""
+                        ),
                     )
                     item = (index, image, source)
             finally:
@@ -616,3 +648,94 @@ def _absurd_wcsinfo(wcsinfo) -> str:
         if not (np.isfinite(number) and low <= number <= high):
             return f"meta.wcsinfo.{key}={number!r} is not a finite value in [{low:g}, {high:g}]"
     return ""
+
+
+def update_sky_columns(table: Table, wcs) -> list[str]:
+    """Recompute the sky columns of ``table`` from its pixel columns with ``wcs``.
+
+    Every ``(x, y, ra, dec)`` quadruple of :data:`SKY_COLUMNS` whose four columns
+    are all present is updated; other columns are left alone (no column is added,
+    so a file's layout is kept).  Values are written into the existing columns,
+    keeping their type and unit.
+
+    .. warning:: Modifies ``table`` in place.
+
+    Returns
+    -------
+    list of str
+        The sky columns updated.
+    """
+    updated = []
+    for xcol, ycol, racol, deccol in SKY_COLUMNS:
+        if not all(c in table.colnames for c in (xcol, ycol, racol, deccol)):
+            continue
+        ra, dec = wcs.pixel_to_world_values(
+            np.asarray(table[xcol], dtype=float), np.asarray(table[ycol], dtype=float)
+        )
+        table[racol][...] = ra
+        table[deccol][...] = dec
+        updated += [c for c in (racol, deccol) if c not in updated]
+    return updated
+
+
+def update_catalog_file(
+    path: str | Path, wcs, catalog_format: str = "ascii.ecsv"
+) -> list[str]:
+    """Recompute the sky columns of a source catalog file with ``wcs``.
+
+    The columns are those of :func:`update_sky_columns`.
+
+    A Parquet file keeps its schema (column order and types) and schema metadata
+    (astropy units); other files are read and written with astropy in
+    ``catalog_format``.  The file is replaced atomically, and only when a column
+    changes.
+
+    .. warning:: Rewrites the file at ``path``.
+
+    Returns
+    -------
+    list of str
+        The sky columns updated.
+
+    Raises
+    ------
+    MissingCatalogError
+        The file does not exist.
+    CatalogError
+        It cannot be read or written.
+    """
+    from ._io import write_atomically
+
+    path = Path(path)
+    if not path.is_file():
+        raise MissingCatalogError(f"source catalog {path} does not exist")
+    try:
+        if path.suffix.lower() == ".parquet":
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            original = pq.read_table(path)
+            table = Table(
+                {
+                    c: original.column(c).to_numpy(zero_copy_only=False)
+                    for c in original.column_names
+                }
+            )
+            updated = update_sky_columns(table, wcs)
+            if updated:
+                columns = [
+                    pa.array(np.asarray(table[c]), type=original.schema.field(c).type)
+                    if c in updated
+                    else original.column(c)
+                    for c in original.column_names
+                ]
+                new = pa.Table.from_arrays(columns, schema=original.schema)
+                write_atomically(path, lambda p: pq.write_table(new, p))
+        else:
+            table = Table.read(path, format=catalog_format)
+            updated = update_sky_columns(table, wcs)
+            if updated:
+                write_atomically(path, lambda p: table.write(p, format=catalog_format))
+    except (OSError, ValueError, TypeError) as err:
+        raise CatalogError(f"source catalog {path} cannot be updated: {err}") from err
+    return updated

@@ -12,13 +12,24 @@ and get one correction.  A model's group is, in order:
 4. the Roman file-name stem before the detector, ``r<visit>_<exposure>`` in
    ``r0000101001001001001_0001_wfi01_cal.asdf``;
 5. otherwise the image is a group of its own.
+
+Any stpipe library
+------------------
+The step reads every library through stpipe's public protocol only (``asn``,
+``borrow``/``shelve``, ``map_function``, ``group_names``/``group_indices``,
+``len``), so a library built by romancal (``romancal.datamodels.ModelLibrary``)
+works as one built here and is handed back, updated in place.  When romancal is
+installed, :func:`open_library` builds its libraries on romancal's class (the
+rules above still apply), so that romancal's later steps accept the result.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 from collections.abc import Iterable
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +41,15 @@ from ._asdf_check import check_asdf_file
 from ._meta import meta_get
 from .errors import InvalidInputError, MissingInputError, TweakRegError
 
-__all__ = ["ModelLibrary", "check_members", "exposure_group_id", "open_library"]
+__all__ = [
+    "ModelLibrary",
+    "check_members",
+    "exposure_group_id",
+    "library_class",
+    "member",
+    "member_dir",
+    "open_library",
+]
 
 _ROMAN_STEM = re.compile(r"^(r\d+_\d+)_wfi\d\d", re.IGNORECASE)
 _UNSET = ("", "?", None, -999999)
@@ -83,6 +102,9 @@ class ModelLibrary(AbstractModelLibrary):
         return "roman"
 
     def _datamodels_open(self, filename, **kwargs):
+        # romancal's open_dataset sets this on any romancal library it is given;
+        # roman_datamodels 1.1 files are read as they are.
+        kwargs.pop("update_version", None)
         return _open_model(filename, **kwargs)
 
     @classmethod
@@ -119,6 +141,52 @@ class ModelLibrary(AbstractModelLibrary):
         """The folder of the association file (None for a list of in-memory models)."""
         directory = getattr(self, "_asn_dir", None)
         return None if directory is None else Path(directory)
+
+
+def member(library: AbstractModelLibrary, index: int) -> dict:
+    """Return a copy of association member ``index`` of any stpipe library (public ``asn``)."""
+    return dict(library.asn["products"][0]["members"][index])
+
+
+def member_dir(library: AbstractModelLibrary, index: int) -> Path | None:
+    """The folder of member ``index``'s file, when the library says where it is; else None.
+
+    For libraries of this package the association folder is known; for any other
+    library (e.g. romancal's) only an absolute ``expname`` tells, since stpipe's
+    public protocol does not give the association's folder.
+    """
+    expname = member(library, index).get("expname")
+    if isinstance(library, ModelLibrary):
+        directory = library.asn_dir
+        if directory is None or not expname:
+            return None
+        return (directory / expname).parent
+    if expname and Path(str(expname)).is_absolute():
+        return Path(str(expname)).parent
+    return None
+
+
+@cache
+def library_class() -> type[ModelLibrary]:
+    """The class :func:`open_library` builds: on romancal's ``ModelLibrary`` when installed.
+
+    With romancal installed this is a subclass of both :class:`ModelLibrary` (whose rules
+    apply) and ``romancal.datamodels.ModelLibrary``, so that romancal's steps take the
+    step's result as their own library; without romancal, :class:`ModelLibrary`.
+    """
+    if importlib.util.find_spec("romancal") is None:
+        return ModelLibrary
+    try:
+        from romancal.datamodels import ModelLibrary as RomancalLibrary
+    except ImportError:  # a broken romancal installation: work without it
+        return ModelLibrary
+    cls = type(
+        "RomancalModelLibrary",
+        (ModelLibrary, RomancalLibrary),
+        {"__module__": __name__, "__doc__": ModelLibrary.__doc__},
+    )
+    globals()[cls.__name__] = cls  # importable by name (pickle) once built
+    return cls
 
 
 def _open_model(filename, **kwargs):
@@ -283,30 +351,33 @@ def open_library(init: Any, *, on_disk: bool = False) -> ModelLibrary:
 
     Returns
     -------
-    ModelLibrary
+    AbstractModelLibrary
+        The library given, or a new one of :func:`library_class` (romancal's when
+        installed).
     """
     if isinstance(init, AbstractModelLibrary):
         return init
+    cls = library_class()
     if isinstance(init, rdm.DataModel):
-        return ModelLibrary([init])
+        return cls([init])
     if isinstance(init, (str, Path)):
         path = Path(init)
         if path.suffix.lower() == ".json":
             asn = load_association(path)
             check_members(asn, path.parent, f"association {path}")
-            return ModelLibrary(path, on_disk=on_disk)
+            return cls(path, on_disk=on_disk)
         if not path.exists():
             raise MissingInputError(f"{path}: input file does not exist")
-        return ModelLibrary(_files_asn([path]), on_disk=on_disk)
+        return cls(_files_asn([path]), on_disk=on_disk)
     if isinstance(init, dict):
         check_members(init, None, "association")
-        return ModelLibrary(init, on_disk=on_disk)
+        return cls(init, on_disk=on_disk)
     if isinstance(init, Iterable):
         items = list(init)
         if items and all(isinstance(i, (str, Path)) for i in items):
-            return ModelLibrary(_files_asn([Path(i) for i in items]), on_disk=on_disk)
+            return cls(_files_asn([Path(i) for i in items]), on_disk=on_disk)
         _check_model_names(items)
-        return ModelLibrary(items)
+        return cls(items)
     raise TweakRegError(
         f"unsupported input of type {type(init).__name__}: expected an ImageModel, an ASDF "
         "file, an association JSON file, a list of those, or a ModelLibrary"

@@ -320,7 +320,8 @@ def expand_paths(paths_or_asn: str | os.PathLike | Iterable[str | os.PathLike]) 
     """List the ASDF files named by paths, association JSON files and folders.
 
     An association lists files under ``products[0].members[*].expname``, relative to
-    its own folder; a folder stands for the ``*.asdf`` files in it (sorted).
+    its own folder; a folder stands for the ``*.asdf`` files in it (sorted), the WCS
+    products ``*_wcs.asdf`` left out.
 
     Raises
     ------
@@ -339,7 +340,8 @@ def expand_paths(paths_or_asn: str | os.PathLike | Iterable[str | os.PathLike]) 
                 name = Path(member["expname"])
                 out.append(name if name.is_absolute() else path.parent / name)
         elif path.is_dir():
-            found = sorted(path.glob("*.asdf"))
+            # the step's WCS products (<name>_wcs.asdf) hold no image: not listed
+            found = sorted(p for p in path.glob("*.asdf") if not p.name.endswith("_wcs.asdf"))
             if not found:
                 raise TweakRegError(f"{path}: folder has no .asdf files")
             out.extend(found)

@@ -101,7 +101,8 @@ def fit_results_dict(
 
     Top-level keys describe the fit that set the final WCS (absolute when it
     was applied, else relative); ``relative`` and ``absolute`` hold each
-    phase's own outcome.  Lengths (shift, rmse, mae) are arcsec in the
+    phase's own outcome; ``n_images`` (and romancal's name for it, ``n_detector``)
+    counts the images in the solve.  Lengths (shift, rmse, mae) are arcsec in the
     tangent plane, angles degrees.  ``quality`` (where a fit was made) holds the
     :class:`~roman_tweakreg.align.Quality` figures of the group's own fit.
     """
@@ -113,6 +114,7 @@ def fit_results_dict(
         top["reason"] = "; ".join(reasons)
     top["group_id"] = str(group_id)
     top["n_images"] = int(n_images)
+    top["n_detector"] = int(n_images)  # romancal's name: detector images in the solve
     top["relative"] = _phase_dict(relative)
     top["absolute"] = _phase_dict(absolute)
     return top

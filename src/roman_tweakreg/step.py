@@ -19,7 +19,7 @@ from ._io import write_atomically
 from ._parallel import Workers, gc_frozen
 from .errors import InvalidParameterError, OutputError, ReferenceCatalogError
 from .library import open_library
-from .refcat import DEFAULT_REFCAT, get_reference_catalog
+from .refcat import DEFAULT_REFCAT, check_refcat, get_reference_catalog
 
 if TYPE_CHECKING:
     from .library import ModelLibrary
@@ -63,6 +63,10 @@ def validate_parameters(pars: dict) -> None:
                 f"{prefix}searchrad={pars[prefix + 'searchrad']}: the matching tolerance must "
                 "not exceed the search radius"
             )
+    for name in ("abs_refcat_timeout", "vo_timeout"):
+        value = pars.get(name)
+        if value is not None and not value > 0:
+            raise InvalidParameterError(f"{name}={value!r}: expected a number of seconds > 0")
 
 
 def _detection_parameters(pars: dict):
@@ -103,7 +107,8 @@ class TweakRegStep(Step):
     See the package documentation for inputs, parameters and outputs.
     """
 
-    class_alias = "tweakreg"
+    # Not romancal's "tweakreg": both registered, `strun tweakreg` would fail for romancal users.
+    class_alias = "roman_tweakreg"
     reference_file_types: ClassVar = []
 
     spec = """
@@ -126,9 +131,10 @@ class TweakRegStep(Step):
         fitgeometry = option('shift', 'rshift', 'rscale', 'general', default='rshift') # Relative fit geometry
         nclip = integer(min=0, default=3) # Clipping iterations of the relative fit
         sigma = float(default=3.0) # Clipping limit (x rmse) of the relative fit
-        abs_refcat = string(default='GAIADR3') # Reference catalog: service name (GAIADR3...), local file, HATS folder or URL; a comma list is tried in order; '' means GAIADR3
+        abs_refcat = string(default='GAIADR3') # Reference catalog: service name (GAIADR3...; romancal's GAIADR3_S3 is read as GAIADR3), local file, HATS folder or URL; a comma list is tried in order; '' means GAIADR3
         abs_refcat_url = string(default='') # Catalog service base URL; '' means $ASTROMETRIC_CATALOG_URL or https://gsss.stsci.edu/webservices
         abs_refcat_timeout = float(default=30.0) # Seconds to wait for the catalog service, per try
+        vo_timeout = float(min=0, default=None) # romancal's name for abs_refcat_timeout; when set, it is used instead
         abs_refcat_retries = integer(default=3) # Retries of failed catalog service requests (exponential backoff)
         abs_refcat_cache = string(default=None) # Catalog cache folder; None: $ROMAN_TWEAKREG_CACHE or ~/.cache/roman_tweakreg; 'off' disables
         abs_minobj = integer(default=15) # Minimum matches for the absolute fit
@@ -145,6 +151,8 @@ class TweakRegStep(Step):
         save_abs_catalog = boolean(default=False) # Write the reference catalog used as fit_<refcat>_ref.ecsv
         output_use_model = boolean(default=True) # Name outputs after each model's meta.filename
         output_ext = string(default='.asdf') # Output file type
+        update_source_catalog_coordinates = boolean(default=False) # Rewrite the RA/Dec columns of each aligned image's source catalog file with its corrected WCS
+        update_version = boolean(default=False) # Accepted for romancal parameter files; models are read as they are
     """  # noqa: E501
 
     # -- stpipe hooks: this step uses no reference files and never asks CRDS --
@@ -171,6 +179,7 @@ class TweakRegStep(Step):
         validate_parameters(pars)
         detection = _detection_parameters(pars)
         refcat_name = (self.abs_refcat or DEFAULT_REFCAT).strip()
+        check_refcat(refcat_name)
         self._check_output_places()
         with gc_frozen():
             return self._align(input_data, pars, detection, refcat_name)
@@ -202,6 +211,8 @@ class TweakRegStep(Step):
             with clock.phase("update"):
                 outcomes = results.outcomes(plane, relative, absolute, skipped, workers)
                 self._write(library, outcomes)
+                if self.update_source_catalog_coordinates:
+                    self._update_catalog_files(plane, outcomes)
         # the report is written last: after the outputs when stpipe saves them (save_model)
         self._report_args = (pars, clock.timings) if self.report else None
         if self.report and not self._saves_outputs():
@@ -314,7 +325,7 @@ class TweakRegStep(Step):
                 radius,
                 epoch=min(epochs) if epochs else None,
                 min_sources=abs_pars.minobj,
-                timeout=self.abs_refcat_timeout,
+                timeout=self.abs_refcat_timeout if self.vo_timeout is None else self.vo_timeout,
                 retries=self.abs_refcat_retries,
                 cache_dir=self.abs_refcat_cache,
                 base_url=self.abs_refcat_url or None,
@@ -362,16 +373,60 @@ class TweakRegStep(Step):
                     results.update_model(model, wcs, fit, status, name)
                     if catalog_name:
                         model.meta["tweakreg_catalog"] = catalog_name
+                        if "source_catalog" not in model.meta:
+                            model.meta["source_catalog"] = {}
+                        model.meta.source_catalog["tweakreg_catalog_name"] = catalog_name
                     log.debug("Updated image %d of %d", index + 1, len(library))
                 finally:
                     library.shelve(model, index)
+
+    def _update_catalog_files(self, plane, outcomes) -> None:
+        """Rewrite the sky columns of each aligned image's catalog file (opt-in parameter)."""
+        for image in plane.images:
+            wcs, _, status, _, _ = outcomes[image.index]
+            if status is not results.Status.COMPLETE or wcs is None:
+                continue
+            if not image.catalog_file:
+                log.info("%s: in-memory catalog, no catalog file to update", image.name)
+                continue
+            self.update_catalog_coordinates(image.catalog_file, wcs)
+
+    # -- romancal's ExposurePipeline calls these on its tweakreg step ----------
+    def _update_catalog_coordinates(self, catalog, tweaked_wcs) -> None:
+        """Recompute the RA/Dec columns of an in-memory source catalog with ``tweaked_wcs``.
+
+        The name and arguments romancal's ``ExposurePipeline`` uses after the step;
+        see :func:`roman_tweakreg.catalogs.update_sky_columns`.
+
+        .. warning:: Modifies ``catalog`` (an astropy Table) in place.
+        """
+        catalogs.update_sky_columns(catalog, tweaked_wcs)
+
+    def update_catalog_coordinates(self, tweakreg_catalog_name, tweaked_wcs) -> None:
+        """Recompute the RA/Dec columns of a source catalog file with ``tweaked_wcs``.
+
+        All other columns, the column types and the Parquet schema metadata are kept;
+        the file is replaced atomically.  See
+        :func:`roman_tweakreg.catalogs.update_catalog_file`.
+
+        .. warning:: Rewrites the file ``tweakreg_catalog_name``.
+        """
+        updated = catalogs.update_catalog_file(
+            tweakreg_catalog_name, tweaked_wcs, self.catalog_format
+        )
+        if updated:
+            log.info("Updated %s of %s", ", ".join(updated), tweakreg_catalog_name)
+        else:
+            log.warning("%s has no RA/Dec columns to update", tweakreg_catalog_name)
 
     # -- outputs are written whole or not at all --------------------------------
     def save_model(self, model, suffix=None, idx=None, output_file=None, force=False, **components):
         """Save like stpipe, but each model through a temporary file renamed into place.
 
-        A library is saved model by model, then the report (``report``) is written,
-        saying which outputs exist, also when saving failed or was interrupted.
+        A library is saved model by model, each with its WCS product
+        ``<name>_wcs.asdf`` (a roman_datamodels ``WfiWcsModel``, as romancal writes),
+        then the report (``report``) is written, saying which outputs exist, also when
+        saving failed or was interrupted.
 
         Raises
         ------
@@ -414,6 +469,7 @@ class TweakRegStep(Step):
                         written[index] = self.save_model(
                             model, idx=index, suffix=suffix, force=force, **components
                         )
+                        self._save_wcs_product(model)
                     finally:
                         library.shelve(model, index)
         except OutputError as err:
@@ -426,6 +482,14 @@ class TweakRegStep(Step):
         finally:
             self._write_report(library, outputs=[None if p is None else str(p) for p in written])
         return written
+
+    def _save_wcs_product(self, model) -> None:
+        """Save ``<name>_wcs.asdf``: the model's WCS as a ``WfiWcsModel`` (romancal's product)."""
+        if not isinstance(model, rdm.ImageModel) or model.meta.wcs is None:
+            log.info("%s: no WCS, no _wcs product", model.meta.filename)
+            return
+        product = rdm.WfiWcsModel.from_model_with_wcs(model)
+        self.save_model(product, suffix="wcs", force=True)
 
 
 def _check_output_names(library) -> None:

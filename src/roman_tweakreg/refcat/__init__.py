@@ -11,7 +11,14 @@ from __future__ import annotations
 
 from ._cache import CACHE_ENV, ConeCache, default_cache_dir
 from ._local import read_hats_catalog, read_local_catalog
-from ._resolve import get_reference_catalog, split_refcat
+from ._resolve import (
+    ROMANCAL_CATALOGS,
+    SERVICE_CATALOGS,
+    check_refcat,
+    get_reference_catalog,
+    service_name,
+    split_refcat,
+)
 from ._service import DEFAULT_SERVICE_URL, SERVICE_ENV, NoDataError, query_service
 from ._types import DEFAULT_REFCAT, ReferenceCatalog
 
@@ -19,14 +26,18 @@ __all__ = [
     "CACHE_ENV",
     "DEFAULT_REFCAT",
     "DEFAULT_SERVICE_URL",
+    "ROMANCAL_CATALOGS",
+    "SERVICE_CATALOGS",
     "SERVICE_ENV",
     "ConeCache",
     "NoDataError",
     "ReferenceCatalog",
+    "check_refcat",
     "default_cache_dir",
     "get_reference_catalog",
     "query_service",
     "read_hats_catalog",
     "read_local_catalog",
+    "service_name",
     "split_refcat",
 ]

@@ -9,17 +9,73 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import ReferenceCatalogError
+from ..errors import InvalidParameterError, ReferenceCatalogError
 from ._cache import CACHE_OFF, ConeCache, default_cache_dir
 from ._local import FILE_SUFFIXES, read_local_catalog
 from ._service import query_service, read_url_catalog
 from ._types import DEFAULT_REFCAT, ReferenceCatalog
 
-__all__ = ["get_reference_catalog", "split_refcat"]
+__all__ = [
+    "ROMANCAL_CATALOGS",
+    "SERVICE_CATALOGS",
+    "check_refcat",
+    "get_reference_catalog",
+    "service_name",
+    "split_refcat",
+]
 
 log = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+
+#: Catalog names the STScI catalog web service serves (those stcal's astrometric
+#: utilities send it).
+SERVICE_CATALOGS = ("GAIAREFCAT", "GAIADR3", "GAIADR2", "GAIADR1")
+
+#: Names romancal 1.1.0 also accepts (through stcal) for catalogs it reads from
+#: AWS S3 (HATS), and the catalog service name read here in their place (no S3
+#: access): the same Gaia release, served by the catalog service.
+ROMANCAL_CATALOGS = {"GAIADR3_S3": "GAIADR3"}
+
+
+def service_name(entry: str) -> str | None:
+    """The catalog service name to ask for ``entry`` (a name, any case), or None if not a name.
+
+    romancal's S3 names (:data:`ROMANCAL_CATALOGS`) map to the service's catalog.
+    """
+    name = entry.strip().upper()
+    name = ROMANCAL_CATALOGS.get(name, name)
+    return name if name in SERVICE_CATALOGS else None
+
+
+def check_refcat(refcat: str | None) -> None:
+    """Check an ``abs_refcat`` value before any work (no network, no file read).
+
+    Each entry must be a catalog name the catalog service or romancal knows, an
+    existing local file or folder, or an ``http(s)://`` URL.
+
+    Raises
+    ------
+    InvalidParameterError
+        A ``ValueError`` whose message starts with ``Invalid 'abs_refcat'`` and
+        lists what is accepted.
+    """
+    for entry in split_refcat(refcat):
+        if re.match(r"^https?://\S+$", entry, re.IGNORECASE) or service_name(entry):
+            continue
+        path = Path(entry).expanduser()
+        if path.exists():
+            continue
+        looks_like_path = any(c in entry for c in "/\\~") or entry.lower().endswith(FILE_SUFFIXES)
+        why = f"local path {path} does not exist" if looks_like_path else "unknown catalog name"
+        names = ", ".join(SERVICE_CATALOGS)
+        romancal = ", ".join(f"{k} (read as {v})" for k, v in ROMANCAL_CATALOGS.items())
+        raise InvalidParameterError(
+            f"Invalid 'abs_refcat' value: {entry!r} ({why}). 'abs_refcat' must be a catalog "
+            f"service name ({names}), a romancal name ({romancal}), an existing local catalog "
+            f"file ({', '.join(FILE_SUFFIXES)}) or HATS folder, an http(s):// URL of a "
+            "catalog file, or a comma-separated list of these"
+        )
 
 
 def split_refcat(refcat: str | None) -> list[str]:
@@ -164,4 +220,9 @@ def _get_one(entry: str, ra, dec, radius, epoch, base_url, options) -> Reference
             f"abs_refcat: {entry!r} is neither an existing file or folder, nor a URL, nor a "
             "catalog service name (letters, digits, '_.+-')"
         )
-    return query_service(entry.upper(), ra, dec, radius, epoch, base_url=base_url, **options)
+    name = entry.upper()
+    if name in ROMANCAL_CATALOGS:
+        name = ROMANCAL_CATALOGS[name]
+        log.info("abs_refcat %s (romancal's S3 copy) is read from the catalog service as %s",
+                 entry, name)
+    return query_service(name, ra, dec, radius, epoch, base_url=base_url, **options)
