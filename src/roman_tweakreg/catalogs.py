@@ -30,6 +30,7 @@ from astropy.table import Table
 
 from ._io import read_parquet
 from ._meta import exposure_epoch, meta_get
+from .detection import DetectionJob
 from .errors import CatalogError, MissingCatalogError
 
 if TYPE_CHECKING:
@@ -81,13 +82,17 @@ class CatalogSource:
 
     def candidates(self) -> list[Path]:
         """The paths where a file name is looked for, in order."""
+        if isinstance(self.value, DetectionJob):
+            return [Path(self.value.catalog_file)]
         path = Path(self.value)
         if path.is_absolute() or not self.base_dirs:
             return [path]
         return [d / path for d in self.base_dirs]
 
     def resolve(self) -> Path | None:
-        """The first existing candidate path, or None."""
+        """The first existing candidate path, or None (a detection's catalog file)."""
+        if isinstance(self.value, DetectionJob):
+            return Path(self.value.catalog_file)
         return next((p for p in self.candidates() if p.is_file()), None)
 
     @property
@@ -218,6 +223,8 @@ def read_catalog(source: CatalogSource, image: str, catalog_format: str = "ascii
         The file cannot be read.
     """
     value = source.value
+    if isinstance(value, DetectionJob):
+        return value.run()
     if isinstance(value, Table):
         return value
     if isinstance(value, np.ndarray) and value.dtype.names:
@@ -389,17 +396,32 @@ def _catalog_source(
     return model_catalog_source(model.meta, model_dir)
 
 
-def _detect(model, name: str, params, catalog_path: str, catalog_format: str) -> CatalogSource:
-    """Detect sources in ``model``'s pixels and write the catalog; return where it is."""
-    from .detection import catalog_filename, detect_sources, write_catalog
+def _detect(
+    model, name: str, params, catalog_path: str, catalog_format: str, image_file=None
+) -> CatalogSource:
+    """The detection of ``model``'s sources, to be run when its catalog is read.
+
+    The arrays are read from ``image_file`` by whoever runs the job (a worker)
+    when the model comes from that file, else taken from the model.
+    """
+    from .detection import catalog_filename
 
     log.info("%s: no catalog given, detecting sources", name)
-    err = getattr(model, "err", None)
-    table = detect_sources(model.data, model.dq, err, params)
     path = catalog_filename(name, catalog_path or Path.cwd(), catalog_format)
-    write_catalog(table, path, catalog_format)
-    log.info("%s: %d sources detected, catalog written to %s", name, len(table), path)
-    return CatalogSource(str(path), "detection", ())
+    arrays = None
+    if image_file is None:
+        arrays = (model.data, model.dq, getattr(model, "err", None))
+    job = DetectionJob(name, path, catalog_format, params, image_file, arrays)
+    return CatalogSource(job, "detection", ())
+
+
+def _image_file(library, index: int) -> str | None:
+    """The file model ``index`` is read from (None for a model given in memory)."""
+    path = library.member_path(index)
+    if path is None:
+        expname = Path(library.member(index)["expname"])
+        path = expname if expname.is_absolute() else None
+    return str(path) if path is not None and path.is_file() else None
 
 
 def collect(library, **options) -> tuple[list[ImageCatalog], dict[int, str]]:
@@ -506,7 +528,14 @@ def members(
                             raise MissingCatalogError(
                                 f"{name}: no source catalog ({where} gives none)"
                             )
-                        source = _detect(model, name, detection, catalog_path, catalog_format)
+                        source = _detect(
+                            model,
+                            name,
+                            detection,
+                            catalog_path,
+                            catalog_format,
+                            _image_file(library, index),
+                        )
                     image = ImageCatalog(
                         index=index,
                         name=name,
