@@ -85,11 +85,11 @@ def _worker(arrays: str, out: str) -> None:
     )
 
 
-def score(catalog, truth, scene_err=None) -> dict:
+def score(catalog, truth, dq) -> dict:
     """Recovery, rms, false and bad detections of ``catalog`` against ``truth``."""
     from scipy.spatial import cKDTree
 
-    from roman_tweakreg.testing import match
+    from roman_tweakreg.testing import FLAGGED, match
 
     x, y = np.asarray(catalog["x"]), np.asarray(catalog["y"])
     single = (np.asarray(truth["kind"]) == "single") & ~np.asarray(truth["flagged"], bool)
@@ -105,8 +105,17 @@ def score(catalog, truth, scene_err=None) -> dict:
     out["pair_recovery_20"] = float(found[pair & (snr >= 20)].mean())
     nearest = cKDTree(np.column_stack([truth["x"], truth["y"]])).query(np.column_stack([x, y]))
     out["false"] = int((nearest[0] > 1.5).sum())
-    bad = ~(single | pair)  # saturated or flagged stars
-    out["bad_in_catalog"] = int(np.isin(nearest[1][nearest[0] < 1.5], np.flatnonzero(bad)).sum())
+    saturated = np.flatnonzero(np.asarray(truth["kind"]) == "saturated")
+    out["saturated_in_catalog"] = int(np.isin(nearest[1][nearest[0] < 1.5], saturated).sum())
+    ix, iy = np.rint(x).astype(int), np.rint(y).astype(int)
+    core = np.zeros(len(x), bool)
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            core |= (
+                dq[np.clip(iy + dy, 0, dq.shape[0] - 1), np.clip(ix + dx, 0, dq.shape[1] - 1)]
+                & FLAGGED
+            ) != 0
+    out["flagged_core_in_catalog"] = int(core.sum())
     out["n_detected"] = len(catalog)
     return out
 
@@ -150,7 +159,7 @@ def main(argv=None) -> int:
         "median_cpu_s": float(np.median([r["cpu_s"] for r in runs])),
         "peak_ratio": max(r["peak_ratio"] for r in runs),
         "uptime": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(),
-        **score(Table.read(folder / "catalog_0.ecsv"), truth),
+        **score(Table.read(folder / "catalog_0.ecsv"), truth, np.load(arrays)["dq"]),
     }
     print(json.dumps(result, indent=1))
     if args.json_out:

@@ -178,7 +178,7 @@ def _gaussian_kernel_1d(fwhm: float) -> np.ndarray:
 
 
 def _windows(image: np.ndarray, px, py, half: int, fill=0):
-    """``(N, 2 half + 1, 2 half + 1)`` cutouts of ``image`` around ``(px, py)``; ``fill`` outside."""
+    """Cutouts ``(N, 2 half + 1, 2 half + 1)`` of ``image`` at ``(px, py)``; ``fill`` off it."""
     ny, nx = image.shape
     box = np.arange(-half, half + 1)
     rows = py[:, None, None] + box[None, :, None]
@@ -224,9 +224,8 @@ def _prf_and_jacobian(params: np.ndarray, n: int, half: int):
     s = sigma[:, None]
     bx = (edges[None, :] - x0[:, None]) / s
     by = (edges[None, :] - y0[:, None]) / s
-    pdf_x, pdf_y = np.exp(-0.5 * bx**2) / np.sqrt(2 * np.pi), np.exp(-0.5 * by**2) / np.sqrt(
-        2 * np.pi
-    )
+    pdf_x = np.exp(-0.5 * bx**2) / np.sqrt(2 * np.pi)
+    pdf_y = np.exp(-0.5 * by**2) / np.sqrt(2 * np.pi)
     ex, ey = np.diff(ndtr(bx), axis=1), np.diff(ndtr(by), axis=1)
     dex_dx = -np.diff(pdf_x, axis=1) / s
     dey_dy = -np.diff(pdf_y, axis=1) / s
@@ -514,7 +513,7 @@ def detect_sources(
     # 5: positions
     fit_mask = masked if saturated is None else masked | saturated
     fit = fit_gaussian_prf(
-        work, err, fit_mask, px[keep], py[keep], params.kernel_fwhm, 2 * params.fit_half + 1
+        work, None, fit_mask, px[keep], py[keep], params.kernel_fwhm, 2 * params.fit_half + 1
     )
     del fit_mask
     usable = np.asarray(fit["converged"]) & ~np.asarray(fit["at_bound"])
@@ -537,8 +536,9 @@ def detect_sources(
     flux, _, _ = sep.sum_circle(
         work, x, y, params.aperture_radius * params.kernel_fwhm, mask=masked, subpix=5
     )
-    table = Table({"x": x, "y": y, "flux": np.asarray(flux, float), "peak": peak,
-                   "snr": significance})
+    table = Table(
+        {"x": x, "y": y, "flux": np.asarray(flux, float), "peak": peak, "snr": significance}
+    )
     if params.peakmax is not None:
         table = table[table["peak"] <= params.peakmax]
     table.sort("flux", reverse=True)
