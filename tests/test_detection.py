@@ -1,199 +1,224 @@
-"""Source detection on simulated WFI-like images: completeness, centroid accuracy, masks, I/O.
+"""Source detection on realistic simulated WFI detectors: recovery, accuracy, flags, speed-ups.
 
-The simulated images (:func:`simulate`) are 512x512 pixels with a sky of
-100-250 e- (a gradient), read noise 8 e-, Poisson noise, a PSF that is a
-pixel-integrated Moffat (FWHM 1.8 px, beta 2.5: undersampled and with wings,
-unlike the Gaussian the detector assumes), isolated stars (>= 10 px apart)
-whose S/N is drawn log-uniformly in [3, 1000], a bad column, NaN pixels and
-bright cosmic-ray blobs, all flagged DO_NOT_USE.
-
-The S/N of an injected star is the optimal (PSF-weighted) one,
-``sqrt(sum_i (F p_i)^2 / (sky_i + F p_i + rn^2))``: the S/N of a PSF fit
-with known PSF and position, the most any measurement can reach.
+Scenes come from :func:`roman_tweakreg.testing.make_scene` (512x512 cut-outs of a
+detector): an undersampled pixel-integrated PSF (Airy pattern of the 2.36 m
+aperture blurred by 0.3 px jitter; F158 unless said), a sky gradient of
+100-250 e-, Poisson and 8 e- read noise, isolated stars of log-uniform S/N in
+[3, 1000], crowded pairs, saturated stars, cosmic rays (``JUMP_DET``), hot
+pixels (``HOT``), NaN pixels and a dead column (``DO_NOT_USE``), and ``err``.
+The S/N of a star is the optimal one (a PSF fit with known PSF and position).
 """
 
 from __future__ import annotations
 
+import gc
+import os
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
+import roman_datamodels as rdm
 from astropy import units as u
 from astropy.table import Table
+from roman_datamodels.dqflags import pixel as dqflags
 from scipy.spatial import cKDTree
 
+from roman_tweakreg import detection
 from roman_tweakreg.detection import (
     DetectionParameters,
     catalog_filename,
     detect_sources,
+    fit_gaussian_prf,
     write_catalog,
 )
 from roman_tweakreg.errors import InvalidParameterError
+from roman_tweakreg.testing import FLAGGED, make_scene, match, position_crb, wfi_psf
 
-SHAPE = (512, 512)
-FWHM, BETA, READ_NOISE, HALF = 1.8, 2.5, 8.0, 7
-MATCH_RADIUS = 0.5  # px
-
-
-def moffat_prf(dx, dy, fwhm=FWHM, beta=BETA, half=HALF, oversample=5):
-    """Unit-flux Moffat integrated over pixels, centred (dx, dy) off the central pixel."""
-    alpha = fwhm / (2.0 * np.sqrt(2.0 ** (1.0 / beta) - 1.0))
-    n = 2 * half + 1
-    sub = (np.arange(n * oversample) + 0.5) / oversample - 0.5 - half
-    r2 = (sub[None, :] - dx) ** 2 + (sub[:, None] - dy) ** 2
-    density = (beta - 1) / (np.pi * alpha**2) * (1 + r2 / alpha**2) ** (-beta)
-    return density.reshape(n, oversample, n, oversample).mean(axis=(1, 3))
-
-
-def simulate(seed, n_stars=250, min_sep=10.0, defects=True):
-    """A seeded image; returns data, dq, err and the truth table (x, y, flux, snr)."""
-    rng = np.random.default_rng(seed)
-    ny, nx = SHAPE
-    yy, xx = np.mgrid[0:ny, 0:nx]
-    sky = 100.0 + 100.0 * (xx / nx + 0.5 * yy / ny)
-    positions = []
-    while len(positions) < n_stars:
-        p = rng.uniform(HALF + 3, np.array([nx, ny]) - HALF - 4)
-        if all(np.hypot(*(p - q)) >= min_sep for q in positions):
-            positions.append(p)
-    x, y = np.array(positions).T
-    target = np.exp(rng.uniform(np.log(3.0), np.log(1000.0), n_stars))
-    model, flux, snr = sky.copy(), np.empty(n_stars), np.empty(n_stars)
-    for i in range(n_stars):
-        ix, iy = round(x[i]), round(y[i])
-        box = np.s_[iy - HALF : iy + HALF + 1, ix - HALF : ix + HALF + 1]
-        prf, var0 = moffat_prf(x[i] - ix, y[i] - iy), sky[box] + READ_NOISE**2
-        lo, hi = 1.0, 1e8  # bisect (in log) the flux giving the target S/N
-        for _ in range(50):
-            f = np.sqrt(lo * hi)
-            s = np.sqrt(np.sum((f * prf) ** 2 / (var0 + f * prf)))
-            lo, hi = (f, hi) if s < target[i] else (lo, f)
-        flux[i], snr[i] = f, s
-        model[box] += f * prf
-    data = rng.poisson(model).astype(float) + rng.normal(0.0, READ_NOISE, SHAPE)
-    err = np.sqrt(model + READ_NOISE**2)
-    dq = np.zeros(SHAPE, np.uint32)
-    if defects:
-        dq[:, 300] |= 1  # a dead column
-        data[:, 300] = 0.0
-        for cx, cy in rng.integers(20, 490, (15, 2)):  # cosmic-ray blobs
-            data[cy : cy + 2, cx : cx + 2] += 5e4
-            dq[cy : cy + 2, cx : cx + 2] |= 1 | 4  # DO_NOT_USE | JUMP_DET
-        for cx, cy in rng.integers(0, 512, (20, 2)):
-            data[cy, cx] = np.nan
-            dq[cy, cx] |= 1
-    truth = Table({"x": x, "y": y, "flux": flux, "snr": snr})
-    return data, dq, err, truth
-
-
-def match(catalog, truth):
-    """Nearest detection of each star: (matched within MATCH_RADIUS, its index, distance)."""
-    dist, index = cKDTree(np.column_stack([catalog["x"], catalog["y"]])).query(
-        np.column_stack([truth["x"], truth["y"]])
-    )
-    return dist < MATCH_RADIUS, index
-
-
-def near_flagged(truth, dq, radius=2):
-    """Stars whose true centre is within ``radius`` px of a DO_NOT_USE pixel."""
-    from scipy.ndimage import binary_dilation
-
-    bad = binary_dilation((dq & 1) != 0, np.ones((2 * radius + 1,) * 2, bool))
-    return bad[np.rint(truth["y"]).astype(int), np.rint(truth["x"]).astype(int)]
+SCENE = {
+    "n_stars": 250,
+    "n_pairs": 10,
+    "n_saturated": 2,
+    "n_cosmic_rays": 30,
+    "n_hot": 20,
+    "n_nan": 20,
+    "dead_column": True,
+}
+TODAY_RMS = {10: 0.059, 20: 0.033, 100: 0.008}  # px, the per-source photutils fit it replaced
 
 
 @pytest.fixture(scope="module")
 def measured():
-    """Detections with default parameters on four images, pooled (~1000 stars)."""
-    rows = []
+    """Four seeded scenes and their catalogs (default parameters)."""
+    out = []
     for seed in range(4):
-        data, dq, err, truth = simulate(seed)
-        catalog = detect_sources(data, dq, err)
-        found, index = match(catalog, truth)
-        dx = np.where(found, catalog["x"][index] - truth["x"], np.nan)
-        dy = np.where(found, catalog["y"][index] - truth["y"], np.nan)
-        spurious = (
-            cKDTree(np.column_stack([truth["x"], truth["y"]])).query(
-                np.column_stack([catalog["x"], catalog["y"]])
-            )[0]
-            > 1.5
-        )
-        rows.append(
-            (truth, found, dx, dy, near_flagged(truth, dq), int(spurious.sum()), catalog, dq)
-        )
-    return rows
+        scene = make_scene(seed=seed, **SCENE)
+        out.append((scene, detect_sources(scene.data, scene.dq, scene.err)))
+    return out
 
 
+@pytest.fixture(scope="module")
 def pooled(measured):
-    snr = np.concatenate([r[0]["snr"] for r in measured])
-    found = np.concatenate([r[1] for r in measured])
-    err = np.hypot(
-        np.concatenate([r[2] for r in measured]), np.concatenate([r[3] for r in measured])
-    )
-    usable = ~np.concatenate([r[4] for r in measured])
-    return snr, found, err, usable
+    """Usable single stars of ``measured``: S/N, found, 2-D error, Cramer-Rao bound."""
+    snr, found, err, crb = [], [], [], []
+    for scene, catalog in measured:
+        truth = scene.truth
+        usable = np.flatnonzero((truth["kind"] == "single") & ~truth["flagged"])
+        ok, _, offset = match(catalog["x"], catalog["y"], truth[usable])
+        snr.append(truth["snr"][usable])
+        found.append(ok)
+        err.append(np.hypot(*offset.T))
+        crb.append(position_crb(scene, usable))
+    return tuple(np.concatenate(v) for v in (snr, found, err, crb))
 
 
-def test_completeness(measured):
-    snr, found, _, usable = pooled(measured)
-    fraction = found[usable & (snr >= 10)].mean()
-    bright = found[usable & (snr >= 15)].mean()
-    print(f"recovered: S/N>=10 {fraction:.3f}, S/N>=15 {bright:.3f}")
-    for lo, hi in [(5, 8), (8, 10), (10, 12), (12, 15), (15, 20), (20, np.inf)]:
-        sel = usable & (snr >= lo) & (snr < hi)
-        print(f"  S/N {lo}-{hi}: {found[sel].mean():.2f} of {sel.sum()}")
-    assert fraction >= 0.95
-    assert bright >= 0.99
-    assert found[usable & (snr < 5)].mean() < 0.1  # the threshold means something
+def test_recovery(pooled):
+    snr, found, _, _ = pooled
+    assert found[snr >= 10].mean() >= 0.95  # measured 0.981
+    assert found[snr >= 15].mean() >= 0.99  # measured 1.0
+    assert found[snr < 5].mean() <= 0.05  # threshold 10 on the matched filter
 
 
-def test_centroid_accuracy(measured):
-    snr, found, err, usable = pooled(measured)
-    rms = {
-        lim: float(np.sqrt(np.mean(err[found & usable & (snr >= lim)] ** 2)))
-        for lim in (10, 20, 100)
-    }
-    print("centroid rms (px): " + ", ".join(f"S/N>={k}: {v:.4f}" for k, v in rms.items()))
-    assert rms[10] < 0.07  # noise-limited: the optimal per-axis error at S/N 10 is ~0.1 px
-    assert rms[20] < 0.05
-    assert rms[100] < 0.02
+def test_position_rms_vs_today_and_cramer_rao(pooled):
+    snr, found, err, crb = pooled
+    for lim, today in TODAY_RMS.items():
+        sel = found & (snr >= lim)
+        rms = np.sqrt(np.mean(err[sel] ** 2))
+        bound = np.sqrt(np.mean(crb[sel] ** 2))
+        # measured: 0.040 / 0.022 / 0.0070 px; bound 0.040 / 0.023 / 0.0056 px
+        assert rms <= today
+        assert rms <= 1.3 * bound
 
 
-@pytest.mark.parametrize("kernel_fwhm", [1.5, 2.5])
-def test_centroids_robust_to_kernel_fwhm(kernel_fwhm):
-    """The fit's FWHM is free: a filter narrower or wider than the PSF keeps centroids good."""
-    data, dq, err, truth = simulate(0)
-    catalog = detect_sources(data, dq, err, DetectionParameters(kernel_fwhm=kernel_fwhm))
-    found, index = match(catalog, truth)
-    err2d = np.hypot(catalog["x"][index] - truth["x"], catalog["y"][index] - truth["y"])
-    usable = found & ~near_flagged(truth, dq)
-    for lim, limit in ((20, 0.05), (100, 0.02)):
-        sel = usable & (truth["snr"] >= lim)
-        assert np.sqrt(np.mean(err2d[sel] ** 2)) < limit
-    assert found[~near_flagged(truth, dq) & (truth["snr"] >= 15)].mean() >= 0.95
-
-
-def test_few_false_detections_and_none_on_flagged_pixels(measured):
-    for _, _, _, _, _, n_spurious, catalog, dq in measured:
-        assert n_spurious <= 2
+def test_no_false_detections_and_nothing_flagged(measured):
+    for scene, catalog in measured:
+        truth = scene.truth
+        dist, nearest = cKDTree(np.column_stack([truth["x"], truth["y"]])).query(
+            np.column_stack([catalog["x"], catalog["y"]])
+        )
+        assert np.all(dist < 1.5)  # every detection is a star
+        assert not np.any(truth["kind"][nearest] == "saturated")
         ix, iy = np.rint(catalog["x"]).astype(int), np.rint(catalog["y"]).astype(int)
-        assert not np.any(dq[iy, ix] & 1)
+        for dy in (-1, 0, 1):
+            for dx in (-1, 0, 1):
+                assert not np.any(scene.dq[iy + dy, ix + dx] & FLAGGED)
         assert np.all(np.diff(catalog["flux"]) <= 0)
-        assert set(catalog.colnames) >= {"x", "y", "flux"}
+        assert catalog.colnames == ["x", "y", "flux", "peak", "snr"]
 
 
-def test_do_not_use_pixels_make_no_detection():
-    rng = np.random.default_rng(7)
-    data = rng.normal(100.0, 10.0, (256, 256))
-    dq = np.zeros(data.shape, np.uint16)
-    for cx, cy in rng.integers(10, 240, (12, 2)):  # bright 3x3 blobs: star-like if not flagged
-        data[cy - 1 : cy + 2, cx - 1 : cx + 2] += 2e4 * moffat_prf(0, 0, half=1) / 0.5
-        dq[cy - 1 : cy + 2, cx - 1 : cx + 2] |= 1
-    data[:, 100] = 1e5
-    dq[:, 100] |= 1
-    assert len(detect_sources(data)) >= 12  # unflagged they are found
-    assert len(detect_sources(data, dq=dq)) == 0
-    assert len(detect_sources(np.where(dq & 1, np.nan, data))) == 0
+def test_flags_are_what_keeps_saturated_stars_and_hits_out():
+    scene = make_scene(seed=5, n_stars=20, n_hot=40, n_saturated=3)
+    data, dq = scene.data.copy(), scene.dq.copy()
+    rng = np.random.default_rng(5)
+    star_like = 3e3 * np.outer([0.5, 1.0, 0.5], [0.5, 1.0, 0.5])
+    for cx, cy in rng.integers(20, 490, (15, 2)):  # cosmic-ray hits shaped like stars
+        data[cy - 1 : cy + 2, cx - 1 : cx + 2] += star_like
+        dq[cy - 1 : cy + 2, cx - 1 : cx + 2] |= int(dqflags.JUMP_DET)
+    unflagged = detect_sources(data, None, scene.err)
+    kind = scene.truth["kind"][match(unflagged["x"], unflagged["y"], scene.truth, 1.5)[0]]
+    assert np.sum(kind == "saturated") == 3
+    on = dq[np.rint(unflagged["y"]).astype(int), np.rint(unflagged["x"]).astype(int)]
+    assert np.sum((on & int(dqflags.JUMP_DET)) != 0) >= 12
+    flagged = detect_sources(data, dq, scene.err)
+    found = match(flagged["x"], flagged["y"], scene.truth, 1.5)[0]
+    assert not np.any(found & (scene.truth["kind"] == "saturated"))
+    assert len(flagged) == match(scene.truth["x"], scene.truth["y"], Table(flagged), 1.5)[0].sum()
+
+
+def test_pure_noise_gives_nothing():
+    rng = np.random.default_rng(3)
+    sky = rng.normal(150.0, np.sqrt(150.0 + 64.0), (1024, 1024)).astype(np.float32)
+    err = np.full(sky.shape, np.sqrt(150.0 + 64.0), np.float32)
+    assert len(detect_sources(sky, np.zeros(sky.shape, np.uint32), err)) == 0
+    assert len(detect_sources(sky)) == 0
+
+
+@pytest.mark.parametrize("filter_name", ["F129", "F158", "F184", "F213"])
+def test_pixel_phase_bias(filter_name):
+    """Noise-free stars on a 11x11 grid of pixel phases: the fit's systematic error."""
+    psf = wfi_psf(filter_name)
+    phase = np.linspace(-0.5, 0.5, 11)
+    dx, dy = (a.ravel() for a in np.meshgrid(phase, phase))
+    image = np.zeros((24, 24 * dx.size))
+    for i, stamp in enumerate(psf.prf(dx, dy, half=8) * 1e5):
+        image[3:20, 24 * i + 3 : 24 * i + 20] = stamp + 100.0
+    catalog = detect_sources(image, err=np.sqrt(image + 64.0))
+    truth = Table({"x": 24 * np.arange(dx.size) + 11 + dx, "y": 11 + dy})
+    found, _, offset = match(catalog["x"], catalog["y"], truth)
+    assert found.all()
+    # measured rms 0.0063 / 0.0015 / 0.0047 / 0.0041 px (F062: 0.018, see docs)
+    assert np.sqrt(np.mean(np.sum(offset**2, axis=1))) < 0.01
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_vectorised_fit_equals_photutils_per_source_fit(weighted):
+    from astropy.utils.exceptions import AstropyUserWarning
+    from photutils.psf import CircularGaussianPRF, PSFPhotometry
+
+    scene = make_scene((256, 256), seed=2, n_stars=60, snr_range=(10.0, 500.0))
+    image = scene.data - scene.sky.astype(np.float32)
+    error = scene.err if weighted else None
+    x0, y0 = np.rint(scene.truth["x"]), np.rint(scene.truth["y"])
+    ours = fit_gaussian_prf(image, error, None, x0, y0, 2.0, 7)
+    model = CircularGaussianPRF(fwhm=2.0)
+    model.fwhm.fixed = False
+    model.fwhm.bounds = (0.4, 10.0)
+    photometry = PSFPhotometry(model, 7, xy_bounds=1.5, aperture_radius=3.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", AstropyUserWarning)  # photutils' unconverged notes
+        theirs = photometry(image, error=error, init_params=Table({"x_init": x0, "y_init": y0}))
+    ok = np.asarray(ours["converged"]) & ~np.asarray(ours["at_bound"])
+    assert ok.sum() >= 58
+    np.testing.assert_allclose(ours["x_fit"][ok], theirs["x_fit"][ok], atol=1e-3)
+    np.testing.assert_allclose(ours["y_fit"][ok], theirs["y_fit"][ok], atol=1e-3)
+    np.testing.assert_allclose(ours["fwhm_fit"][ok], theirs["fwhm_fit"][ok], rtol=1e-3)
+    np.testing.assert_allclose(ours["flux_fit"][ok], theirs["flux_fit"][ok], rtol=1e-3)
+
+
+def test_detection_in_worker_processes_reads_the_files(tmp_path, monkeypatch):
+    """Images on disk without catalogs: each is detected in a forked worker from its file."""
+    from conftest import make_data
+    from roman_tweakreg import TweakRegStep
+
+    exposures, _ = make_data(1, detectors=("WFI01", "WFI02"), data_shape=(256, 256))
+    files = []
+    for k, model in enumerate(exposures[0].models):
+        scene = make_scene((256, 256), seed=20 + k, n_stars=40, snr_range=(20.0, 500.0))
+        model.data[:], model.dq[:], model.err[:] = scene.data, scene.dq, scene.err
+        del model.meta["tweakreg_catalog"]
+        files.append(tmp_path / f"{model.meta.filename}")
+        model.save(files[-1])
+    pids = tmp_path / "pids"
+    real = detection.detect_sources
+
+    def recording(*args, **kwargs):
+        with pids.open("a") as f:
+            f.write(f"{os.getpid()}\n")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(detection, "detect_sources", recording)
+    with warnings.catch_warnings():
+        # One input file is reported unclosed when its model is collected after the
+        # step (seen only in this test; the source is not pinned down yet): collected
+        # here so that the report does not land in another test.
+        warnings.simplefilter("ignore", ResourceWarning)
+        TweakRegStep.call(
+            [str(f) for f in files],
+            catalog_path=str(tmp_path / "cats"),
+            abs_refcat="",
+            abs_refcat_retries=0,
+            processes=2,
+        )
+        gc.collect()
+    workers = {int(p) for p in pids.read_text().split()}
+    assert len(pids.read_text().split()) == 2
+    assert os.getpid() not in workers
+    for path in files:
+        written = Table.read(catalog_filename(path.name, tmp_path / "cats", "ascii.ecsv"))
+        with rdm.open(path) as model:
+            here = real(model.data, model.dq, model.err)
+        np.testing.assert_allclose(written["x"], here["x"])
+        assert len(written) >= 35
 
 
 def test_unflagged_hot_pixels_rejected_as_too_sharp():
@@ -204,7 +229,8 @@ def test_unflagged_hot_pixels_rejected_as_too_sharp():
 
 
 def test_brightest_and_peakmax():
-    data, dq, err, _ = simulate(11, n_stars=120, defects=False)
+    scene = make_scene(seed=11, n_stars=120)
+    data, dq, err = scene.data, scene.dq, scene.err
     full = detect_sources(data, dq, err)
     top = detect_sources(data, dq, err, DetectionParameters(brightest=10))
     assert len(top) == 10
@@ -217,7 +243,7 @@ def test_brightest_and_peakmax():
 
 
 def test_inputs():
-    data, _, _, _ = simulate(12, n_stars=40, defects=False)
+    data = make_scene(seed=12, n_stars=40).data
     plain = detect_sources(data)
     np.testing.assert_allclose(detect_sources(data * u.electron)["x"], plain["x"])
     with pytest.raises(ValueError, match="2-D"):
@@ -265,7 +291,7 @@ def test_parameters_frozen_and_defaults_valid():
     ("catalog_format", "ext"), [("ascii.ecsv", "ecsv"), ("parquet", "parquet")]
 )
 def test_write_catalog_round_trip(tmp_path, catalog_format, ext):
-    data, _, _, _ = simulate(13, n_stars=30, defects=False)
+    data = make_scene(seed=13, n_stars=30).data
     table = detect_sources(data)
     path = catalog_filename(
         "r0000101001001001001_0001_wfi01_cal.asdf", tmp_path / "cats", catalog_format

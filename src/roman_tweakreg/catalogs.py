@@ -31,7 +31,8 @@ from astropy.table import Table
 
 from ._io import read_parquet
 from ._meta import exposure_epoch, meta_get
-from .errors import CatalogError, MissingCatalogError, OutputError
+from .detection import DetectionJob
+from .errors import CatalogError, MissingCatalogError
 from .library import member, member_dir
 
 if TYPE_CHECKING:
@@ -95,13 +96,17 @@ class CatalogSource:
 
     def candidates(self) -> list[Path]:
         """The paths where a file name is looked for, in order."""
+        if isinstance(self.value, DetectionJob):
+            return [Path(self.value.catalog_file)]
         path = Path(self.value)
         if path.is_absolute() or not self.base_dirs:
             return [path]
         return [d / path for d in self.base_dirs]
 
     def resolve(self) -> Path | None:
-        """The first existing candidate path, or None."""
+        """The first existing candidate path, or None (a detection's catalog file)."""
+        if isinstance(self.value, DetectionJob):
+            return Path(self.value.catalog_file)
         return next((p for p in self.candidates() if p.is_file()), None)
 
     @property
@@ -235,6 +240,8 @@ def read_catalog(source: CatalogSource, image: str, catalog_format: str = "ascii
         The file cannot be read.
     """
     value = source.value
+    if isinstance(value, DetectionJob):
+        return value.run()
     if isinstance(value, Table):
         return value
     if isinstance(value, np.ndarray) and value.dtype.names:
@@ -452,23 +459,33 @@ def _catalog_source(
     return source
 
 
-def _detect(model, name: str, params, catalog_path: str, catalog_format: str) -> CatalogSource:
-    """Detect sources in ``model``'s pixels and write the catalog; return where it is."""
-    from .detection import catalog_filename, detect_sources, write_catalog
+def _detect(
+    model, name: str, params, catalog_path: str, catalog_format: str, image_file=None
+) -> CatalogSource:
+    """The detection of ``model``'s sources, to be run when its catalog is read.
+
+    The arrays are read from ``image_file`` by whoever runs the job (a worker)
+    when the model comes from that file, else taken from the model.
+    """
+    from .detection import catalog_filename
 
     log.info("%s: no catalog given, detecting sources", name)
-    err = getattr(model, "err", None)
-    table = detect_sources(model.data, model.dq, err, params)
     path = catalog_filename(name, catalog_path or Path.cwd(), catalog_format)
-    try:
-        write_catalog(table, path, catalog_format)
-    except (OSError, MemoryError) as err:
-        raise OutputError(
-            f"{name}: the detected catalog cannot be written to {path}: "
-            f"{type(err).__name__}: {err}"
-        ) from err
-    log.info("%s: %d sources detected, catalog written to %s", name, len(table), path)
-    return CatalogSource(str(path), "detection", ())
+    arrays = None
+    if image_file is None:
+        arrays = (model.data, model.dq, getattr(model, "err", None))
+    job = DetectionJob(name, path, catalog_format, params, image_file, arrays)
+    return CatalogSource(job, "detection", ())
+
+
+def _image_file(library, index: int) -> str | None:
+    """The file model ``index`` is read from (None for a model given in memory)."""
+    expname = member(library, index).get("expname")
+    folder = member_dir(library, index)
+    if not expname or folder is None:
+        return None
+    path = folder / Path(str(expname)).name
+    return str(path) if path.is_file() else None
 
 
 def collect(library, **options) -> tuple[list[ImageCatalog], dict[int, str]]:
@@ -575,7 +592,14 @@ def members(
                             raise MissingCatalogError(
                                 f"{name}: no source catalog ({where} gives none)"
                             )
-                        source = _detect(model, name, detection, catalog_path, catalog_format)
+                        source = _detect(
+                            model,
+                            name,
+                            detection,
+                            catalog_path,
+                            catalog_format,
+                            _image_file(library, index),
+                        )
                     image = ImageCatalog(
                         index=index,
                         name=name,
