@@ -388,7 +388,7 @@ class _Summary:
         rows = [self.rows[name] for name in self.order if name in self.rows]
         defaults = {str: "", int: 0, float: math.nan}
         columns = {}
-        for name, kind, unit, description in SUMMARY_COLUMNS:
+        for name, kind, _, _ in SUMMARY_COLUMNS:
             values = [kind(r.get(name, defaults[kind])) for r in rows]
             columns[name] = np.array(values, dtype=kind if kind is not str else str)
             if kind is str and not rows:
@@ -509,12 +509,15 @@ def align_associations(
 
     from ._parallel import usable_cores
 
-    with LocalCluster(
-        n_workers=workers or usable_cores(),
-        threads_per_worker=1,
-        processes=True,
-        dashboard_address=":0",
-    ) as cluster, Client(cluster) as local:
+    with (
+        LocalCluster(
+            n_workers=workers or usable_cores(),
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=":0",
+        ) as cluster,
+        Client(cluster) as local,
+    ):
         return _run(local, paths, output_dir, parameters, resume, retries, region_radius, progress)
 
 
@@ -525,10 +528,18 @@ def _jobs(paths: list[Path], output_dir: Path, parameters: dict):
             data = path.read_bytes()
         except OSError as err:
             data = b""
-            failed.append((path, f"MissingInputError: {path}: association file cannot be read "
-                                 f"({err.strerror or err})"))
+            failed.append(
+                (
+                    path,
+                    f"MissingInputError: {path}: association file cannot be read "
+                    f"({err.strerror or err})",
+                )
+            )
         job = AssociationJob(
-            path.stem, str(path), str(output_dir / path.stem), parameters,
+            path.stem,
+            str(path),
+            str(output_dir / path.stem),
+            parameters,
             _fingerprint(parameters, data),
         )
         jobs.append(job)

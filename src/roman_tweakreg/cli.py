@@ -169,13 +169,17 @@ def _batch(args) -> int:
             kwargs = {"scheduler_file": address} if address.endswith(".json") else {}
             with Client(None if kwargs else address, **kwargs) as client:
                 table = align_associations(
-                    args.inputs, args.output_dir, client, args.resume, retries=args.retries,
-                    **pars,
+                    args.inputs, args.output_dir, client, args.resume, retries=args.retries, **pars
                 )
         else:
             table = align_associations(
-                args.inputs, args.output_dir, None, args.resume, workers=args.workers,
-                retries=args.retries, **pars,
+                args.inputs,
+                args.output_dir,
+                None,
+                args.resume,
+                workers=args.workers,
+                retries=args.retries,
+                **pars,
             )
     finally:
         batch_log.removeHandler(handler)

@@ -119,9 +119,7 @@ def _member_points(path: Path) -> np.ndarray:
     # a square around the reference point whose corners lie DETECTOR_RADIUS away
     step = DETECTOR_RADIUS / math.sqrt(2)
     cosd = max(math.cos(math.radians(dec)), 1e-6)
-    return np.array(
-        [[ra + sx * step / cosd, dec + sy * step] for sx in (-1, 1) for sy in (-1, 1)]
-    )
+    return np.array([[ra + sx * step / cosd, dec + sy * step] for sx in (-1, 1) for sy in (-1, 1)])
 
 
 def sky_cone(association: str | Path, members: list[str]) -> SkyCone:
