@@ -393,3 +393,12 @@ def test_a_killed_worker_task_is_rescheduled_and_completes(data, client, gaia_se
     for path, truth in zip(outputs(tmp_path / "out" / "a1"), data["truths"]["a1"], strict=True):
         assert simulate.wcs_difference_mas(wcs_of(path)[0], truth) < 1.0
     client.wait_for_workers(2, timeout=60)  # the nanny restarted the killed worker
+
+
+def test_docs_list_the_summary_columns():
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "batch.rst").read_text()
+    table = text.split("The summary\n")[1].split("Faults\n")[0]
+    assert re.findall(r"^   \* - ``(\w+)``", table, re.MULTILINE) == [c[0] for c in SUMMARY_COLUMNS]

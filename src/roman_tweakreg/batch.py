@@ -45,6 +45,9 @@ __all__ = [
     "SUMMARY_NAME",
     "AssociationJob",
     "align_associations",
+    "align_one",
+    "check_done",
+    "dashboard_address",
     "read_inputs",
 ]
 
