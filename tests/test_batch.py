@@ -355,6 +355,33 @@ def test_sky_cone_from_headers_and_region_planning(data):
     assert not is_service_name("missing/gaia.parquet")
 
 
+def _hammer_cache(root: str, seed: int) -> list:
+    """Write and read one cone entry of the catalog cache 30 times (a task)."""
+    from roman_tweakreg.refcat import ConeCache
+
+    cache = ConeCache(root)
+    body = b"objID,ra,dec\n" + b"".join(b"%d,150.1,2.2\n" % i for i in range(2000))
+    seen = []
+    for k in range(30):
+        if (k + seed) % 2:
+            cache.put("http://svc", "GAIADR3", 150.1, 2.2, 0.3, None, body)
+        entry = cache.get("http://svc", "GAIADR3", 150.1, 2.2, 0.2, None)
+        seen.append(None if entry is None else entry.body == body)
+    return seen
+
+
+def test_catalog_cache_shared_by_worker_processes_writing_at_once(client, tmp_path):
+    # 8 tasks on 2 worker processes rewrite and read the same entry: a reader gets either
+    # nothing (not yet written) or the whole verified entry, never a partial one
+    futures = client.map(_hammer_cache, [str(tmp_path)] * 8, range(8), pure=False)
+    seen = [x for result in client.gather(futures) for x in result]
+    assert False not in seen
+    assert seen.count(True) >= 8 * 30 - 8  # only a task's first read may come before any write
+    entries = list(tmp_path.rglob("*.cone"))
+    assert len(entries) == 1
+    assert not [p for p in tmp_path.rglob("*") if p.name.startswith(".")]  # no temp left
+
+
 def test_a_killed_worker_task_is_rescheduled_and_completes(data, client, gaia_service, tmp_path):
     # no shared region (a comma list is not planned): the task asks the service itself,
     # which holds the first request for 30 s; the worker running it is killed meanwhile
