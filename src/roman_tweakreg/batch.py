@@ -167,7 +167,7 @@ def _step_parameters(step_parameters: dict) -> dict:
         raise InvalidParameterError(f"step parameters: {err}") from err
     pars = step.get_pars()
     validate_parameters(pars)
-    return {k: v for k, v in pars.items() if k in step_parameters or k not in RESERVED}
+    return {k: v for k, v in pars.items() if k not in RESERVED}
 
 
 def _fingerprint(parameters: dict, asn_bytes: bytes) -> str:
