@@ -1,4 +1,4 @@
-"""The ``roman-tweakreg`` command: ``example``, ``report`` and ``plot``.
+"""The ``roman-tweakreg`` command: ``example``, ``report``, ``plot`` and ``batch``.
 
 ``roman-tweakreg example [--out DIR] [--detectors N]``
     Simulate a dithered WFI exposure pair, align it, print residuals.
@@ -6,6 +6,9 @@
     Print the fit results stored in output files (one row per file).
 ``roman-tweakreg plot PATH... [--inputs PATH...] [--refcat FILE] [--out DIR]``
     Write residual figures (PNG) and print their paths.
+``roman-tweakreg batch INPUT... --output-dir DIR [--scheduler ADDRESS | --workers N]``
+``[--resume] [--par name=value ...]``
+    Align many associations as tasks on a Dask cluster (see docs/batch.rst).
 
 PATH is an output ASDF file, an association JSON file listing output files, or
 a folder of output files.
@@ -91,7 +94,97 @@ def _parser() -> argparse.ArgumentParser:
         help="largest number of residual vectors drawn per panel (default: 5000)",
     )
     plot.add_argument("-v", "--verbose", action="store_true", help="log per-file progress")
+    _add_batch_parser(sub)
     return parser
+
+
+def _add_batch_parser(sub) -> None:
+    batch = sub.add_parser(
+        "batch",
+        help="align many associations as tasks on a Dask cluster",
+        description="Run TweakRegStep on each association as one Dask task; outputs go to "
+        "DIR/<association>/, the summary to DIR/batch_summary.ecsv. Exit status 1 when an "
+        "association FAILED.",
+    )
+    batch.add_argument(
+        "inputs",
+        nargs="+",
+        metavar="INPUT",
+        help="association files (.json), or text files listing them one a line",
+    )
+    batch.add_argument("--output-dir", required=True, metavar="DIR", help="folder for outputs")
+    where = batch.add_mutually_exclusive_group()
+    where.add_argument(
+        "--scheduler",
+        metavar="ADDRESS",
+        default=None,
+        help="address of a running Dask scheduler (tcp://host:8786 or a scheduler file); "
+        "default: start a local cluster",
+    )
+    where.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="worker processes of the local cluster (default: the usable cores)",
+    )
+    batch.add_argument(
+        "--resume",
+        action="store_true",
+        help="skip associations done before with the same parameters (outputs checked)",
+    )
+    batch.add_argument(
+        "--retries", type=int, default=2, metavar="N", help="retries of a failed task (default 2)"
+    )
+    batch.add_argument(
+        "--par",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a TweakRegStep parameter (repeat for more), e.g. --par abs_refcat=GAIADR3",
+    )
+
+
+def _batch(args) -> int:
+    from .batch import align_associations
+    from .errors import InvalidParameterError
+
+    pars = {}
+    for item in args.par:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise InvalidParameterError(f"--par {item}: expected name=value")
+        pars[name.strip()] = value.strip()
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    batch_log = logging.getLogger("roman_tweakreg.batch")
+    level = batch_log.level
+    batch_log.addHandler(handler)
+    batch_log.setLevel(logging.INFO)
+    try:
+        if args.scheduler:
+            from distributed import Client
+
+            address = args.scheduler
+            kwargs = {"scheduler_file": address} if address.endswith(".json") else {}
+            with Client(None if kwargs else address, **kwargs) as client:
+                table = align_associations(
+                    args.inputs, args.output_dir, client, args.resume, retries=args.retries, **pars
+                )
+        else:
+            table = align_associations(
+                args.inputs,
+                args.output_dir,
+                None,
+                args.resume,
+                workers=args.workers,
+                retries=args.retries,
+                **pars,
+            )
+    finally:
+        batch_log.removeHandler(handler)
+        batch_log.setLevel(level)
+    return 1 if "FAILED" in list(table["status"]) else 0
 
 
 def _report(args) -> int:
@@ -139,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
             return _report(args)
         if args.command == "plot":
             return _plot(args)
+        if args.command == "batch":
+            return _batch(args)
     except TweakRegError as err:
         print(f"roman-tweakreg {args.command}: error: {err}", file=sys.stderr)
         return 1

@@ -1,0 +1,238 @@
+"""Benchmark the batch: a serial loop of TweakRegStep.call vs ``align_associations``.
+
+Usage::
+
+    python benchmarks/batch.py --associations 200 --workers 1,2 --workdir /tmp/bench_batch
+    python benchmarks/batch.py --associations 6 --sources 200      # a quick check
+
+What it does:
+
+1. Simulates one dithered set of exposures (``--exposures`` x ``--detectors``, seed 7,
+   at most ``--sources`` sources per detector catalog) with ``roman_tweakreg.simulate``
+   and writes it once under ``<workdir>/data/`` with a reference catalog at the
+   observation epoch (``ref_at_epoch.ecsv``).  ``--associations`` association files
+   (``asn0000.json``...) under ``<workdir>/asns/`` list those members, so every task
+   reads, aligns and writes the same amount of data.
+2. ``serial``: one fresh subprocess runs ``TweakRegStep.call`` on each association in
+   turn (``processes=1``, outputs saved), as a shell loop of ``strun`` calls would, but
+   without paying the interpreter start-up each time.
+3. ``batch-N`` for each N of ``--workers``: one fresh subprocess starts a
+   ``LocalCluster`` of N worker processes (one thread each) and runs
+   ``roman_tweakreg.batch.align_associations`` over all associations.  The wall time
+   includes starting the cluster; ``tasks_s`` is from the first task submitted to the
+   last finished (``align_associations`` alone).  Each worker's peak RSS is read before
+   the cluster closes.
+
+Throughput is images per second over the wall time.  ``uptime``'s load is recorded:
+the figures are only comparable on a quiet machine.  JSON goes to stdout (and
+``--json-out``), a table to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from _rss import peak_rss_mb
+
+HERE = Path(__file__).resolve().parent
+SEED = 7
+
+
+def prepare(work: Path, n_asn: int, n_exp: int, n_det: int, sources: int) -> tuple[list, Path]:
+    """Write the dataset once and ``n_asn`` association files listing its members."""
+    from astropy.table import Table
+
+    from roman_tweakreg import simulate
+
+    data = work / "data"
+    spec = {"exposures": n_exp, "detectors": n_det, "sources": sources, "seed": SEED}
+    marker = data / "dataset.json"
+    if not (marker.exists() and json.loads(marker.read_text()) == spec):
+        shutil.rmtree(data, ignore_errors=True)
+        exposures, stars = simulate.make_dataset(
+            n_exp, detectors=simulate.DETECTORS[:n_det], seed=SEED, max_sources=sources
+        )
+        asn = simulate.write_dataset(exposures, stars, data)
+        epoch = exposures[0].epoch
+        ra, dec = simulate.propagate(stars, epoch)
+        Table({"RA": ra, "DEC": dec}).write(data / "ref_at_epoch.ecsv", overwrite=True)
+        asn.rename(data / "members.json")
+        marker.write_text(json.dumps(spec))
+    members = json.loads((data / "members.json").read_text())["products"][0]["members"]
+    asns = work / "asns"
+    shutil.rmtree(asns, ignore_errors=True)
+    asns.mkdir(parents=True)
+    paths = []
+    for k in range(n_asn):
+        asn = {
+            "asn_type": "image",
+            "asn_pool": "benchmark",
+            "products": [
+                {
+                    "name": f"asn{k:04d}",
+                    "members": [
+                        {"expname": f"../data/{m['expname']}", "exptype": "science"}
+                        for m in members
+                    ],
+                }
+            ],
+        }
+        path = asns / f"asn{k:04d}.json"
+        path.write_text(json.dumps(asn))
+        paths.append(str(path))
+    return paths, data / "ref_at_epoch.ecsv"
+
+
+def child(spec_path: Path) -> int:
+    """Run one configuration (in a fresh process); write its figures as JSON."""
+    spec = json.loads(spec_path.read_text())
+    import logging
+
+    logging.basicConfig(level=logging.WARNING)
+    t0 = time.perf_counter()
+    out = Path(spec["out"])
+    result: dict = {}
+    if spec["mode"] == "serial":
+        from roman_tweakreg import TweakRegStep
+
+        t1 = time.perf_counter()
+        for path in spec["asns"]:
+            TweakRegStep.call(
+                path,
+                output_dir=str(out / Path(path).stem),
+                save_results=True,
+                processes=1,
+                abs_refcat=spec["refcat"],
+            )
+        result["tasks_s"] = time.perf_counter() - t1
+        result["worker_peak_rss_mb"] = [peak_rss_mb()]
+    else:
+        from distributed import Client, LocalCluster
+
+        from roman_tweakreg.batch import align_associations
+
+        with (
+            LocalCluster(
+                n_workers=spec["workers"],
+                threads_per_worker=1,
+                processes=True,
+                dashboard_address=":0",
+            ) as cluster,
+            Client(cluster) as client,
+        ):
+            client.run(lambda: __import__("roman_tweakreg.step") and None)
+            t1 = time.perf_counter()
+            table = align_associations(
+                spec["asns"], out, client=client, progress=False, abs_refcat=spec["refcat"]
+            )
+            result["tasks_s"] = time.perf_counter() - t1
+            result["worker_peak_rss_mb"] = sorted(client.run(peak_rss_mb).values())
+        result["statuses"] = sorted(set(table["status"]))
+    result["wall_s"] = time.perf_counter() - t0
+    result["client_peak_rss_mb"] = peak_rss_mb()
+    Path(spec["result"]).write_text(json.dumps(result))
+    return 0
+
+
+def run(mode: str, workers: int, asns: list, refcat: Path, work: Path, n_images: int) -> dict:
+    tag = mode if mode == "serial" else f"batch-{workers}"
+    out = work / "out" / tag
+    shutil.rmtree(out, ignore_errors=True)
+    spec = {
+        "mode": mode,
+        "workers": workers,
+        "asns": asns,
+        "refcat": str(refcat),
+        "out": str(out),
+        "result": str(work / f"{tag}.json"),
+    }
+    spec_path = work / f"{tag}.spec.json"
+    spec_path.write_text(json.dumps(spec))
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(HERE), *[p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]]
+    )
+    t0 = time.perf_counter()
+    with (work / f"{tag}.log").open("w") as log:
+        subprocess.run(
+            [sys.executable, str(Path(__file__).resolve()), "--child", str(spec_path)],
+            check=True,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    res = json.loads(Path(spec["result"]).read_text())
+    res.update(
+        config=tag,
+        process_s=time.perf_counter() - t0,
+        images=n_images,
+        images_per_s=n_images / res["wall_s"],
+        images_per_s_tasks=n_images / res["tasks_s"],
+    )
+    return res
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--associations", type=int, default=200)
+    parser.add_argument("--exposures", type=int, default=1, help="exposures per association")
+    parser.add_argument("--detectors", type=int, default=18, help="detectors per exposure")
+    parser.add_argument("--sources", type=int, default=1000, help="max sources per catalog")
+    parser.add_argument("--workers", default="1,2", help="comma list of local worker counts")
+    parser.add_argument("--no-serial", action="store_true", help="skip the serial loop")
+    parser.add_argument("--workdir", default=None)
+    parser.add_argument("--json-out", default=None)
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        return child(Path(args.child))
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_batch_"))
+    work.mkdir(parents=True, exist_ok=True)
+    asns, refcat = prepare(work, args.associations, args.exposures, args.detectors, args.sources)
+    n_images = args.associations * args.exposures * args.detectors
+    load = os.getloadavg()
+    results = []
+    if not args.no_serial:
+        results.append(run("serial", 1, asns, refcat, work, n_images))
+    for n in [int(w) for w in args.workers.split(",") if w.strip()]:
+        results.append(run("batch", n, asns, refcat, work, n_images))
+    report = {
+        "associations": args.associations,
+        "images_per_association": args.exposures * args.detectors,
+        "sources": args.sources,
+        "cpus": os.cpu_count(),
+        "loadavg_before": load,
+        "loadavg_after": os.getloadavg(),
+        "results": results,
+    }
+    by = {r["config"]: r for r in results}
+    if "batch-1" in by and "batch-2" in by:
+        report["speedup_2_vs_1"] = by["batch-2"]["images_per_s"] / by["batch-1"]["images_per_s"]
+    text = json.dumps(report, indent=1)
+    print(text)
+    if args.json_out:
+        Path(args.json_out).write_text(text)
+    print(
+        f"{'config':<10} {'wall s':>8} {'tasks s':>8} {'img/s':>7} {'peak MB/worker':>15}",
+        file=sys.stderr,
+    )
+    for r in results:
+        print(
+            f"{r['config']:<10} {r['wall_s']:8.1f} {r['tasks_s']:8.1f} {r['images_per_s']:7.2f} "
+            f"{max(r['worker_peak_rss_mb']):15.0f}",
+            file=sys.stderr,
+        )
+    print(f"load average before/after: {load} / {report['loadavg_after']}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
