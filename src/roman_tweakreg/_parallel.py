@@ -225,6 +225,9 @@ class Workers:
                 pool.submit(int).result()
         except BrokenProcessPool as err:
             self._replace(pool, err)
+        except BaseException:  # an interrupt: no pool left behind
+            self._stop()
+            raise
         finally:
             os.close(watch_read)  # the workers have their copies
         if self._pool is pool:
@@ -260,7 +263,7 @@ class Workers:
             return _Relay(
                 remote,
                 fallback=lambda: self._run_here(fn, args),
-                on_broken=lambda e: self._replace(pool, e),
+                on_broken=lambda e, pool=pool: self._replace(pool, e),
             )
         return None
 
@@ -308,9 +311,9 @@ class Workers:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
             self.n_workers = 0
-        if self._watch_write >= 0:
-            os.close(self._watch_write)  # a worker still alive reads end-of-file and exits
-            self._watch_write = -1
+        fd, self._watch_write = self._watch_write, -1
+        if fd >= 0:
+            os.close(fd)  # a worker still alive reads end-of-file and exits
 
     def close(self) -> None:
         """Stop the workers (waiting for none of their jobs)."""
