@@ -199,7 +199,7 @@ def _children(pid: int) -> list[int]:
 
 @pytest.mark.parametrize(
     ("signum", "watch"),
-    [(signal.SIGKILL, "all"), (signal.SIGTERM, "all"), (signal.SIGKILL, "pipe-only")],
+    [(signal.SIGKILL, "all"), (signal.SIGTERM, "pipe-only")],
 )
 def test_workers_end_with_the_step_s_process(dataset, signum, watch):
     """The step's process killed while its forked worker lives: within seconds no
@@ -407,10 +407,27 @@ def test_temporaries_removed_after_errors_and_interrupts(tmp_path):
 # -- interrupts ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_cli_sigterm_raises_an_interrupt_meanwhile_only():
+    from roman_tweakreg.cli import _terminate_as_interrupt
+
+    def terminated():
+        with _terminate_as_interrupt():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # interrupted at once
+
+    previous = signal.getsignal(signal.SIGTERM)
+    t0 = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        terminated()
+    assert time.monotonic() - t0 < 4
+    assert signal.getsignal(signal.SIGTERM) is previous
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT])
 def test_cli_interrupt_one_line_cleanup_and_status(tmp_path, signum):
     """``roman-tweakreg example`` interrupted while the step runs: one line on stderr,
-    no traceback, status 128 + signal, no temporaries and no worker left."""
+    no traceback, status 128 + signal, no temporaries and no worker left (SIGTERM
+    takes the same way, see the test above)."""
     proc = subprocess.Popen(
         [
             sys.executable,
