@@ -77,14 +77,52 @@ def test_one_process_or_other_threads_mean_no_fork(no_other_threads):
         thread.join()
 
 
-def test_gc_frozen_restores_and_nests():
-    assert gc.get_freeze_count() == 0
+def test_gc_frozen_restores_and_nests(monkeypatch):
+    """Nested and concurrent blocks: frozen while any runs, restored after the last; on
+    an interpreter that starts with frozen objects (3.12.1) nothing is frozen or
+    unfrozen."""
+    calls = []
+    for name in ("freeze", "unfreeze"):
+        real = getattr(gc, name)
+        monkeypatch.setattr(gc, name, lambda real=real, name=name: (calls.append(name), real()))
+    before = gc.get_freeze_count()
+    inside, leave = threading.Event(), threading.Event()
+
+    def other_thread():
+        with gc_frozen():
+            inside.set()
+            leave.wait(10)
+
+    thread = threading.Thread(target=other_thread)
+    thread.start()
+    inside.wait(10)
     with gc_frozen():
-        assert gc.get_freeze_count() > 0
         with gc_frozen():
             pass
-        assert gc.get_freeze_count() > 0  # the inner block did not unfreeze the outer one
-    assert gc.get_freeze_count() == 0
+        leave.set()
+        thread.join()  # the other thread's block ended first
+        if before == 0:
+            assert gc.get_freeze_count() > 0  # still frozen: this block runs
+    if before == 0:
+        assert calls == ["freeze", "unfreeze"]
+        assert gc.get_freeze_count() == 0
+    else:
+        assert calls == []
+        assert gc.get_freeze_count() == before
+
+
+def test_a_broken_pool_is_replaced_then_given_up(no_other_threads, caplog):
+    """Each worker death: the jobs redone here; one new pool, then no more workers."""
+    with Workers(2, context=100) as workers:
+        first = workers.submit(_dies_in_worker, 1)
+        assert first.result() == 101
+        assert workers.restarts == 1
+        assert workers.n_workers == 1  # a new pool
+        assert workers.map(_dies_in_worker, [(2,), (3,)]) == [102, 103]
+        assert workers.n_workers == 0  # given up after the second death
+        assert workers.submit(_job, 5).result() == (PARENT, 500)
+    assert "1 new worker(s) started" in caplog.text
+    assert "its jobs and all others run here" in caplog.text
 
 
 def test_automatic_processes_fork_only_on_linux(no_other_threads, monkeypatch):

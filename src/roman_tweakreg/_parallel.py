@@ -13,14 +13,24 @@ runs here at once, so the work balances itself: when this process is slow (openi
 files) the workers take nearly everything, when it is fast (models in memory) it
 does its share.  Log records a job emits in a worker are sent back and logged here,
 so the step's log is the same either way.
+
+Faults.  A worker that dies (killed, out of memory) takes no job with it: the jobs it
+had are done again in this process and the broken pool is replaced by a new one (once
+per :class:`Workers`; after a second death every job runs here).  Workers never outlive
+this process: on Linux the kernel kills them when it dies (``PR_SET_PDEATHSIG``), and
+everywhere each worker watches a pipe whose only writer is this process and exits when
+it reads end-of-file.  Workers ignore SIGINT: an interrupt is this process's to
+handle, and it then stops them.
 """
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import logging
 import multiprocessing
 import os
+import signal
 import sys
 import threading
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -37,6 +47,8 @@ log = logging.getLogger(__name__)
 
 _PACKAGE_LOGGER = "roman_tweakreg"
 AUTO_MAX = 4  #: processes in all with ``processes=0``
+MAX_RESTARTS = 1  #: new pools started after a worker died, per Workers
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 _context: Any = None  # the context of jobs in a worker, set when it starts
 
 
@@ -48,6 +60,50 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
+class _Freeze:
+    """The garbage collector's freeze held by this package: reference-counted, thread-safe.
+
+    ``gc.unfreeze`` unfreezes every frozen object, whoever froze it, and there is no way
+    to unfreeze only some.  So the package freezes only when nothing is frozen when its
+    first hold begins (``gc.get_freeze_count() == 0``), and unfreezes when its last hold
+    ends: the count is 0 again, as it was.  When objects are already frozen (Python
+    3.12.1 starts with 375 frozen objects; an application may freeze its own before
+    forking), it leaves the collector alone: the process's state is unchanged, at the
+    cost of the collector's passes over every object.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._holds = 0
+        self._ours = False  # whether the objects frozen now are ours to unfreeze
+
+    @contextmanager
+    def held(self):
+        with self._lock:
+            if self._holds == 0:
+                self._ours = gc.get_freeze_count() == 0
+                if self._ours:
+                    gc.freeze()
+            self._holds += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._holds -= 1
+                if self._holds == 0 and self._ours:
+                    gc.unfreeze()
+                    self._ours = False
+
+    def refreeze(self) -> None:
+        """Freeze the objects made since the hold began too, when the freeze is ours."""
+        with self._lock:
+            if self._holds and self._ours:
+                gc.freeze()
+
+
+_FREEZE = _Freeze()
+
+
 @contextmanager
 def gc_frozen():
     """Keep the objects that exist now out of the garbage collector's passes meanwhile.
@@ -55,22 +111,41 @@ def gc_frozen():
     Python's full collections walk every object alive; during a step that is the
     whole of astropy, gwcs and asdf plus the models, about 0.1 s a pass, several
     times a run.  Frozen objects are still freed by reference counting; cyclic
-    garbage among them is collected after the block.  Does nothing inside an
-    enclosing freeze (``gc.unfreeze`` would undo it).
+    garbage among them is collected after the block.  Blocks nest and may run in
+    several threads at once; the objects are unfrozen when the last one ends.  When
+    objects were frozen before the first block began (by the interpreter or the
+    application), nothing is frozen or unfrozen: ``gc.get_freeze_count()`` after the
+    block is always what it was before.
     """
-    if gc.get_freeze_count():
+    with _FREEZE.held():
         yield
-        return
-    gc.freeze()
-    try:
-        yield
-    finally:
-        gc.unfreeze()
 
 
-def _set_context(context) -> None:
+def _init_worker(context, parent: int, watch_read: int, watch_write: int) -> None:
+    """Set up a forked worker: its jobs' context, and its death with the parent."""
     global _context  # the state of one worker process
     _context = context
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles interrupts
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not a handler inherited from the parent
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):  # no usable libc: the pipe watch remains
+            pass
+    os.close(watch_write)  # the parent's copy is then the only writer
+    if os.getppid() != parent:  # the parent died before the death signal was set
+        os._exit(1)
+    threading.Thread(target=_exit_at_eof, args=(watch_read,), daemon=True).start()
+
+
+def _exit_at_eof(fd: int) -> None:
+    """End the worker when the pipe's writer, the parent, is gone."""
+    try:
+        while os.read(fd, 1):
+            pass
+    finally:
+        os._exit(1)
 
 
 class _Collect(logging.Handler):
@@ -121,39 +196,85 @@ class Workers:
         else:  # macOS has fork but its system libraries may not survive one
             wanted = 1
         self.n_workers = 0
-        self._pool = None
+        self.restarts = 0  #: pools replaced after a worker died
+        self._pool: ProcessPoolExecutor | None = None
+        self._watch_write = -1  # the parent's end of the workers' pipe watch
         self._waiting: list[Future] = []
         if wanted > 1:
-            reason = _cannot_fork()
-            if reason:
-                log.debug("Per-image work stays in this process: %s", reason)
-            else:
-                self.n_workers = wanted - 1
-                self._pool = ProcessPoolExecutor(
-                    self.n_workers,
-                    mp_context=multiprocessing.get_context("fork"),
-                    initializer=_set_context,
-                    initargs=(context,),
-                )
-                # fork now, with every object out of the collector's sight: a collection
-                # in a worker would otherwise write to (and so copy) every inherited page.
-                # Inside an enclosing freeze (gc_frozen) the objects stay frozen after.
-                enclosed = gc.get_freeze_count() > 0
-                gc.freeze()
-                try:
-                    self._pool.submit(int).result()
-                finally:
-                    if not enclosed:
-                        gc.unfreeze()
-                log.debug("Per-image work shared with %d forked worker(s)", self.n_workers)
+            self._start(wanted - 1)
 
-    def submit(self, fn: Callable, *args) -> Future:
+    def _start(self, n_workers: int) -> None:
+        reason = _cannot_fork()
+        if reason:
+            log.debug("Per-image work stays in this process: %s", reason)
+            return
+        watch_read, self._watch_write = os.pipe()
+        self.n_workers = n_workers
+        self._pool = pool = ProcessPoolExecutor(
+            n_workers,
+            mp_context=multiprocessing.get_context("fork"),
+            initializer=_init_worker,
+            initargs=(self.context, os.getpid(), watch_read, self._watch_write),
+        )
+        # fork now, with every object out of the collector's sight: a collection in a
+        # worker would otherwise write to (and so copy) every inherited page.  Inside an
+        # enclosing gc_frozen, the objects made since it began are frozen too.
+        try:
+            with _FREEZE.held():
+                _FREEZE.refreeze()
+                pool.submit(int).result()
+        except BrokenProcessPool as err:
+            self._replace(pool, err)
+        except BaseException:  # an interrupt: no pool left behind
+            self._stop()
+            raise
+        finally:
+            os.close(watch_read)  # the workers have their copies
+        if self._pool is pool:
+            log.debug("Per-image work shared with %d forked worker(s)", self.n_workers)
+
+    def _replace(self, broken: ProcessPoolExecutor, err: BaseException) -> None:
+        """Replace the pool ``broken`` after a worker died; after MAX_RESTARTS, run here."""
+        if broken is not self._pool:  # already replaced
+            return
+        n_workers = self.n_workers
+        self._stop()
+        if self.restarts < MAX_RESTARTS:
+            self.restarts += 1
+            log.warning(
+                "A worker process stopped (%s); its jobs are done again and "
+                "%d new worker(s) started",
+                err,
+                n_workers,
+            )
+            self._start(n_workers)
+        else:
+            log.warning("A worker process stopped (%s); its jobs and all others run here", err)
+
+    def _send(self, fn: Callable, args: tuple) -> _Relay | None:
+        """Start ``fn(context, *args)`` in a worker; None when there are no workers."""
+        while self._pool is not None:
+            pool = self._pool
+            try:
+                remote = pool.submit(_in_worker, fn, args)
+            except BrokenProcessPool as err:  # a worker died since the last job
+                self._replace(pool, err)
+                continue
+            return _Relay(
+                remote,
+                fallback=lambda: self._run_here(fn, args),
+                on_broken=lambda e, pool=pool: self._replace(pool, e),
+            )
+        return None
+
+    def submit(self, fn: Callable, *args) -> Future | _Relay:
         """Start ``fn(context, *args)``; return a Future of its result."""
         self._waiting = [f for f in self._waiting if not f.done()]
         if self._pool is not None and len(self._waiting) < 4 * self.n_workers:
-            remote = self._pool.submit(_in_worker, fn, args)
-            self._waiting.append(remote)
-            return _Relay(remote, lambda: self._run_here(fn, args))
+            relay = self._send(fn, args)
+            if relay is not None:
+                self._waiting.append(relay.remote)
+                return relay
         return self._run_here(fn, args)
 
     def map(self, fn: Callable, arglist: list[tuple]) -> list:
@@ -167,10 +288,7 @@ class Workers:
         parts = self.n_workers + 1
         shares = [arglist[k::parts] for k in range(parts)]
         remote = [
-            _Relay(
-                self._pool.submit(_in_worker, _each, (fn, share)),
-                lambda s=share: self._run_here(_each, (fn, s)),
-            )
+            self._send(_each, (fn, share)) or self._run_here(_each, (fn, share))
             for share in shares[1:]
         ]
         here = _each(self.context, fn, shares[0])
@@ -188,11 +306,18 @@ class Workers:
             future.set_exception(err)
         return future
 
-    def close(self) -> None:
-        """Stop the workers (waiting for none of their jobs)."""
+    def _stop(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
+            self.n_workers = 0
+        fd, self._watch_write = self._watch_write, -1
+        if fd >= 0:
+            os.close(fd)  # a worker still alive reads end-of-file and exits
+
+    def close(self) -> None:
+        """Stop the workers (waiting for none of their jobs)."""
+        self._stop()
 
     def __enter__(self):
         return self
@@ -202,17 +327,22 @@ class Workers:
 
 
 class _Relay:
-    """The result of a job run in a worker, its log records logged here once."""
+    """The result of a job run in a worker, its log records logged here once.
 
-    def __init__(self, remote: Future, fallback: Callable[[], Future]):
-        self._remote, self._fallback, self._outcome = remote, fallback, None
+    When the worker died, the job is done here (``fallback``) and ``on_broken`` is
+    told, so that the pool is replaced.
+    """
+
+    def __init__(self, remote: Future, fallback: Callable[[], Future], on_broken: Callable):
+        self.remote, self._fallback, self._on_broken = remote, fallback, on_broken
+        self._outcome: tuple | None = None
 
     def result(self):
         if self._outcome is None:
             try:
-                ok, value, records = self._remote.result()
+                ok, value, records = self.remote.result()
             except BrokenProcessPool as err:  # a worker died (killed, out of memory)
-                log.warning("A worker process stopped (%s); doing its job here", err)
+                self._on_broken(err)
                 here = self._fallback()
                 ok, value, records = here.exception() is None, None, []
                 value = here.result() if ok else here.exception()

@@ -18,7 +18,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
+from contextlib import contextmanager
 
 from .errors import TweakRegError
 
@@ -216,13 +219,51 @@ def _plot(args) -> int:
     return 0
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM received: raised as an interrupt, so that cleanup code runs."""
+
+    signum = signal.SIGTERM
+
+
+@contextmanager
+def _terminate_as_interrupt():
+    """Meanwhile, SIGTERM raises an interrupt (main thread only); restored after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def _raise(signum, frame):
+        raise _Terminated
+
+    previous = signal.signal(signal.SIGTERM, _raise)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the ``roman-tweakreg`` command line; return the exit status.
 
     Errors of the package (a missing or unreadable file...) are printed as one line
-    naming the file, with exit status 1.
+    naming the file, with exit status 1.  An interrupt (Ctrl-C, SIGINT) or SIGTERM
+    stops the command after its cleanup (temporary files removed, worker processes
+    stopped) with one line and the status 128 + the signal's number (130, 143).
     """
     args = _parser().parse_args(argv)
+    try:
+        with _terminate_as_interrupt():
+            return _run(args)
+    except KeyboardInterrupt as err:
+        signum = getattr(err, "signum", signal.SIGINT)
+        print(
+            f"roman-tweakreg {args.command}: interrupted ({signal.Signals(signum).name})",
+            file=sys.stderr,
+        )
+        return 128 + signum
+
+
+def _run(args) -> int:
     if args.command == "example":
         from .example import run_example
 

@@ -28,7 +28,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+import shutil
+import tempfile
+import threading
+import weakref
 from collections.abc import Iterable
+from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -38,6 +43,7 @@ from roman_datamodels import datamodels as rdm
 from stpipe.library import AbstractModelLibrary, NoGroupID
 
 from ._asdf_check import check_asdf_file
+from ._io import remove_stale_temporaries, temp_prefix
 from ._meta import meta_get
 from .errors import InvalidInputError, MissingInputError, TweakRegError
 
@@ -94,7 +100,26 @@ class ModelLibrary(AbstractModelLibrary):
     Unlike stpipe's default, the library writes nothing into the models it
     is given (no ``group_id``, ``exptype`` or catalog attributes): groups and
     member attributes are read from the association with :meth:`member`.
+
+    With ``on_disk=True`` and no ``temp_directory``, the models' temporary files go
+    to a folder under the system's temporary folder (stpipe's default is the
+    current folder), named after its owner (see :func:`roman_tweakreg._io.temp_prefix`)
+    and removed with the library; folders left by killed runs are removed by the next.
     """
+
+    def __init__(self, init, *args, on_disk: bool = False, temp_directory=None, **kwargs):
+        remove = None
+        if on_disk and temp_directory is None:
+            remove_stale_temporaries(tempfile.gettempdir())
+            temp_directory = tempfile.mkdtemp(prefix=temp_prefix("roman_tweakreg-models"))
+            # removed when the library is (or at exit), like a TemporaryDirectory
+            remove = weakref.finalize(self, shutil.rmtree, temp_directory, ignore_errors=True)
+        try:
+            super().__init__(init, *args, on_disk=on_disk, temp_directory=temp_directory, **kwargs)
+        except BaseException:
+            if remove is not None:
+                remove()
+            raise
 
     @property
     def crds_observatory(self) -> str:
@@ -189,6 +214,35 @@ def library_class() -> type[ModelLibrary]:
     return cls
 
 
+_validation_lock = threading.Lock()
+_validation_holds: dict[int, list] = {}  # id(asdf config) -> [holds, value to restore]
+
+
+@contextmanager
+def _no_validation_on_read():
+    """asdf's ``validate_on_read`` off meanwhile, restored when the last holder is done.
+
+    Set on asdf's configuration and restored, not ``asdf.config_context()``: that
+    reloads every extension on each open, costing more than the validation it skips.
+    Holders in several threads share one saved value, so the setting is restored
+    whatever the order in which they finish.
+    """
+    config = asdf.get_config()
+    key = id(config)
+    with _validation_lock:
+        hold = _validation_holds.setdefault(key, [0, config.validate_on_read])
+        hold[0] += 1
+        config.validate_on_read = False
+    try:
+        yield
+    finally:
+        with _validation_lock:
+            hold[0] -= 1
+            if hold[0] == 0:
+                config.validate_on_read = hold[1]
+                del _validation_holds[key]
+
+
 def _open_model(filename, **kwargs):
     """Open a Roman model lazily (arrays read on first use), without schema validation.
 
@@ -197,25 +251,18 @@ def _open_model(filename, **kwargs):
     """
     if isinstance(filename, (str, Path)):
         _check_file(filename, "input file")
-    config = asdf.get_config()
-    previous = config.validate_on_read
-    # set and restored around the call: asdf.config_context() would reload every
-    # extension on each open, costing more than the validation it skips
-    config.validate_on_read = False
-    try:
-        model = rdm.open(filename, **kwargs)
-    except FileNotFoundError as err:
-        raise MissingInputError(f"{filename}: input file does not exist") from err
-    except MemoryError as err:
-        raise InvalidInputError(f"{filename}: not enough memory to open it") from err
-    except Exception as err:
-        raise InvalidInputError(
-            f"{filename}: cannot be opened as a Roman datamodel (expected a Roman L2 ASDF "
-            f"file): {type(err).__name__}: {err}"
-        ) from err
-    finally:
-        config.validate_on_read = previous
-    return model
+    with _no_validation_on_read():
+        try:
+            return rdm.open(filename, **kwargs)
+        except FileNotFoundError as err:
+            raise MissingInputError(f"{filename}: input file does not exist") from err
+        except MemoryError as err:
+            raise InvalidInputError(f"{filename}: not enough memory to open it") from err
+        except Exception as err:
+            raise InvalidInputError(
+                f"{filename}: cannot be opened as a Roman datamodel (expected a Roman L2 ASDF "
+                f"file): {type(err).__name__}: {err}"
+            ) from err
 
 
 def _read_meta(filename) -> dict:

@@ -275,7 +275,7 @@ def summarize(
 
     return {
         "schema": REPORT_SCHEMA,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "version": __version__,
         "parameters": _plain(dict(parameters or {})),
         "timings": {str(k): _number(v) for k, v in (timings or {}).items()},

@@ -23,6 +23,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 
+from .._io import remove_stale_temporaries, temp_prefix
 from ..errors import ReferenceCatalogError
 from ._cache import ConeCache
 from ._local import _ALIASES, _in_cone, read_local_catalog, standard_columns
@@ -375,7 +376,8 @@ def read_url_catalog(
             cache.discard(path)
             raise
     else:
-        with tempfile.TemporaryDirectory(prefix="roman_tweakreg-") as tmp:
+        remove_stale_temporaries(tempfile.gettempdir())
+        with tempfile.TemporaryDirectory(prefix=temp_prefix("roman_tweakreg")) as tmp:
             (Path(tmp) / name).write_bytes(body)
             cat = read_local_catalog(Path(tmp) / name, ra, dec, radius, name=name)
     cat.source = url
