@@ -16,13 +16,16 @@ See ``docs/report.rst``.
 from __future__ import annotations
 
 import contextlib
+import csv
 import datetime
+import io
 import json
 import logging
 import math
 import os
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +36,17 @@ from ._meta import meta_get
 from .errors import TweakRegError
 
 __all__ = [
+    "GROUP_FIELDS",
+    "IMAGE_FIELDS",
     "REPORT_SCHEMA",
+    "Field",
     "build_report",
     "expand_paths",
+    "format_report",
     "format_table",
+    "group_rows",
     "image_entry",
+    "image_rows",
     "open_meta",
     "read_results",
     "summarize",
@@ -131,7 +140,8 @@ def image_entry(meta: Any, file: str) -> dict:
     -------
     dict
         ``file``, ``group_id``, ``status`` (``meta.cal_step.tweakreg``), ``wcs_name``,
-        then the final fit (``fit_status``, ``reason``, ``fitgeom``, ``refcat``,
+        ``catalog`` (the catalog file name, when the metadata names one), then the
+        final fit (``fit_status``, ``reason``, ``fitgeom``, ``refcat``,
         ``nmatches``, ``rmse_mas``, ``mae_mas``, ``shift_arcsec``, ``rotation_deg``,
         ``scale``) and ``relative`` / ``absolute`` with the same fit keys per phase
         (``status`` there is the phase's own status), each with ``quality``: the
@@ -147,6 +157,7 @@ def image_entry(meta: Any, file: str) -> dict:
         "group_id": (fit or {}).get("group_id") or _group_of(meta),
         "status": str(status) if status is not None else None,
         "wcs_name": getattr(wcs, "name", None) if wcs is not None else None,
+        "catalog": _catalog_of(meta),
         "fit_status": final.pop("status"),
         **final,
     }
@@ -155,6 +166,14 @@ def image_entry(meta: Any, file: str) -> dict:
     for phase in _PHASES:
         entry[phase] = _phase_summary((fit or {}).get(phase))
     return entry
+
+
+def _catalog_of(meta: Any) -> str | None:
+    """The catalog file the image was aligned with, when named in its metadata."""
+    value = meta_get(meta, "tweakreg_catalog")
+    if not isinstance(value, str) or not value:
+        value = meta_get(meta_get(meta, "source_catalog"), "tweakreg_catalog_name")
+    return Path(value).name if isinstance(value, str) and value else None
 
 
 def _group_of(meta: Any) -> str | None:
@@ -433,3 +452,211 @@ def format_table(entries: list[dict]) -> str:
         if k == 0:
             lines.append("-" * len(lines[0]))
     return "\n".join(lines)
+
+
+# -- the report an astronomer reads: one declaration per column -------------------------------
+@dataclass(frozen=True)
+class Field:
+    """One column of ``roman-tweakreg report``, declared once for every view.
+
+    The text table, CSV, JSON and the column table of ``docs/report.rst`` are all made
+    from these declarations (a test checks the docs), so a new column is one line in
+    :data:`GROUP_FIELDS` or :data:`IMAGE_FIELDS`.
+
+    Attributes
+    ----------
+    name : str
+        Key in CSV and JSON rows.
+    header : str
+        Column heading in the text table (the unit is added in brackets).
+    unit : str
+        Unit of the value (``mas``, ``deg``) or ``''``.
+    fmt : str
+        Format specification of the value in the text table and CSV.
+    doc : str
+        One-line meaning, for the documentation.
+    get : callable
+        ``get(row)`` -> value, from a :func:`group_rows` / :func:`image_rows` source dict.
+    """
+
+    name: str
+    header: str
+    unit: str
+    fmt: str
+    doc: str
+    get: Callable[[dict], Any]
+
+    @property
+    def title(self) -> str:
+        """The heading with its unit, e.g. ``rms [mas]``."""
+        return f"{self.header} [{self.unit}]" if self.unit else self.header
+
+    def text(self, value: Any) -> str:
+        """``value`` formatted for the table (``-`` for an absent number)."""
+        if value is None or value == "":
+            return "" if self.fmt == "s" else "-"
+        return format(value, self.fmt)
+
+
+def _shift_mas(row: dict, axis: int) -> float | None:
+    shift = row.get("shift_arcsec")
+    return None if not shift or shift[axis] is None else 1000.0 * shift[axis]
+
+
+#: Columns of the fit rows: one per exposure group and phase (groups aligned to the
+#: reference catalog by one fit share a row).
+GROUP_FIELDS = (
+    Field("group", "group", "", "s",
+          "Exposure group(s) the fit moved; groups moved by one absolute fit share a row "
+          "(ids joined by ``+``).",
+          lambda r: r["group"]),
+    Field("phase", "phase", "", "s",
+          "``relative`` (to the other exposures) or ``absolute`` (to the reference catalog).",
+          lambda r: r["phase"]),
+    Field("n_images", "images", "", "d", "Images moved by this fit.", lambda r: r["n_images"]),
+    Field("status", "status", "", "s",
+          "The phase's status: SUCCESS, REFERENCE (the group the others were aligned to), "
+          "FAILED or SKIPPED.",
+          lambda r: r["status"]),
+    Field("refcat", "refcat", "", "s", "Reference catalog of an absolute fit.",
+          lambda r: r["refcat"]),
+    Field("nmatches", "matches", "", "d",
+          "Matched pairs the fit used (``nmatches`` of the phase in ``meta.wcs_fit_results``).",
+          lambda r: r["nmatches"]),
+    Field("shift_x_mas", "shift x", "mas", "+.2f",
+          "The fit's own correction: tangent-plane shift along x.",
+          lambda r: _shift_mas(r, 0)),
+    Field("shift_y_mas", "shift y", "mas", "+.2f", "Tangent-plane shift along y.",
+          lambda r: _shift_mas(r, 1)),
+    Field("rotation_deg", "rotation", "deg", "+.6f", "Mean rotation ``<rot>``.",
+          lambda r: r["rotation_deg"]),
+    Field("rmse_mas", "rms", "mas", ".2f", "RMS residual of the fit.",
+          lambda r: r["rmse_mas"]),
+    Field("mae_mas", "mae", "mas", ".2f", "Mean absolute residual of the fit.",
+          lambda r: r["mae_mas"]),
+    Field("reason", "reason", "", "s",
+          "Why the fit failed or was skipped (see :doc:`troubleshooting`).",
+          lambda r: r["reason"]),
+)  # fmt: skip
+
+#: Columns of the image rows: only what is the image's own.
+IMAGE_FIELDS = (
+    Field("file", "file", "", "s", "The output file.", lambda r: r["file"]),
+    Field("group", "group", "", "s", "Its exposure group (``wcs_fit_results.group_id``).",
+          lambda r: r.get("group_id")),
+    Field("status", "status", "", "s",
+          "``meta.cal_step.tweakreg``: COMPLETE, FAILED, SKIPPED (INCOMPLETE: tweakreg has "
+          "not run on the file).",
+          lambda r: r.get("status")),
+    Field("wcs_name", "wcs name", "", "s",
+          "``meta.wcs.name``: ``FIT-LVL2-<refcat>`` or ``FIT-LVL2-RELATIVE``; unchanged "
+          "when no fit applied.",
+          lambda r: r.get("wcs_name")),
+    Field("catalog", "catalog", "", "s", "The source catalog the image was aligned with.",
+          lambda r: r.get("catalog")),
+    Field("reason", "reason", "", "s", "Why the image was not aligned, or its fits failed.",
+          lambda r: r.get("reason")),
+)  # fmt: skip
+
+_FIT_KEYS_OF_ROW = ("status", "refcat", "nmatches", "shift_arcsec", "rotation_deg", "rmse_mas",
+                    "mae_mas", "reason")  # fmt: skip
+
+
+def group_rows(entries: list[dict]) -> list[dict]:
+    """One row per exposure group and phase, from :func:`image_entry` dicts.
+
+    A phase that was not run for any image of the group (SKIPPED, ``not run``) has no
+    row; groups sharing one absolute fit (same result in every field) share one row.
+    Values are those of :data:`GROUP_FIELDS`, keyed by their ``name``.
+    """
+    groups: dict[str, list[dict]] = {}
+    for entry in entries:
+        if entry.get("fit_status") is not None:
+            groups.setdefault(str(entry.get("group_id")), []).append(entry)
+    rows: list[dict] = []
+    for phase in _PHASES:
+        merged: dict[tuple, dict] = {}
+        for group, members in groups.items():
+            fit = members[0][phase]
+            if fit.get("status") in (None, "SKIPPED") and fit.get("reason") == "not run":
+                continue
+            source = {"group": group, "phase": phase, "n_images": len(members),
+                      **{k: fit.get(k) for k in _FIT_KEYS_OF_ROW}}  # fmt: skip
+            key = (phase, *(json.dumps(_plain(fit.get(k))) for k in _FIT_KEYS_OF_ROW))
+            if phase == "absolute" and fit.get("status") == "SUCCESS" and key in merged:
+                merged[key]["group"] += "+" + group
+                merged[key]["n_images"] += len(members)
+                continue
+            merged[key] = source
+            rows.append(source)
+    return [{f.name: _plain(f.get(r)) for f in GROUP_FIELDS} for r in rows]
+
+
+def image_rows(entries: list[dict]) -> list[dict]:
+    """One row per image with only its own values (see :data:`IMAGE_FIELDS`)."""
+    return [{f.name: _plain(f.get(e)) for f in IMAGE_FIELDS} for e in entries]
+
+
+def _text_table(fields: tuple[Field, ...], rows: list[dict]) -> list[str]:
+    cells = [[f.title for f in fields]]
+    cells += [[f.text(r[f.name]) for f in fields] for r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(fields))]
+    lines = []
+    for k, row in enumerate(cells):
+        parts = [
+            c.ljust(w) if f.fmt == "s" else c.rjust(w)
+            for f, c, w in zip(fields, row, widths, strict=True)
+        ]
+        lines.append("  ".join(parts).rstrip())
+        if k == 0:
+            lines.append("-" * len(lines[0]))
+    return lines
+
+
+def format_report(entries: list[dict], fmt: str = "table") -> str:
+    """Format :func:`read_results` entries as ``roman-tweakreg report`` prints them.
+
+    Parameters
+    ----------
+    entries : list of dict
+        :func:`image_entry` dicts.
+    fmt : {"table", "csv", "json"}
+        ``table``: the fit rows (:data:`GROUP_FIELDS`), then the image rows
+        (:data:`IMAGE_FIELDS`), as fixed-width text.  ``csv``: one table, a ``kind``
+        column (``fit`` or ``image``) then every field of both (empty where a field
+        does not apply); numbers unrounded.  ``json``: ``{"fields": {"fits": [...],
+        "images": [...]}, "fits": [...], "images": [...]}`` with each field's name,
+        header, unit and meaning.
+
+    Raises
+    ------
+    ValueError
+        For another ``fmt``.
+    """
+    fits, images = group_rows(entries), image_rows(entries)
+    if fmt == "table":
+        lines = ["Fits (one row per exposure group and phase):", ""]
+        lines += _text_table(GROUP_FIELDS, fits) if fits else ["(no fit recorded)"]
+        lines += ["", "Images:", "", *_text_table(IMAGE_FIELDS, images)]
+        return "\n".join(lines)
+    if fmt == "csv":
+        names = ["kind", *dict.fromkeys(f.name for f in GROUP_FIELDS + IMAGE_FIELDS)]
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=names, lineterminator="\n", restval="")
+        writer.writeheader()
+        for kind, rows in (("fit", fits), ("image", images)):
+            for row in rows:
+                writer.writerow(
+                    {"kind": kind, **{k: "" if v is None else v for k, v in row.items()}}
+                )
+        return buffer.getvalue().rstrip("\n")
+    if fmt == "json":
+        declared = {
+            kind: [
+                {"name": f.name, "header": f.header, "unit": f.unit, "doc": f.doc} for f in fields
+            ]
+            for kind, fields in (("fits", GROUP_FIELDS), ("images", IMAGE_FIELDS))
+        }
+        return json.dumps({"schema": REPORT_SCHEMA, "fields": declared, "fits": fits,
+                           "images": images}, indent=2, allow_nan=False)  # fmt: skip
+    raise ValueError(f"format={fmt!r}: expected table, csv or json")
