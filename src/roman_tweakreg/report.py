@@ -42,6 +42,7 @@ __all__ = [
     "Field",
     "build_report",
     "expand_paths",
+    "fit_results_table",
     "format_report",
     "format_table",
     "group_rows",
@@ -660,3 +661,59 @@ def format_report(entries: list[dict], fmt: str = "table") -> str:
         return json.dumps({"schema": REPORT_SCHEMA, "fields": declared, "fits": fits,
                            "images": images}, indent=2, allow_nan=False)  # fmt: skip
     raise ValueError(f"format={fmt!r}: expected table, csv or json")
+
+
+_TABLE_NUMBERS = (("rotation", "rotation_deg"), ("rmse", "rmse_mas"), ("mae", "mae_mas"))
+
+
+def fit_results_table(library_or_models: Any):
+    """The tweakreg outcome of each image as an astropy Table, one row per image.
+
+    Models are only read (a library's models are shelved with ``modify=False``), so it
+    can be called on the step's result directly::
+
+        result = TweakRegStep.call("asn.json")
+        table = roman_tweakreg.fit_results_table(result)
+
+    Parameters
+    ----------
+    library_or_models : ModelLibrary, ImageModel or list of ImageModel
+
+    Returns
+    -------
+    astropy.table.Table
+        Columns ``file``, ``group_id``, ``status`` (``meta.cal_step.tweakreg``),
+        ``wcs_name``, ``catalog``, then the fit that set the final WCS: ``fit_status``,
+        ``refcat``, ``nmatches``, ``shift_x``, ``shift_y`` (mas), ``rotation`` (deg),
+        ``rmse``, ``mae`` (mas) and ``reason``; then the same fit columns of each phase
+        prefixed ``relative_`` and ``absolute_``.  Missing numbers are NaN.
+    """
+    import astropy.units as u
+    from astropy.table import Table
+
+    entries = [image_entry(meta, name) for name, meta in _iter_metas(library_or_models)]
+    columns: dict[str, list] = {}
+    for entry in entries:
+        row = {k: entry.get(k) for k in ("file", "group_id", "status", "wcs_name", "catalog")}
+        final = {**entry, "status": entry["fit_status"]}
+        phases = (("", final), ("relative_", entry["relative"]), ("absolute_", entry["absolute"]))
+        for prefix, fit in phases:
+            row[prefix + ("fit_status" if not prefix else "status")] = fit.get("status")
+            row[prefix + "refcat"] = fit.get("refcat") or ""
+            row[prefix + "nmatches"] = int(fit.get("nmatches") or 0)
+            for axis, name in enumerate(("shift_x", "shift_y")):
+                value = _shift_mas(fit, axis)
+                row[prefix + name] = np.nan if value is None else value
+            for name, key in _TABLE_NUMBERS:
+                row[prefix + name] = np.nan if fit.get(key) is None else fit[key]
+            row[prefix + "reason"] = fit.get("reason") or ""
+        for key, value in row.items():
+            columns.setdefault(key, []).append("" if value is None else value)
+    table = Table(columns) if entries else Table()
+    for name in table.colnames:
+        base = name.removeprefix("relative_").removeprefix("absolute_")
+        if base in ("shift_x", "shift_y", "rmse", "mae"):
+            table[name].unit = u.mas
+        elif base == "rotation":
+            table[name].unit = u.deg
+    return table
