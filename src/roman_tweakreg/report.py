@@ -42,6 +42,7 @@ __all__ = [
     "Field",
     "build_report",
     "expand_paths",
+    "fields_rst",
     "fit_results_table",
     "format_report",
     "format_table",
@@ -561,6 +562,23 @@ IMAGE_FIELDS = (
 
 _FIT_KEYS_OF_ROW = ("status", "refcat", "nmatches", "shift_arcsec", "rotation_deg", "rmse_mas",
                     "mae_mas", "reason")  # fmt: skip
+
+
+def fields_rst(kind: str) -> str:
+    """The reST table of the report's ``fits`` or ``images`` columns (used by the docs).
+
+    Raises
+    ------
+    ValueError
+        For another ``kind``.
+    """
+    fields = {"fits": GROUP_FIELDS, "images": IMAGE_FIELDS}.get(kind)
+    if fields is None:
+        raise ValueError(f"kind={kind!r}: expected fits or images")
+    lines = [".. list-table::", "   :header-rows: 1", "", "   * - Column", "     - Meaning"]
+    for f in fields:
+        lines += [f"   * - ``{f.title}``", f"     - {f.doc} (``{f.name}`` in CSV and JSON)"]
+    return "\n".join(lines)
 
 
 def group_rows(entries: list[dict]) -> list[dict]:

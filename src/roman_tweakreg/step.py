@@ -123,7 +123,7 @@ class TweakRegStep(Step):
         separation = float(default=1.0) # Sources closer than this (arcsec) are not used in matching
         tolerance = float(default=0.7) # Matching tolerance (arcsec)
         fitgeometry = string(default='rshift') # Relative fit geometry: shift, rshift, rscale or general
-        nclip = integer(min=0, default=3) # Clipping iterations of the relative fit
+        nclip = integer(default=3) # Clipping iterations of the relative fit
         sigma = float(default=3.0) # Clipping limit (x rmse) of the relative fit
         abs_refcat = string(default='GAIADR3') # Reference catalog: service name (GAIADR3...), local file, HATS folder or URL; a comma list is tried in order; '' means GAIADR3
         abs_refcat_url = string(default='') # Catalog service base URL; '' means $ASTROMETRIC_CATALOG_URL or https://gsss.stsci.edu/webservices
@@ -136,7 +136,7 @@ class TweakRegStep(Step):
         abs_separation = float(default=0.1) # Sources closer than this (arcsec) are not used in absolute matching
         abs_tolerance = float(default=0.7) # Absolute matching tolerance (arcsec)
         abs_fitgeometry = string(default='rshift') # Absolute fit geometry: shift, rshift, rscale or general
-        abs_nclip = integer(min=0, default=3) # Clipping iterations of the absolute fit
+        abs_nclip = integer(default=3) # Clipping iterations of the absolute fit
         abs_sigma = float(default=3.0) # Clipping limit (x rmse) of the absolute fit
         on_disk = boolean(default=False) # Keep association models in temporary files between uses (large associations)
         processes = integer(min=0, default=0) # Processes for per-image work (catalogs, corrected WCS): 0 one per usable core (at most 4), 1 none forked
