@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -351,36 +352,100 @@ class TweakRegStep(Step):
         if not force and not self.save_results and not output_file:
             return None
         if isinstance(model, AbstractModelLibrary):
-            paths = []
-            with model:
-                for index in range(len(model)):
-                    member = model.borrow(index)
-                    try:
-                        paths.append(
-                            self.save_model(
-                                member,
-                                suffix=suffix,
-                                idx=index if len(model) > 1 else None,
-                                output_file=output_file,
-                                force=True,
-                                **components,
-                            )
-                        )
-                    finally:
-                        model.shelve(member, index, modify=False)
-            return paths
+            return self._save_library(model, suffix, output_file, components)
         if not isinstance(model, rdm.DataModel):
             return super().save_model(
                 model, suffix=suffix, idx=idx, output_file=output_file, force=force, **components
             )
+        path = self._output_path(model, suffix, idx, output_file, components)
+        write_atomically(path, model.save)
+        log.info("Saved model in %s", path)
+        return path
+
+    def _output_path(self, model, suffix, idx, output_file, components) -> str:
         if not output_file and (self.output_use_model or not self.search_output_file):
             output_file, idx = model.meta.filename, None
         if idx is not None:
             components = {"idx": idx, **components}
-        path = self.make_output_path(basepath=output_file, suffix=suffix, **components)
-        write_atomically(path, model.save)
-        log.info("Saved model in %s", path)
-        return path
+        return self.make_output_path(basepath=output_file, suffix=suffix, **components)
+
+    def _save_library(self, library, suffix, output_file, components) -> list[str]:
+        """Save every model of ``library``, shared with forked workers (``processes``).
+
+        Writing a model is mostly the schema validation asdf does on write (about 80 %
+        of the time); the models are independent, so the work is shared out as for the
+        corrected WCSs.  With ``on_disk`` models are saved one at a time, so that they
+        are never all in memory.
+        """
+        n = len(library)
+        paths, models = [], []
+        with library:
+            try:
+                for index in range(n):
+                    models.append(library.borrow(index))
+                    paths.append(
+                        self._output_path(
+                            models[-1], suffix, index if n > 1 else None, output_file, components
+                        )
+                    )
+                    if self.on_disk:
+                        _save_one(([models[-1]], None), 0, paths[-1])
+                        library.shelve(models.pop(), index, modify=False)
+                if models:
+                    with Workers(self.processes, (models, os.getpid())) as workers:
+                        workers.map(_save_one, list(enumerate(paths)))
+            finally:
+                for index, member in enumerate(models):
+                    library.shelve(member, index, modify=False)
+        for path in paths:
+            log.info("Saved model in %s", path)
+        return paths
+
+
+def _save_one(context, index: int, path: str) -> str:
+    """Save model ``index`` of ``context = (models, parent pid)`` whole or not at all."""
+    models, parent = context
+    if parent is not None and parent != os.getpid():
+        _own_file_offsets()
+    write_atomically(path, models[index].save)
+    return path
+
+
+def _own_file_offsets() -> None:
+    """Give this forked process its own offset in each ASDF file it inherited open.
+
+    A forked process shares its parent's open file descriptions, so two processes
+    reading (lazily loaded arrays) from one ASDF file would move each other's
+    offset.  Each inherited read-only ``.asdf`` file is opened again, at the same
+    offset, on the same descriptor number.  Linux only (``/proc/self/fd``); done once
+    per process.
+    """
+    global _OWN_OFFSETS_PID  # the process that already has its own offsets
+    if _OWN_OFFSETS_PID == os.getpid() or not Path("/proc/self/fd").is_dir():
+        return
+    import fcntl
+
+    _OWN_OFFSETS_PID = os.getpid()
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+            if not target.endswith(".asdf") or not Path(target).is_file():
+                continue
+            if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE != os.O_RDONLY:
+                continue
+            offset = os.lseek(fd, 0, os.SEEK_CUR)
+            fresh = os.open(target, os.O_RDONLY)
+            try:
+                os.lseek(fresh, offset, os.SEEK_SET)
+                os.dup2(fresh, fd)
+            finally:
+                os.close(fresh)
+        except OSError:  # closed meanwhile, or not a plain file
+            continue
+
+
+_OWN_OFFSETS_PID: int | None = None
 
 
 def _as_list(item) -> list:
