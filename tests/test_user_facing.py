@@ -113,6 +113,7 @@ def test_fit_results_table_agrees_with_wcs_fit_results(aligned):
             assert row["rmse"] == pytest.approx(1000 * fit["rmse"])
             assert row["shift_x"] == pytest.approx(1000 * fit["shift"][0])
             assert row["relative_nmatches"] == fit["relative"].get("nmatches", 0)
+            assert row["n_sources"] == fit["n_sources"] == len(model.meta["tweakreg_catalog"])
             result.shelve(model, i, modify=False)
 
 

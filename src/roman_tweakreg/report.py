@@ -142,7 +142,8 @@ def image_entry(meta: Any, file: str) -> dict:
     -------
     dict
         ``file``, ``group_id``, ``status`` (``meta.cal_step.tweakreg``), ``wcs_name``,
-        ``catalog`` (the catalog file name, when the metadata names one), then the
+        ``catalog`` (the catalog file name, when the metadata names one), ``n_sources``
+        (its usable catalog sources, when recorded), then the
         final fit (``fit_status``, ``reason``, ``fitgeom``, ``refcat``,
         ``nmatches``, ``rmse_mas``, ``mae_mas``, ``shift_arcsec``, ``rotation_deg``,
         ``scale``) and ``relative`` / ``absolute`` with the same fit keys per phase
@@ -160,6 +161,7 @@ def image_entry(meta: Any, file: str) -> dict:
         "status": str(status) if status is not None else None,
         "wcs_name": getattr(wcs, "name", None) if wcs is not None else None,
         "catalog": _catalog_of(meta),
+        "n_sources": (fit or {}).get("n_sources"),
         "fit_status": final.pop("status"),
         **final,
     }
@@ -556,6 +558,9 @@ IMAGE_FIELDS = (
           lambda r: r.get("wcs_name")),
     Field("catalog", "catalog", "", "s", "The source catalog the image was aligned with.",
           lambda r: r.get("catalog")),
+    Field("n_sources", "sources", "", "d",
+          "Its usable catalog sources (``wcs_fit_results.n_sources``).",
+          lambda r: r.get("n_sources")),
     Field("reason", "reason", "", "s", "Why the image was not aligned, or its fits failed.",
           lambda r: r.get("reason")),
 )  # fmt: skip
@@ -701,7 +706,8 @@ def fit_results_table(library_or_models: Any):
     -------
     astropy.table.Table
         Columns ``file``, ``group_id``, ``status`` (``meta.cal_step.tweakreg``),
-        ``wcs_name``, ``catalog``, then the fit that set the final WCS: ``fit_status``,
+        ``wcs_name``, ``catalog``, ``n_sources`` (0 when not recorded), then the fit
+        that set the final WCS: ``fit_status``,
         ``refcat``, ``nmatches``, ``shift_x``, ``shift_y`` (mas), ``rotation`` (deg),
         ``rmse``, ``mae`` (mas) and ``reason``; then the same fit columns of each phase
         prefixed ``relative_`` and ``absolute_``.  Missing numbers are NaN.
@@ -712,7 +718,9 @@ def fit_results_table(library_or_models: Any):
     entries = [image_entry(meta, name) for name, meta in _iter_metas(library_or_models)]
     columns: dict[str, list] = {}
     for entry in entries:
-        row = {k: entry.get(k) for k in ("file", "group_id", "status", "wcs_name", "catalog")}
+        keys = ("file", "group_id", "status", "wcs_name", "catalog", "n_sources")
+        row = {k: entry.get(k) for k in keys}
+        row["n_sources"] = int(row["n_sources"] or 0)
         final = {**entry, "status": entry["fit_status"]}
         phases = (("", final), ("relative_", entry["relative"]), ("absolute_", entry["absolute"]))
         for prefix, fit in phases:
