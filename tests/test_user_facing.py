@@ -343,3 +343,41 @@ def test_example_refuses_a_foreign_folder_and_replaces_its_own(tmp_path, capsys)
     assert len(rows) == 2
     assert all(float(r[3]) < 1.0 and r[5] == "COMPLETE" for r in rows)
     assert np.all([int(r[4]) > 100 for r in rows])
+
+
+def test_saving_shared_with_forked_workers_writes_the_same_files(tmp_path, caplog):
+    """Outputs saved by forked workers equal those saved here, and validate when read."""
+    exposures, stars = make_data(detectors=("WFI01", "WFI02"))
+    asn = simulate.write_dataset(exposures, stars, tmp_path / "in")
+    refcat_at(stars, 2028.0).write(tmp_path / "ref.ecsv", format="ascii.ecsv")
+    ref = str(tmp_path / "ref.ecsv")
+    rng = np.random.default_rng(5)
+    pixels = {}
+    for path in (tmp_path / "in").glob("*_cal.asdf"):  # arrays large enough for ASDF blocks,
+        with rdm.open(path) as model:  # read lazily through the file the library keeps open
+            model.data = rng.random((40, 40), dtype=np.float32)
+            pixels[path.name] = model.data.copy()
+            model.save(tmp_path / path.name)
+        (tmp_path / path.name).replace(path)
+    for processes in (1, 2):
+        caplog.clear()
+        result = TweakRegStep.call(str(asn), abs_refcat=ref)  # arrays not read yet
+        saver = TweakRegStep(processes=processes, output_dir=str(tmp_path / f"p{processes}"))
+        with caplog.at_level(logging.DEBUG, logger="roman_tweakreg"):
+            paths = saver.save_model(result, force=True)
+        assert len(paths) == 4
+        assert [r.getMessage() for r in caplog.records].count(f"Saved model in {paths[0]}") == 1
+    forked = "Per-image work shared with 1 forked worker(s)" in caplog.text
+    names = sorted(p.name for p in (tmp_path / "p1").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "p2").iterdir())
+    assert len(names) == 4
+    for name in names:
+        with rdm.open(tmp_path / "p1" / name) as one, rdm.open(tmp_path / "p2" / name) as two:
+            two.validate()
+            assert two.meta.filename == name
+            np.testing.assert_array_equal(two.data, one.data)
+            np.testing.assert_array_equal(two.data, pixels[name.replace("_tweakregstep", "")])
+            np.testing.assert_array_equal(one.dq, two.dq)
+            assert one.meta.wcs(3.0, 4.0) == two.meta.wcs(3.0, 4.0)
+            assert two.meta.wcs_fit_results["nmatches"] == one.meta.wcs_fit_results["nmatches"]
+    assert forked or "other thread(s) are running" in caplog.text

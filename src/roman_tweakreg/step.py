@@ -392,7 +392,8 @@ class TweakRegStep(Step):
                         _save_one(([models[-1]], None), 0, paths[-1])
                         library.shelve(models.pop(), index, modify=False)
                 if models:
-                    with Workers(self.processes, (models, os.getpid())) as workers:
+                    processes = self.processes if len(models) > 1 else 1
+                    with Workers(processes, (models, os.getpid())) as workers:
                         workers.map(_save_one, list(enumerate(paths)))
             finally:
                 for index, member in enumerate(models):
