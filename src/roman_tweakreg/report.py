@@ -502,6 +502,11 @@ class Field:
         return format(value, self.fmt)
 
 
+def _q(row: dict, key: str) -> float | None:
+    """A quality figure of a fit row, or None."""
+    return _number((row.get("quality") or {}).get(key))
+
+
 def _shift_mas(row: dict, axis: int) -> float | None:
     shift = row.get("shift_arcsec")
     return None if not shift or shift[axis] is None else 1000.0 * shift[axis]
@@ -538,6 +543,18 @@ GROUP_FIELDS = (
           lambda r: r["rmse_mas"]),
     Field("mae_mas", "mae", "mas", ".2f", "Mean absolute residual of the fit.",
           lambda r: r["mae_mas"]),
+    Field("expected_chance", "chance", "", ".1f",
+          "Pairs chance alone would give (``quality.expected_chance``).",
+          lambda r: _q(r, "expected_chance")),
+    Field("significance", "signif.", "sigma", ".1f",
+          "How far the matches stand above chance (``quality.significance``).",
+          lambda r: _q(r, "significance")),
+    Field("rmse_over_noise", "rms/noise", "", ".2f",
+          "RMS residual over the residuals' robust core (``quality.rmse_over_noise``).",
+          lambda r: _q(r, "rmse_over_noise")),
+    Field("matched_fraction", "matched", "", ".2f",
+          "Pairs over the smaller source count in the overlap (``quality.matched_fraction``).",
+          lambda r: _q(r, "matched_fraction")),
     Field("reason", "reason", "", "s",
           "Why the fit failed or was skipped (see :doc:`troubleshooting`).",
           lambda r: r["reason"]),
@@ -605,6 +622,7 @@ def group_rows(entries: list[dict]) -> list[dict]:
             if fit.get("status") in (None, "SKIPPED") and fit.get("reason") == "not run":
                 continue
             source = {"group": group, "phase": phase, "n_images": len(members),
+                      "quality": fit.get("quality"),
                       **{k: fit.get(k) for k in _FIT_KEYS_OF_ROW}}  # fmt: skip
             key = (phase, *(json.dumps(_plain(fit.get(k))) for k in _FIT_KEYS_OF_ROW))
             if phase == "absolute" and fit.get("status") == "SUCCESS" and key in merged:

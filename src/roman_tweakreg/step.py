@@ -314,7 +314,9 @@ class TweakRegStep(Step):
                 )
             out.update(dict.fromkeys({images[i].group_id for i in members}, result))
             out.update(align.group_results(result))  # each group's own figures
-            _log_fit("Absolute", result, [images[i] for i in members], refcat.name)
+            for group in dict.fromkeys(images[i].group_id for i in members):
+                own = [images[i] for i in members if images[i].group_id == group]
+                _log_fit("Absolute", out[group], own, refcat.name)
         return out
 
     def _save_refcat(self, refcat, epoch) -> None:
