@@ -35,8 +35,10 @@ What it does, per size (``--exposures`` may be a comma-separated list):
    with the same subprocess / RSS / WCS protocol.
 
 The medians over ``--repeat`` runs are reported (wall time, phases, peak RSS); the error
-is the worst over all runs.  By default no output files are written (``save_results``
-False for both implementations); ``--save`` makes both write their outputs and times that.
+is the worst over all runs.  Both implementations write their output files, as ``strun``
+users run them (``save_results``), and the saving is timed; ``--no-save`` leaves it out.
+Our step's time is also given per stage (``stages_s``: catalogs, relative, absolute,
+update, save and other; see ``STAGES``).
 
 The JSON goes to stdout (and ``--json-out``); a summary table goes to stderr.  Step logs of
 every run are kept in ``<workdir>/<size>/logs/``.
@@ -79,6 +81,16 @@ OURS_PHASES = (
     ("update", "roman_tweakreg.step:TweakRegStep", "_write"),
     ("save", "roman_tweakreg.step:TweakRegStep", "save_model"),
 )
+
+#: Stages of a run as the step's log names them, made of the phases above.
+STAGES = {
+    "catalogs": ("open", "catalogs", "plane"),
+    "relative": ("relative",),
+    "absolute": ("footprint", "refcat", "absolute"),
+    "update": ("wcs", "update"),
+    "save": ("save",),
+    "other": ("other",),
+}
 
 
 # ----------------------------------------------------------------------------------------
@@ -208,6 +220,7 @@ def worker(spec_path: Path) -> int:
     status = dump_wcs(result, Path(spec["wcs_out"]))
     phases = dict(timer.totals)
     phases["other"] = call_s - sum(phases.values())
+    stages = {name: sum(phases.get(p, 0.0) for p in parts) for name, parts in STAGES.items()}
     out = {
         "implementation": "roman_tweakreg",
         "version": _version(),
@@ -218,6 +231,7 @@ def worker(spec_path: Path) -> int:
         "loadavg_1min_before": load_before,
         "import_s": import_s,
         "phases_s": phases,
+        "stages_s": stages,
         "phases_missing": missing,
         "peak_rss_mb": peak,
         "peak_rss_before_call_mb": rss_before,
@@ -415,10 +429,13 @@ def summarize(runs: list[dict], truths: dict) -> dict:
         "status_counts": {s: list(first["status"].values()).count(s)
                           for s in sorted(set(first["status"].values()))},
     }
-    if "phases_s" in first:
-        names = sorted({p for r in runs for p in r["phases_s"]})
-        out["phases_s"] = {p: statistics.median(r["phases_s"].get(p, 0.0) for r in runs)
-                           for p in names}
+    for key in ("phases_s", "stages_s"):
+        if key in first:
+            names = list(dict.fromkeys(p for r in runs for p in r[key]))
+            out[key] = {p: statistics.median(r[key].get(p, 0.0) for r in runs) for p in names}
+    if "stages_s" in out:  # the alignment itself, to compare saving with
+        out["align_s"] = sum(out["stages_s"][k] for k in ("catalogs", "relative", "absolute",
+                                                          "update"))
     for key in ("phases_missing", "version", "src_digest", "parameters", "profile"):
         if key in first:
             out[key] = first[key]
@@ -464,7 +481,7 @@ def bench_size(n_exp: int, args, root: Path) -> dict:
 def _table(results: list[dict]) -> str:
     head = (f"{'images':>6} {'ours s':>8} {'romancal s':>10} {'ratio':>6} "
             f"{'ours MB':>8} {'romancal MB':>11} {'ours mas':>9} {'romancal mas':>12} "
-            f"{'ours cpu s':>10} {'romancal cpu s':>14}")
+            f"{'ours cpu s':>10} {'romancal cpu s':>14} {'ours align s':>12} {'ours save s':>11}")
     lines = [head]
     for r in results:
         o, t = r.get("ours", {}), r.get("romancal", {})
@@ -477,7 +494,8 @@ def _table(results: list[dict]) -> str:
                      f"{ratio:>6} {f(o, 'peak_rss_mb', '8.0f'):>8} "
                      f"{f(t, 'peak_rss_mb', '11.0f'):>11} {f(o, 'max_error_mas', '9.3f'):>9} "
                      f"{f(t, 'max_error_mas', '12.3f'):>12} {f(o, 'cpu_s', '10.2f'):>10} "
-                     f"{f(t, 'cpu_s', '14.2f'):>14}")
+                     f"{f(t, 'cpu_s', '14.2f'):>14} {f(o, 'align_s', '12.2f'):>12} "
+                     f"{f(o.get('stages_s', {}), 'save', '11.2f'):>11}")
     return "\n".join(lines)
 
 
@@ -500,8 +518,9 @@ def main(argv=None) -> int:
     parser.add_argument("--full-arrays", action="store_true",
                         help="write realistic 4088 x 4088 pixel arrays (slow to write; the "
                              "dataset is reused by later runs with the same --workdir)")
-    parser.add_argument("--save", action="store_true",
-                        help="let both implementations write their output files (timed)")
+    parser.add_argument("--no-save", action="store_false", dest="save",
+                        help="do not write output files (by default both implementations "
+                             "write them, as strun does, and the saving is timed)")
     parser.add_argument("--workdir", default=None,
                         help="folder for datasets, logs and outputs (default: a new temp dir)")
     parser.add_argument("--compare-romancal", nargs="?", const=DEFAULT_ROMANCAL_PYTHON,

@@ -6,3 +6,23 @@ extensions = ["sphinx.ext.autodoc", "sphinx.ext.napoleon"]
 exclude_patterns = ["_build"]
 html_theme = "alabaster"
 nitpicky = False
+
+
+def setup(app):
+    """``.. report-fields:: fits`` (or ``images``): the report's columns, from their declaration."""
+    from docutils import nodes
+    from docutils.parsers.rst import Directive
+    from docutils.statemachine import StringList
+
+    from roman_tweakreg.report import fields_rst
+
+    class ReportFields(Directive):
+        required_arguments = 1
+
+        def run(self):
+            node = nodes.container()
+            lines = StringList(fields_rst(self.arguments[0]).splitlines(), source="report.py")
+            self.state.nested_parse(lines, self.content_offset, node)
+            return node.children
+
+    app.add_directive("report-fields", ReportFields)

@@ -43,6 +43,10 @@ def test_benchmark_smoke(tmp_path):
     assert ours["peak_rss_mb"] >= ours["peak_rss_before_call_mb"] > 0
     assert ours["phases_missing"] == []
     assert {"catalogs", "absolute", "other"} <= set(ours["phases_s"])
+    # saved as strun users run it, timed in its own stage
+    assert list(ours["stages_s"]) == ["catalogs", "relative", "absolute", "update", "save", "other"]
+    assert ours["stages_s"]["save"] > 0
+    assert result["save"] is True
     assert ours["images_without_wcs"] == []
     assert ours["status_counts"] == {"COMPLETE": 2}
     assert ours["max_error_mas"] < 1.0

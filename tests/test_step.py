@@ -171,11 +171,14 @@ def test_invalid_parameters_are_rejected(pars, message):
         TweakRegStep.call(exposures[0].models[0], **pars)
 
 
-def test_invalid_fitgeometry_rejected_by_spec():
-    from stpipe.exceptions import ValidationError
-
-    with pytest.raises(ValidationError, match="fitgeometry"):
-        TweakRegStep(fitgeometry="affine")
+@pytest.mark.parametrize("name", ["fitgeometry", "abs_fitgeometry"])
+def test_invalid_fitgeometry_lists_the_accepted_values(name):
+    exposures, _ = make_data(1, detectors=("WFI01",))
+    with pytest.raises(
+        InvalidParameterError,
+        match=rf"^{name}='affine': expected one of shift, rshift, rscale, general$",
+    ):
+        TweakRegStep.call(exposures[0].models[0], **{name: "affine"})
 
 
 def test_missing_catalog_file_names_image_and_paths(tmp_path):

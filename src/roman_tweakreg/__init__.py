@@ -24,6 +24,7 @@ from .errors import (
     TweakRegError,
 )
 from .library import ModelLibrary
+from .report import fit_results_table
 from .step import TweakRegStep
 
 __all__ = [
@@ -39,4 +40,5 @@ __all__ = [
     "TweakRegError",
     "TweakRegStep",
     "__version__",
+    "fit_results_table",
 ]

@@ -88,11 +88,14 @@ class CatalogSource:
         Human description for messages (``catfile line 3``, ``meta.tweakreg_catalog``...).
     base_dirs : tuple of Path
         Folders in which a relative file name is looked up, in order.
+    hint : str
+        Added to the message when the file is not found.
     """
 
     value: Any
     origin: str
     base_dirs: tuple = ()
+    hint: str = ""
 
     def candidates(self) -> list[Path]:
         """The paths where a file name is looked for, in order."""
@@ -259,6 +262,7 @@ def read_catalog(source: CatalogSource, image: str, catalog_format: str = "ascii
         raise MissingCatalogError(
             f"{image}: catalog named by {source.origin} does not exist; tried "
             + ", ".join(str(p) for p in source.candidates())
+            + source.hint
         )
     try:
         return _read_table(found, catalog_format)
@@ -455,6 +459,16 @@ def _catalog_source(
             "use_custom_catalogs is False; run with use_custom_catalogs=True to use it",
             name or f"image {index}",
             wanted,
+        )
+    value = getattr(source, "value", None)
+    if model_dir is None and isinstance(value, str) and not Path(value).is_absolute():
+        source.hint = (
+            f". {name or 'The model'} was given as an in-memory model, whose folder is not "
+            "known (or in a library that does not give it): a relative catalog name is "
+            "looked up in the current folder. Give the step the model's file name instead, "
+            "or make the catalog name absolute "
+            f"(e.g. {source.origin.replace('meta.', 'model.meta.')} = "
+            "str(folder / name))"
         )
     return source
 

@@ -1,27 +1,24 @@
-"""The ``roman-tweakreg`` command: ``example``, ``report``, ``plot`` and ``batch``.
+"""The roman-tweakreg command: align Roman WFI images and look at the results.
 
-``roman-tweakreg example [--out DIR] [--detectors N]``
-    Simulate a dithered WFI exposure pair, align it, print residuals.
-``roman-tweakreg report PATH... [--json FILE]``
-    Print the fit results stored in output files (one row per file).
-``roman-tweakreg plot PATH... [--inputs PATH...] [--refcat FILE] [--out DIR]``
-    Write residual figures (PNG) and print their paths.
-``roman-tweakreg batch INPUT... --output-dir DIR [--scheduler ADDRESS | --workers N]``
-``[--resume] [--par name=value ...]``
-    Align many associations as tasks on a Dask cluster (see docs/batch.rst).
+commands:
+  example   simulate a dithered WFI exposure pair, align it, print residuals
+  report    print the fit results stored in output files (a row per fit, then per file)
+  plot      write residual figures (PNG) and print their paths
+  asn       write an association (JSON) listing input files, to give to the step
+  batch     align many associations as tasks on a Dask cluster (see docs/batch.rst)
 
-PATH is an output ASDF file, an association JSON file listing output files, or
-a folder of output files.
+Align files with: strun roman_tweakreg.TweakRegStep asn.json
+(or python -m roman_tweakreg COMMAND ...). 'roman-tweakreg COMMAND --help' tells more.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import signal
 import sys
 import threading
-from contextlib import contextmanager
 
 from .errors import TweakRegError
 
@@ -35,28 +32,98 @@ _PATHS_HELP = (
 )
 
 
+def _loudness(parser: argparse.ArgumentParser, default=False) -> None:
+    """-q / -v, accepted before and after the command."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("-v", "--verbose", action="store_true", default=default, help="log progress")
+    group.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        default=default,
+        help="print only warnings, errors and results",
+    )
+
+
+def _detectors(text: str) -> int:
+    """``--detectors``: an integer from 1 to 18."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= 18:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number from 1 to 18")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(
         prog="roman-tweakreg",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = parser.add_subparsers(dest="command", required=True)
+    _loudness(parser)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    ex = sub.add_parser("example", help="simulate a WFI exposure pair, align it, print residuals")
-    ex.add_argument("--out", default="tweakreg_example", help="folder for the example files")
-    ex.add_argument("--detectors", type=int, default=18, help="detectors per exposure (1-18)")
+    ex = sub.add_parser(
+        "example",
+        help="simulate a WFI exposure pair, align it, print residuals",
+        description="Simulate 2 dithered WFI exposures (8 x 8 pixel stand-in images with "
+        "source catalogs and a Gaia-like reference catalog), align them with the step "
+        "as strun does, and print each image's error against the true WCS.",
+    )
+    _loudness(ex, argparse.SUPPRESS)
+    ex.set_defaults(run=_example, logs_itself=True)  # stpipe configures its logging
+    ex.add_argument(
+        "--out",
+        default="tweakreg_example",
+        help="folder for the example files: empty, new, or an earlier example's "
+        "(default: tweakreg_example)",
+    )
+    ex.add_argument("--detectors", type=_detectors, default=18, help="detectors per exposure, 1-18")
 
-    rep = sub.add_parser("report", help="print the fit results stored in output files")
+    rep = sub.add_parser(
+        "report",
+        help="print the fit results stored in output files",
+        description="Print the fit results stored in output files: one row per exposure "
+        "group and phase (its correction and fit quality), then one row per file.",
+    )
+    _loudness(rep, argparse.SUPPRESS)
+    rep.set_defaults(run=_report)
     rep.add_argument("paths", nargs="+", metavar="PATH", help=_PATHS_HELP)
+    rep.add_argument(
+        "--format",
+        choices=("table", "csv", "json"),
+        default="table",
+        help="how to print the results (default: table)",
+    )
     rep.add_argument(
         "--json",
         metavar="FILE",
         default=None,
-        help="also write the results as a JSON report (see docs/report.rst)",
+        help="also write the whole JSON report to FILE (see the report page of the docs)",
     )
 
+    asn = sub.add_parser(
+        "asn",
+        help="write an association (JSON) listing input files",
+        description="Write a Roman association listing FILEs (paths relative to the "
+        "association's folder), to align them together: "
+        "strun roman_tweakreg.TweakRegStep asn.json",
+    )
+    _loudness(asn, argparse.SUPPRESS)
+    asn.set_defaults(run=_asn)
+    asn.add_argument("files", nargs="+", metavar="FILE", help="input ASDF files")
+    asn.add_argument("-o", "--output", default="asn.json", metavar="ASN", help="default: asn.json")
+    asn.add_argument("--product", default=None, help="product name (default: the ASN stem)")
+    asn.add_argument("--force", action="store_true", help="replace an existing ASN file")
+
     plot = sub.add_parser("plot", help="write residual figures (PNG) of aligned output files")
+    _loudness(plot, argparse.SUPPRESS)
+    plot.set_defaults(run=_plot)
     plot.add_argument("paths", nargs="+", metavar="PATH", help=_PATHS_HELP)
     plot.add_argument(
         "--inputs",
@@ -96,7 +163,6 @@ def _parser() -> argparse.ArgumentParser:
         metavar="N",
         help="largest number of residual vectors drawn per panel (default: 5000)",
     )
-    plot.add_argument("-v", "--verbose", action="store_true", help="log per-file progress")
     _add_batch_parser(sub)
     return parser
 
@@ -109,6 +175,8 @@ def _add_batch_parser(sub) -> None:
         "DIR/<association>/, the summary to DIR/batch_summary.ecsv. Exit status 1 when an "
         "association FAILED.",
     )
+    _loudness(batch, argparse.SUPPRESS)
+    batch.set_defaults(run=_batch)
     batch.add_argument(
         "inputs",
         nargs="+",
@@ -146,6 +214,52 @@ def _add_batch_parser(sub) -> None:
         metavar="NAME=VALUE",
         help="a TweakRegStep parameter (repeat for more), e.g. --par abs_refcat=GAIADR3",
     )
+
+
+def _example(args) -> int:
+    from .example import run_example
+
+    return run_example(args.out, n_detectors=args.detectors, verbosity=_verbosity(args))
+
+
+def _verbosity(args) -> int:
+    return -1 if args.quiet else 1 if args.verbose else 0
+
+
+def _report(args) -> int:
+    from .report import format_report, read_results, summarize, write_report
+
+    entries = read_results(args.paths)
+    print(format_report(entries, args.format))
+    if args.json:
+        path = write_report(summarize(entries), args.json)
+        if not args.quiet:
+            print(f"Wrote {path}", file=sys.stderr)
+    return 0
+
+
+def _asn(args) -> int:
+    from .library import write_association
+
+    path = write_association(args.files, args.output, product=args.product, overwrite=args.force)
+    print(path)
+    return 0
+
+
+def _plot(args) -> int:
+    from .plots import make_plots
+
+    paths = make_plots(
+        args.paths,
+        inputs=args.inputs,
+        refcat=args.refcat,
+        out_dir=args.out,
+        match_radius=args.match_radius,
+        max_vectors=args.max_vectors,
+    )
+    for path in paths:
+        print(path)
+    return 0
 
 
 def _batch(args) -> int:
@@ -190,42 +304,13 @@ def _batch(args) -> int:
     return 1 if "FAILED" in list(table["status"]) else 0
 
 
-def _report(args) -> int:
-    from .report import format_table, read_results, summarize, write_report
-
-    entries = read_results(args.paths)
-    print(format_table(entries))
-    if args.json:
-        path = write_report(summarize(entries), args.json)
-        print(f"Wrote {path}")
-    return 0
-
-
-def _plot(args) -> int:
-    from .plots import make_plots
-
-    if args.verbose:
-        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    paths = make_plots(
-        args.paths,
-        inputs=args.inputs,
-        refcat=args.refcat,
-        out_dir=args.out,
-        match_radius=args.match_radius,
-        max_vectors=args.max_vectors,
-    )
-    for path in paths:
-        print(path)
-    return 0
-
-
 class _Terminated(KeyboardInterrupt):
     """SIGTERM received: raised as an interrupt, so that cleanup code runs."""
 
     signum = signal.SIGTERM
 
 
-@contextmanager
+@contextlib.contextmanager
 def _terminate_as_interrupt():
     """Meanwhile, SIGTERM raises an interrupt (main thread only); restored after."""
     if threading.current_thread() is not threading.main_thread():
@@ -252,8 +337,11 @@ def main(argv: list[str] | None = None) -> int:
     """
     args = _parser().parse_args(argv)
     try:
-        with _terminate_as_interrupt():
-            return _run(args)
+        with _terminate_as_interrupt(), _logging(args):
+            return args.run(args)
+    except TweakRegError as err:
+        print(f"roman-tweakreg {args.command}: error: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt as err:
         signum = getattr(err, "signum", signal.SIGINT)
         print(
@@ -263,22 +351,27 @@ def main(argv: list[str] | None = None) -> int:
         return 128 + signum
 
 
-def _run(args) -> int:
-    if args.command == "example":
-        from .example import run_example
+@contextlib.contextmanager
+def _logging(args):
+    """Show this package's messages at the level asked for (-v: INFO) on stderr, in the block.
 
-        return run_example(args.out, n_detectors=args.detectors)
+    The handler and level are removed afterwards: no logging state outlives ``main``.
+    """
+    if getattr(args, "logs_itself", False):
+        yield
+        return
+    logger = logging.getLogger("roman_tweakreg")
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    handler.setLevel(logging.INFO if args.verbose else logging.WARNING)
+    previous = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(min(handler.level, previous or logging.WARNING))
     try:
-        if args.command == "report":
-            return _report(args)
-        if args.command == "plot":
-            return _plot(args)
-        if args.command == "batch":
-            return _batch(args)
-    except TweakRegError as err:
-        print(f"roman-tweakreg {args.command}: error: {err}", file=sys.stderr)
-        return 1
-    return 2  # pragma: no cover
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(previous)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,51 +1,130 @@
-"""``roman-tweakreg example``: simulate a dithered WFI exposure pair, align it, print residuals."""
+"""``roman-tweakreg example``: simulate a dithered WFI exposure pair, align it, print residuals.
+
+The images are 8 x 8 pixel stand-ins for the 4088 x 4088 detectors (the step reads
+only their metadata, WCS and source catalogs), each with its catalog file, plus a
+Gaia-like reference catalog.
+"""
 
 from __future__ import annotations
 
+import json
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
 from . import simulate
+from .errors import InvalidParameterError
 
 __all__ = ["run_example"]
 
+#: File marking a folder as made by ``roman-tweakreg example``.
+MARKER = ".roman-tweakreg-example"
+_PARTS = ("inputs", "outputs")
+
+
+def _claim(out: Path) -> None:
+    """Make ``out`` the example's folder: new, empty, or an earlier example's.
+
+    Raises
+    ------
+    InvalidParameterError
+        When ``out`` is a file, or a non-empty folder the example did not make.
+    """
+    if out.exists() and not out.is_dir():
+        raise InvalidParameterError(f"--out {out}: is a file, expected a folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file():
+        raise InvalidParameterError(
+            f"--out {out}: folder is not empty and was not made by roman-tweakreg example; "
+            "give a new or empty folder"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text(json.dumps({"made_by": "roman-tweakreg example"}) + "\n")
+
 
 def run_example(
-    out: str | Path = "tweakreg_example", *, n_detectors: int = 18, seed: int = 2028
+    out: str | Path = "tweakreg_example",
+    *,
+    n_detectors: int = 18,
+    seed: int = 2028,
+    verbosity: int = 0,
 ) -> int:
     """Generate the example data set in ``out``, run the step as ``strun`` does, print a table.
+
+    ``out`` must be new, empty, or the folder of an earlier example, whose ``inputs``
+    and ``outputs`` are replaced (nothing else in it is touched).  Files are made in
+    a temporary folder inside ``out`` and moved into place once the step has run, so
+    an interrupted run leaves the earlier example as it was.
+
+    Parameters
+    ----------
+    out : path
+        The example's folder.
+    n_detectors : int
+        Detectors per exposure, 1 to 18.
+    seed : int
+        Seed of the simulation.
+    verbosity : int
+        -1: the step logs warnings only and the progress lines are not printed;
+        0: the step logs as strun does (INFO); 1: DEBUG (tweakwcs's own lines too).
 
     Returns
     -------
     int
         0 when every image was aligned to better than 1 mas, else 1.
+
+    Raises
+    ------
+    InvalidParameterError
+        For ``n_detectors`` out of range, or an ``out`` that is not the example's.
     """
     import roman_datamodels.datamodels as rdm
     from stpipe import Step
 
+    if (
+        isinstance(n_detectors, bool)
+        or not isinstance(n_detectors, int)
+        or not (1 <= n_detectors <= len(simulate.DETECTORS))
+    ):
+        raise InvalidParameterError(
+            f"n_detectors={n_detectors!r}: expected a whole number from 1 to "
+            f"{len(simulate.DETECTORS)}"
+        )
     out = Path(out)
+    _claim(out)
+    say = print if verbosity >= 0 else (lambda *a, **k: None)
+    level = {-1: "WARNING", 0: "INFO", 1: "DEBUG"}[max(-1, min(1, verbosity))]
     detectors = simulate.DETECTORS[:n_detectors]
-    t0 = time.perf_counter()
-    exposures, stars = simulate.make_dataset(2, detectors=detectors, seed=seed)
-    asn = simulate.write_dataset(exposures, stars, out / "inputs")
-    print(
-        f"Simulated 2 exposures x {len(detectors)} detectors, "
-        f"{sum(len(c) for e in exposures for c in e.catalogs)} sources, "
-        f"Gaia-like catalog of {len(stars)} stars at epoch 2016.0 "
-        f"in {time.perf_counter() - t0:.1f} s -> {asn}"
+    with tempfile.TemporaryDirectory(dir=out, prefix=".partial-") as tmp:
+        work = Path(tmp)
+        t0 = time.perf_counter()
+        exposures, stars = simulate.make_dataset(2, detectors=detectors, seed=seed)
+        asn = simulate.write_dataset(exposures, stars, work / "inputs")
+        say(
+            f"Simulated 2 exposures x {len(detectors)} detectors (8 x 8 pixel stand-in "
+            f"images with catalogs), {sum(len(c) for e in exposures for c in e.catalogs)} "
+            f"sources, Gaia-like catalog of {len(stars)} stars at epoch 2016.0 "
+            f"in {time.perf_counter() - t0:.1f} s"
+        )
+        t0 = time.perf_counter()
+        Step.from_cmdline(
+            [  # exactly what `strun roman_tweakreg.TweakRegStep ...` does
+                "roman_tweakreg.TweakRegStep",
+                str(asn),
+                f"--abs_refcat={work / 'inputs' / 'gaia.ecsv'}",
+                f"--output_dir={work / 'outputs'}",
+                f"--log-level={level}",
+            ]
+        )
+        for part in _PARTS:  # the earlier example's files, replaced whole
+            shutil.rmtree(out / part, ignore_errors=True)
+            (work / part).rename(out / part)
+    say(
+        f"TweakRegStep ran in {time.perf_counter() - t0:.1f} s; inputs in {out / 'inputs'}, "
+        f"outputs in {out / 'outputs'}"
     )
-    t0 = time.perf_counter()
-    Step.from_cmdline(
-        [  # exactly what `strun roman_tweakreg.TweakRegStep ...` does
-            "roman_tweakreg.TweakRegStep",
-            str(asn),
-            f"--abs_refcat={out / 'inputs' / 'gaia.ecsv'}",
-            f"--output_dir={out / 'outputs'}",
-        ]
-    )
-    print(f"TweakRegStep ran in {time.perf_counter() - t0:.1f} s; outputs in {out / 'outputs'}")
     header = (
         f"{'exposure':>8} {'detector':>8} {'before [mas]':>12} {'after [mas]':>11} "
         f"{'nmatches':>8}  status"

@@ -55,6 +55,7 @@ __all__ = [
     "member",
     "member_dir",
     "open_library",
+    "write_association",
 ]
 
 _ROMAN_STEM = re.compile(r"^(r\d+_\d+)_wfi\d\d", re.IGNORECASE)
@@ -456,3 +457,67 @@ def _check_model_names(models: list) -> None:
                 "each model its own meta.filename"
             )
         seen[key] = index
+
+
+def write_association(
+    files: Iterable[str | Path],
+    path: str | Path = "asn.json",
+    *,
+    product: str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write a Roman association listing ``files``, to align them together.
+
+    Members are ``{"expname": <path relative to the association's folder>, "exptype":
+    "science"}`` in the order given; the step groups them by exposure from their
+    metadata.  The file is what :func:`load_association` reads.
+
+    Parameters
+    ----------
+    files : iterable of path
+        Input ASDF files; each must exist.
+    path : path
+        The association file to write (written whole or not at all).
+    product : str, optional
+        Product name; default: the association's file stem.
+    overwrite : bool
+        Replace an existing file.
+
+    Returns
+    -------
+    pathlib.Path
+        The association written.
+
+    Raises
+    ------
+    MissingInputError
+        Naming a file that does not exist.
+    TweakRegError
+        When ``path`` exists and ``overwrite`` is False, or no file is given.
+    """
+    import os
+
+    from ._io import write_atomically
+
+    path = Path(path)
+    files = [Path(f) for f in files]
+    if not files:
+        raise TweakRegError(f"{path}: an association needs at least one file")
+    if path.exists() and not overwrite:
+        raise TweakRegError(f"{path}: already exists; give another name or --force to replace it")
+    for f in files:
+        if not f.is_file():
+            raise MissingInputError(f"{f}: input file does not exist")
+    folder = path.resolve().parent
+    members = [
+        {"expname": Path(os.path.relpath(f.resolve(), folder)).as_posix(), "exptype": "science"}
+        for f in files
+    ]
+    asn = {
+        "asn_type": "image",
+        "asn_rule": "roman_tweakreg_asn",
+        "asn_pool": "",
+        "products": [{"name": product or path.stem, "members": members}],
+    }
+    text = json.dumps(asn, indent=2) + "\n"
+    return write_atomically(path, lambda p: p.write_text(text, encoding="utf-8"))

@@ -466,7 +466,7 @@ def _focal_plane(images, residuals, out_dir, max_vectors, rng, title_ref):
                     marker=r"$\rightarrow$",
                     markersize=14,
                     linestyle="none",
-                    label=f"group {group}: {vec.shape[0]} matches, "
+                    label=f"group {group}: {vec.shape[0]} pairs, "
                     f"rms {_rms(np.hypot(*vec.T)):.3g} mas",
                 )
             )
@@ -538,7 +538,9 @@ def _histograms(residuals, out_dir, title_ref):
             )
         ax.set_xlabel("residual (source - reference) [mas]")
         ax.set_ylabel("number of matched sources")
-        ax.set_title(f"{label}: {finite.shape[0]} matches")
+        ax.set_title(f"{label}: {finite.shape[0]} nearest-neighbour pairs")
+        # headroom above the highest bin, so that the legend never covers a peak
+        ax.set_ylim(0, ax.get_ylim()[1] * 1.45)
         ax.legend(loc="upper right", fontsize="small")
     fig.suptitle(f"Residuals against {title_ref}")
     return _savefig(fig, out_dir / "residual_histograms.png")
@@ -669,9 +671,10 @@ def make_plots(
         )
     for r in residuals:
         log.info(
-            "%s: %d matches to %s, rms after %.3f mas%s",
+            "%s: %d nearest-neighbour pairs within %g arcsec of %s, rms after %.3f mas%s",
             r.file,
             r.after.shape[0],
+            match_radius,
             r.reference,
             _rms(np.hypot(*r.after.T)),
             "" if r.before is None else f", before {_rms(np.hypot(*r.before.T)):.3f} mas",

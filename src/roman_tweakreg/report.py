@@ -16,13 +16,16 @@ See ``docs/report.rst``.
 from __future__ import annotations
 
 import contextlib
+import csv
 import datetime
+import io
 import json
 import logging
 import math
 import os
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +36,19 @@ from ._meta import meta_get
 from .errors import TweakRegError
 
 __all__ = [
+    "GROUP_FIELDS",
+    "IMAGE_FIELDS",
     "REPORT_SCHEMA",
+    "Field",
     "build_report",
     "expand_paths",
+    "fields_rst",
+    "fit_results_table",
+    "format_report",
     "format_table",
+    "group_rows",
     "image_entry",
+    "image_rows",
     "open_meta",
     "read_results",
     "summarize",
@@ -131,7 +142,9 @@ def image_entry(meta: Any, file: str) -> dict:
     -------
     dict
         ``file``, ``group_id``, ``status`` (``meta.cal_step.tweakreg``), ``wcs_name``,
-        then the final fit (``fit_status``, ``reason``, ``fitgeom``, ``refcat``,
+        ``catalog`` (the catalog file name, when the metadata names one), ``n_sources``
+        (its usable catalog sources, when recorded), then the
+        final fit (``fit_status``, ``reason``, ``fitgeom``, ``refcat``,
         ``nmatches``, ``rmse_mas``, ``mae_mas``, ``shift_arcsec``, ``rotation_deg``,
         ``scale``) and ``relative`` / ``absolute`` with the same fit keys per phase
         (``status`` there is the phase's own status), each with ``quality``: the
@@ -147,6 +160,8 @@ def image_entry(meta: Any, file: str) -> dict:
         "group_id": (fit or {}).get("group_id") or _group_of(meta),
         "status": str(status) if status is not None else None,
         "wcs_name": getattr(wcs, "name", None) if wcs is not None else None,
+        "catalog": _catalog_of(meta),
+        "n_sources": (fit or {}).get("n_sources"),
         "fit_status": final.pop("status"),
         **final,
     }
@@ -155,6 +170,14 @@ def image_entry(meta: Any, file: str) -> dict:
     for phase in _PHASES:
         entry[phase] = _phase_summary((fit or {}).get(phase))
     return entry
+
+
+def _catalog_of(meta: Any) -> str | None:
+    """The catalog file the image was aligned with, when named in its metadata."""
+    value = meta_get(meta, "tweakreg_catalog")
+    if not isinstance(value, str) or not value:
+        value = meta_get(meta_get(meta, "source_catalog"), "tweakreg_catalog_name")
+    return Path(value).name if isinstance(value, str) and value else None
 
 
 def _group_of(meta: Any) -> str | None:
@@ -458,3 +481,308 @@ def format_table(entries: list[dict]) -> str:
         if k == 0:
             lines.append("-" * len(lines[0]))
     return "\n".join(lines)
+
+
+# -- the report an astronomer reads: one declaration per column -------------------------------
+@dataclass(frozen=True)
+class Field:
+    """One column of ``roman-tweakreg report``, declared once for every view.
+
+    The text table, CSV, JSON and the column table of ``docs/report.rst`` are all made
+    from these declarations (a test checks the docs), so a new column is one line in
+    :data:`GROUP_FIELDS` or :data:`IMAGE_FIELDS`.
+
+    Attributes
+    ----------
+    name : str
+        Key in CSV and JSON rows.
+    header : str
+        Column heading in the text table (the unit is added in brackets).
+    unit : str
+        Unit of the value (``mas``, ``deg``) or ``''``.
+    fmt : str
+        Format specification of the value in the text table and CSV.
+    doc : str
+        One-line meaning, for the documentation.
+    get : callable
+        ``get(row)`` -> value, from a :func:`group_rows` / :func:`image_rows` source dict.
+    """
+
+    name: str
+    header: str
+    unit: str
+    fmt: str
+    doc: str
+    get: Callable[[dict], Any]
+
+    @property
+    def title(self) -> str:
+        """The heading with its unit, e.g. ``rms [mas]``."""
+        return f"{self.header} [{self.unit}]" if self.unit else self.header
+
+    def text(self, value: Any) -> str:
+        """``value`` formatted for the table (``-`` for an absent number)."""
+        if value is None or value == "":
+            return "" if self.fmt == "s" else "-"
+        return format(value, self.fmt)
+
+
+def _q(row: dict, key: str) -> float | None:
+    """A quality figure of a fit row, or None."""
+    return _number((row.get("quality") or {}).get(key))
+
+
+def _shift_mas(row: dict, axis: int) -> float | None:
+    shift = row.get("shift_arcsec")
+    return None if not shift or shift[axis] is None else 1000.0 * shift[axis]
+
+
+#: Columns of the fit rows: one per exposure group and phase (groups aligned to the
+#: reference catalog by one fit share a row).
+GROUP_FIELDS = (
+    Field("group", "group", "", "s",
+          "Exposure group(s) the fit moved; groups moved by one absolute fit share a row "
+          "(ids joined by ``+``).",
+          lambda r: r["group"]),
+    Field("phase", "phase", "", "s",
+          "``relative`` (to the other exposures) or ``absolute`` (to the reference catalog).",
+          lambda r: r["phase"]),
+    Field("n_images", "images", "", "d", "Images moved by this fit.", lambda r: r["n_images"]),
+    Field("status", "status", "", "s",
+          "The phase's status: SUCCESS, REFERENCE (the group the others were aligned to), "
+          "FAILED or SKIPPED.",
+          lambda r: r["status"]),
+    Field("refcat", "refcat", "", "s", "Reference catalog of an absolute fit.",
+          lambda r: r["refcat"]),
+    Field("nmatches", "matches", "", "d",
+          "Matched pairs the fit used (``nmatches`` of the phase in ``meta.wcs_fit_results``).",
+          lambda r: r["nmatches"]),
+    Field("shift_x_mas", "shift x", "mas", "+.2f",
+          "The fit's own correction: tangent-plane shift along x.",
+          lambda r: _shift_mas(r, 0)),
+    Field("shift_y_mas", "shift y", "mas", "+.2f", "Tangent-plane shift along y.",
+          lambda r: _shift_mas(r, 1)),
+    Field("rotation_deg", "rotation", "deg", "+.6f", "Mean rotation ``<rot>``.",
+          lambda r: r["rotation_deg"]),
+    Field("rmse_mas", "rms", "mas", ".2f", "RMS residual of the fit.",
+          lambda r: r["rmse_mas"]),
+    Field("mae_mas", "mae", "mas", ".2f", "Mean absolute residual of the fit.",
+          lambda r: r["mae_mas"]),
+    Field("expected_chance", "chance", "", ".1f",
+          "Pairs chance alone would give (``quality.expected_chance``).",
+          lambda r: _q(r, "expected_chance")),
+    Field("significance", "signif.", "sigma", ".1f",
+          "How far the matches stand above chance (``quality.significance``).",
+          lambda r: _q(r, "significance")),
+    Field("rmse_over_noise", "rms/noise", "", ".2f",
+          "RMS residual over the residuals' robust core (``quality.rmse_over_noise``).",
+          lambda r: _q(r, "rmse_over_noise")),
+    Field("matched_fraction", "matched", "", ".2f",
+          "Pairs over the smaller source count in the overlap (``quality.matched_fraction``).",
+          lambda r: _q(r, "matched_fraction")),
+    Field("reason", "reason", "", "s",
+          "Why the fit failed or was skipped (see :doc:`troubleshooting`).",
+          lambda r: r["reason"]),
+)  # fmt: skip
+
+#: Columns of the image rows: only what is the image's own.
+IMAGE_FIELDS = (
+    Field("file", "file", "", "s", "The output file.", lambda r: r["file"]),
+    Field("group", "group", "", "s", "Its exposure group (``wcs_fit_results.group_id``).",
+          lambda r: r.get("group_id")),
+    Field("status", "status", "", "s",
+          "``meta.cal_step.tweakreg``: COMPLETE, FAILED, SKIPPED (INCOMPLETE: tweakreg has "
+          "not run on the file).",
+          lambda r: r.get("status")),
+    Field("wcs_name", "wcs name", "", "s",
+          "``meta.wcs.name``: ``FIT-LVL2-<refcat>`` or ``FIT-LVL2-RELATIVE``; unchanged "
+          "when no fit applied.",
+          lambda r: r.get("wcs_name")),
+    Field("catalog", "catalog", "", "s", "The source catalog the image was aligned with.",
+          lambda r: r.get("catalog")),
+    Field("n_sources", "sources", "", "d",
+          "Its usable catalog sources (``wcs_fit_results.n_sources``).",
+          lambda r: r.get("n_sources")),
+    Field("reason", "reason", "", "s", "Why the image was not aligned, or its fits failed.",
+          lambda r: r.get("reason")),
+)  # fmt: skip
+
+_FIT_KEYS_OF_ROW = ("status", "refcat", "nmatches", "shift_arcsec", "rotation_deg", "rmse_mas",
+                    "mae_mas", "reason")  # fmt: skip
+
+
+def fields_rst(kind: str) -> str:
+    """The reST table of the report's ``fits`` or ``images`` columns (used by the docs).
+
+    Raises
+    ------
+    ValueError
+        For another ``kind``.
+    """
+    fields = {"fits": GROUP_FIELDS, "images": IMAGE_FIELDS}.get(kind)
+    if fields is None:
+        raise ValueError(f"kind={kind!r}: expected fits or images")
+    lines = [".. list-table::", "   :header-rows: 1", "", "   * - Column", "     - Meaning"]
+    for f in fields:
+        lines += [f"   * - ``{f.title}``", f"     - {f.doc} (``{f.name}`` in CSV and JSON)"]
+    return "\n".join(lines)
+
+
+def group_rows(entries: list[dict]) -> list[dict]:
+    """One row per exposure group and phase, from :func:`image_entry` dicts.
+
+    A phase that was not run for any image of the group (SKIPPED, ``not run``) has no
+    row; groups sharing one absolute fit (same result in every field) share one row.
+    Values are those of :data:`GROUP_FIELDS`, keyed by their ``name``.
+    """
+    groups: dict[str, list[dict]] = {}
+    for entry in entries:
+        if entry.get("fit_status") is not None:
+            groups.setdefault(str(entry.get("group_id")), []).append(entry)
+    rows: list[dict] = []
+    for phase in _PHASES:
+        merged: dict[tuple, dict] = {}
+        for group, members in groups.items():
+            fit = members[0][phase]
+            if fit.get("status") in (None, "SKIPPED") and fit.get("reason") == "not run":
+                continue
+            source = {"group": group, "phase": phase, "n_images": len(members),
+                      "quality": fit.get("quality"),
+                      **{k: fit.get(k) for k in _FIT_KEYS_OF_ROW}}  # fmt: skip
+            key = (phase, *(json.dumps(_plain(fit.get(k))) for k in _FIT_KEYS_OF_ROW))
+            if phase == "absolute" and fit.get("status") == "SUCCESS" and key in merged:
+                merged[key]["group"] += "+" + group
+                merged[key]["n_images"] += len(members)
+                continue
+            merged[key] = source
+            rows.append(source)
+    return [{f.name: _plain(f.get(r)) for f in GROUP_FIELDS} for r in rows]
+
+
+def image_rows(entries: list[dict]) -> list[dict]:
+    """One row per image with only its own values (see :data:`IMAGE_FIELDS`)."""
+    return [{f.name: _plain(f.get(e)) for f in IMAGE_FIELDS} for e in entries]
+
+
+def _text_table(fields: tuple[Field, ...], rows: list[dict]) -> list[str]:
+    cells = [[f.title for f in fields]]
+    cells += [[f.text(r[f.name]) for f in fields] for r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(fields))]
+    lines = []
+    for k, row in enumerate(cells):
+        parts = [
+            c.ljust(w) if f.fmt == "s" else c.rjust(w)
+            for f, c, w in zip(fields, row, widths, strict=True)
+        ]
+        lines.append("  ".join(parts).rstrip())
+        if k == 0:
+            lines.append("-" * len(lines[0]))
+    return lines
+
+
+def format_report(entries: list[dict], fmt: str = "table") -> str:
+    """Format :func:`read_results` entries as ``roman-tweakreg report`` prints them.
+
+    Parameters
+    ----------
+    entries : list of dict
+        :func:`image_entry` dicts.
+    fmt : {"table", "csv", "json"}
+        ``table``: the fit rows (:data:`GROUP_FIELDS`), then the image rows
+        (:data:`IMAGE_FIELDS`), as fixed-width text.  ``csv``: one table, a ``kind``
+        column (``fit`` or ``image``) then every field of both (empty where a field
+        does not apply); numbers unrounded.  ``json``: ``{"fields": {"fits": [...],
+        "images": [...]}, "fits": [...], "images": [...]}`` with each field's name,
+        header, unit and meaning.
+
+    Raises
+    ------
+    ValueError
+        For another ``fmt``.
+    """
+    fits, images = group_rows(entries), image_rows(entries)
+    if fmt == "table":
+        lines = ["Fits (one row per exposure group and phase):", ""]
+        lines += _text_table(GROUP_FIELDS, fits) if fits else ["(no fit recorded)"]
+        lines += ["", "Images:", "", *_text_table(IMAGE_FIELDS, images)]
+        return "\n".join(lines)
+    if fmt == "csv":
+        names = ["kind", *dict.fromkeys(f.name for f in GROUP_FIELDS + IMAGE_FIELDS)]
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=names, lineterminator="\n", restval="")
+        writer.writeheader()
+        for kind, rows in (("fit", fits), ("image", images)):
+            for row in rows:
+                writer.writerow(
+                    {"kind": kind, **{k: "" if v is None else v for k, v in row.items()}}
+                )
+        return buffer.getvalue().rstrip("\n")
+    if fmt == "json":
+        declared = {
+            kind: [
+                {"name": f.name, "header": f.header, "unit": f.unit, "doc": f.doc} for f in fields
+            ]
+            for kind, fields in (("fits", GROUP_FIELDS), ("images", IMAGE_FIELDS))
+        }
+        return json.dumps({"schema": REPORT_SCHEMA, "fields": declared, "fits": fits,
+                           "images": images}, indent=2, allow_nan=False)  # fmt: skip
+    raise ValueError(f"format={fmt!r}: expected table, csv or json")
+
+
+_TABLE_NUMBERS = (("rotation", "rotation_deg"), ("rmse", "rmse_mas"), ("mae", "mae_mas"))
+
+
+def fit_results_table(library_or_models: Any):
+    """The tweakreg outcome of each image as an astropy Table, one row per image.
+
+    Models are only read (a library's models are shelved with ``modify=False``), so it
+    can be called on the step's result directly::
+
+        result = TweakRegStep.call("asn.json")
+        table = roman_tweakreg.fit_results_table(result)
+
+    Parameters
+    ----------
+    library_or_models : ModelLibrary, ImageModel or list of ImageModel
+
+    Returns
+    -------
+    astropy.table.Table
+        Columns ``file``, ``group_id``, ``status`` (``meta.cal_step.tweakreg``),
+        ``wcs_name``, ``catalog``, ``n_sources`` (0 when not recorded), then the fit
+        that set the final WCS: ``fit_status``,
+        ``refcat``, ``nmatches``, ``shift_x``, ``shift_y`` (mas), ``rotation`` (deg),
+        ``rmse``, ``mae`` (mas) and ``reason``; then the same fit columns of each phase
+        prefixed ``relative_`` and ``absolute_``.  Missing numbers are NaN.
+    """
+    import astropy.units as u
+    from astropy.table import Table
+
+    entries = [image_entry(meta, name) for name, meta in _iter_metas(library_or_models)]
+    columns: dict[str, list] = {}
+    for entry in entries:
+        keys = ("file", "group_id", "status", "wcs_name", "catalog", "n_sources")
+        row = {k: entry.get(k) for k in keys}
+        row["n_sources"] = int(row["n_sources"] or 0)
+        final = {**entry, "status": entry["fit_status"]}
+        phases = (("", final), ("relative_", entry["relative"]), ("absolute_", entry["absolute"]))
+        for prefix, fit in phases:
+            row[prefix + ("fit_status" if not prefix else "status")] = fit.get("status")
+            row[prefix + "refcat"] = fit.get("refcat") or ""
+            row[prefix + "nmatches"] = int(fit.get("nmatches") or 0)
+            for axis, name in enumerate(("shift_x", "shift_y")):
+                value = _shift_mas(fit, axis)
+                row[prefix + name] = np.nan if value is None else value
+            for name, key in _TABLE_NUMBERS:
+                row[prefix + name] = np.nan if fit.get(key) is None else fit[key]
+            row[prefix + "reason"] = fit.get("reason") or ""
+        for key, value in row.items():
+            columns.setdefault(key, []).append("" if value is None else value)
+    table = Table(columns) if entries else Table()
+    for name in table.colnames:
+        base = name.removeprefix("relative_").removeprefix("absolute_")
+        if base in ("shift_x", "shift_y", "rmse", "mae"):
+            table[name].unit = u.mas
+        elif base == "rotation":
+            table[name].unit = u.deg
+    return table

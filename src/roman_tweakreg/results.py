@@ -165,6 +165,7 @@ def outcomes(plane, relative: dict, absolute: dict, skipped: dict[int, str], wor
         rel, abs_ = relative.get(img.group_id), absolute.get(img.group_id)
         status = image_status(rel, abs_)
         fit = fit_results_dict(rel, abs_, group_id=img.group_id, status=status, n_images=n)
+        fit["n_sources"] = 0 if img.catalog is None else len(img.catalog)  # the image's own
         name = abs_.refcat if abs_ is not None and abs_.applied else ""
         out[img.index] = (wcss.get(k), fit, status, name, img.catalog_name)
         log.info(

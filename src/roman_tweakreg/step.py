@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
+import numpy as np
 from roman_datamodels import datamodels as rdm
 from stpipe import Step, config_parser
 from stpipe.library import AbstractModelLibrary
@@ -128,8 +129,8 @@ class TweakRegStep(Step):
         use2dhist = boolean(default=True) # Find the initial offset with a 2D histogram
         separation = float(default=1.0) # Sources closer than this (arcsec) are not used in matching
         tolerance = float(default=0.7) # Matching tolerance (arcsec)
-        fitgeometry = option('shift', 'rshift', 'rscale', 'general', default='rshift') # Relative fit geometry
-        nclip = integer(min=0, default=3) # Clipping iterations of the relative fit
+        fitgeometry = string(default='rshift') # Relative fit geometry: shift, rshift, rscale or general
+        nclip = integer(default=3) # Clipping iterations of the relative fit
         sigma = float(default=3.0) # Clipping limit (x rmse) of the relative fit
         abs_refcat = string(default='GAIADR3') # Reference catalog: service name (GAIADR3...; romancal's GAIADR3_S3 is read as GAIADR3), local file, HATS folder or URL; a comma list is tried in order; '' means GAIADR3
         abs_refcat_url = string(default='') # Catalog service base URL; '' means $ASTROMETRIC_CATALOG_URL or https://gsss.stsci.edu/webservices
@@ -142,8 +143,8 @@ class TweakRegStep(Step):
         abs_use2dhist = boolean(default=True) # Find the initial absolute offset with a 2D histogram
         abs_separation = float(default=0.1) # Sources closer than this (arcsec) are not used in absolute matching
         abs_tolerance = float(default=0.7) # Absolute matching tolerance (arcsec)
-        abs_fitgeometry = option('shift', 'rshift', 'rscale', 'general', default='rshift') # Absolute fit geometry
-        abs_nclip = integer(min=0, default=3) # Clipping iterations of the absolute fit
+        abs_fitgeometry = string(default='rshift') # Absolute fit geometry: shift, rshift, rscale or general
+        abs_nclip = integer(default=3) # Clipping iterations of the absolute fit
         abs_sigma = float(default=3.0) # Clipping limit (x rmse) of the absolute fit
         on_disk = boolean(default=False) # Keep association models in temporary files between uses (large associations)
         processes = integer(min=0, default=0) # Processes for per-image work (catalogs, corrected WCS): 0 one per usable core (at most 4), 1 none forked
@@ -170,10 +171,12 @@ class TweakRegStep(Step):
         return config_parser.ConfigObj()
 
     # -- the story ------------------------------------------------------------
-    def process(self, input_data) -> ModelLibrary:
+    def process(self, input_data, *more_inputs) -> ModelLibrary:
         """Align the images of ``input_data`` and return them as a ModelLibrary.
 
-        In-memory models given as input are updated in place; files are never written to.
+        Several inputs (``strun roman_tweakreg.TweakRegStep a.asdf b.asdf``) are
+        aligned together, as the list ``[input_data, *more_inputs]``.  In-memory
+        models given as input are updated in place; files are never written to.
         """
         pars = self.get_pars()
         validate_parameters(pars)
@@ -181,7 +184,9 @@ class TweakRegStep(Step):
         refcat_name = (self.abs_refcat or DEFAULT_REFCAT).strip()
         check_refcat(refcat_name)
         self._check_output_places()
-        with gc_frozen():
+        if more_inputs:
+            input_data = _as_list(input_data) + [m for i in more_inputs for m in _as_list(i)]
+        with gc_frozen(), _tweakwcs_at_debug():
             return self._align(input_data, pars, detection, refcat_name)
 
     def _align(self, input_data, pars, detection, refcat_name) -> ModelLibrary:
@@ -206,6 +211,8 @@ class TweakRegStep(Step):
                         enforce_user_order=self.enforce_user_order,
                         expand_refcat=self.expand_refcat,
                     )
+                for group, result in relative.items():
+                    _log_fit("Relative", result, [i for i in images if i.group_id == group])
             with clock.phase("absolute"):
                 absolute = self._absolute(plane, pars, refcat_name, relative) if images else {}
             with clock.phase("update"):
@@ -317,6 +324,7 @@ class TweakRegStep(Step):
         ra, dec, radius = align.footprint_cone(plane)
         radius += abs_pars.searchrad / 3600.0
         epochs = [i.epoch for i in images if i.epoch is not None]
+        start = time.perf_counter()
         try:
             refcat = get_reference_catalog(
                 refcat_name,
@@ -334,6 +342,18 @@ class TweakRegStep(Step):
             log.warning("Absolute alignment skipped, relative alignment kept: %s", err)
             skipped = align.FitResult("SKIPPED", str(err), refcat=refcat_name)
             return dict.fromkeys({i.group_id for i in images}, skipped)
+        log.info(
+            "Reference catalog %s (%s, epoch %s): %d stars in the cone of %.4f deg "
+            "around (%.6f, %.6f), obtained in %.2f s",
+            refcat.name,
+            refcat.source or "-",
+            "unknown" if refcat.epoch is None else f"{refcat.epoch:g}",
+            len(refcat),
+            radius,
+            ra,
+            dec,
+            time.perf_counter() - start,
+        )
         for message in refcat.warnings:
             log.warning("%s", message)
         if self.save_abs_catalog:
@@ -351,6 +371,9 @@ class TweakRegStep(Step):
                 )
             out.update(dict.fromkeys({images[i].group_id for i in members}, result))
             out.update(align.group_results(result))  # each group's own figures
+            for group in dict.fromkeys(images[i].group_id for i in members):
+                own = [images[i] for i in members if images[i].group_id == group]
+                _log_fit("Absolute", out[group], own, refcat.name)
         return out
 
     def _save_refcat(self, refcat, epoch) -> None:
@@ -428,6 +451,13 @@ class TweakRegStep(Step):
         then the report (``report``) is written, saying which outputs exist, also when
         saving failed or was interrupted.
 
+        Each model is named after its ``meta.filename`` (``output_use_model``) unless
+        ``output_file`` is given: then, as in other stpipe steps, after
+        ``output_file`` with the step suffix, and the model's index when the library
+        holds several (``aligned.asdf`` gives ``aligned_tweakregstep.asdf`` for one
+        model, ``aligned_0_tweakregstep.asdf``, ``aligned_1_tweakregstep.asdf`` ... for
+        several; the WCS products ``aligned_0_wcs.asdf`` ...).
+
         Raises
         ------
         OutputError
@@ -443,33 +473,41 @@ class TweakRegStep(Step):
         output_file = output_file or self.output_file
         if not force and not self.save_results and not output_file:
             return None
-        if self.output_use_model or (output_file is None and not self.search_output_file):
-            output_file, idx = model.meta.filename, None
-        path = self.make_output_path(basepath=output_file, suffix=suffix, idx=idx, **components)
+        path = self._output_path(model, suffix, idx, output_file, components)
         name = model.meta.filename
         try:
-            write_atomically(path, model.save)
+            write_atomically(path, lambda tmp: _save(model, tmp))
         except (OSError, MemoryError) as err:
             model.meta.filename = name  # the save may have renamed it to the output
             raise OutputError(f"{path}: output not written: {_describe_write_error(err)}") from err
         log.info("Saved model in %s", path)
         return path
 
+    def _output_path(self, model, suffix, idx, output_file, components) -> str:
+        if not output_file and (self.output_use_model or not self.search_output_file):
+            output_file, idx = model.meta.filename, None
+        if idx is not None:
+            components = {"idx": idx, **components}
+        return self.make_output_path(basepath=output_file, suffix=suffix, **components)
+
     def _save_library(self, library, suffix, output_file, force, components) -> list | None:
         if not force and not self.save_results and not (output_file or self.output_file):
             return None
-        written: list = [None] * len(library)
+        n = len(library)
+        written: list = [None] * n
         try:
-            if self.output_use_model:
+            if self.output_use_model and not (output_file or self.output_file):
                 _check_output_names(library)
             with library:
-                for index in range(len(library)):
+                for index in range(n):
                     model = library.borrow(index)
+                    idx = index if n > 1 else None
                     try:
                         written[index] = self.save_model(
-                            model, idx=index, suffix=suffix, force=force, **components
-                        )
-                        self._save_wcs_product(model)
+                            model, idx=idx, suffix=suffix, output_file=output_file, force=force,
+                            **components,
+                        )  # fmt: skip
+                        self._save_wcs_product(model, idx, output_file)
                     finally:
                         library.shelve(model, index)
         except OutputError as err:
@@ -483,13 +521,13 @@ class TweakRegStep(Step):
             self._write_report(library, outputs=[None if p is None else str(p) for p in written])
         return written
 
-    def _save_wcs_product(self, model) -> None:
+    def _save_wcs_product(self, model, idx, output_file) -> None:
         """Save ``<name>_wcs.asdf``: the model's WCS as a ``WfiWcsModel`` (romancal's product)."""
         if not isinstance(model, rdm.ImageModel) or model.meta.wcs is None:
             log.info("%s: no WCS, no _wcs product", model.meta.filename)
             return
         product = rdm.WfiWcsModel.from_model_with_wcs(model)
-        self.save_model(product, suffix="wcs", force=True)
+        self.save_model(product, suffix="wcs", idx=idx, output_file=output_file, force=True)
 
 
 def _check_output_names(library) -> None:
@@ -569,6 +607,88 @@ def check_writable(folder: str | os.PathLike, what: str) -> Path:
             "nothing was aligned"
         ) from err
     return folder
+
+
+def _save(model, path) -> None:
+    """Write ``model`` to ``path``, every array in a binary block.
+
+    roman_datamodels writes arrays under 512 elements inline, as YAML lists, which
+    asdf then validates number by number; binary blocks hold the same values and
+    validate at once (a third less time for small arrays; large arrays are blocks
+    anyway).  The file is validated against the schemas on write as before.
+    """
+    model.save(path, all_array_storage="internal")
+
+
+def _as_list(item) -> list:
+    """One of several command-line inputs as a list of models or ASDF files."""
+    if isinstance(item, (list, tuple)):
+        return list(item)
+    is_json = isinstance(item, (str, Path)) and Path(item).suffix.lower() == ".json"
+    if is_json or isinstance(item, (AbstractModelLibrary, dict)):
+        raise InvalidParameterError(
+            f"several inputs given, among them the association {item}: several inputs are "
+            "aligned together only as ASDF files or models; for more, give one association "
+            "listing every file, made with: roman-tweakreg asn FILE... -o asn.json"
+        )
+    return [item]
+
+
+def _log_fit(phase: str, result: align.FitResult, images: list, refcat: str = "") -> None:
+    """Log one line summarising a group's (or a rigid set's) fit of one phase."""
+    groups = sorted({i.group_id for i in images})
+    what = f"group {groups[0]}" if len(groups) == 1 else f"groups {', '.join(groups)}"
+    target = f" to {refcat}" if refcat else ""
+    if result.status == "REFERENCE":
+        log.info("%s fit, %s (%d images): reference of the others", phase, what, len(images))
+        return
+    fit = result.fit or {}
+    if "shift" not in fit:
+        log.info(
+            "%s fit%s, %s (%d images): %d matches, %s: %s",
+            phase, target, what, len(images), result.nmatches, result.status, result.reason,
+        )  # fmt: skip
+        return
+    shift = 1000.0 * np.asarray(fit["shift"], float)
+    log.info(
+        "%s fit%s, %s (%d images): %d matches, shift (%.2f, %.2f) mas, rotation %.6f deg, "
+        "rms %.2f mas, mae %.2f mas: %s%s",
+        phase, target, what, len(images), result.nmatches, shift[0], shift[1],
+        float(fit.get("<rot>", fit.get("proper_rot", 0.0))), 1000.0 * float(fit["rmse"]),
+        1000.0 * float(fit["mae"]), result.status, f" ({result.reason})" if result.reason else "",
+    )  # fmt: skip
+
+
+class _DemoteToDebug(logging.Filter):
+    """Turn INFO records into DEBUG ones: shown only by handlers set to DEBUG."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno == logging.INFO:
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return True
+
+
+@contextmanager
+def _tweakwcs_at_debug():
+    """Demote tweakwcs's INFO lines to DEBUG for the duration of the block.
+
+    The filter is added to every ``tweakwcs`` logger and removed afterwards, so no
+    logging state outlives the call; tweakwcs's warnings are kept as they are.
+    """
+    demote = _DemoteToDebug()
+    loggers = [
+        logger
+        for name, logger in logging.Logger.manager.loggerDict.items()
+        if (name == "tweakwcs" or name.startswith("tweakwcs."))
+        and isinstance(logger, logging.Logger)
+    ]
+    for logger in loggers:
+        logger.addFilter(demote)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(demote)
 
 
 class _Clock:
