@@ -28,6 +28,7 @@ from roman_tweakreg.cli import main
 from roman_tweakreg.errors import InvalidParameterError, MissingInputError
 from roman_tweakreg.refcat import read_local_catalog
 from roman_tweakreg.refcat._plan import SkyCone, is_service_name, plan_regions, sky_cone
+from test_step_refcat import field_exposures
 
 distributed = pytest.importorskip("distributed")
 
@@ -37,23 +38,7 @@ OFFSETS = {"a1": -0.06, "a2": 0.06}
 
 
 def _exposures(seed: int, offset: float):
-    rng = np.random.default_rng(seed)
-    ra, dec, _, _ = FIELD
-    out = []
-    for k, err in enumerate([(0.5, -0.3, 0.02), (-0.3, 0.4, -0.02)]):
-        att = simulate.Attitude(ra + offset, dec, 30.0).perturbed(20.0 * k, 20.0 * k, 0.0)
-        out.append(
-            simulate.make_exposure(
-                stars(),
-                att,
-                exposure=k + 1,
-                epoch=2028.0,
-                pointing_error=err,
-                detectors=DETECTORS,
-                rng=rng,
-            )
-        )
-    return out
+    return field_exposures(seed, offset, DETECTORS)
 
 
 @pytest.fixture(scope="module")

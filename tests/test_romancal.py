@@ -19,21 +19,13 @@ from astropy.table import Table
 
 from conftest import make_data, models_of, refcat_at, truths_of
 from roman_tweakreg import TweakRegStep, simulate
+from test_step import errors_mas
 
 romancal = pytest.importorskip("romancal")
 
 from romancal.datamodels import ModelLibrary as RomancalLibrary  # noqa: E402
 
 TESTS = Path(__file__).parent
-
-
-def errors_mas(library, truths):
-    out = []
-    with library:
-        for i, model in enumerate(library):
-            out.append(simulate.wcs_difference_mas(model.meta.wcs, truths[i]))
-            library.shelve(model, i, modify=False)
-    return np.array(out)
 
 
 def small_data(folder):
@@ -106,8 +98,11 @@ def test_every_romancal_parameter_accepted(tmp_path):
     path = tmp_path / "romancal.asdf"
     RomancalStep().export_config(path)  # romancal's own defaults, as a parameter file
     with asdf.open(path) as af:
-        tree = {"class": "roman_tweakreg.TweakRegStep", "name": "TweakRegStep",
-                "parameters": dict(af["parameters"])}
+        tree = {
+            "class": "roman_tweakreg.TweakRegStep",
+            "name": "TweakRegStep",
+            "parameters": dict(af["parameters"]),
+        }
     asdf.AsdfFile(tree).write_to(path)
     step = TweakRegStep.from_config_file(str(path))
     assert (step.minobj, step.fitgeometry, step.abs_separation) == (10, "general", 1.0)
@@ -131,8 +126,14 @@ def test_exposure_pipeline_runs_our_step(monkeypatch, tmp_path):
     for model in models:
         cat = model.meta["tweakreg_catalog"]
         del model.meta["tweakreg_catalog"]
-        table = Table({"x_centroid": cat["x"] + 0.3, "y_centroid": cat["y"] - 0.3,
-                       "x_psf": cat["x"], "y_psf": cat["y"]})
+        table = Table(
+            {
+                "x_centroid": cat["x"] + 0.3,
+                "y_centroid": cat["y"] - 0.3,
+                "x_psf": cat["x"],
+                "y_psf": cat["y"],
+            }
+        )
         table["ra_centroid"], table["dec_centroid"] = model.meta.wcs(cat["x"], cat["y"])
         table["ra_psf"], table["dec_psf"] = table["ra_centroid"], table["dec_centroid"]
         catalog = rdm.ImageSourceCatalogModel.create_fake_data()
@@ -161,14 +162,10 @@ def test_exposure_pipeline_runs_our_step(monkeypatch, tmp_path):
 
 #: romancal tests expected to fail, and why.
 EXPECTED_FAILURES = {
-    "test_tweakreg_raises_attributeerror_on_missing_tweakreg_catalog":
-        "seed difference: an image without a catalog gets one by source detection",
-    "test_tweakreg_custom_catalog_via_asn_member_attribute":
-        "seed difference: use_custom_catalogs=False ignores member catalogs (with a warning)",
-    "test_tweakreg_marks_failed_when_fit_status_is_not_success":
-        "patches romancal-private do_absolute_alignment",
-    "test_tweakreg_marks_failed_when_absolute_alignment_raises":
-        "patches romancal-private do_absolute_alignment",
+    "test_tweakreg_raises_attributeerror_on_missing_tweakreg_catalog": "seed difference: an image without a catalog gets one by source detection",
+    "test_tweakreg_custom_catalog_via_asn_member_attribute": "seed difference: use_custom_catalogs=False ignores member catalogs (with a warning)",
+    "test_tweakreg_marks_failed_when_fit_status_is_not_success": "patches romancal-private do_absolute_alignment",
+    "test_tweakreg_marks_failed_when_absolute_alignment_raises": "patches romancal-private do_absolute_alignment",
     "test_tweakreg_logs_selected_catalog_file": "calls romancal-private get_tweakreg_catalog",
 }
 
@@ -183,10 +180,28 @@ def test_romancal_own_tweakreg_tests(tmp_path):
     path = [str(TESTS), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
     env = {**os.environ, "ROMAN_TWEAKREG_CACHE": "off", "PYTHONPATH": os.pathsep.join(path)}
     run = subprocess.run(
-        [sys.executable, "-m", "pytest", str(module), "-c", str(ini), "-p", "romancal_plugin",
-         "-p", "no:cacheprovider", f"--confcutdir={site.parent}", f"--rootdir={site}",
-         f"--junitxml={report}", "-q"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, check=False,
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            str(module),
+            "-c",
+            str(ini),
+            "-p",
+            "romancal_plugin",
+            "-p",
+            "no:cacheprovider",
+            f"--confcutdir={site.parent}",
+            f"--rootdir={site}",
+            f"--junitxml={report}",
+            "-q",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
     )
     outcomes = {}
     for case in ET.parse(report).getroot().iter("testcase"):

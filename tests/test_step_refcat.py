@@ -11,13 +11,14 @@ from test_step import errors_mas, metas
 DETECTORS = ("WFI01", "WFI10")
 
 
-def field_exposures(seed=4):
-    """Two dithered exposures at epoch 2028 of the service's 2016 Gaia-like field."""
+def field_exposures(seed=4, offset=0.0, detectors=DETECTORS):
+    """Two dithered exposures at epoch 2028 of the service's 2016 Gaia-like field,
+    pointed ``offset`` degrees of RA from its centre."""
     rng = np.random.default_rng(seed)
     ra, dec, _, _ = FIELD
     out = []
     for k, err in enumerate([(0.5, -0.3, 0.02), (-0.3, 0.4, -0.02)]):
-        att = simulate.Attitude(ra, dec, 30.0).perturbed(20.0 * k, 20.0 * k, 0.0)
+        att = simulate.Attitude(ra + offset, dec, 30.0).perturbed(20.0 * k, 20.0 * k, 0.0)
         out.append(
             simulate.make_exposure(
                 stars(),
@@ -25,7 +26,7 @@ def field_exposures(seed=4):
                 exposure=k + 1,
                 epoch=2028.0,
                 pointing_error=err,
-                detectors=DETECTORS,
+                detectors=detectors,
                 rng=rng,
             )
         )
@@ -128,23 +129,33 @@ def test_local_2016_catalog_with_motions_is_carried_to_2028(tmp_path):
 )
 def test_invalid_abs_refcat_fails_before_any_work(gaia_service, tmp_path, refcat, why):
     # the input does not exist either: the parameter is checked first
-    with pytest.raises(ValueError, match=rf"^Invalid 'abs_refcat' value: {why}\. 'abs_refcat' "
-                       r"must be a catalog service name \(GAIAREFCAT, GAIADR3, GAIADR2, GAIADR1\), "
-                       r"a romancal name \(GAIADR3_S3 \(read as GAIADR3\)\)"):
-        TweakRegStep.call(str(tmp_path / "missing_cal.asdf"), abs_refcat=refcat,
-                          abs_refcat_url=gaia_service.url)
+    with pytest.raises(
+        ValueError,
+        match=rf"^Invalid 'abs_refcat' value: {why}\. 'abs_refcat' "
+        r"must be a catalog service name \(GAIAREFCAT, GAIADR3, GAIADR2, GAIADR1\), "
+        r"a romancal name \(GAIADR3_S3 \(read as GAIADR3\)\)",
+    ):
+        TweakRegStep.call(
+            str(tmp_path / "missing_cal.asdf"), abs_refcat=refcat, abs_refcat_url=gaia_service.url
+        )
     assert gaia_service.requests == 0
 
 
 def test_romancal_s3_name_read_from_the_service(gaia_service, caplog):
     exposures = field_exposures()
-    result = TweakRegStep.call(models_of(exposures), abs_refcat="gaiadr3_s3",
-                               abs_refcat_url=gaia_service.url, abs_refcat_cache="off")
+    result = TweakRegStep.call(
+        models_of(exposures),
+        abs_refcat="gaiadr3_s3",
+        abs_refcat_url=gaia_service.url,
+        abs_refcat_cache="off",
+    )
     assert [q["CAT"] for q in gaia_service.queries] == ["GAIADR3"]
     assert {o[2] for o in metas(result)} == {"FIT-LVL2-GAIADR3"}
     assert errors_mas(result, truths_of(exposures)).max() < 1.0
-    assert "abs_refcat gaiadr3_s3 (romancal's S3 copy) is read from the catalog service as " \
-           "GAIADR3" in caplog.text
+    assert (
+        "abs_refcat gaiadr3_s3 (romancal's S3 copy) is read from the catalog service as "
+        "GAIADR3" in caplog.text
+    )
 
 
 def test_vo_timeout_replaces_abs_refcat_timeout(gaia_service):
@@ -153,9 +164,14 @@ def test_vo_timeout_replaces_abs_refcat_timeout(gaia_service):
     gaia_service.always, gaia_service.delay = "slow", 5.0
     exposures = field_exposures()
     start = time.perf_counter()
-    result = TweakRegStep.call(models_of(exposures), abs_refcat_url=gaia_service.url,
-                               abs_refcat_cache="off", abs_refcat_retries=0,
-                               abs_refcat_timeout=60.0, vo_timeout=0.5)
+    result = TweakRegStep.call(
+        models_of(exposures),
+        abs_refcat_url=gaia_service.url,
+        abs_refcat_cache="off",
+        abs_refcat_retries=0,
+        abs_refcat_timeout=60.0,
+        vo_timeout=0.5,
+    )
     assert time.perf_counter() - start < 5.0  # not the 60 s of abs_refcat_timeout
     absolute = [o[1]["absolute"] for o in metas(result)]
     assert {a["status"] for a in absolute} == {"SKIPPED"}
