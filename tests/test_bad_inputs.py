@@ -263,6 +263,8 @@ def test_in_memory_models_with_one_filename(dataset):
     with pytest.raises(InvalidInputError, match=r"input models 0 and 1 have the same "
                                                 r"meta\.filename 'r0000101001001001001_0001_wfi01"):
         open_library(models)
+    # nothing saved under the models' names (TweakRegStep.call without saving): accepted
+    assert len(open_library(models, named_outputs=False)) == 2
 
 
 def test_library_whose_meta_filenames_collide_is_not_saved(dataset, tmp_path, monkeypatch):

@@ -386,7 +386,7 @@ def load_association(filename) -> dict:
     return asn
 
 
-def open_library(init: Any, *, on_disk: bool = False) -> ModelLibrary:
+def open_library(init: Any, *, on_disk: bool = False, named_outputs: bool = True) -> ModelLibrary:
     """Turn any supported input into a :class:`ModelLibrary`.
 
     Parameters
@@ -396,6 +396,9 @@ def open_library(init: Any, *, on_disk: bool = False) -> ModelLibrary:
         and/or ASDF files; an association dict; or a library (returned as is).
     on_disk : bool
         Keep models in temporary files between uses (associations only).
+    named_outputs : bool
+        Whether outputs will be named after the models' ``meta.filename``: then
+        in-memory models sharing one are refused (they would write one output).
 
     Returns
     -------
@@ -424,7 +427,8 @@ def open_library(init: Any, *, on_disk: bool = False) -> ModelLibrary:
         items = list(init)
         if items and all(isinstance(i, (str, Path)) for i in items):
             return cls(_files_asn([Path(i) for i in items]), on_disk=on_disk)
-        _check_model_names(items)
+        if named_outputs:
+            _check_model_names(items)
         return cls(items)
     raise TweakRegError(
         f"unsupported input of type {type(init).__name__}: expected an ImageModel, an ASDF "

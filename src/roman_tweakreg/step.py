@@ -192,7 +192,11 @@ class TweakRegStep(Step):
     def _align(self, input_data, pars, detection, refcat_name) -> ModelLibrary:
         clock = _Clock()
         with clock.phase("catalogs"):
-            library = open_library(input_data, on_disk=self.on_disk)
+            library = open_library(
+                input_data,
+                on_disk=self.on_disk,
+                named_outputs=self._saves_outputs() and not self.output_file,
+            )
             plane, skipped, workers = self._prepare(library, detection)
         with workers:
             images = plane.images
