@@ -151,17 +151,6 @@ class ModelLibrary(AbstractModelLibrary):
         # Deliberately write nothing into the caller's models.
         return None
 
-    def member(self, index: int) -> dict:
-        """Return a copy of the association member ``index`` (``expname``, ``group_id``...)."""
-        return dict(self.asn["products"][0]["members"][index])
-
-    def member_path(self, index: int) -> Path | None:
-        """Return the absolute path of member ``index``'s file, or None for in-memory models."""
-        directory = self.asn_dir
-        if directory is None:
-            return None
-        return Path(directory) / self.asn["products"][0]["members"][index]["expname"]
-
     @property
     def asn_dir(self) -> Path | None:
         """The folder of the association file (None for a list of in-memory models)."""
