@@ -162,10 +162,18 @@ def test_exposure_pipeline_runs_our_step(monkeypatch, tmp_path):
 
 #: romancal tests expected to fail, and why.
 EXPECTED_FAILURES = {
-    "test_tweakreg_raises_attributeerror_on_missing_tweakreg_catalog": "seed difference: an image without a catalog gets one by source detection",
-    "test_tweakreg_custom_catalog_via_asn_member_attribute": "seed difference: use_custom_catalogs=False ignores member catalogs (with a warning)",
-    "test_tweakreg_marks_failed_when_fit_status_is_not_success": "patches romancal-private do_absolute_alignment",
-    "test_tweakreg_marks_failed_when_absolute_alignment_raises": "patches romancal-private do_absolute_alignment",
+    "test_tweakreg_raises_attributeerror_on_missing_tweakreg_catalog": (
+        "seed difference: an image without a catalog gets one by source detection"
+    ),
+    "test_tweakreg_custom_catalog_via_asn_member_attribute": (
+        "seed difference: use_custom_catalogs=False ignores member catalogs (with a warning)"
+    ),
+    "test_tweakreg_marks_failed_when_fit_status_is_not_success": (
+        "patches romancal-private do_absolute_alignment"
+    ),
+    "test_tweakreg_marks_failed_when_absolute_alignment_raises": (
+        "patches romancal-private do_absolute_alignment"
+    ),
     "test_tweakreg_logs_selected_catalog_file": "calls romancal-private get_tweakreg_catalog",
 }
 
