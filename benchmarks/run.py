@@ -72,9 +72,9 @@ SEED = 7
 OURS_PHASES = (
     ("open", "roman_tweakreg.step", "open_library"),
     ("catalogs", "roman_tweakreg.step:TweakRegStep", "_prepare"),
-    ("plane", "roman_tweakreg.align", "TangentPlane"),
+    ("plane", "roman_tweakreg.step", "TangentPlane"),
     ("relative", "roman_tweakreg.align", "relative_align"),
-    ("footprint", "roman_tweakreg.align", "footprint_cone"),
+    ("footprint", "roman_tweakreg.step", "footprint_cone"),
     ("refcat", "roman_tweakreg.step", "get_reference_catalog"),
     ("absolute", "roman_tweakreg.align", "absolute_align"),
     ("wcs", "roman_tweakreg.results", "outcomes"),

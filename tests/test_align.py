@@ -8,14 +8,10 @@ from astropy.table import Table
 
 from conftest import make_data, truths_of
 from roman_tweakreg import simulate
-from roman_tweakreg.align import (
-    FitParameters,
-    TangentPlane,
-    absolute_align,
-    relative_align,
-    unique_pairs,
-)
+from roman_tweakreg.align import absolute_align, relative_align
 from roman_tweakreg.catalogs import ImageCatalog, normalize_catalog
+from roman_tweakreg.matching import FitParameters, unique_pairs
+from roman_tweakreg.plane import TangentPlane
 
 ABS = FitParameters(searchrad=6.0, separation=0.1, tolerance=0.7)
 
@@ -343,7 +339,7 @@ def test_large_roll_is_matched_again_after_the_first_fit(monkeypatch):
     matcher finds: the first fit rests on a third of the stars (one detector) and is off
     by ~1 mas at the far detector, which the spread gate refuses; matching again after it
     recovers all the stars and < 0.2 mas."""
-    from roman_tweakreg import align
+    from roman_tweakreg import matching
 
     exposures, stars = make_data(1, detectors=("WFI01", "WFI09", "WFI16"), seed=4, max_roll=0.08)
     truths = truths_of(exposures)
@@ -353,7 +349,7 @@ def test_large_roll_is_matched_again_after_the_first_fit(monkeypatch):
     assert abs(result.fit["rot"][0] - 0.0735) < 0.001  # degrees
     assert errors_mas(plane, truths).max() < 0.2
 
-    monkeypatch.setattr(align, "_match_again", lambda *args: False)
+    monkeypatch.setattr(matching, "_match_again", lambda *args: False)
     once = TangentPlane(images_of(exposures))
     first = absolute_align(once, truth_positions(stars), ABS)
     assert first.status == "FAILED"
@@ -367,13 +363,13 @@ def test_relative_fit_after_a_large_roll_uses_all_the_overlap(monkeypatch):
     """Exposures 0.076 deg apart in roll: the relative fit matches again after its first
     correction and rests on three times the pairs; without that, the fit on one detector's
     pairs is refused by the spread gate."""
-    from roman_tweakreg import align
+    from roman_tweakreg import matching
 
     exposures, _ = make_data(2, detectors=("WFI01", "WFI09", "WFI16"), seed=4, max_roll=0.08)
     fitted = []
     for again in (True, False):
         if not again:
-            monkeypatch.setattr(align, "_match_again", lambda *args: False)
+            monkeypatch.setattr(matching, "_match_again", lambda *args: False)
         plane = TangentPlane(images_of(exposures))
         rel = relative_align(plane, FitParameters())
         fitted += [r for r in rel.values() if r.nmatches]  # not the reference group

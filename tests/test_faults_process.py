@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from conftest import make_data, refcat_at
-from roman_tweakreg import TweakRegStep, _io, align, catalogs, simulate
+from roman_tweakreg import TweakRegStep, _io, align, catalogs, plane, simulate
 from roman_tweakreg.errors import MissingInputError
 from roman_tweakreg.library import open_library
 
@@ -106,8 +106,8 @@ def _read_killing_its_worker(ref, *args):
 
 
 _ORIGINAL = {
-    "corrected_sky_part": align.corrected_sky_part,
-    "read_and_project": align.read_and_project,
+    "corrected_sky_part": plane.corrected_sky_part,
+    "read_and_project": catalogs.read_and_project,
 }
 
 
@@ -123,7 +123,7 @@ def _kill_at(point, monkeypatch):
 
         monkeypatch.setattr(catalogs, "members", killing_members)
     elif point == "catalogs, every worker":  # each worker dies in its first job
-        monkeypatch.setattr(align, "read_and_project", _read_killing_its_worker)
+        monkeypatch.setattr(catalogs, "read_and_project", _read_killing_its_worker)
     elif point == "between phases":
         prepare = TweakRegStep._prepare
 
@@ -144,7 +144,7 @@ def _kill_at(point, monkeypatch):
 
         monkeypatch.setattr(align, name, kill_then_align)
     elif point == "update":  # the worker dies while building its share of the WCSs
-        monkeypatch.setattr(align, "corrected_sky_part", _sky_part_killing_its_worker)
+        monkeypatch.setattr(plane, "corrected_sky_part", _sky_part_killing_its_worker)
 
 
 @pytest.mark.parametrize(

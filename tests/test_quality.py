@@ -13,16 +13,10 @@ import pytest
 
 from conftest import refcat_at
 from roman_tweakreg import TweakRegStep, simulate
-from roman_tweakreg.align import (
-    FALSE_ALARM,
-    FitParameters,
-    Quality,
-    TangentPlane,
-    absolute_align,
-    gates,
-    relative_align,
-    rigid_sets,
-)
+from roman_tweakreg.align import absolute_align, relative_align, rigid_sets
+from roman_tweakreg.matching import FitParameters
+from roman_tweakreg.plane import TangentPlane
+from roman_tweakreg.quality import FALSE_ALARM, Quality, gates
 from roman_tweakreg.results import Status, image_status
 from test_align import images_of
 

@@ -49,6 +49,7 @@ __all__ = [
     "filter_catalog",
     "load_catalog",
     "normalize_catalog",
+    "read_and_project",
     "read_catalog",
     "read_catfile",
     "update_catalog_file",
@@ -777,3 +778,12 @@ def update_catalog_file(
     except (OSError, ValueError, TypeError) as err:
         raise CatalogError(f"source catalog {path} cannot be updated: {err}") from err
     return updated
+
+
+def read_and_project(ref, source, name: str, wcs, catalog_format: str):
+    """Read an image's catalog (:func:`~roman_tweakreg.catalogs.load_catalog`) and
+    :func:`~roman_tweakreg.plane.project` it: returns the catalog, the positions and the outline."""
+    from .plane import project  # plane.py uses this module
+
+    table = load_catalog(source, name, wcs, catalog_format)
+    return (table, *project(ref, wcs, table["x"], table["y"]))

@@ -30,8 +30,8 @@ import numpy as np
 
 from ._io import write_atomically
 from ._meta import exposure_epoch
-from .align import enclosing_cone
 from .errors import TweakRegError
+from .geometry import enclosing_cone
 from .refcat import read_local_catalog
 from .report import expand_paths, open_meta
 

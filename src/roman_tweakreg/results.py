@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
-    from .align import FitResult
+    from .matching import FitResult
 
 __all__ = [
     "Status",
@@ -104,7 +104,7 @@ def fit_results_dict(
     phase's own outcome; ``n_images`` (and romancal's name for it, ``n_detector``)
     counts the images in the solve.  Lengths (shift, rmse, mae) are arcsec in the
     tangent plane, angles degrees.  ``quality`` (where a fit was made) holds the
-    :class:`~roman_tweakreg.align.Quality` figures of the group's own fit.
+    :class:`~roman_tweakreg.quality.Quality` figures of the group's own fit.
     """
     final = absolute if absolute is not None and absolute.applied else relative
     top = _phase_dict(final if final is not None else absolute)
@@ -149,7 +149,7 @@ def update_model(model, wcs, fit_results: dict, status: Status, refcat_name: str
 def outcomes(plane, relative: dict, absolute: dict, skipped: dict[int, str], workers=None) -> dict:
     """Decide what to write into each model.
 
-    ``workers`` (see :meth:`~roman_tweakreg.align.TangentPlane.corrected_wcss`) build
+    ``workers`` (see :meth:`~roman_tweakreg.plane.TangentPlane.corrected_wcss`) build
     the corrected WCSs in parallel.
 
     Returns

@@ -19,7 +19,10 @@ from . import align, catalogs, results
 from ._io import write_atomically
 from ._parallel import Workers, gc_frozen
 from .errors import InvalidParameterError, OutputError, ReferenceCatalogError
+from .geometry import footprint_cone
 from .library import open_library
+from .matching import FitParameters, FitResult
+from .plane import TangentPlane, common_plane
 from .refcat import DEFAULT_REFCAT, check_refcat, get_reference_catalog
 
 if TYPE_CHECKING:
@@ -84,8 +87,8 @@ def _detection_parameters(pars: dict):
     return params
 
 
-def _fit_parameters(pars: dict, prefix: str) -> align.FitParameters:
-    return align.FitParameters(
+def _fit_parameters(pars: dict, prefix: str) -> FitParameters:
+    return FitParameters(
         **{
             f: pars[prefix + f]
             for f in (
@@ -253,10 +256,10 @@ class TweakRegStep(Step):
                     skipped[index] = source
                     continue
                 if workers.context is None:  # the first image's plane; workers inherit it
-                    plane = align.common_plane(image.wcs, image.wcsinfo)
+                    plane = common_plane(image.wcs, image.wcsinfo)
                     workers = Workers(self.processes, plane)
                 args = (source, image.name, image.wcs, self.catalog_format)
-                jobs.append((image, workers.submit(align.read_and_project, *args)))
+                jobs.append((image, workers.submit(catalogs.read_and_project, *args)))
             for image, job in jobs:
                 image.catalog, xy, outline = job.result()
                 if catalogs.accept(image, len(library), skipped):
@@ -265,7 +268,7 @@ class TweakRegStep(Step):
         except BaseException:
             workers.close()
             raise
-        return align.TangentPlane(images, workers.context, projections), skipped, workers
+        return TangentPlane(images, workers.context, projections), skipped, workers
 
     def _write_report(self, library, outputs: list | None) -> None:
         """Write the JSON report; ``outputs`` lists each image's output path (None: none)."""
@@ -325,7 +328,7 @@ class TweakRegStep(Step):
         """Absolute alignment of each rigid set of groups; group id -> result."""
         abs_pars = _fit_parameters(pars, "abs_")
         images = plane.images
-        ra, dec, radius = align.footprint_cone(plane)
+        ra, dec, radius = footprint_cone(plane)
         radius += abs_pars.searchrad / 3600.0
         epochs = [i.epoch for i in images if i.epoch is not None]
         start = time.perf_counter()
@@ -344,7 +347,7 @@ class TweakRegStep(Step):
             )
         except ReferenceCatalogError as err:
             log.warning("Absolute alignment skipped, relative alignment kept: %s", err)
-            skipped = align.FitResult("SKIPPED", str(err), refcat=refcat_name)
+            skipped = FitResult("SKIPPED", str(err), refcat=refcat_name)
             return dict.fromkeys({i.group_id for i in images}, skipped)
         log.info(
             "Reference catalog %s (%s, epoch %s): %d stars in the cone of %.4f deg "
@@ -638,7 +641,7 @@ def _as_list(item) -> list:
     return [item]
 
 
-def _log_fit(phase: str, result: align.FitResult, images: list, refcat: str = "") -> None:
+def _log_fit(phase: str, result: FitResult, images: list, refcat: str = "") -> None:
     """Log one line summarising a group's (or a rigid set's) fit of one phase."""
     groups = sorted({i.group_id for i in images})
     what = f"group {groups[0]}" if len(groups) == 1 else f"groups {', '.join(groups)}"

@@ -137,7 +137,7 @@ def sky_cone(association: str | Path, members: list[str]) -> SkyCone:
     TweakRegError
         Naming the member file that is missing or has no usable ``meta.wcsinfo``.
     """
-    from ..align import enclosing_cone
+    from ..geometry import enclosing_cone
 
     folder = Path(association).parent
     points = np.vstack([_member_points(folder / name) for name in members])

@@ -1,0 +1,56 @@
+"""Geometry of the alignment: affine maps of the alignment plane and cones on the sphere.
+
+* :func:`affine` and :func:`affine_hull` apply a fit's correction (``matrix``,
+  ``shift``, arcsec in the alignment plane) to positions and footprints;
+* :func:`enclosing_cone` and :func:`footprint_cone` give the cone on the sky that the
+  reference catalog is fetched for (and that :mod:`roman_tweakreg.plots` and the
+  batch planner use).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+from shapely.geometry import MultiPoint
+
+if TYPE_CHECKING:
+    from .plane import TangentPlane
+
+__all__ = ["affine", "affine_hull", "enclosing_cone", "footprint_cone"]
+
+
+def affine(xy: np.ndarray, fit: dict) -> np.ndarray:
+    """Positions ``xy`` (N x 2) moved by the correction ``fit`` (``matrix``, ``shift``)."""
+    return xy @ np.asarray(fit["matrix"]).T + np.asarray(fit["shift"])
+
+
+def affine_hull(hull, fit):
+    """The convex hull of the points of ``hull`` moved by ``fit`` (see :func:`affine`)."""
+    pts = np.asarray(hull.exterior.coords) if hasattr(hull, "exterior") else np.asarray(hull.coords)
+    return MultiPoint(affine(pts, fit)).convex_hull
+
+
+def enclosing_cone(ra: np.ndarray, dec: np.ndarray) -> tuple[float, float, float]:
+    """Return ``(ra, dec, radius)`` in degrees of a cone around sky positions (degrees).
+
+    The centre is the normalised mean of the unit vectors; the radius the largest
+    angular distance from it to a position (computed on the sphere).
+    """
+    a, d = np.deg2rad(np.ravel(ra)), np.deg2rad(np.ravel(dec))
+    v = np.column_stack([np.cos(d) * np.cos(a), np.cos(d) * np.sin(a), np.sin(d)])
+    centre = v.mean(axis=0)
+    centre /= np.linalg.norm(centre)
+    radius = np.rad2deg(np.arccos(np.clip(v @ centre, -1, 1)).max())
+    ra_c = np.rad2deg(np.arctan2(centre[1], centre[0])) % 360.0
+    dec_c = np.rad2deg(np.arcsin(centre[2]))
+    return float(ra_c), float(dec_c), float(radius)
+
+
+def footprint_cone(plane: TangentPlane) -> tuple[float, float, float]:
+    """Return ``(ra, dec, radius)`` in degrees of a cone covering every image's footprint.
+
+    Footprints include the corrections found so far.
+    """
+    corners = np.vstack([np.asarray(hull.exterior.coords) for hull in plane.hulls])
+    return enclosing_cone(*plane.ref.tanp_to_world(corners[:, 0], corners[:, 1]))

@@ -1,0 +1,376 @@
+"""Matching and fitting with tweakwcs's matcher and fitter, for both alignment phases.
+
+tweakwcs does the matching (``XYXYMatch``, configured in one place:
+:meth:`FitParameters.matcher`) and the fitting (``iter_linear_fit``).  This module
+adds, for the relative and the absolute phase alike (:func:`match_and_fit`):
+
+* matches are made one-to-one (see :func:`unique_pairs`), so that a small
+  ``separation`` next to a larger ``tolerance`` cannot pair one reference
+  source with several image sources;
+* after a fit whose roll moves far sources beyond a quarter of the tolerance,
+  sources are matched again where it moved them and fitted once more;
+* a fit is applied only when it succeeded *and* its correction is plausible
+  (no source moves by more than the search radius) *and* it passes the quality
+  gates (:mod:`roman_tweakreg.quality`).  A rejected fit leaves the WCS
+  untouched and says why (:class:`FitResult`).
+
+A matching tolerance or any other matching parameter is changed in
+:class:`FitParameters` (and the step's spec that fills it).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, NamedTuple
+
+import numpy as np
+from astropy.table import Table
+from tweakwcs.linearfit import (
+    NotEnoughPointsError,
+    SingularMatrixError,
+    iter_linear_fit,
+)
+from tweakwcs.matchutils import MatchSourceConfusionError, XYXYMatch
+
+from .geometry import affine
+from .quality import Quality, gates
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+__all__ = [
+    "MIN_MATCHES",
+    "FitParameters",
+    "FitResult",
+    "Pairs",
+    "match_and_fit",
+    "unique_pairs",
+]
+
+log = logging.getLogger(__name__)
+
+#: Minimum matches each fit geometry needs.
+MIN_MATCHES = {"shift": 1, "rshift": 2, "rscale": 2, "general": 3}
+_PIXEL_SCALE = 0.11  # arcsec, WFI; sets the 2D-histogram bin size
+
+
+@dataclass(frozen=True)
+class FitParameters:
+    """Matching and fitting parameters of one alignment phase (arcsec where lengths)."""
+
+    minobj: int = 15
+    searchrad: float = 2.0
+    use2dhist: bool = True
+    separation: float = 1.0
+    tolerance: float = 0.7
+    fitgeometry: str = "rshift"
+    nclip: int = 3
+    sigma: float = 3.0
+
+    def matcher(self) -> XYXYMatch:
+        """Return tweakwcs's matcher configured with these parameters."""
+        return XYXYMatch(
+            searchrad=self.searchrad,
+            separation=self.separation,
+            use2dhist=self.use2dhist,
+            tolerance=self.tolerance,
+        )
+
+
+@dataclass
+class FitResult:
+    """Outcome of one fit for one group of images.
+
+    ``status`` is ``SUCCESS`` (correction applied), ``REFERENCE`` (the group the
+    others were aligned to), ``FAILED`` (nothing applied; ``reason`` says why)
+    or ``SKIPPED`` (not attempted; ``reason`` says why).  ``quality`` says how
+    sure the fit is (see :func:`~roman_tweakreg.quality.quality`); an absolute fit of several
+    exposure groups also has each group's own in ``group_quality`` (see
+    :func:`~roman_tweakreg.align.group_results`).
+    """
+
+    status: str
+    reason: str = ""
+    fit: dict = field(default_factory=dict)
+    nmatches: int = 0
+    group_id: str | None = None
+    refcat: str = ""
+    matched_img_idx: np.ndarray | None = None
+    quality: Quality | None = None
+    group_quality: dict[str, Quality] = field(default_factory=dict)
+    pairs: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)
+
+    @property
+    def applied(self) -> bool:
+        """Whether this fit changed the WCS."""
+        return self.status == "SUCCESS"
+
+
+def unique_pairs(ref_idx: np.ndarray, img_idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Keep only matches whose reference and image sources appear once each.
+
+    ``xyxymatch`` can pair one reference source with several image sources
+    when ``separation`` is smaller than ``tolerance``; such ambiguous pairs
+    are dropped rather than fitted.
+    """
+    ref_idx, img_idx = np.asarray(ref_idx, int), np.asarray(img_idx, int)
+    if ref_idx.size == 0:
+        return ref_idx, img_idx
+    _, rinv, rcount = np.unique(ref_idx, return_inverse=True, return_counts=True)
+    _, iinv, icount = np.unique(img_idx, return_inverse=True, return_counts=True)
+    keep = (rcount[rinv] == 1) & (icount[iinv] == 1)
+    return ref_idx[keep], img_idx[keep]
+
+
+def _match(ref_xy: np.ndarray, img_xy: np.ndarray, match: Callable, pars: FitParameters):
+    """Match two tangent-plane source lists with ``match``; return one-to-one index pairs.
+
+    When tweakwcs's own matcher runs out of room ("Number of output coordinates
+    exceeded allocation": many sources within the tolerance of one), matching is
+    tried once more with ``separation`` raised to twice the tolerance, which
+    leaves such close groups out.
+
+    Raises
+    ------
+    MatchSourceConfusionError
+        From tweakwcs, when the second try fails too (or a custom matcher fails).
+    """
+    ref_tab = Table({"TPx": ref_xy[:, 0], "TPy": ref_xy[:, 1]})
+    img_tab = Table({"TPx": img_xy[:, 0], "TPy": img_xy[:, 1]})
+    try:
+        ridx, iidx = match(ref_tab, img_tab, tp_pscale=_PIXEL_SCALE, tp_units="arcsec")
+    except MatchSourceConfusionError as err:
+        if not isinstance(match, XYXYMatch) or pars.separation >= 2 * pars.tolerance:
+            raise
+        wider = replace(pars, separation=2 * pars.tolerance)
+        log.warning(
+            "Matching ran out of room (%s); trying again with separation=%g arcsec",
+            err,
+            wider.separation,
+        )
+        ridx, iidx = wider.matcher()(ref_tab, img_tab, tp_pscale=_PIXEL_SCALE, tp_units="arcsec")
+    return unique_pairs(ridx, iidx)
+
+
+def _confusion(err: Exception, refcat_name: str = "") -> str:
+    target = f" to {refcat_name}" if refcat_name else ""
+    return (
+        f"source confusion in matching{target} (many sources within the tolerance of one "
+        f"reference source): {err}; try a smaller tolerance or a larger separation"
+    )
+
+
+class Pairs(NamedTuple):
+    """Matched positions of one or more separate matches (offset searches), fitted together.
+
+    Each field is a list with one entry per separate match: the matched reference and
+    image positions (N x 2 each, in the fit's order), the image weights of the pairs
+    (None: unweighted), ``(label, reference positions, image positions, footprint)``
+    of the search, and the matched image sources' indices into its image positions.
+    """
+
+    ref: list[np.ndarray]
+    img: list[np.ndarray]
+    weights: list[np.ndarray | None]
+    searches: list[tuple]
+    img_idx: list[np.ndarray]
+
+
+def match_and_fit(
+    find_pairs: Callable[[Callable, dict | None], Pairs],
+    all_xy: np.ndarray,
+    pars: FitParameters,
+    match: Callable,
+    nothing_to_match: str = "no pairs",
+) -> tuple[FitResult, Pairs]:
+    """Match, fit, and match and fit once more after a fit that rolls far sources away.
+
+    The one match -> fit -> re-match -> re-fit routine of both alignment phases:
+    ``find_pairs(matcher, fit)`` matches with ``matcher`` the sources moved by ``fit``
+    (None: as they are) and returns the :class:`Pairs` of their positions before
+    ``fit``.  After a fit that succeeded and moves sources far from the matched ones'
+    centre (:func:`_match_again`), the sources are matched again where it moved them
+    (:func:`_rematcher`); when that finds more pairs and their fit succeeds, it
+    replaces the first.  A second matching that fails in source confusion keeps the
+    first fit.  The correction is checked on ``all_xy`` but not applied.
+
+    Parameters
+    ----------
+    find_pairs : callable
+        ``find_pairs(matcher, fit) -> Pairs``.
+    all_xy : ndarray
+        Every source the correction would move (N x 2).
+    pars : FitParameters
+    match : callable
+        The matcher of the first matching.
+    nothing_to_match : str
+        The reason of the failure when the first matching has no search to make.
+
+    Returns
+    -------
+    (FitResult, Pairs)
+        The fit (not judged by the quality gates) and the pairs it rests on.
+
+    Raises
+    ------
+    MatchSourceConfusionError
+        From tweakwcs, when the first matching fails in source confusion.
+    """
+    pairs = find_pairs(match, None)
+    if not pairs.img:
+        return FitResult("FAILED", nothing_to_match), pairs
+    result = _fit(*_stack(pairs), all_xy, pars)
+    if result.applied and _match_again(result.fit, np.vstack(pairs.img), all_xy, pars):
+        try:
+            again = find_pairs(_rematcher(match, pars), result.fit)
+        except MatchSourceConfusionError:
+            again = None
+        if again is not None and sum(map(len, again.img)) > result.nmatches:
+            second = _fit(*_stack(again), all_xy, pars)
+            result, pairs = (second, again) if second.applied else (result, pairs)
+    return result, pairs
+
+
+def _stack(pairs: Pairs):
+    weight = None if any(w is None for w in pairs.weights) else np.concatenate(pairs.weights)
+    return np.vstack(pairs.ref), np.vstack(pairs.img), weight
+
+
+def _match_and_fit(
+    ref_xy: np.ndarray,
+    img_xy: np.ndarray,
+    pars: FitParameters,
+    match: Callable,
+    img_weight: np.ndarray | None = None,
+) -> FitResult:
+    """Match ``img_xy`` to ``ref_xy`` and fit (:func:`match_and_fit`), and check the
+    correction (nothing applied)."""
+    if len(img_xy) == 0:
+        return FitResult("FAILED", "no sources in the image catalog(s)")
+    if len(ref_xy) == 0:
+        return FitResult("FAILED", "no sources in the reference catalog")
+
+    def find_pairs(matcher, fit):
+        moved = img_xy if fit is None else affine(img_xy, fit)
+        ridx, iidx = _match(ref_xy, moved, matcher, pars)
+        weight = None if img_weight is None else img_weight[iidx]
+        return Pairs(
+            [ref_xy[ridx]], [img_xy[iidx]], [weight], [(None, ref_xy, img_xy, None)], [iidx]
+        )
+
+    try:
+        result, pairs = match_and_fit(find_pairs, img_xy, pars, match)
+    except MatchSourceConfusionError as err:
+        return FitResult("FAILED", _confusion(err))
+    result.matched_img_idx = pairs.img_idx[0]
+    result.pairs = (pairs.ref[0], pairs.img[0])
+    return result
+
+
+def _rematcher(match: Callable, pars: FitParameters) -> Callable:
+    """The matcher of the second matching: sources already moved by the first fit need
+    no offset search (no 2D histogram, search radius the tolerance); a custom matcher is
+    used as it is."""
+    if not isinstance(match, XYXYMatch):
+        return match
+    return replace(pars, searchrad=pars.tolerance, use2dhist=False).matcher()
+
+
+def _match_again(fit: dict, matched_xy: np.ndarray, all_xy: np.ndarray, pars) -> bool:
+    """Whether to match once more, with the sources moved by ``fit``.
+
+    The matcher finds one offset for all sources; when the correction moves some
+    sources differently from the matched ones' centre by more than a quarter of
+    the tolerance (a roll of a few arcseconds over the WFI field), those were
+    matched poorly or not at all, and the fit rests on the centre only.  The
+    second fit is of the original positions, with the pairs found after the first
+    correction.
+    """
+    centre = matched_xy.mean(axis=0, keepdims=True)
+    motion = affine(all_xy, fit) - all_xy - (affine(centre, fit) - centre)
+    return bool(np.hypot(*motion.T).max() > pars.tolerance / 4)
+
+
+def _fit(
+    ref_m: np.ndarray,
+    img_m: np.ndarray,
+    weight: np.ndarray | None,
+    all_xy: np.ndarray,
+    pars: FitParameters,
+) -> FitResult:
+    """Fit matched pairs with tweakwcs and check the correction on ``all_xy`` (nothing applied)."""
+    nmatches = len(img_m)
+    minobj = max(pars.minobj, MIN_MATCHES[pars.fitgeometry])
+    if nmatches < minobj:
+        return FitResult(
+            "FAILED",
+            f"not enough matches: {nmatches} found, minobj is {minobj}",
+            nmatches=nmatches,
+        )
+    try:
+        fit = iter_linear_fit(
+            ref_m,
+            img_m,
+            wuv=weight,
+            fitgeom=pars.fitgeometry,
+            nclip=pars.nclip,
+            sigma=(pars.sigma, "rmse"),
+            clip_accum=True,
+        )
+    except (NotEnoughPointsError, SingularMatrixError) as err:
+        return FitResult("FAILED", f"fit failed: {err}", nmatches=nmatches)
+    # express the correction about the tangent plane's origin
+    matrix = np.asarray(fit["matrix"], dtype=float)
+    center = np.asarray(fit["center"], dtype=float)
+    fit["shift"] = np.asarray(fit["shift"], dtype=float) + center - matrix @ center
+    fit["nmatches"] = int(np.count_nonzero(fit["fitmask"]))
+    reason = _implausible(fit, img_m, all_xy, pars.searchrad)
+    if reason:
+        return FitResult("FAILED", reason, fit=fit, nmatches=nmatches)
+    return FitResult("SUCCESS", fit=fit, nmatches=nmatches)
+
+
+def _judge(result: FitResult, q: Quality, pars: FitParameters, searchrad_name: str) -> None:
+    """Record ``q`` in ``result`` and fail it when a quality gate fails.
+
+    A gate's reason replaces any earlier one (an implausible correction made of
+    chance matches is reported as the chance matches it is); an implausible
+    correction of real matches says that a wider search would accept it.
+
+    .. warning:: Modifies ``result`` in place.
+    """
+    result.quality = q
+    reason = gates(q, pars, searchrad_name)
+    if reason:
+        result.status, result.reason = "FAILED", reason
+    elif result.reason.startswith("implausible"):
+        result.reason += (
+            f"; the matches are no chance ({q.significance:.3g} sigma): if the pointing may "
+            f"be off this much, widen {searchrad_name} (see the troubleshooting page)"
+        )
+
+
+def _implausible(fit: dict, matched_xy: np.ndarray, all_xy: np.ndarray, searchrad: float) -> str:
+    """Why a correction is implausible, or '' when it is plausible.
+
+    Plausible: it moves the centre of the matched sources by no more than
+    ``searchrad`` (the offset the matcher may find) and no source by more than
+    twice that (roll about a distant centre moves far detectors further).
+    """
+    centre = matched_xy.mean(axis=0, keepdims=True)
+    shift = float(np.hypot(*(affine(centre, fit) - centre).T)[0])
+    worst = float(np.hypot(*(affine(all_xy, fit) - all_xy).T).max())
+    if not (np.isfinite(shift) and np.isfinite(worst)):
+        return "implausible correction rejected: it is not finite"
+    if shift > searchrad:
+        return (
+            f"implausible correction rejected: it would shift the matched sources by "
+            f"{shift:.3g} arcsec, more than the search radius {searchrad:g} arcsec"
+        )
+    if worst > 2 * searchrad:
+        return (
+            f"implausible correction rejected: it would move sources by up to {worst:.3g} "
+            f"arcsec, more than twice the search radius {searchrad:g} arcsec"
+        )
+    return ""
