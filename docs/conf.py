@@ -25,4 +25,18 @@ def setup(app):
             self.state.nested_parse(lines, self.content_offset, node)
             return node.children
 
+    class SchemaKeys(Directive):
+        """``.. schema-keys:: wcs_fit_results.fit``: a key table of the outputs' schema."""
+
+        required_arguments = 1
+
+        def run(self):
+            from roman_tweakreg.report import schema_rst
+
+            node = nodes.container()
+            lines = StringList(schema_rst(self.arguments[0]).splitlines(), source="schema")
+            self.state.nested_parse(lines, self.content_offset, node)
+            return node.children
+
     app.add_directive("report-fields", ReportFields)
+    app.add_directive("schema-keys", SchemaKeys)

@@ -25,6 +25,7 @@ from roman_tweakreg import (
     simulate,
 )
 from roman_tweakreg.library import load_association, write_association
+from roman_tweakreg.results import plain
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 STRUN = str(Path(sys.executable).parent / "strun")
@@ -380,3 +381,97 @@ def test_saved_outputs_keep_the_pixels_and_validate(tmp_path):
             assert model.meta.filename == name
             np.testing.assert_array_equal(model.data, pixels[name.replace("_tweakregstep", "")])
             assert model.meta.cal_step.tweakreg == "COMPLETE"
+
+
+def _walk_keys(value, table: str, out: dict) -> None:
+    """Every key written, by the schema table it belongs to."""
+    for key, sub in value.items():
+        out.setdefault(table, set()).add(key)
+        if table == "wcs_fit_results.top" and key in ("relative", "absolute"):
+            _walk_keys(sub, "wcs_fit_results.fit", out)
+        elif key == "quality" and isinstance(sub, dict):
+            _walk_keys(sub, "wcs_fit_results.quality", out)
+
+
+def test_each_image_has_its_own_match_counts_summing_to_its_group(aligned):
+    from roman_tweakreg.align import Quality
+
+    result, *_ = aligned
+    fits = []
+    with result:
+        for i in range(len(result)):
+            model = result.borrow(i)
+            fits.append(plain(model.meta.wcs_fit_results))
+            result.shelve(model, i, modify=False)
+    counts = {}
+    for fit in fits:
+        for phase in ("relative", "absolute"):
+            counts.setdefault((fit["group_id"], phase), []).append(fit[phase]["image_nmatches"])
+            assert fit["image_nmatches"] == fit["absolute"]["image_nmatches"]  # the final fit
+    for (group, phase), own in counts.items():
+        fit = next(f[phase] for f in fits if f["group_id"] == group)
+        assert len(own) == 3
+        if fit["status"] == "REFERENCE":
+            assert own == [0, 0, 0] and fit["nmatches"] == 0
+            continue
+        assert fit["status"] == "SUCCESS"
+        assert sum(own) == fit["nmatches"] == fit["quality"]["nmatches"]
+        assert min(own) > 30  # every detector has pairs of its own
+    # the report's image rows and fit rows, and the table, say the same
+    entries = report.build_report(result, parameters={})["images"]
+    rows = report.image_rows(entries)
+    table = fit_results_table(result)
+    fit_rows = report.group_rows(entries)
+    for fit, row, line in zip(fits, rows, table, strict=True):
+        assert row["absolute_nmatches"] == fit["absolute"]["image_nmatches"]
+        assert row["relative_nmatches"] == fit["relative"]["image_nmatches"]
+        assert line["absolute_image_nmatches"] == row["absolute_nmatches"]
+    for fit_row in fit_rows:
+        mine = [r for r in rows if r["group"] == fit_row["group"]]
+        assert fit_row["nmatches"] == sum(r[f"{fit_row['phase']}_nmatches"] for r in mine)
+    text = report.format_report(entries, "table")
+    assert "abs. matches" in text and "rel. matches" in text
+    # every key written is declared (and so documented), every declared key written
+    written: dict = {}
+    for fit in fits:
+        _walk_keys(fit, "wcs_fit_results.top", written)
+    from roman_tweakreg.results import SCHEMA
+
+    top = {k.name for k in SCHEMA["wcs_fit_results.top"]} | {
+        k.name for k in SCHEMA["wcs_fit_results.fit"]
+    }
+    assert written["wcs_fit_results.top"] == top
+    for name in ("wcs_fit_results.fit", "wcs_fit_results.quality"):
+        assert written[name] == {k.name for k in SCHEMA[name]}, name
+    assert set(Quality.__dataclass_fields__) | {"rmse_over_noise"} == {
+        k.name for k in SCHEMA["wcs_fit_results.quality"]
+    }
+
+
+def test_every_report_key_is_declared_and_documented(aligned, tmp_path):
+    result, *_ = aligned
+    built = report.build_report(
+        result, parameters={"a": 1}, timings={"total": 1.0}, outputs=[None] * 6
+    )
+    built = json.loads(json.dumps(plain(built, nan_as_none=True)))
+    declared = {name: {k.name for k in keys} for name, keys in report.REPORT_KEYS.items()}
+    assert set(built) == declared["report"]
+    assert set(built["outputs"]) == declared["report.outputs"]
+    for group in built["groups"]:
+        assert set(group) == declared["report.group"]
+        for phase in ("relative", "absolute"):
+            assert set(group[phase]) == declared["report.fit"]
+    for image in built["images"]:
+        assert set(image) == declared["report.image"] - {"path"}  # only read from files
+        for phase in ("relative", "absolute"):
+            assert set(image[phase]) == declared["report.fit"]
+    docs = (DOCS / "report.rst").read_text() + (DOCS / "outputs.rst").read_text()
+    from roman_tweakreg.results import SCHEMA
+
+    for name in [*SCHEMA, *report.REPORT_KEYS]:
+        assert f".. schema-keys:: {name}\n" in docs, name
+        rst = report.schema_rst(name)
+        keys = {**SCHEMA, **report.REPORT_KEYS}[name]
+        assert all(f"* - ``{k.name}``\n     - {k.doc}" in rst for k in keys), name
+    with pytest.raises(ValueError, match="name='x': expected one of wcs_fit_results.fit"):
+        report.schema_rst("x")

@@ -116,12 +116,15 @@ def relative_align(
             len(img_xy),
             len(ref_xy),
         )
-        result = _match_and_fit(ref_xy, img_xy, pars, match, plane.group_weights(members))
+        result = _match_and_fit(
+            ref_xy, img_xy, pars, match, plane.group_weights(members), plane.group_owner(members)
+        )
         result.group_id = g
         if result.fit:
             # pairs come from sources up to searchrad + tolerance apart
             overlap = ref_hull.intersection(hulls[g].buffer(pars.searchrad + pars.tolerance))
-            q = quality([(ref_xy, img_xy, overlap)], result.pairs, result.fit, overlap, pars)
+            pairs = (result.matches.ref_xy, result.matches.img_xy)
+            q = quality([(ref_xy, img_xy, overlap)], pairs, result.fit, overlap, pars)
             _judge(result, q, pars, "searchrad")
         results[g] = result
         if not result.applied:
@@ -130,7 +133,7 @@ def relative_align(
         plane.apply(members, result.fit)
         if expand_refcat:
             unmatched = np.ones(len(img_xy), bool)
-            unmatched[result.matched_img_idx] = False
+            unmatched[result.matches.source] = False
             ref_xy = np.vstack([ref_xy, affine(img_xy[unmatched], result.fit)])
             ref_hull = ref_hull.union(affine_hull(hulls[g], result.fit)).convex_hull
     if not any(r.applied for r in results.values()):
@@ -174,8 +177,8 @@ def absolute_align(
     -------
     FitResult
         The fit of the whole set, judged by :func:`~roman_tweakreg.quality.gates` on its
-        :class:`~roman_tweakreg.quality.Quality`;
-        ``group_quality`` holds each exposure group's own figures within it.
+        :class:`~roman_tweakreg.quality.Quality`; ``groups`` holds each exposure group's
+        own view of it (:func:`group_results`).
 
     .. warning:: On success the correction is composed into ``plane`` in place.
     """
@@ -216,7 +219,7 @@ def _reference_pairs(plane, members, ref_positions, match, pars, cache, fit=None
     footprint).
     """
     images = plane.images
-    ref_all, img_all, weights, searches, img_idx = [], [], [], [], []
+    ref_all, img_all, weights, searches, img_idx, image = [], [], [], [], [], []
     for group in _groups([images[i] for i in members]).values():
         group = [members[i] for i in group]
         img_xy = plane.group_xy(group)
@@ -237,48 +240,53 @@ def _reference_pairs(plane, members, ref_positions, match, pars, cache, fit=None
         weights.append(None if group_weight is None else group_weight[iidx])
         searches.append((images[group[0]].group_id, ref_xy, img_xy, plane.group_hull(group)))
         img_idx.append(iidx)
-    return Pairs(ref_all, img_all, weights, searches, img_idx)
+        image.append(plane.group_owner(group)[iidx])
+    return Pairs(ref_all, img_all, weights, searches, img_idx, image)
 
 
 def _judge_set(plane, members, result: FitResult, pairs, pars, searchrad_name: str) -> None:
     """:func:`~roman_tweakreg.matching._judge` an absolute fit of ``members`` on all its
-    pairs, and record each exposure group's own :class:`~roman_tweakreg.quality.Quality`
-    (its pairs, residuals and spread) in ``result.group_quality``.
+    pairs, then record each exposure group's own view of it in ``result.groups``: the
+    shared correction and status, the group's own pairs (``matches``, ``nmatches``),
+    residuals (``rmse``, ``mae``) and :class:`~roman_tweakreg.quality.Quality`.
 
     .. warning:: Modifies ``result`` in place.
     """
     ref_all, img_all, searches = pairs.ref, pairs.img, pairs.searches
     mask = np.asarray(result.fit["fitmask"], bool)
+    own = {}
     start = 0
     for (group_id, ref_xy, img_xy, hull), ref_m, img_m in zip(
         searches, ref_all, img_all, strict=True
     ):
-        own = dict(result.fit, fitmask=mask[start : start + len(img_m)])
-        start += len(img_m)
-        result.group_quality[group_id] = quality(
-            [(ref_xy, img_xy, hull)], (ref_m, img_m), own, hull, pars
-        )
+        stop = start + len(img_m)
+        part = dict(result.fit, fitmask=mask[start:stop])
+        own[group_id] = (quality([(ref_xy, img_xy, hull)], (ref_m, img_m), part, hull, pars),
+                         start, stop)  # fmt: skip
+        start = stop
     stacked = (np.vstack(ref_all), np.vstack(img_all))
     footprint = plane.group_hull(list(members))
     q = quality([s[1:] for s in searches], stacked, result.fit, footprint, pars)
     _judge(result, q, pars, searchrad_name)
+    for group_id, (q, start, stop) in own.items():
+        fit = dict(result.fit)
+        if "rmse" in fit:
+            fit["rmse"], fit["mae"] = q.rmse, q.mae
+        result.groups[group_id] = replace(
+            result, fit=fit, nmatches=q.nmatches, quality=q, group_id=group_id,
+            matches=result.matches.part(start, stop), groups={},
+        )  # fmt: skip
 
 
 def group_results(result: FitResult) -> dict[str, FitResult]:
     """Each exposure group's own view of an absolute fit of several (:func:`absolute_align`).
 
     The correction (``matrix``, ``shift``) and the status are the shared fit's;
-    ``nmatches``, ``quality`` and the fit's ``rmse`` and ``mae`` are the group's
-    own, so that a group's ``wcs_fit_results`` never show another group's figures.
-    Groups absent from ``result.group_quality`` (no pairs) are not in the answer.
+    ``nmatches``, ``matches``, ``quality`` and the fit's ``rmse`` and ``mae`` are the
+    group's own, so that a group's ``wcs_fit_results`` never show another group's
+    figures.  Groups without pairs are not in the answer.
     """
-    out = {}
-    for group_id, q in result.group_quality.items():
-        fit = dict(result.fit)
-        if "rmse" in fit:
-            fit["rmse"], fit["mae"] = q.rmse, q.mae
-        out[group_id] = replace(result, fit=fit, nmatches=q.nmatches, quality=q, group_id=group_id)
-    return out
+    return dict(result.groups)
 
 
 def _near(ref_xy: np.ndarray, img_xy: np.ndarray, margin: float) -> np.ndarray:

@@ -35,6 +35,7 @@ from tweakwcs.matchutils import MatchSourceConfusionError, XYXYMatch
 
 from .geometry import affine
 from .quality import Quality, gates
+from .results import Status
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -43,6 +44,7 @@ __all__ = [
     "MIN_MATCHES",
     "FitParameters",
     "FitResult",
+    "Matches",
     "Pairs",
     "match_and_fit",
     "unique_pairs",
@@ -79,32 +81,76 @@ class FitParameters:
 
 
 @dataclass
-class FitResult:
-    """Outcome of one fit for one group of images.
+class Matches:
+    """The matched pairs a fit was made of, in the fit's order (alignment plane, arcsec).
 
-    ``status`` is ``SUCCESS`` (correction applied), ``REFERENCE`` (the group the
-    others were aligned to), ``FAILED`` (nothing applied; ``reason`` says why)
-    or ``SKIPPED`` (not attempted; ``reason`` says why).  ``quality`` says how
-    sure the fit is (see :func:`~roman_tweakreg.quality.quality`); an absolute fit of several
-    exposure groups also has each group's own in ``group_quality`` (see
+    Attributes
+    ----------
+    ref_xy, img_xy : numpy.ndarray
+        Reference and image positions of the pairs (N x 2), before the fit.
+    source : numpy.ndarray
+        Index of each pair's image source among the image positions of its search
+        (those of its exposure group, :meth:`~roman_tweakreg.plane.TangentPlane.group_xy`).
+    image : numpy.ndarray
+        Plane index (:attr:`~roman_tweakreg.plane.TangentPlane.images`) of the image each
+        pair's source is from.
+    """
+
+    ref_xy: np.ndarray
+    img_xy: np.ndarray
+    source: np.ndarray
+    image: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.img_xy)
+
+    def per_image(self) -> dict[int, int]:
+        """Plane index -> pairs of that image's own sources (images without pairs left out)."""
+        images, counts = np.unique(self.image, return_counts=True)
+        return {int(i): int(c) for i, c in zip(images, counts, strict=True)}
+
+    def part(self, start: int, stop: int) -> Matches:
+        """The pairs ``start:stop`` (those of one exposure group in an absolute fit)."""
+        cut = slice(start, stop)
+        return Matches(self.ref_xy[cut], self.img_xy[cut], self.source[cut], self.image[cut])
+
+
+@dataclass
+class FitResult:
+    """Outcome of one fit (one alignment phase) for one group of images.
+
+    ``status`` (a :class:`~roman_tweakreg.results.Status`) is ``SUCCESS`` (correction
+    applied), ``REFERENCE`` (the group the others were aligned to), ``FAILED`` (nothing
+    applied; ``reason`` says why) or ``SKIPPED`` (not attempted; ``reason`` says why);
+    a plain string is turned into it.  ``nmatches`` counts the pairs ``matches`` the fit
+    was made of, ``quality`` says how sure the fit is (see
+    :func:`~roman_tweakreg.quality.quality`).  An absolute fit of several exposure groups
+    (one correction for all) has each group's own view of it in ``groups`` (see
     :func:`~roman_tweakreg.align.group_results`).
     """
 
-    status: str
+    status: Status
     reason: str = ""
     fit: dict = field(default_factory=dict)
     nmatches: int = 0
     group_id: str | None = None
     refcat: str = ""
-    matched_img_idx: np.ndarray | None = None
     quality: Quality | None = None
-    group_quality: dict[str, Quality] = field(default_factory=dict)
-    pairs: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)
+    matches: Matches | None = field(default=None, repr=False)
+    groups: dict[str, FitResult] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        self.status = Status(self.status)
 
     @property
     def applied(self) -> bool:
         """Whether this fit changed the WCS."""
-        return self.status == "SUCCESS"
+        return self.status is Status.SUCCESS
+
+    @property
+    def image_nmatches(self) -> dict[int, int]:
+        """Plane index -> pairs of that image's own sources; they sum to ``nmatches``."""
+        return {} if self.matches is None else self.matches.per_image()
 
 
 def unique_pairs(ref_idx: np.ndarray, img_idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -167,7 +213,8 @@ class Pairs(NamedTuple):
     Each field is a list with one entry per separate match: the matched reference and
     image positions (N x 2 each, in the fit's order), the image weights of the pairs
     (None: unweighted), ``(label, reference positions, image positions, footprint)``
-    of the search, and the matched image sources' indices into its image positions.
+    of the search, the matched image sources' indices into its image positions, and the
+    plane index of the image of each of them.
     """
 
     ref: list[np.ndarray]
@@ -175,6 +222,7 @@ class Pairs(NamedTuple):
     weights: list[np.ndarray | None]
     searches: list[tuple]
     img_idx: list[np.ndarray]
+    image: list[np.ndarray]
 
 
 def match_and_fit(
@@ -229,6 +277,8 @@ def match_and_fit(
         if again is not None and sum(map(len, again.img)) > result.nmatches:
             second = _fit(*_stack(again), all_xy, pars)
             result, pairs = (second, again) if second.applied else (result, pairs)
+    parts = (pairs.ref, pairs.img, pairs.img_idx, pairs.image)
+    result.matches = Matches(*(np.concatenate(part) for part in parts))
     return result, pairs
 
 
@@ -243,28 +293,29 @@ def _match_and_fit(
     pars: FitParameters,
     match: Callable,
     img_weight: np.ndarray | None = None,
+    owner: np.ndarray | None = None,
 ) -> FitResult:
     """Match ``img_xy`` to ``ref_xy`` and fit (:func:`match_and_fit`), and check the
-    correction (nothing applied)."""
+    correction (nothing applied).  ``owner``: the plane index of the image of each row
+    of ``img_xy`` (0 for every row by default)."""
     if len(img_xy) == 0:
         return FitResult("FAILED", "no sources in the image catalog(s)")
     if len(ref_xy) == 0:
         return FitResult("FAILED", "no sources in the reference catalog")
 
+    owner = np.zeros(len(img_xy), int) if owner is None else np.asarray(owner, int)
+
     def find_pairs(matcher, fit):
         moved = img_xy if fit is None else affine(img_xy, fit)
         ridx, iidx = _match(ref_xy, moved, matcher, pars)
         weight = None if img_weight is None else img_weight[iidx]
-        return Pairs(
-            [ref_xy[ridx]], [img_xy[iidx]], [weight], [(None, ref_xy, img_xy, None)], [iidx]
-        )
+        search = (None, ref_xy, img_xy, None)
+        return Pairs([ref_xy[ridx]], [img_xy[iidx]], [weight], [search], [iidx], [owner[iidx]])
 
     try:
-        result, pairs = match_and_fit(find_pairs, img_xy, pars, match)
+        result, _ = match_and_fit(find_pairs, img_xy, pars, match)
     except MatchSourceConfusionError as err:
         return FitResult("FAILED", _confusion(err))
-    result.matched_img_idx = pairs.img_idx[0]
-    result.pairs = (pairs.ref[0], pairs.img[0])
     return result
 
 
@@ -343,7 +394,7 @@ def _judge(result: FitResult, q: Quality, pars: FitParameters, searchrad_name: s
     result.quality = q
     reason = gates(q, pars, searchrad_name)
     if reason:
-        result.status, result.reason = "FAILED", reason
+        result.status, result.reason = Status.FAILED, reason
     elif result.reason.startswith("implausible"):
         result.reason += (
             f"; the matches are no chance ({q.significance:.3g} sigma): if the pointing may "

@@ -70,6 +70,11 @@ class TangentPlane:
         """Current (corrected) positions of the sources of ``members``, stacked."""
         return np.vstack([self.xy[i] for i in members]) if members else np.empty((0, 2))
 
+    def group_owner(self, members: Sequence[int]) -> np.ndarray:
+        """Plane index of the image of each row of :meth:`group_xy` of ``members``."""
+        counts = [len(self.xy[i]) for i in members]
+        return np.repeat(np.asarray(members, int), counts) if members else np.empty(0, int)
+
     def group_weights(self, members: Sequence[int]) -> np.ndarray | None:
         """The catalogs' ``weight`` column for ``members`` when every one has it."""
         if not all("weight" in self.images[i].catalog.colnames for i in members):

@@ -34,10 +34,12 @@ import numpy as np
 from ._io import write_atomically
 from ._meta import meta_get
 from .errors import TweakRegError
+from .results import Key, keys_rst, plain
 
 __all__ = [
     "GROUP_FIELDS",
     "IMAGE_FIELDS",
+    "REPORT_KEYS",
     "REPORT_SCHEMA",
     "Field",
     "build_report",
@@ -51,6 +53,7 @@ __all__ = [
     "image_rows",
     "open_meta",
     "read_results",
+    "schema_rst",
     "summarize",
     "write_report",
 ]
@@ -62,29 +65,83 @@ REPORT_SCHEMA = "roman_tweakreg.report/1"
 
 _PHASES = ("relative", "absolute")
 
+#: Keys of a fit summary: the final fit of an image entry, and ``relative`` / ``absolute``.
+_REPORT_FIT_KEYS = (
+    Key("status", "The fit's status (in an image entry: ``fit_status``); see ``wcs_fit_results``."),
+    Key("reason", "Why the fit failed or was skipped."),
+    Key("fitgeom", "Fit geometry."),
+    Key("refcat", "Reference catalog of an absolute fit."),
+    Key("nmatches", "Matched pairs of the fit (the group's own)."),
+    Key("image_nmatches", "Of those, the pairs of the image's own sources (null where not "
+        "recorded)."),
+    Key("rmse_mas", "RMS residual (milliarcseconds)."),
+    Key("mae_mas", "Mean absolute residual (milliarcseconds)."),
+    Key("shift_arcsec", "Shift ``[x, y]`` (arcseconds in the tangent plane)."),
+    Key("rotation_deg", "Mean rotation ``<rot>`` (degrees)."),
+    Key("scale", "Mean scale ``<scale>``."),
+    Key("quality", "The fit's quality figures as in ``wcs_fit_results`` (null where no fit "
+        "was made)."),
+)  # fmt: skip
+
+#: Every key table of the JSON report (:func:`build_report`), by the name the docs use;
+#: with :data:`roman_tweakreg.results.SCHEMA` the one definition of what is written.
+REPORT_KEYS = {
+    "report": (
+        Key("schema", f"``{REPORT_SCHEMA}``."),
+        Key("created", "UTC time the report was made (ISO 8601)."),
+        Key("version", "roman_tweakreg version."),
+        Key("parameters", "The step parameters as run."),
+        Key("timings", "Seconds per phase (for example ``catalogs``, ``relative``, "
+            "``absolute``, ``update``, ``total``), as given by the caller."),
+        Key("statuses", "Counts per value: ``cal_step`` (``meta.cal_step.tweakreg``), "
+            "``relative`` and ``absolute`` (each phase's status)."),
+        Key("images", "One entry per image (the keys below)."),
+        Key("outputs", "Which outputs exist (the keys below); null when the step saved no "
+            "files."),
+        Key("groups", "One entry per exposure group (the keys below)."),
+    ),
+    "report.image": (
+        Key("file", "The image's file name."),
+        Key("group_id", "Its exposure group."),
+        Key("status", "``meta.cal_step.tweakreg``."),
+        Key("wcs_name", "``meta.wcs.name``."),
+        Key("catalog", "The catalog file it was aligned with, when its metadata names one."),
+        Key("n_sources", "Its usable catalog sources."),
+        Key("fit_status", "The status of the fit that set the final WCS (SUCCESS, FAILED, "
+            "SKIPPED); the other keys of that fit follow (the fit keys below)."),
+        *(k for k in _REPORT_FIT_KEYS if k.name != "status"),
+        Key("relative", "The relative phase's fit (the fit keys below), ``status`` being the "
+            "phase's own."),
+        Key("absolute", "The absolute phase's fit (the fit keys below)."),
+        Key("path", "The file read (only in entries read from files, "
+            ":func:`~roman_tweakreg.report.read_results`)."),
+        Key("output", "The output file written for the image, or null when it was not "
+            "written (only when the step saved its outputs)."),
+    ),
+    "report.fit": _REPORT_FIT_KEYS,
+    "report.group": (
+        Key("group_id", "The exposure group."),
+        Key("n_images", "Its images."),
+        Key("files", "Their files."),
+        Key("statuses", "Counts of their ``meta.cal_step.tweakreg`` values."),
+        Key("wcs_names", "Their WCS names."),
+        Key("relative", "The relative fit summary (shared by the group's images)."),
+        Key("absolute", "The absolute fit summary."),
+    ),
+    "report.outputs": (
+        Key("expected", "Outputs expected: one per image."),
+        Key("written", "Outputs written."),
+        Key("complete", "``written == expected``."),
+        Key("missing", "The images whose output was not written."),
+    ),
+}  # fmt: skip
+
 
 # -- plain values -----------------------------------------------------------------------------
 def _plain(value: Any) -> Any:
-    """Recursively turn ASDF/numpy/astropy values into JSON values (non-finite -> None)."""
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, np.ndarray):
-        return [_plain(v) for v in value.tolist()]
-    if isinstance(value, np.generic):
-        return _plain(value.item())
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if value is None or isinstance(value, (bool, int, str)):
-        return value
-    if hasattr(value, "isot"):  # astropy Time
-        return str(value.isot)
-    if hasattr(value, "items"):  # ASDF lazy dict nodes, stnode objects
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, Iterable):
-        return [_plain(v) for v in value]
-    return str(value)
+    """JSON values of ASDF/numpy/astropy values (:func:`~roman_tweakreg.results.plain`,
+    non-finite -> None)."""
+    return plain(value, nan_as_none=True)
 
 
 def _number(value: Any, scale: float = 1.0) -> float | None:
@@ -93,6 +150,10 @@ def _number(value: Any, scale: float = 1.0) -> float | None:
     except (TypeError, ValueError):
         return None
     return out if math.isfinite(out) else None
+
+
+def _count(value: Any) -> int | None:
+    return None if value is None else int(value)
 
 
 def _pair(value: Any) -> list[float | None] | None:
@@ -114,6 +175,7 @@ def _phase_summary(fit: Mapping | None) -> dict:
         "fitgeom": meta_get(fit, "fitgeom"),
         "refcat": meta_get(fit, "refcat") or "",
         "nmatches": int(meta_get(fit, "nmatches", 0) or 0),
+        "image_nmatches": _count(meta_get(fit, "image_nmatches")),
         "rmse_mas": _number(meta_get(fit, "rmse"), 1000.0),
         "mae_mas": _number(meta_get(fit, "mae"), 1000.0),
         "shift_arcsec": _pair(meta_get(fit, "shift")),
@@ -181,11 +243,14 @@ def _catalog_of(meta: Any) -> str | None:
 
 
 def _group_of(meta: Any) -> str | None:
+    from stpipe.library import NoGroupID
+
     from .library import exposure_group_id
 
     try:
         return exposure_group_id(meta)
-    except Exception:
+    except (NoGroupID, TypeError, ValueError) as err:  # nothing (usable) names the exposure
+        log.debug("No exposure group: %s", err)
         return None
 
 
@@ -603,12 +668,39 @@ IMAGE_FIELDS = (
     Field("n_sources", "sources", "", "d",
           "Its usable catalog sources (``wcs_fit_results.n_sources``).",
           lambda r: r.get("n_sources")),
+    Field("relative_nmatches", "rel. matches", "", "d",
+          "Pairs of its own sources in its group's relative fit "
+          "(``wcs_fit_results.relative.image_nmatches``).",
+          lambda r: (r.get("relative") or {}).get("image_nmatches")),
+    Field("absolute_nmatches", "abs. matches", "", "d",
+          "Pairs of its own sources in its group's absolute fit "
+          "(``wcs_fit_results.absolute.image_nmatches``); a group's images sum to its "
+          "``matches``.",
+          lambda r: (r.get("absolute") or {}).get("image_nmatches")),
     Field("reason", "reason", "", "s", "Why the image was not aligned, or its fits failed.",
           lambda r: r.get("reason")),
 )  # fmt: skip
 
 _FIT_KEYS_OF_ROW = ("status", "refcat", "nmatches", "shift_arcsec", "rotation_deg", "rmse_mas",
                     "mae_mas", "reason")  # fmt: skip
+
+
+def schema_rst(name: str) -> str:
+    """The reST table of the keys of ``wcs_fit_results`` or the JSON report named ``name``
+    (a key of :data:`roman_tweakreg.results.SCHEMA` or :data:`REPORT_KEYS`; the docs'
+    ``schema-keys`` directive).
+
+    Raises
+    ------
+    ValueError
+        For another ``name``.
+    """
+    from .results import SCHEMA
+
+    tables = {**SCHEMA, **REPORT_KEYS}
+    if name not in tables:
+        raise ValueError(f"name={name!r}: expected one of {', '.join(tables)}")
+    return keys_rst(tables[name])
 
 
 def fields_rst(kind: str) -> str:
@@ -751,7 +843,9 @@ def fit_results_table(library_or_models: Any):
         Columns ``file``, ``group_id``, ``status`` (``meta.cal_step.tweakreg``),
         ``wcs_name``, ``catalog``, ``n_sources`` (0 when not recorded), then the fit
         that set the final WCS: ``fit_status``,
-        ``refcat``, ``nmatches``, ``shift_x``, ``shift_y`` (mas), ``rotation`` (deg),
+        ``refcat``, ``nmatches`` (the group's), ``image_nmatches`` (of those, the pairs of
+        the image's own sources; 0 when not recorded), ``shift_x``, ``shift_y`` (mas),
+        ``rotation`` (deg),
         ``rmse``, ``mae`` (mas) and ``reason``; then the same fit columns of each phase
         prefixed ``relative_`` and ``absolute_``.  Missing numbers are NaN.
     """
@@ -770,6 +864,7 @@ def fit_results_table(library_or_models: Any):
             row[prefix + ("fit_status" if not prefix else "status")] = fit.get("status")
             row[prefix + "refcat"] = fit.get("refcat") or ""
             row[prefix + "nmatches"] = int(fit.get("nmatches") or 0)
+            row[prefix + "image_nmatches"] = int(fit.get("image_nmatches") or 0)
             for axis, name in enumerate(("shift_x", "shift_y")):
                 value = _shift_mas(fit, axis)
                 row[prefix + name] = np.nan if value is None else value

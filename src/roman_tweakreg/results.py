@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import enum
 import logging
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -21,69 +24,199 @@ if TYPE_CHECKING:
     from .matching import FitResult
 
 __all__ = [
+    "FIT_KEYS",
+    "QUALITY_KEYS",
+    "SCHEMA",
+    "TOP_KEYS",
+    "Key",
     "Status",
     "fit_results_dict",
     "image_status",
+    "keys_rst",
     "outcomes",
+    "plain",
     "s_region",
     "update_model",
 ]
 
 log = logging.getLogger(__name__)
 
-_FIT_KEYS = (
-    "fitgeom",
-    "matrix",
-    "shift",
-    "center",
-    "proper_rot",
-    "proper",
-    "rot",
-    "<rot>",
-    "scale",
-    "<scale>",
-    "skew",
-    "rmse",
-    "mae",
-)
 
+class Status(enum.StrEnum):
+    """The one vocabulary of outcomes, of a fit and of an image.
 
-class Status(str, enum.Enum):
-    """Values of ``meta.cal_step.tweakreg``."""
+    A fit (:attr:`roman_tweakreg.matching.FitResult.status`, ``status`` of each phase in
+    ``meta.wcs_fit_results``) is ``SUCCESS`` (its correction was applied),
+    ``REFERENCE`` (the group the others were aligned to), ``FAILED`` or ``SKIPPED``.
+    An image (``meta.cal_step.tweakreg``, see the module description) is ``COMPLETE``,
+    ``FAILED`` or ``SKIPPED``; the top-level ``status`` of its ``wcs_fit_results``
+    says the same as a fit status (:attr:`as_fit`: ``COMPLETE`` is ``SUCCESS``, as
+    romancal writes it).
+    """
 
+    SUCCESS = "SUCCESS"
+    REFERENCE = "REFERENCE"
     COMPLETE = "COMPLETE"
-    SKIPPED = "SKIPPED"
     FAILED = "FAILED"
+    SKIPPED = "SKIPPED"
+
+    @property
+    def as_fit(self) -> Status:
+        """This image status as the fit status of the top level of ``wcs_fit_results``."""
+        return Status.SUCCESS if self is Status.COMPLETE else self
+
+
+@dataclass(frozen=True)
+class Key:
+    """One key of ``meta.wcs_fit_results`` or of the JSON report, declared once.
+
+    The docs' key tables (``.. schema-keys::``) are made from these declarations and a
+    test checks that every key the step writes is declared.
+
+    Attributes
+    ----------
+    name : str
+        The key.
+    doc : str
+        One-line meaning (reST), units included.
+    tweakwcs : bool
+        Copied from tweakwcs's fit (``iter_linear_fit``) where a fit was made.
+    """
+
+    name: str
+    doc: str
+    tweakwcs: bool = False
+
+
+#: Keys of a fit: of each phase (``relative``, ``absolute``) and, for the fit that
+#: set the final WCS, of the top level.
+FIT_KEYS = (
+    Key("status", "SUCCESS, REFERENCE, FAILED or SKIPPED (:class:`~roman_tweakreg.results."
+        "Status`); at the top level the image's outcome: SUCCESS, FAILED or SKIPPED."),
+    Key("reason", "Why the fit failed or was skipped (at the top level: of every phase, "
+        "joined by ``;``); empty after a success."),
+    Key("nmatches", "Matched pairs the fit was made of (one-to-one, within the tolerance; "
+        "those of this exposure group when one absolute fit moved several)."),
+    Key("image_nmatches", "Of those, the pairs of this image's own sources; the images of "
+        "a group sum to its ``nmatches``."),
+    Key("refcat", "Reference catalog of an absolute fit."),
+    Key("fitgeom", "Fit geometry (``fitgeometry`` / ``abs_fitgeometry``).", tweakwcs=True),
+    Key("matrix", "The correction's 2 x 2 matrix (alignment tangent plane).", tweakwcs=True),
+    Key("shift", "The correction's shift ``[x, y]`` (arcsec, about the plane's origin).",
+        tweakwcs=True),
+    Key("center", "Centre of the matched image sources (arcsec).", tweakwcs=True),
+    Key("proper_rot", "Rotation (degrees).", tweakwcs=True),
+    Key("proper", "Whether the matrix is a proper rotation (no reflection).", tweakwcs=True),
+    Key("rot", "Rotations of the x and y axes (degrees).", tweakwcs=True),
+    Key("<rot>", "Mean rotation (degrees).", tweakwcs=True),
+    Key("scale", "Scales of the x and y axes.", tweakwcs=True),
+    Key("<scale>", "Mean scale.", tweakwcs=True),
+    Key("skew", "Skew (degrees).", tweakwcs=True),
+    Key("rmse", "RMS residual of the pairs the fit kept (arcsec; this group's own).",
+        tweakwcs=True),
+    Key("mae", "Mean absolute residual (arcsec; this group's own).", tweakwcs=True),
+    Key("quality", "How sure the fit is: the keys below (where a fit was made)."),
+)  # fmt: skip
+
+#: Keys of the top level only.
+TOP_KEYS = (
+    Key("group_id", "The image's exposure group."),
+    Key("n_images", "Images in the solve."),
+    Key("n_detector", "romancal's name for ``n_images``."),
+    Key("n_sources", "The image's own usable catalog sources."),
+    Key("relative", "The relative phase's fit (the fit keys above; ``SKIPPED`` with "
+        "reason ``not run`` when there was one exposure group)."),
+    Key("absolute", "The absolute phase's fit (the fit keys above)."),
+)  # fmt: skip
+
+#: Keys of ``quality`` (:class:`roman_tweakreg.quality.Quality`); see docs/algorithm.rst.
+QUALITY_KEYS = (
+    Key("nmatches", "Pairs within the tolerance."),
+    Key("nkept", "Pairs the fit kept after clipping."),
+    Key("n_image", "Image sources in the overlap."),
+    Key("n_reference", "Reference sources in the overlap."),
+    Key("overlap_area", "Area the pairs should cover (square arcsec)."),
+    Key("expected_chance", "Pairs chance gives for these densities."),
+    Key("trials", "Offsets the search tried."),
+    Key("false_alarm", "Probability that chance gives as many pairs."),
+    Key("significance", "The same in Gaussian sigma (5 or more needed)."),
+    Key("rmse", "RMS residual (arcsec)."),
+    Key("mae", "Mean residual (arcsec)."),
+    Key("noise", "The residuals' robust core (arcsec)."),
+    Key("rmse_over_noise", "``rmse / noise``."),
+    Key("matched_fraction", "Pairs over the smaller of ``n_image`` and ``n_reference``."),
+    Key("spread", "Fraction of the overlap the kept pairs' hull covers."),
+)  # fmt: skip
+
+#: Every key table of ``wcs_fit_results``, by the name docs/outputs.rst uses.
+SCHEMA = {
+    "wcs_fit_results.fit": FIT_KEYS,
+    "wcs_fit_results.top": TOP_KEYS,
+    "wcs_fit_results.quality": QUALITY_KEYS,
+}
+
+_TWEAKWCS_KEYS = tuple(k.name for k in FIT_KEYS if k.tweakwcs)
+
+
+def keys_rst(table: tuple[Key, ...]) -> str:
+    """A reST list-table of declared keys (used by the docs' ``schema-keys`` directive)."""
+    lines = [".. list-table::", "   :header-rows: 1", "", "   * - Key", "     - Meaning"]
+    for key in table:
+        lines += [f"   * - ``{key.name}``", f"     - {key.doc}"]
+    return "\n".join(lines)
 
 
 def image_status(relative: FitResult | None, absolute: FitResult | None) -> Status:
     """Combine the two phases' outcomes into the image's status (rule above)."""
     phases = [r for r in (relative, absolute) if r is not None]
-    if any(r.applied or r.status == "REFERENCE" for r in phases):
+    if any(r.applied or r.status is Status.REFERENCE for r in phases):
         return Status.COMPLETE
-    if any(r.status == "FAILED" for r in phases):
+    if any(r.status is Status.FAILED for r in phases):
         return Status.FAILED
     return Status.SKIPPED
 
 
-def _plain(value: Any) -> Any:
+def plain(value: Any, *, nan_as_none: bool = False) -> Any:
+    """Turn numpy, ASDF and astropy values into plain Python (JSON and ASDF) values.
+
+    Mappings become dicts, arrays and sequences lists, numpy scalars Python ones,
+    times ISO strings.  Non-finite floats stay as they are, or become None with
+    ``nan_as_none`` (JSON has no NaN).  Other objects are given as ``str``.
+    """
+    if isinstance(value, Mapping) or (
+        hasattr(value, "items") and not isinstance(value, (str, bytes))
+    ):  # ASDF lazy dict nodes, stnode objects
+        return {str(k): plain(v, nan_as_none=nan_as_none) for k, v in value.items()}
     if isinstance(value, np.ndarray):
-        return value.astype(float).tolist() if value.dtype.kind == "f" else value.tolist()
+        return [plain(v, nan_as_none=nan_as_none) for v in value.tolist()]
     if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
+        return plain(value.item(), nan_as_none=nan_as_none)
+    if isinstance(value, float):
+        return None if nan_as_none and not math.isfinite(value) else value
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, enum.Enum):
+        return plain(value.value, nan_as_none=nan_as_none)
+    if hasattr(value, "isot"):  # astropy Time
+        return str(value.isot)
+    if isinstance(value, Iterable):
+        return [plain(v, nan_as_none=nan_as_none) for v in value]
+    return str(value)
 
 
-def _phase_dict(result: FitResult | None) -> dict:
+def _phase_dict(result: FitResult | None, image: int) -> dict:
     if result is None:
-        return {"status": "SKIPPED", "reason": "not run"}
-    out = {"status": result.status, "reason": result.reason, "nmatches": int(result.nmatches)}
+        return {"status": Status.SKIPPED.value, "reason": "not run"}
+    out = {
+        "status": result.status.value,
+        "reason": result.reason,
+        "nmatches": int(result.nmatches),
+        "image_nmatches": int(result.image_nmatches.get(image, 0)),
+    }
     if result.refcat:
         out["refcat"] = result.refcat
     if result.fit:
-        out.update({k: _plain(result.fit[k]) for k in _FIT_KEYS if k in result.fit})
+        out.update({k: plain(result.fit[k]) for k in _TWEAKWCS_KEYS if k in result.fit})
     if result.quality is not None:
         out["quality"] = result.quality.as_dict()
     return out
@@ -96,6 +229,7 @@ def fit_results_dict(
     group_id: str,
     status: Status,
     n_images: int,
+    image: int = 0,
 ) -> dict:
     """Build ``meta.wcs_fit_results``: plain ASDF-serialisable values.
 
@@ -104,19 +238,21 @@ def fit_results_dict(
     phase's own outcome; ``n_images`` (and romancal's name for it, ``n_detector``)
     counts the images in the solve.  Lengths (shift, rmse, mae) are arcsec in the
     tangent plane, angles degrees.  ``quality`` (where a fit was made) holds the
-    :class:`~roman_tweakreg.quality.Quality` figures of the group's own fit.
+    :class:`~roman_tweakreg.quality.Quality` figures of the group's own fit;
+    ``image_nmatches`` the pairs of image ``image`` (its plane index) among the fit's.
+    The keys are declared in :data:`SCHEMA`.
     """
     final = absolute if absolute is not None and absolute.applied else relative
-    top = _phase_dict(final if final is not None else absolute)
-    top["status"] = {Status.COMPLETE: "SUCCESS"}.get(status, status.value)
+    top = _phase_dict(final if final is not None else absolute, image)
+    top["status"] = status.as_fit.value
     if status is not Status.COMPLETE:
         reasons = [r.reason for r in (relative, absolute) if r is not None and r.reason]
         top["reason"] = "; ".join(reasons)
     top["group_id"] = str(group_id)
     top["n_images"] = int(n_images)
     top["n_detector"] = int(n_images)  # romancal's name: detector images in the solve
-    top["relative"] = _phase_dict(relative)
-    top["absolute"] = _phase_dict(absolute)
+    top["relative"] = _phase_dict(relative, image)
+    top["absolute"] = _phase_dict(absolute, image)
     return top
 
 
@@ -164,7 +300,7 @@ def outcomes(plane, relative: dict, absolute: dict, skipped: dict[int, str], wor
     for k, img in enumerate(plane.images):
         rel, abs_ = relative.get(img.group_id), absolute.get(img.group_id)
         status = image_status(rel, abs_)
-        fit = fit_results_dict(rel, abs_, group_id=img.group_id, status=status, n_images=n)
+        fit = fit_results_dict(rel, abs_, group_id=img.group_id, status=status, n_images=n, image=k)
         fit["n_sources"] = 0 if img.catalog is None else len(img.catalog)  # the image's own
         name = abs_.refcat if abs_ is not None and abs_.applied else ""
         out[img.index] = (wcss.get(k), fit, status, name, img.catalog_name)
@@ -172,5 +308,6 @@ def outcomes(plane, relative: dict, absolute: dict, skipped: dict[int, str], wor
             "%s: %s%s", img.name, status.value, f" ({fit['reason']})" if fit.get("reason") else ""
         )
     for index, reason in skipped.items():
-        out[index] = (None, {"status": "SKIPPED", "reason": reason}, Status.SKIPPED, "", "")
+        fit = {"status": Status.SKIPPED.value, "reason": reason}
+        out[index] = (None, fit, Status.SKIPPED, "", "")
     return out
