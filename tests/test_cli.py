@@ -154,6 +154,21 @@ def test_residuals_match_the_fit(example):
     assert after.shape[0] > 1000
     assert np.sqrt(np.mean(after**2)) < 4.0  # mas per axis; 2.2 mas of centroid noise
     assert np.sqrt(np.mean(before**2)) > 50.0
+    # the plot's per-image counts of the fit are the report's: own matches, summing to
+    # each group's; its own nearest-neighbour pairs come within 1 % of them
+    from roman_tweakreg import report
+
+    entries = {e["file"]: e for e in report.read_results(out / "outputs")}
+    rows = report.image_rows(list(entries.values()))
+    by_file = {r.file: r for r in residuals}
+    for image in images:
+        own = entries[image.file]["absolute"]["image_nmatches"]
+        assert image.fit_nmatches == own > 100
+        assert abs(by_file[image.file].after.shape[0] - own) <= 0.01 * own
+    for fit in report.group_rows(list(entries.values())):
+        if fit["phase"] == "absolute":
+            mine = [r for r in rows if r["group"] in fit["group"].split("+")]
+            assert fit["nmatches"] == sum(r["absolute_nmatches"] for r in mine)
 
 
 def test_cli_errors_name_the_file(tmp_path, capsys):

@@ -80,6 +80,9 @@ class ImageSources:
         ``(4, 2)`` RA/Dec (deg) corners of the detector through the output WCS.
     input_path : Path or None
         The input file the "before" WCS comes from.
+    fit_nmatches : int or None
+        The step's own matches of this image in the fit that set its WCS
+        (``wcs_fit_results.image_nmatches``), where recorded.
     """
 
     file: str
@@ -91,6 +94,7 @@ class ImageSources:
     dec_before: np.ndarray | None
     footprint: np.ndarray
     input_path: Path | None = None
+    fit_nmatches: int | None = None
 
 
 def _input_stem(output_name: str) -> str:
@@ -193,6 +197,7 @@ def load_images(
             except Exception:
                 group = path.name
             epoch = exposure_epoch(meta)
+            fit_nmatches = fit.get("image_nmatches")
             ra, dec = (np.asarray(v, float) for v in wcs(x, y, with_bounding_box=False))
             footprint = np.asarray(wcs.footprint(center=False), float)
         ra_b = dec_b = None
@@ -209,8 +214,11 @@ def load_images(
                         np.asarray(v, float) for v in in_wcs(x, y, with_bounding_box=False)
                     )
         images.append(
-            ImageSources(path.name, group, epoch, ra, dec, ra_b, dec_b, footprint, input_path)
-        )
+            ImageSources(
+                path.name, group, epoch, ra, dec, ra_b, dec_b, footprint, input_path,
+                None if fit_nmatches is None else int(fit_nmatches),
+            )
+        )  # fmt: skip
         log.info(
             "%s: %d sources, group %s, input %s",
             path.name,
@@ -591,7 +599,9 @@ def _sky(images, residuals, reference_xy, out_dir, rng, title_ref):
             ax.scatter(
                 ra, dec, s=2, color=colours[group], rasterized=True, label=f"matched sources ({n})"
             )
-        ax.set_title(f"group {group}: {n} matched sources")
+        fitted = [i.fit_nmatches for i in images if i.group_id == group]
+        fit_text = "" if None in fitted else f" (the fit: {sum(fitted)} matches)"
+        ax.set_title(f"group {group}: {n} nearest-neighbour pairs{fit_text}")
         ax.set_xlabel("RA [deg]")
         ax.set_ylabel("Dec [deg]")
         ax.legend(loc="upper right", fontsize="small", markerscale=4)
@@ -669,13 +679,16 @@ def make_plots(
             f"no source is within match_radius={match_radius} arcsec of "
             f"{reference.name if reference else 'another group'}; try a larger --match-radius"
         )
+    fitted = {i.file: i.fit_nmatches for i in images}
     for r in residuals:
         log.info(
-            "%s: %d nearest-neighbour pairs within %g arcsec of %s, rms after %.3f mas%s",
+            "%s: %d nearest-neighbour pairs within %g arcsec of %s (the fit: %s matches), "
+            "rms after %.3f mas%s",
             r.file,
             r.after.shape[0],
             match_radius,
             r.reference,
+            "-" if fitted.get(r.file) is None else fitted[r.file],
             _rms(np.hypot(*r.after.T)),
             "" if r.before is None else f", before {_rms(np.hypot(*r.before.T)):.3f} mas",
         )
