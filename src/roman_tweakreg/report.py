@@ -67,20 +67,28 @@ _PHASES = ("relative", "absolute")
 
 #: Keys of a fit summary: the final fit of an image entry, and ``relative`` / ``absolute``.
 _REPORT_FIT_KEYS = (
-    Key("status", "The fit's status (in an image entry: ``fit_status``); see ``wcs_fit_results``."),
-    Key("reason", "Why the fit failed or was skipped."),
-    Key("fitgeom", "Fit geometry."),
-    Key("refcat", "Reference catalog of an absolute fit."),
-    Key("nmatches", "Matched pairs of the fit (the group's own)."),
+    Key("status", "The fit's status (in an image entry: ``fit_status``); see ``wcs_fit_results``.",
+        get=lambda fit: meta_get(fit, "status")),
+    Key("reason", "Why the fit failed or was skipped.",
+        get=lambda fit: meta_get(fit, "reason") or ""),
+    Key("fitgeom", "Fit geometry.", get=lambda fit: meta_get(fit, "fitgeom")),
+    Key("refcat", "Reference catalog of an absolute fit.",
+        get=lambda fit: meta_get(fit, "refcat") or ""),
+    Key("nmatches", "Matched pairs of the fit (the group's own).",
+        get=lambda fit: int(meta_get(fit, "nmatches", 0) or 0)),
     Key("image_nmatches", "Of those, the pairs of the image's own sources (null where not "
-        "recorded)."),
-    Key("rmse_mas", "RMS residual (milliarcseconds)."),
-    Key("mae_mas", "Mean absolute residual (milliarcseconds)."),
-    Key("shift_arcsec", "Shift ``[x, y]`` (arcseconds in the tangent plane)."),
-    Key("rotation_deg", "Mean rotation ``<rot>`` (degrees)."),
-    Key("scale", "Mean scale ``<scale>``."),
+        "recorded).", get=lambda fit: _count(meta_get(fit, "image_nmatches"))),
+    Key("rmse_mas", "RMS residual (milliarcseconds).",
+        get=lambda fit: _number(meta_get(fit, "rmse"), 1000.0)),
+    Key("mae_mas", "Mean absolute residual (milliarcseconds).",
+        get=lambda fit: _number(meta_get(fit, "mae"), 1000.0)),
+    Key("shift_arcsec", "Shift ``[x, y]`` (arcseconds in the tangent plane).",
+        get=lambda fit: _pair(meta_get(fit, "shift"))),
+    Key("rotation_deg", "Mean rotation ``<rot>`` (degrees).",
+        get=lambda fit: _number(meta_get(fit, "<rot>", meta_get(fit, "proper_rot")))),
+    Key("scale", "Mean scale ``<scale>``.", get=lambda fit: _number(meta_get(fit, "<scale>"))),
     Key("quality", "The fit's quality figures as in ``wcs_fit_results`` (null where no fit "
-        "was made)."),
+        "was made).", get=lambda fit: _quality(meta_get(fit, "quality"))),
 )  # fmt: skip
 
 #: Every key table of the JSON report (:func:`build_report`), by the name the docs use;
@@ -169,20 +177,7 @@ def _pair(value: Any) -> list[float | None] | None:
 def _phase_summary(fit: Mapping | None) -> dict:
     """The report fields of one phase (or of the final fit) of ``wcs_fit_results``."""
     fit = fit or {}
-    return {
-        "status": meta_get(fit, "status"),
-        "reason": meta_get(fit, "reason") or "",
-        "fitgeom": meta_get(fit, "fitgeom"),
-        "refcat": meta_get(fit, "refcat") or "",
-        "nmatches": int(meta_get(fit, "nmatches", 0) or 0),
-        "image_nmatches": _count(meta_get(fit, "image_nmatches")),
-        "rmse_mas": _number(meta_get(fit, "rmse"), 1000.0),
-        "mae_mas": _number(meta_get(fit, "mae"), 1000.0),
-        "shift_arcsec": _pair(meta_get(fit, "shift")),
-        "rotation_deg": _number(meta_get(fit, "<rot>", meta_get(fit, "proper_rot"))),
-        "scale": _number(meta_get(fit, "<scale>")),
-        "quality": _quality(meta_get(fit, "quality")),
-    }
+    return {key.name: key.get(fit) for key in _REPORT_FIT_KEYS}
 
 
 def _quality(quality: Mapping | None) -> dict | None:

@@ -14,8 +14,8 @@ from __future__ import annotations
 import enum
 import logging
 import math
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -81,11 +81,15 @@ class Key:
         One-line meaning (reST), units included.
     tweakwcs : bool
         Copied from tweakwcs's fit (``iter_linear_fit``) where a fit was made.
+    get : callable or None
+        For a key of a view made from another (the report's from ``wcs_fit_results``):
+        ``get(source) -> value``.
     """
 
     name: str
     doc: str
     tweakwcs: bool = False
+    get: Callable[[Any], Any] | None = field(default=None, compare=False, repr=False)
 
 
 #: Keys of a fit: of each phase (``relative``, ``absolute``) and, for the fit that
