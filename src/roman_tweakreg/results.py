@@ -7,6 +7,14 @@ Status rule (``meta.cal_step.tweakreg``):
 * ``FAILED`` - no fit changed the WCS and at least one was attempted and failed;
 * ``SKIPPED`` - nothing was attempted (no catalog, no other group and no
   reference catalog, non-imaging exposure).
+
+These and the fits' statuses are one vocabulary, :class:`Status`.
+
+A new key of ``wcs_fit_results``: declare it in :data:`FIT_KEYS` (a fit's),
+:data:`TOP_KEYS` or :data:`QUALITY_KEYS` (its one-line doc is what docs/outputs.rst
+shows), write it in :func:`fit_results_dict`, and, for the JSON report, declare its view
+in :data:`roman_tweakreg.report.REPORT_KEYS` (with ``get``); a test fails while a key
+written is not declared or a declared one is not written.
 """
 
 from __future__ import annotations
