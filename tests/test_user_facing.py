@@ -394,7 +394,7 @@ def _walk_keys(value, table: str, out: dict) -> None:
 
 
 def test_each_image_has_its_own_match_counts_summing_to_its_group(aligned):
-    from roman_tweakreg.align import Quality
+    from roman_tweakreg.quality import Quality
 
     result, *_ = aligned
     fits = []
