@@ -61,6 +61,8 @@ __all__ = [
     "catalog_filename",
     "detect_sources",
     "fit_gaussian_prf",
+    "fit_prf",
+    "measure_prf_shape",
     "write_catalog",
 ]
 
@@ -74,6 +76,9 @@ _SATURATED = int(_dqflags.SATURATED)
 _FWHM_TO_SIGMA = 1.0 / (2.0 * np.sqrt(2.0 * np.log(2.0)))
 _MAX_SHIFT = 1.5  # px, per axis: the fitted centroid's bound around its peak pixel
 _FWHM_BOUNDS = (0.2, 5.0)  # fitted FWHM range, in units of kernel_fwhm
+_SHAPE_MIN_SNR = 50.0  # significance of the stars the PRF shape is measured on
+_SHAPE_MIN_STARS = 10  # fewer: each source gets a Gaussian of free FWHM instead
+_SHAPE_MAX_STARS = 200  # the brightest this many are used
 _NOISE_MARGIN = 0.95  # the pre-selection's noise bound may be this much too high
 # (a masked pixel in the filter's outer ring lowers the noise by < 1 %)
 
@@ -211,26 +216,30 @@ def _local_maxima(signal: np.ndarray, index: np.ndarray, radius: float) -> np.nd
     return index[keep]
 
 
+def _pixel_integrals(centre: np.ndarray, sigma: np.ndarray, n: int, half: int):
+    """A unit 1-D Gaussian integrated over the pixels of an ``n``-pixel row.
+
+    ``centre`` and ``sigma`` are ``(N,)`` (pixels, relative to pixel ``half``).
+    Returns the integrals ``(N, n)`` and their derivatives by the centre and by sigma.
+    """
+    from scipy.special import ndtr
+
+    edges = np.arange(n + 1) - half - 0.5
+    s = sigma[:, None]
+    b = (edges[None, :] - centre[:, None]) / s
+    pdf = np.exp(-0.5 * b**2) / np.sqrt(2 * np.pi)
+    return np.diff(ndtr(b), axis=1), -np.diff(pdf, axis=1) / s, -np.diff(b * pdf, axis=1) / s
+
+
 def _prf_and_jacobian(params: np.ndarray, n: int, half: int):
     """Pixel-integrated circular Gaussian on an ``n x n`` grid centred on pixel ``half``.
 
     ``params`` is ``(N, 4)``: flux, x, y (relative to the central pixel), sigma.
     Returns the model ``(N, n, n)`` and its derivatives ``(N, n, n, 4)``.
     """
-    from scipy.special import ndtr
-
     flux, x0, y0, sigma = params.T
-    edges = np.arange(n + 1) - half - 0.5
-    s = sigma[:, None]
-    bx = (edges[None, :] - x0[:, None]) / s
-    by = (edges[None, :] - y0[:, None]) / s
-    pdf_x = np.exp(-0.5 * bx**2) / np.sqrt(2 * np.pi)
-    pdf_y = np.exp(-0.5 * by**2) / np.sqrt(2 * np.pi)
-    ex, ey = np.diff(ndtr(bx), axis=1), np.diff(ndtr(by), axis=1)
-    dex_dx = -np.diff(pdf_x, axis=1) / s
-    dey_dy = -np.diff(pdf_y, axis=1) / s
-    dex_ds = -np.diff(bx * pdf_x, axis=1) / s
-    dey_ds = -np.diff(by * pdf_y, axis=1) / s
+    ex, dex_dx, dex_ds = _pixel_integrals(x0, sigma, n, half)
+    ey, dey_dy, dey_ds = _pixel_integrals(y0, sigma, n, half)
     f = flux[:, None, None]
     shape = ey[:, :, None] * ex[:, None, :]
     jac = np.stack(
@@ -243,6 +252,93 @@ def _prf_and_jacobian(params: np.ndarray, n: int, half: int):
         axis=-1,
     )
     return f * shape, jac
+
+
+def _two_gaussian_prf(params: np.ndarray, prf_shape, n: int, half: int):
+    """Pixel-integrated sum of two concentric circular Gaussians (see :func:`fit_prf`).
+
+    ``params`` is ``(N, 3)``: flux, x, y; ``prf_shape`` is
+    ``(sigma_core, sigma_halo, core_fraction)``.  Returns the model ``(N, n, n)``
+    and its derivatives ``(N, n, n, 3)``.
+    """
+    flux, x0, y0 = params.T
+    model = np.zeros((flux.size, n, n))
+    d_dx, d_dy = np.zeros_like(model), np.zeros_like(model)
+    for sigma, weight in ((prf_shape[0], prf_shape[2]), (prf_shape[1], 1.0 - prf_shape[2])):
+        if weight == 0:
+            continue
+        sig = np.full(flux.size, float(sigma))
+        ex, dex, _ = _pixel_integrals(x0, sig, n, half)
+        ey, dey, _ = _pixel_integrals(y0, sig, n, half)
+        model += weight * ey[:, :, None] * ex[:, None, :]
+        d_dx += weight * ey[:, :, None] * dex[:, None, :]
+        d_dy += weight * dey[:, :, None] * ex[:, None, :]
+    f = flux[:, None, None]
+    return f * model, np.stack([model, f * d_dx, f * d_dy], axis=-1)
+
+
+def _cutouts(image, error, mask, x_init, y_init, half):
+    """Data and weights ``(N, n, n)`` around the pixels nearest ``(x_init, y_init)``."""
+    px, py = np.rint(x_init).astype(int), np.rint(y_init).astype(int)
+    data = _windows(image, px, py, half, np.nan).astype(float)
+    weight = np.ones_like(data) if error is None else 1.0 / _windows(error, px, py, half, np.nan)
+    bad = ~np.isfinite(data) | ~np.isfinite(weight)
+    if mask is not None:
+        bad |= _windows(mask, px, py, half, True)
+    return px, py, np.where(bad, 0.0, data), np.where(bad, 0.0, weight)
+
+
+def _levenberg_marquardt(model_and_jac, data, weight, params, lo, hi, max_iter):
+    """Weighted least squares of every source at once; columns 1, 2 of ``params`` are x, y.
+
+    ``model_and_jac(params)`` returns the models ``(N, n, n)`` and their
+    derivatives ``(N, n, n, P)``.  Each source has its own damping and stops
+    when its position moves by less than 1e-6 px.  Returns the parameters and
+    a ``converged`` flag per source.
+    """
+    n_src, n_par = params.shape
+    params = np.clip(params, lo, hi)
+    damping = np.full(n_src, 1e-3)
+    converged = np.zeros(n_src, bool)
+
+    def chi2(p, rows):
+        model, jac = model_and_jac(p)
+        return np.sum(((data[rows] - model) * weight[rows]) ** 2, axis=(1, 2)), model, jac
+
+    cost, model, jac = chi2(params, slice(None))
+    active = np.ones(n_src, bool)
+    for _ in range(max_iter):
+        if not active.any():
+            break
+        a = np.flatnonzero(active)
+        jw = (jac[a] * weight[a, ..., None]).reshape(a.size, -1, n_par)
+        resid = ((data[a] - model[a]) * weight[a]).reshape(a.size, -1)
+        normal = np.einsum("npi,npj->nij", jw, jw)
+        grad = np.einsum("npi,np->ni", jw, resid)
+        diag = np.einsum("nii->ni", normal)
+        damped = normal + (damping[a, None] * np.maximum(diag, 1e-30))[:, :, None] * np.eye(n_par)
+        try:
+            step = np.linalg.solve(damped, grad[..., None])[..., 0]
+        except np.linalg.LinAlgError:
+            step = np.stack([np.linalg.lstsq(m, g, rcond=None)[0] for m, g in zip(damped, grad)])
+        trial = np.clip(params[a] + step, lo, hi)
+        new_cost, new_model, new_jac = chi2(trial, a)
+        better = new_cost <= cost[a]
+        moved = np.abs(trial - params[a])[:, 1:3].max(axis=1)
+        ok = a[better]
+        params[ok], cost[ok], model[ok], jac[ok] = (
+            trial[better],
+            new_cost[better],
+            new_model[better],
+            new_jac[better],
+        )
+        damping[ok] = np.maximum(damping[ok] / 10.0, 1e-9)
+        damping[a[~better]] *= 10.0
+        done = (better & (moved < 1e-6)) | (damping[a] > 1e10)
+        converged[a[done & better]] = True
+        converged[a[done & ~better]] = moved[done & ~better] < 1e-6
+        active[a[done]] = False
+    return params, converged
 
 
 def fit_gaussian_prf(
@@ -300,65 +396,20 @@ def fit_gaussian_prf(
     x_init = np.atleast_1d(np.asarray(x_init, float))
     y_init = np.atleast_1d(np.asarray(y_init, float))
     half = fit_shape // 2
-    px, py = np.rint(x_init).astype(int), np.rint(y_init).astype(int)
-    n_src = px.size
-    data = _windows(image, px, py, half, np.nan).astype(float)
-    weight = np.ones_like(data) if error is None else 1.0 / _windows(error, px, py, half, np.nan)
-    bad = ~np.isfinite(data) | ~np.isfinite(weight)
-    if mask is not None:
-        bad |= _windows(mask, px, py, half, True)
-    data, weight = np.where(bad, 0.0, data), np.where(bad, 0.0, weight)
+    px, py, data, weight = _cutouts(image, error, mask, x_init, y_init, half)
     lo = np.array([1e-30, -max_shift, -max_shift, fwhm_bounds[0] * fwhm * _FWHM_TO_SIGMA])
     hi = np.array([np.inf, max_shift, max_shift, fwhm_bounds[1] * fwhm * _FWHM_TO_SIGMA])
-    params = np.column_stack(
+    start = np.column_stack(
         [
             np.maximum(data.sum(axis=(1, 2)), 1.0),
             x_init - px,
             y_init - py,
-            np.full(n_src, fwhm * _FWHM_TO_SIGMA),
+            np.full(px.size, fwhm * _FWHM_TO_SIGMA),
         ]
     )
-    params = np.clip(params, lo, hi)
-    damping = np.full(n_src, 1e-3)
-    converged = np.zeros(n_src, bool)
-
-    def chi2(p, rows):
-        model, jac = _prf_and_jacobian(p, fit_shape, half)
-        return np.sum(((data[rows] - model) * weight[rows]) ** 2, axis=(1, 2)), model, jac
-
-    cost, model, jac = chi2(params, slice(None))
-    active = np.ones(n_src, bool)
-    for _ in range(max_iter):
-        if not active.any():
-            break
-        a = np.flatnonzero(active)
-        jw = (jac[a] * weight[a, ..., None]).reshape(a.size, -1, 4)
-        resid = ((data[a] - model[a]) * weight[a]).reshape(a.size, -1)
-        normal = np.einsum("npi,npj->nij", jw, jw)
-        grad = np.einsum("npi,np->ni", jw, resid)
-        diag = np.einsum("nii->ni", normal)
-        damped = normal + (damping[a, None] * np.maximum(diag, 1e-30))[:, :, None] * np.eye(4)
-        try:
-            step = np.linalg.solve(damped, grad[..., None])[..., 0]
-        except np.linalg.LinAlgError:
-            step = np.linalg.lstsq(damped.reshape(-1, 4), grad.reshape(-1), rcond=None)[0]
-        trial = np.clip(params[a] + step, lo, hi)
-        new_cost, new_model, new_jac = chi2(trial, a)
-        better = new_cost <= cost[a]
-        moved = np.abs(trial - params[a])[:, 1:3].max(axis=1)
-        ok = a[better]
-        params[ok], cost[ok], model[ok], jac[ok] = (
-            trial[better],
-            new_cost[better],
-            new_model[better],
-            new_jac[better],
-        )
-        damping[ok] = np.maximum(damping[ok] / 10.0, 1e-9)
-        damping[a[~better]] *= 10.0
-        done = (better & (moved < 1e-6)) | (damping[a] > 1e10)
-        converged[a[done & better]] = True
-        converged[a[done & ~better]] = moved[done & ~better] < 1e-6
-        active[a[done]] = False
+    params, converged = _levenberg_marquardt(
+        lambda p: _prf_and_jacobian(p, fit_shape, half), data, weight, start, lo, hi, max_iter
+    )
     flux, dx, dy, sigma = params.T
     fwhm_fit = sigma / _FWHM_TO_SIGMA
     at_bound = (
@@ -377,6 +428,139 @@ def fit_gaussian_prf(
             "at_bound": at_bound,
         }
     )
+
+
+def fit_prf(
+    image: np.ndarray,
+    error: np.ndarray | None,
+    mask: np.ndarray | None,
+    x_init: ArrayLike,
+    y_init: ArrayLike,
+    prf_shape: tuple[float, float, float],
+    fit_shape: int,
+    *,
+    max_shift: float = _MAX_SHIFT,
+    max_iter: int = 100,
+) -> Table:
+    """Fit flux and position of every source at once with a PRF of known shape.
+
+    The PRF is the sum of two concentric circular Gaussians -- a core of
+    width ``sigma_core`` holding ``core_fraction`` of the flux and a halo of
+    width ``sigma_halo`` -- integrated over square pixels (exactly, with
+    ``erf``); its shape comes from :func:`measure_prf_shape`.  For each source
+    the ``fit_shape`` square centred on the pixel nearest ``(x_init, y_init)``
+    is fitted by weighted least squares (weights ``1 / error``; ``mask``-ed
+    pixels and pixels off the image left out) with free flux, x and y, by the
+    vectorised Levenberg-Marquardt iteration of :func:`fit_gaussian_prf`.
+
+    Parameters
+    ----------
+    image, error, mask, x_init, y_init, fit_shape, max_shift, max_iter
+        As for :func:`fit_gaussian_prf`.
+    prf_shape : (float, float, float)
+        ``(sigma_core, sigma_halo, core_fraction)``: Gaussian sigmas in pixels
+        and the core's share of the flux in ``[0, 1]``.
+
+    Returns
+    -------
+    astropy.table.Table
+        ``x_fit``, ``y_fit``, ``flux_fit``, ``converged`` (bool), ``at_bound``
+        (bool: the position ended within 0.01 px of its bound), one row per
+        source in input order.
+    """
+    x_init = np.atleast_1d(np.asarray(x_init, float))
+    y_init = np.atleast_1d(np.asarray(y_init, float))
+    half = fit_shape // 2
+    px, py, data, weight = _cutouts(image, error, mask, x_init, y_init, half)
+    lo = np.array([1e-30, -max_shift, -max_shift])
+    hi = np.array([np.inf, max_shift, max_shift])
+    start = np.column_stack([np.maximum(data.sum(axis=(1, 2)), 1.0), x_init - px, y_init - py])
+    shape = tuple(float(v) for v in prf_shape)
+    params, converged = _levenberg_marquardt(
+        lambda p: _two_gaussian_prf(p, shape, fit_shape, half), data, weight, start, lo, hi,
+        max_iter,
+    )
+    flux, dx, dy = params.T
+    at_bound = (np.abs(dx) >= max_shift - 0.01) | (np.abs(dy) >= max_shift - 0.01)
+    return Table(
+        {
+            "x_fit": px + dx,
+            "y_fit": py + dy,
+            "flux_fit": flux,
+            "converged": converged,
+            "at_bound": at_bound,
+        }
+    )
+
+
+def measure_prf_shape(
+    image: np.ndarray,
+    mask: np.ndarray | None,
+    x: ArrayLike,
+    y: ArrayLike,
+    fwhm: float,
+    fit_shape: int,
+    *,
+    max_rounds: int = 10,
+    tol: float = 1e-3,
+) -> tuple[float, float, float]:
+    """The two-Gaussian PRF shape (see :func:`fit_prf`) that best fits bright stars.
+
+    The shape is common to all stars, flux and position are each star's own:
+    the two are fitted in turn -- the shape by ``scipy.optimize.least_squares``
+    with each star's flux solved linearly at every trial shape, then the
+    positions by :func:`fit_prf` -- starting from ``(x, y)``, until a round
+    changes no shape parameter by more than ``tol`` (the sigmas in units of
+    the starting sigma) or after ``max_rounds`` rounds.  Pixels are weighted
+    equally.
+
+    Parameters
+    ----------
+    image : numpy.ndarray, 2-D
+        Background-subtracted image.
+    mask : numpy.ndarray of bool or None
+        Pixels to leave out.
+    x, y : array-like
+        Approximate positions (0-indexed pixels) of bright, isolated stars.
+    fwhm : float
+        Approximate FWHM (pixels) of the PSF, the starting width.
+    fit_shape : int
+        Odd side (pixels) of the square fitted around each star.
+    max_rounds : int
+        Shape-then-positions rounds at most.
+    tol : float
+        Convergence tolerance of the shape.
+
+    Returns
+    -------
+    (float, float, float)
+        ``(sigma_core, sigma_halo, core_fraction)``.
+    """
+    from scipy.optimize import least_squares
+
+    x = np.atleast_1d(np.asarray(x, float))
+    y = np.atleast_1d(np.asarray(y, float))
+    half = fit_shape // 2
+    sigma = fwhm * _FWHM_TO_SIGMA
+    px, py, data, weight = _cutouts(image, None, mask, x, y, half)
+    shape = np.array([0.8 * sigma, 2.0 * sigma, 0.8])
+    lo, hi = np.array([0.05, 0.05, 0.0]), np.array([5.0 * sigma, 10.0 * sigma, 1.0])
+    dx, dy = x - px, y - py
+
+    def residuals(q):
+        model, _ = _two_gaussian_prf(np.column_stack([np.ones(px.size), dx, dy]), q, fit_shape, half)
+        mw = model * weight
+        flux = np.sum(mw * data * weight, axis=(1, 2)) / np.maximum(np.sum(mw**2, axis=(1, 2)), 1e-300)
+        return ((data - flux[:, None, None] * model) * weight).ravel()
+
+    for _ in range(max_rounds):
+        previous = shape
+        shape = least_squares(residuals, shape, bounds=(lo, hi), x_scale=[sigma, sigma, 1.0]).x
+        fit = fit_prf(image, None, mask, px + dx, py + dy, shape, fit_shape)
+        dx, dy = np.asarray(fit["x_fit"]) - px, np.asarray(fit["y_fit"]) - py
+        if np.max(np.abs(shape - previous) / [sigma, sigma, 1.0]) < tol:
+            break
+    return tuple(float(v) for v in shape)
 
 
 def _masks(image: np.ndarray, dq):
@@ -512,9 +696,7 @@ def detect_sources(
 
     # 5: positions
     fit_mask = masked if saturated is None else masked | saturated
-    fit = fit_gaussian_prf(
-        work, None, fit_mask, px[keep], py[keep], params.kernel_fwhm, 2 * params.fit_half + 1
-    )
+    fit = _fit_positions(work, err, fit_mask, px, py, keep, significance, params)
     del fit_mask
     usable = np.asarray(fit["converged"]) & ~np.asarray(fit["at_bound"])
     x, y = np.asarray(fit["x_fit"])[usable], np.asarray(fit["y_fit"])[usable]
@@ -548,6 +730,43 @@ def detect_sources(
         "Detected %d sources (%d peaks above S/N %s)", len(table), n_found, params.snr_threshold
     )
     return table
+
+
+def _fit_positions(work, err, fit_mask, px, py, keep, significance, params):
+    """Step 5: the PRF shape from bright isolated stars, then every kept source's position."""
+    from scipy.spatial import cKDTree
+
+    fit_shape = 2 * params.fit_half + 1
+    neighbours = cKDTree(np.column_stack([px, py])).query(np.column_stack([px, py]), k=2)[0]
+    isolated = neighbours[:, 1] > fit_shape if px.size > 1 else np.ones(px.size, bool)
+    bright = np.flatnonzero(keep & isolated & (significance >= _SHAPE_MIN_SNR))
+    bright = bright[np.argsort(-significance[bright], kind="stable")][:_SHAPE_MAX_STARS]
+    if bright.size >= _SHAPE_MIN_STARS:
+        first = fit_gaussian_prf(
+            work, None, fit_mask, px[bright], py[bright], params.kernel_fwhm, fit_shape
+        )
+        good = np.asarray(first["converged"]) & ~np.asarray(first["at_bound"])
+        if good.sum() >= _SHAPE_MIN_STARS:
+            prf_shape = measure_prf_shape(
+                work,
+                fit_mask,
+                first["x_fit"][good],
+                first["y_fit"][good],
+                float(np.median(first["fwhm_fit"][good])),
+                fit_shape,
+            )
+            log.debug(
+                "PRF shape from %d stars: sigma %.3f and %.3f px, core fraction %.3f",
+                int(good.sum()),
+                *prf_shape,
+            )
+            return fit_prf(work, err, fit_mask, px[keep], py[keep], prf_shape, fit_shape)
+    log.debug(
+        "%d bright isolated stars (S/N >= %s): too few for a PRF shape, Gaussian fits",
+        bright.size,
+        _SHAPE_MIN_SNR,
+    )
+    return fit_gaussian_prf(work, None, fit_mask, px[keep], py[keep], params.kernel_fwhm, fit_shape)
 
 
 def _drop_duplicates(x, y, peak, significance, radius):
