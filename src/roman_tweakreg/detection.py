@@ -22,15 +22,21 @@ Algorithm (see ``docs/detection.rst`` for the measured accuracy and speed):
    ``max_peak_fraction`` of the 3x3 flux around it (unflagged hot pixels and
    cosmic rays), with a masked pixel in the 3x3 box around the peak, or near a
    saturated pixel (step 1).
-5. Positions: :func:`fit_gaussian_prf` fits a pixel-integrated circular
-   Gaussian (free x, y, flux and FWHM) to the ``2 ceil(1.5 FWHM) + 1`` square
-   around each peak, weighted by the noise, masked pixels left out; all
-   sources at once (vectorised Levenberg-Marquardt with the analytic
-   Jacobian).  It reaches the same least-squares minimum as photutils
-   ``PSFPhotometry`` with ``CircularGaussianPRF`` (tested to 0.001 px) at a
-   thousandth of the cost.  Fits that do not converge, end at the 1.5 px
-   position bound or at a FWHM bound are dropped, as is the less significant
-   of two centroids closer than ``min_separation``.
+5. Positions: the PRF shape -- two concentric circular Gaussians integrated
+   over pixels, core width, halo width and core fraction -- is measured on
+   up to 200 bright (significance >= 50), isolated candidates
+   (:func:`measure_prf_shape`, started from :func:`fit_gaussian_prf`
+   positions); then :func:`fit_prf` fits flux and position of every
+   candidate with that shape to the ``2 ceil(1.5 FWHM) + 1`` square around
+   its peak, weighted by ``err``, masked pixels left out; all sources at
+   once (vectorised Levenberg-Marquardt with the analytic Jacobian, tested
+   against per-source ``scipy.optimize.least_squares`` to 0.001 px).  With
+   fewer than 10 such stars each source gets instead a pixel-integrated
+   Gaussian of free FWHM, unweighted (:func:`fit_gaussian_prf`, the minimum
+   of photutils ``PSFPhotometry`` with ``CircularGaussianPRF``).  Fits that
+   do not converge, end at the 1.5 px position bound or at a FWHM bound are
+   dropped, as is the less significant of two centroids closer than
+   ``min_separation``.
 6. Fluxes: SEP circular-aperture sums of radius ``aperture_radius *
    kernel_fwhm`` on the background-subtracted image; ``peakmax`` then
    ``brightest`` are applied.
@@ -320,7 +326,9 @@ def _levenberg_marquardt(model_and_jac, data, weight, params, lo, hi, max_iter):
         try:
             step = np.linalg.solve(damped, grad[..., None])[..., 0]
         except np.linalg.LinAlgError:
-            step = np.stack([np.linalg.lstsq(m, g, rcond=None)[0] for m, g in zip(damped, grad)])
+            step = np.stack(
+                [np.linalg.lstsq(m, g, rcond=None)[0] for m, g in zip(damped, grad, strict=True)]
+            )
         trial = np.clip(params[a] + step, lo, hi)
         new_cost, new_model, new_jac = chi2(trial, a)
         better = new_cost <= cost[a]
@@ -477,7 +485,12 @@ def fit_prf(
     start = np.column_stack([np.maximum(data.sum(axis=(1, 2)), 1.0), x_init - px, y_init - py])
     shape = tuple(float(v) for v in prf_shape)
     params, converged = _levenberg_marquardt(
-        lambda p: _two_gaussian_prf(p, shape, fit_shape, half), data, weight, start, lo, hi,
+        lambda p: _two_gaussian_prf(p, shape, fit_shape, half),
+        data,
+        weight,
+        start,
+        lo,
+        hi,
         max_iter,
     )
     flux, dx, dy = params.T
@@ -548,9 +561,11 @@ def measure_prf_shape(
     dx, dy = x - px, y - py
 
     def residuals(q):
-        model, _ = _two_gaussian_prf(np.column_stack([np.ones(px.size), dx, dy]), q, fit_shape, half)
+        unit = np.column_stack([np.ones(px.size), dx, dy])
+        model, _ = _two_gaussian_prf(unit, q, fit_shape, half)
         mw = model * weight
-        flux = np.sum(mw * data * weight, axis=(1, 2)) / np.maximum(np.sum(mw**2, axis=(1, 2)), 1e-300)
+        norm = np.maximum(np.sum(mw**2, axis=(1, 2)), 1e-300)
+        flux = np.sum(mw * data * weight, axis=(1, 2)) / norm  # linear least squares
         return ((data - flux[:, None, None] * model) * weight).ravel()
 
     for _ in range(max_rounds):
