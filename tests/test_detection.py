@@ -223,6 +223,22 @@ def test_few_bright_stars_fall_back_to_gaussian_fits(caplog):
     assert np.sqrt(np.nanmean(np.sum(offset**2, axis=1))) < 0.06
 
 
+def test_crowded_pairs_companions_found_in_residuals(monkeypatch):
+    """30 pairs 2.5-5 px apart (S/N 30-300): the hidden star of a pair is found and fitted."""
+    scene = make_scene(seed=16, n_stars=40, n_pairs=30, snr_range=(30.0, 300.0))
+    truth, pair = scene.truth, scene.truth["kind"] == "pair"
+    catalog = detect_sources(scene.data, scene.dq, scene.err)
+    assert match(catalog["x"], catalog["y"], truth[pair])[0].sum() >= 57  # measured 59 of 60
+    assert match(catalog["x"], catalog["y"], truth[~pair])[0].sum() == 40
+    dist = cKDTree(np.column_stack([truth["x"], truth["y"]])).query(
+        np.column_stack([catalog["x"], catalog["y"]])
+    )[0]
+    assert dist.max() < 0.2  # measured 0.11: every detection is a star
+    monkeypatch.setattr(detection, "_add_companions", lambda *args: args[4])
+    alone = detect_sources(scene.data, scene.dq, scene.err)
+    assert match(alone["x"], alone["y"], truth[pair])[0].sum() <= 52  # measured 49
+
+
 @pytest.mark.parametrize("flag", ["SATURATED", "JUMP_DET", "HOT", "DO_NOT_USE"])
 def test_a_flagged_pixel_keeps_its_star_out(flag):
     """40 bright stars; a flag on the central pixel of 10 of them removes exactly those."""

@@ -85,6 +85,8 @@ _FWHM_BOUNDS = (0.2, 5.0)  # fitted FWHM range, in units of kernel_fwhm
 _SHAPE_MIN_SNR = 50.0  # significance of the stars the PRF shape is measured on
 _SHAPE_MIN_STARS = 10  # fewer: each source gets a Gaussian of free FWHM instead
 _SHAPE_MAX_STARS = 200  # the brightest this many are used
+_COMPANION_MODEL_ERROR = 0.03  # of the PRF model, added to the residual's noise
+_COMPANION_RING_ERROR = 0.03  # of the flux: rings, as a share of the model's error
 _NOISE_MARGIN = 0.95  # the pre-selection's noise bound may be this much too high
 # (a masked pixel in the filter's outer ring lowers the noise by < 1 %)
 
@@ -294,8 +296,8 @@ def _cutouts(image, error, mask, x_init, y_init, half):
     return px, py, np.where(bad, 0.0, data), np.where(bad, 0.0, weight)
 
 
-def _levenberg_marquardt(model_and_jac, data, weight, params, lo, hi, max_iter):
-    """Weighted least squares of every source at once; columns 1, 2 of ``params`` are x, y.
+def _levenberg_marquardt(model_and_jac, data, weight, params, lo, hi, max_iter, positions=(1, 2)):
+    """Weighted least squares of every source at once; ``positions``: the columns of x, y.
 
     ``model_and_jac(params)`` returns the models ``(N, n, n)`` and their
     derivatives ``(N, n, n, P)``.  Each source has its own damping and stops
@@ -332,7 +334,7 @@ def _levenberg_marquardt(model_and_jac, data, weight, params, lo, hi, max_iter):
         trial = np.clip(params[a] + step, lo, hi)
         new_cost, new_model, new_jac = chi2(trial, a)
         better = new_cost <= cost[a]
-        moved = np.abs(trial - params[a])[:, 1:3].max(axis=1)
+        moved = np.abs(trial - params[a])[:, list(positions)].max(axis=1)
         ok = a[better]
         params[ok], cost[ok], model[ok], jac[ok] = (
             trial[better],
@@ -711,11 +713,19 @@ def detect_sources(
 
     # 5: positions
     fit_mask = masked if saturated is None else masked | saturated
-    fit = _fit_positions(work, err, fit_mask, px, py, keep, significance, params)
+    fit = _fit_positions(work, err, fit_mask, saturated, px, py, keep, significance, params)
     del fit_mask
+    n_alone = int(keep.sum())
+    if len(fit) > n_alone:  # companions found in the residuals (crowded pairs)
+        cx = np.rint(np.asarray(fit["x_fit"][n_alone:])).astype(int)
+        cy = np.rint(np.asarray(fit["y_fit"][n_alone:])).astype(int)
+        peak = np.concatenate([peak[keep], _windows(work, cx, cy, 1).max(axis=(1, 2))])
+        significance = np.concatenate([significance[keep], fit["companion_snr"][n_alone:]])
+    else:
+        peak, significance = peak[keep], significance[keep]
     usable = np.asarray(fit["converged"]) & ~np.asarray(fit["at_bound"])
     x, y = np.asarray(fit["x_fit"])[usable], np.asarray(fit["y_fit"])[usable]
-    peak, significance = peak[keep][usable], significance[keep][usable]
+    peak, significance = peak[usable], significance[usable]
     log.debug(
         "%d peaks; dropped %d sharp (hot pixel / cosmic ray), %d near masked pixels, "
         "%d near saturated pixels, %d failed fits",
@@ -747,7 +757,7 @@ def detect_sources(
     return table
 
 
-def _fit_positions(work, err, fit_mask, px, py, keep, significance, params):
+def _fit_positions(work, err, fit_mask, saturated, px, py, keep, significance, params):
     """Step 5: the PRF shape from bright isolated stars, then every kept source's position."""
     from scipy.spatial import cKDTree
 
@@ -775,13 +785,106 @@ def _fit_positions(work, err, fit_mask, px, py, keep, significance, params):
                 int(good.sum()),
                 *prf_shape,
             )
-            return fit_prf(work, err, fit_mask, px[keep], py[keep], prf_shape, fit_shape)
+            fit = fit_prf(work, err, fit_mask, px[keep], py[keep], prf_shape, fit_shape)
+            return _add_companions(work, err, fit_mask, saturated, fit, prf_shape, params)
     log.debug(
         "%d bright isolated stars (S/N >= %s): too few for a PRF shape, Gaussian fits",
         bright.size,
         _SHAPE_MIN_SNR,
     )
     return fit_gaussian_prf(work, None, fit_mask, px[keep], py[keep], params.kernel_fwhm, fit_shape)
+
+
+def _add_companions(work, err, fit_mask, saturated, fit, prf_shape, params):
+    """Crowded pairs: a star hidden in a brighter one's peak, found in its fit's residual.
+
+    Around each fitted source the residual (data minus its model) is
+    filtered with the detection kernel; where the filtered residual's
+    significance reaches ``snr_threshold`` between 1.5 and ``fit half + 2`` px
+    from the source (no masked pixel in the 3x3 around it, no saturated one
+    within ``fit half + 2`` px), a companion is fitted jointly with it (two PRFs, 6
+    parameters, a square 4 px wider).  Returns ``fit`` with the pairs'
+    rows replaced and the companions appended (``significance`` column:
+    the companion's, NaN for the sources fitted alone).
+    """
+    from scipy.ndimage import correlate1d
+
+    fit = fit.copy()
+    fit["companion_snr"] = np.full(len(fit), np.nan)
+    ok = np.flatnonzero(np.asarray(fit["converged"]) & ~np.asarray(fit["at_bound"]))
+    if ok.size == 0:
+        return fit
+    half = params.fit_half + 2
+    n = 2 * half + 1
+    x, y = np.asarray(fit["x_fit"])[ok], np.asarray(fit["y_fit"])[ok]
+    px, py, data, weight = _cutouts(work, err, fit_mask, x, y, half)
+    unit = np.column_stack([np.asarray(fit["flux_fit"])[ok], x - px, y - py])
+    model, _ = _two_gaussian_prf(unit, prf_shape, n, half)
+    kernel = _gaussian_kernel_1d(params.kernel_fwhm)
+    resid = np.where(weight > 0, data - model, 0.0)
+    filtered = correlate1d(
+        correlate1d(resid, kernel, axis=2, mode="constant"), kernel, axis=1, mode="constant"
+    )
+    with np.errstate(divide="ignore"):
+        sigma = np.where(weight > 0, 1.0 / weight, np.inf)
+    # the PRF model's own error (its core and the Airy rings it leaves out) counts as noise
+    model_error = model + _COMPANION_RING_ERROR * unit[:, 0, None, None]
+    sigma = np.hypot(sigma, _COMPANION_MODEL_ERROR * model_error)
+    signif = filtered / (np.sum(kernel**2) * sigma)
+    box = np.arange(n) - half
+    dist = np.hypot(
+        box[None, None, :] - unit[:, 1, None, None], box[None, :, None] - unit[:, 2, None, None]
+    )
+    signif[(dist < 1.5) | (dist > half)] = -np.inf
+    best = signif.reshape(ok.size, -1).argmax(axis=1)
+    best_snr = signif.reshape(ok.size, -1)[np.arange(ok.size), best]
+    by, bx = np.divmod(best, n)
+    unmasked = ~_windows(weight.reshape(-1, n) == 0, bx, by + n * np.arange(ok.size), 1, True)
+    has = np.flatnonzero((best_snr >= params.snr_threshold) & unmasked.all(axis=(1, 2)))
+    if has.size == 0:
+        return fit
+    cy, cx = by[has], bx[has]
+    if saturated is not None:  # as for the peaks: nothing near a saturated pixel
+        near = _windows(saturated, px[has] + cx - half, py[has] + cy - half, params.fit_half + 2)
+        has, cy, cx = (v[~near.any(axis=(1, 2))] for v in (has, cy, cx))
+        if has.size == 0:
+            return fit
+    start = np.column_stack(
+        [unit[has], np.maximum(3.0 * resid[has, cy, cx], 1.0), cx - half, cy - half]
+    )
+    lo = np.array([1e-30, -half, -half, 1e-30, -half, -half], float)
+    hi = -lo
+    hi[[0, 3]] = np.inf
+
+    def pair_model(p):
+        m1, j1 = _two_gaussian_prf(p[:, :3], prf_shape, n, half)
+        m2, j2 = _two_gaussian_prf(p[:, 3:], prf_shape, n, half)
+        return m1 + m2, np.concatenate([j1, j2], axis=-1)
+
+    pars, conv = _levenberg_marquardt(
+        pair_model, data[has], weight[has], start, lo, hi, 100, positions=(1, 2, 4, 5)
+    )
+    inside = np.all(np.abs(pars[:, [1, 2, 4, 5]]) < half - 0.01, axis=1)
+    apart = np.hypot(pars[:, 1] - pars[:, 4], pars[:, 2] - pars[:, 5]) >= 1.0
+    good = conv & inside & apart
+    rows = ok[has[good]]
+    fit["x_fit"][rows] = px[has[good]] + pars[good, 1]
+    fit["y_fit"][rows] = py[has[good]] + pars[good, 2]
+    fit["flux_fit"][rows] = pars[good, 0]
+    extra = Table(
+        {
+            "x_fit": px[has[good]] + pars[good, 4],
+            "y_fit": py[has[good]] + pars[good, 5],
+            "flux_fit": pars[good, 3],
+            "converged": np.ones(good.sum(), bool),
+            "at_bound": np.zeros(good.sum(), bool),
+            "companion_snr": best_snr[has[good]],
+        }
+    )
+    log.debug("%d companions found in fit residuals", len(extra))
+    from astropy.table import vstack
+
+    return vstack([fit, extra])
 
 
 def _drop_duplicates(x, y, peak, significance, radius):
