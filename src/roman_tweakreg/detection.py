@@ -87,6 +87,7 @@ _SHAPE_MIN_STARS = 10  # fewer: each source gets a Gaussian of free FWHM instead
 _SHAPE_MAX_STARS = 200  # the brightest this many are used
 _COMPANION_MODEL_ERROR = 0.03  # of the PRF model, added to the residual's noise
 _COMPANION_RING_ERROR = 0.03  # of the flux: rings, as a share of the model's error
+_COMPANION_SNR_FACTOR = 2.0  # a companion needs this times snr_threshold
 _NOISE_MARGIN = 0.95  # the pre-selection's noise bound may be this much too high
 # (a masked pixel in the filter's outer ring lowers the noise by < 1 %)
 
@@ -800,7 +801,7 @@ def _add_companions(work, err, fit_mask, saturated, fit, prf_shape, params):
 
     Around each fitted source the residual (data minus its model) is
     filtered with the detection kernel; where the filtered residual's
-    significance reaches ``snr_threshold`` between 1.5 and ``fit half + 2`` px
+    significance reaches twice ``snr_threshold`` between 1.5 and ``fit half + 2`` px
     from the source (no masked pixel in the 3x3 around it, no saturated one
     within ``fit half + 2`` px), a companion is fitted jointly with it (two PRFs, 6
     parameters, a square 4 px wider).  Returns ``fit`` with the pairs'
@@ -840,7 +841,9 @@ def _add_companions(work, err, fit_mask, saturated, fit, prf_shape, params):
     best_snr = signif.reshape(ok.size, -1)[np.arange(ok.size), best]
     by, bx = np.divmod(best, n)
     unmasked = ~_windows(weight.reshape(-1, n) == 0, bx, by + n * np.arange(ok.size), 1, True)
-    has = np.flatnonzero((best_snr >= params.snr_threshold) & unmasked.all(axis=(1, 2)))
+    has = np.flatnonzero(
+        (best_snr >= _COMPANION_SNR_FACTOR * params.snr_threshold) & unmasked.all(axis=(1, 2))
+    )
     if has.size == 0:
         return fit
     cy, cx = by[has], bx[has]
@@ -866,7 +869,14 @@ def _add_companions(work, err, fit_mask, saturated, fit, prf_shape, params):
     )
     inside = np.all(np.abs(pars[:, [1, 2, 4, 5]]) < half - 0.01, axis=1)
     apart = np.hypot(pars[:, 1] - pars[:, 4], pars[:, 2] - pars[:, 5]) >= 1.0
-    good = conv & inside & apart
+    # the companion must stay by its residual peak, off masked and saturated pixels
+    fx = np.rint(px[has] + pars[:, 4]).astype(int)
+    fy = np.rint(py[has] + pars[:, 5]).astype(int)
+    stayed = np.hypot(pars[:, 4] - (cx - half), pars[:, 5] - (cy - half)) < 1.0
+    clean = ~_windows(fit_mask, fx, fy, 1, True).any(axis=(1, 2))
+    if saturated is not None:
+        clean &= ~_windows(saturated, fx, fy, params.fit_half + 2, False).any(axis=(1, 2))
+    good = conv & inside & apart & stayed & clean
     rows = ok[has[good]]
     fit["x_fit"][rows] = px[has[good]] + pars[good, 1]
     fit["y_fit"][rows] = py[has[good]] + pars[good, 2]
