@@ -74,7 +74,7 @@ def pooled(measured):
 
 def test_recovery(pooled):
     snr, found, _, _ = pooled
-    assert found[snr >= 10].mean() >= 0.95  # measured 0.981
+    assert found[snr >= 10].mean() >= 0.95  # measured 0.979
     assert found[snr >= 15].mean() >= 0.99  # measured 1.0
     assert found[snr < 5].mean() <= 0.05  # threshold 10 on the matched filter
 
@@ -85,7 +85,8 @@ def test_position_rms_vs_today_and_cramer_rao(pooled):
         sel = found & (snr >= lim)
         rms = np.sqrt(np.mean(err[sel] ** 2))
         bound = np.sqrt(np.mean(crb[sel] ** 2))
-        # measured: 0.040 / 0.022 / 0.0070 px; bound 0.040 / 0.023 / 0.0056 px
+        # measured: 0.043 / 0.025 / 0.0069 px; bound 0.040 / 0.023 / 0.0056 px
+        # (the Gaussian fits before the two-Gaussian PRF: 0.042 / 0.025 / 0.0064 px)
         assert rms <= today
         assert rms <= 1.3 * bound
 
