@@ -43,6 +43,7 @@ __all__ = [
     "REFCAT_FOLDER",
     "SUMMARY_COLUMNS",
     "SUMMARY_NAME",
+    "WORKER_CONFIG",
     "AssociationJob",
     "align_associations",
     "align_one",
@@ -58,6 +59,10 @@ MANIFEST_NAME = "tweakreg_manifest.json"
 REFCAT_FOLDER = "refcat"
 #: Step parameters the batch sets itself.
 RESERVED = ("output_dir", "output_file", "save_results", "input_dir", "pre_hooks", "post_hooks")
+#: Dask settings of the workers of the batch's own ``LocalCluster`` (docs/batch.rst,
+#: "Throughput"): the statistical profiler samples the task's stack every 10 ms and
+#: cost a third more CPU per association; nothing of the batch needs it.
+WORKER_CONFIG = {"distributed.worker.profile.enabled": False}
 #: Extra margin (deg) of a region around the cones of its associations.
 _REGION_SLACK = 0.005
 
@@ -508,11 +513,13 @@ def align_associations(
         raise InvalidParameterError(f"region_radius={region_radius!r}: expected a number > 0")
     if client is not None:
         return _run(client, paths, output_dir, parameters, resume, retries, region_radius, progress)
+    import dask
     from distributed import Client, LocalCluster
 
     from ._parallel import usable_cores
 
     with (
+        dask.config.set(WORKER_CONFIG),
         LocalCluster(
             n_workers=workers or usable_cores(),
             threads_per_worker=1,
