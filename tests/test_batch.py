@@ -297,7 +297,7 @@ def test_cli_batch_with_a_running_scheduler(data, client, tmp_path, capsys):
 
 
 def test_the_batch_cluster_runs_its_workers_without_the_profiler(client):
-    """Dask's statistical profiler (a third more CPU per task) is off in the batch's workers."""
+    """Dask's statistical profiler (CPU per task, see docs/batch.rst) is off in the workers."""
     import dask
 
     key = "distributed.worker.profile.enabled"

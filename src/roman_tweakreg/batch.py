@@ -61,8 +61,8 @@ REFCAT_FOLDER = "refcat"
 #: Step parameters the batch sets itself.
 RESERVED = ("output_dir", "output_file", "save_results", "input_dir", "pre_hooks", "post_hooks")
 #: Dask settings of the workers of the batch's own ``LocalCluster`` (docs/batch.rst,
-#: "Throughput"): the statistical profiler samples the task's stack every 10 ms and
-#: cost a third more CPU per association; nothing of the batch needs it.
+#: "Throughput"): the statistical profiler samples the task's stack every 10 ms; it cost
+#: about a tenth more CPU per association (more on a loaded machine); the batch needs none.
 WORKER_CONFIG = {"distributed.worker.profile.enabled": False}
 #: Extra margin (deg) of a region around the cones of its associations.
 _REGION_SLACK = 0.005
