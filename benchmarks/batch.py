@@ -21,7 +21,14 @@ What it does:
    ``roman_tweakreg.batch.align_associations`` over all associations.  The wall time
    includes starting the cluster; ``tasks_s`` is from the first task submitted to the
    last finished (``align_associations`` alone).  Each worker's peak RSS is read before
-   the cluster closes.
+   the cluster closes.  The workers run with ``roman_tweakreg.batch.WORKER_CONFIG`` (Dask's
+   statistical profiler off), as ``align_associations``'s own cluster does;
+   ``--dask-profiler`` keeps it on.
+
+CPU time per association (``cpu_s_per_association``) is that of the serial process, or of
+every thread of every worker process, over the tasks: unlike wall time it barely depends
+on what else runs on the machine, so it is what compares the configurations on a shared
+machine.
 
 Throughput is images per second over the wall time.  ``uptime``'s load is recorded:
 the figures are only comparable on a quiet machine.  JSON goes to stdout (and
@@ -91,6 +98,11 @@ def prepare(work: Path, n_asn: int, n_exp: int, n_det: int, sources: int) -> tup
     return paths, data / "ref_at_epoch.ecsv"
 
 
+def _cpu_s() -> float:
+    """CPU seconds (user + system, all threads) of this process so far."""
+    return time.process_time()
+
+
 def child(spec_path: Path) -> int:
     """Run one configuration (in a fresh process); write its figures as JSON."""
     spec = json.loads(spec_path.read_text())
@@ -99,11 +111,11 @@ def child(spec_path: Path) -> int:
     logging.basicConfig(level=logging.WARNING)
     t0 = time.perf_counter()
     out = Path(spec["out"])
-    result: dict = {}
+    result: dict = {"loadavg_before": os.getloadavg()}
     if spec["mode"] == "serial":
         from roman_tweakreg import TweakRegStep
 
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), time.process_time()
         for path in spec["asns"]:
             TweakRegStep.call(
                 path,
@@ -113,13 +125,17 @@ def child(spec_path: Path) -> int:
                 abs_refcat=spec["refcat"],
             )
         result["tasks_s"] = time.perf_counter() - t1
+        result["tasks_cpu_s"] = time.process_time() - c1
         result["worker_peak_rss_mb"] = [peak_rss_mb()]
     else:
+        import dask
         from distributed import Client, LocalCluster
 
-        from roman_tweakreg.batch import align_associations
+        from roman_tweakreg.batch import WORKER_CONFIG, align_associations
 
+        config = {} if spec["dask_profiler"] else WORKER_CONFIG  # as align_associations does
         with (
+            dask.config.set(config),
             LocalCluster(
                 n_workers=spec["workers"],
                 threads_per_worker=1,
@@ -129,21 +145,36 @@ def child(spec_path: Path) -> int:
             Client(cluster) as client,
         ):
             client.run(lambda: __import__("roman_tweakreg.step") and None)
-            t1 = time.perf_counter()
+            cpu0 = client.run(_cpu_s)
+            t1, c1 = time.perf_counter(), time.process_time()
             table = align_associations(
                 spec["asns"], out, client=client, progress=False, abs_refcat=spec["refcat"]
             )
             result["tasks_s"] = time.perf_counter() - t1
+            result["client_tasks_cpu_s"] = time.process_time() - c1
+            cpu1 = client.run(_cpu_s)
+            # every thread of each worker process: the task's, the event loop's, monitors'
+            result["tasks_cpu_s"] = sum(cpu1[w] - cpu0[w] for w in cpu1)
             result["worker_peak_rss_mb"] = sorted(client.run(peak_rss_mb).values())
         result["statuses"] = sorted(set(table["status"]))
     result["wall_s"] = time.perf_counter() - t0
+    result["cpu_s_per_association"] = result["tasks_cpu_s"] / len(spec["asns"])
+    result["loadavg_after"] = os.getloadavg()
     result["client_peak_rss_mb"] = peak_rss_mb()
     Path(spec["result"]).write_text(json.dumps(result))
     return 0
 
 
-def run(mode: str, workers: int, asns: list, refcat: Path, work: Path, n_images: int) -> dict:
-    tag = mode if mode == "serial" else f"batch-{workers}"
+def run(
+    mode: str,
+    workers: int,
+    asns: list,
+    refcat: Path,
+    work: Path,
+    n_images: int,
+    dask_profiler: bool = False,
+) -> dict:
+    tag = mode if mode == "serial" else f"batch-{workers}{'-profiler' if dask_profiler else ''}"
     out = work / "out" / tag
     shutil.rmtree(out, ignore_errors=True)
     spec = {
@@ -151,6 +182,7 @@ def run(mode: str, workers: int, asns: list, refcat: Path, work: Path, n_images:
         "workers": workers,
         "asns": asns,
         "refcat": str(refcat),
+        "dask_profiler": dask_profiler,
         "out": str(out),
         "result": str(work / f"{tag}.json"),
     }
@@ -180,6 +212,29 @@ def run(mode: str, workers: int, asns: list, refcat: Path, work: Path, n_images:
     return res
 
 
+def rst_table(report: dict) -> str:
+    """The results as a reStructuredText list-table, ready for docs/performance.rst."""
+    head = ("Configuration", "Load (1 min)", "Wall (s)", "Tasks (s)", "Images/s",
+            "CPU s per association", "Peak RSS per worker (MB)")  # fmt: skip
+    lines = [".. list-table::", "   :header-rows: 1", ""]
+    lines += [("   * - " if k == 0 else "     - ") + h for k, h in enumerate(head)]
+    names = {"serial": "serial loop", "batch-1": "batch, 1 worker"}
+    for r in report["results"]:
+        cells = (
+            names.get(r["config"], r["config"].replace("batch-", "batch, ") + " workers"),
+            f"{r['loadavg_before'][0]:.1f} - {r['loadavg_after'][0]:.1f}",
+            f"{r['wall_s']:.1f}",
+            f"{r['tasks_s']:.1f}",
+            f"{r['images_per_s']:.2f}",
+            f"{r['cpu_s_per_association']:.2f}",
+            f"{max(r['worker_peak_rss_mb']):.0f}",
+        )
+        lines += [("   * - " if k == 0 else "     - ") + c for k, c in enumerate(cells)]
+    if "speedup_2_vs_1" in report:
+        lines += ["", f"2 workers / 1 worker: {report['speedup_2_vs_1']:.2f}x"]
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--associations", type=int, default=200)
@@ -188,6 +243,12 @@ def main(argv=None) -> int:
     parser.add_argument("--sources", type=int, default=1000, help="max sources per catalog")
     parser.add_argument("--workers", default="1,2", help="comma list of local worker counts")
     parser.add_argument("--no-serial", action="store_true", help="skip the serial loop")
+    parser.add_argument(
+        "--dask-profiler",
+        action="store_true",
+        help="keep Dask's statistical profiler on in the workers (align_associations turns "
+        "it off in its own LocalCluster; this shows what it costs)",
+    )
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--json-out", default=None)
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -203,7 +264,7 @@ def main(argv=None) -> int:
     if not args.no_serial:
         results.append(run("serial", 1, asns, refcat, work, n_images))
     for n in [int(w) for w in args.workers.split(",") if w.strip()]:
-        results.append(run("batch", n, asns, refcat, work, n_images))
+        results.append(run("batch", n, asns, refcat, work, n_images, args.dask_profiler))
     report = {
         "associations": args.associations,
         "images_per_association": args.exposures * args.detectors,
@@ -221,15 +282,18 @@ def main(argv=None) -> int:
     if args.json_out:
         Path(args.json_out).write_text(text)
     print(
-        f"{'config':<10} {'wall s':>8} {'tasks s':>8} {'img/s':>7} {'peak MB/worker':>15}",
+        f"{'config':<10} {'wall s':>8} {'tasks s':>8} {'img/s':>7} {'cpu s/asn':>9} "
+        f"{'peak MB/worker':>15} {'load':>11}",
         file=sys.stderr,
     )
     for r in results:
         print(
             f"{r['config']:<10} {r['wall_s']:8.1f} {r['tasks_s']:8.1f} {r['images_per_s']:7.2f} "
-            f"{max(r['worker_peak_rss_mb']):15.0f}",
+            f"{r['cpu_s_per_association']:9.2f} {max(r['worker_peak_rss_mb']):15.0f} "
+            f"{r['loadavg_before'][0]:5.1f}-{r['loadavg_after'][0]:<5.1f}",
             file=sys.stderr,
         )
+    print(rst_table(report), file=sys.stderr)
     print(f"load average before/after: {load} / {report['loadavg_after']}", file=sys.stderr)
     return 0
 

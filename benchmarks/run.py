@@ -499,6 +499,31 @@ def _table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def rst_table(results: list[dict]) -> str:
+    """Our figures per size as a reStructuredText list-table, ready for docs/performance.rst."""
+    head = ("Images", "Load (1 min)", "Wall (s)", "CPU (s)", "Catalogs (s)", "Relative (s)",
+            "Absolute (s)", "Update (s)", "Save (s)", "Peak RSS (MB)", "Worst error (mas)",
+            "Median error (mas)")
+    lines = [".. list-table::", "   :header-rows: 1", ""]
+    lines += [("   * - " if k == 0 else "     - ") + h for k, h in enumerate(head)]
+    for r in results:
+        o = r.get("ours")
+        if not o:
+            continue
+        stages = o.get("stages_s", {})
+        loads = [x for x in o.get("loadavg_1min_before_runs", []) if x is not None]
+        cells = [f"{r['images']} ({r['exposures']} x {r['detectors']})",
+                 f"{min(loads):.1f} - {max(loads):.1f}" if loads else "-",
+                 f"{o['call_s']:.2f}", f"{o['cpu_s'] + o.get('cpu_workers_s', 0.0):.2f}"]
+        cells += [f"{stages[k]:.2f}" if k in stages else "-"
+                  for k in ("catalogs", "relative", "absolute", "update", "save")]
+        cells += [f"{o['peak_rss_mb']:.0f}",
+                  *(f"{o[k]:.3f}" if o.get(k) is not None else "-"
+                    for k in ("max_error_mas", "median_error_mas"))]
+        lines += [("   * - " if k == 0 else "     - ") + c for k, c in enumerate(cells)]
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0],
@@ -573,6 +598,7 @@ def main(argv=None) -> int:
     if args.json_out:
         Path(args.json_out).write_text(text + "\n")
     print(_table(results), file=sys.stderr)
+    print(rst_table(results), file=sys.stderr)
     return 0
 
 

@@ -21,7 +21,9 @@ from roman_tweakreg.batch import (
     REFCAT_FOLDER,
     SUMMARY_COLUMNS,
     SUMMARY_NAME,
+    WORKER_CONFIG,
     align_associations,
+    local_cluster,
     read_inputs,
 )
 from roman_tweakreg.cli import main
@@ -74,18 +76,13 @@ def data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(tmp_path_factory):
-    """One LocalCluster of 2 worker processes (1 thread each) for the whole module."""
+    """The batch's LocalCluster of 2 worker processes (1 thread each) for the whole module."""
     env = {
         "ASTROMETRIC_CATALOG_URL": "http://127.0.0.1:9",  # never the real service
         "ROMAN_TWEAKREG_CACHE": str(tmp_path_factory.mktemp("worker_cache")),
         "PYTHONPATH": os.environ.get("PYTHONPATH", ""),
     }
-    with (
-        distributed.LocalCluster(
-            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0", env=env
-        ) as cluster,
-        distributed.Client(cluster) as c,
-    ):
+    with local_cluster(2, env=env) as cluster, distributed.Client(cluster) as c:
         # import the step on both workers now, not in the first timed task
         c.run(lambda: __import__("roman_tweakreg.batch") and None)
         yield c
@@ -297,6 +294,16 @@ def test_cli_batch_with_a_running_scheduler(data, client, tmp_path, capsys):
         main(["batch", str(data["asns"]["a1"]), "--output-dir", str(out), "--par", "minobj"]) == 1
     )
     assert "--par minobj: expected name=value" in capsys.readouterr().err
+
+
+def test_the_batch_cluster_runs_its_workers_without_the_profiler(client):
+    """Dask's statistical profiler (CPU per task, see docs/batch.rst) is off in the workers."""
+    import dask
+
+    key = "distributed.worker.profile.enabled"
+    assert WORKER_CONFIG == {key: False}
+    assert dask.config.get(key) is True  # Dask's default, unchanged in this process
+    assert list(client.run(dask.config.get, key).values()) == [False, False]
 
 
 # -- without a cluster ------------------------------------------------------------------------

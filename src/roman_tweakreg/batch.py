@@ -43,11 +43,13 @@ __all__ = [
     "REFCAT_FOLDER",
     "SUMMARY_COLUMNS",
     "SUMMARY_NAME",
+    "WORKER_CONFIG",
     "AssociationJob",
     "align_associations",
     "align_one",
     "check_done",
     "dashboard_address",
+    "local_cluster",
     "read_inputs",
 ]
 
@@ -58,6 +60,10 @@ MANIFEST_NAME = "tweakreg_manifest.json"
 REFCAT_FOLDER = "refcat"
 #: Step parameters the batch sets itself.
 RESERVED = ("output_dir", "output_file", "save_results", "input_dir", "pre_hooks", "post_hooks")
+#: Dask settings of the workers of the batch's own ``LocalCluster`` (docs/batch.rst,
+#: "Throughput"): the statistical profiler samples the task's stack every 10 ms; it cost
+#: about a tenth more CPU per association (more on a loaded machine); the batch needs none.
+WORKER_CONFIG = {"distributed.worker.profile.enabled": False}
 #: Extra margin (deg) of a region around the cones of its associations.
 _REGION_SLACK = 0.005
 
@@ -508,20 +514,42 @@ def align_associations(
         raise InvalidParameterError(f"region_radius={region_radius!r}: expected a number > 0")
     if client is not None:
         return _run(client, paths, output_dir, parameters, resume, retries, region_radius, progress)
-    from distributed import Client, LocalCluster
+    from distributed import Client
+
+    with local_cluster(workers) as cluster, Client(cluster) as local:
+        return _run(local, paths, output_dir, parameters, resume, retries, region_radius, progress)
+
+
+def local_cluster(workers: int | None = None, **options: Any):
+    """The batch's own ``LocalCluster``: ``workers`` processes of one thread each.
+
+    Its workers run with :data:`WORKER_CONFIG` (Dask's statistical profiler off).
+
+    Parameters
+    ----------
+    workers : int, optional
+        Worker processes; default the usable cores.
+    **options
+        More ``LocalCluster`` arguments (``env``...).
+
+    Returns
+    -------
+    distributed.LocalCluster
+        Started; close it (or use it as a context manager).
+    """
+    import dask
+    from distributed import LocalCluster
 
     from ._parallel import usable_cores
 
-    with (
-        LocalCluster(
+    with dask.config.set(WORKER_CONFIG):  # the nannies hand this configuration to workers
+        return LocalCluster(
             n_workers=workers or usable_cores(),
             threads_per_worker=1,
             processes=True,
             dashboard_address=":0",
-        ) as cluster,
-        Client(cluster) as local,
-    ):
-        return _run(local, paths, output_dir, parameters, resume, retries, region_radius, progress)
+            **options,
+        )
 
 
 def _jobs(paths: list[Path], output_dir: Path, parameters: dict):
