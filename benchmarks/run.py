@@ -8,7 +8,7 @@ Usage::
 
 What it does, per size (``--exposures`` may be a comma-separated list):
 
-1. Simulates N exposures x D detectors with ``roman_tweakreg.simulate.make_dataset``
+1. Simulates N exposures x D detectors with ``roman_tweakreg.testing.simulate.make_dataset``
    (seeded; at most ``--sources`` catalog sources per detector) and writes them with
    ``simulate.write_dataset``: one L2 ASDF file per detector, its catalog file
    (``<root>_cat.ecsv``, named in ``meta.source_catalog.tweakreg_catalog_name``), an
@@ -261,7 +261,7 @@ def prepare(work: Path, n_exp: int, n_det: int, sources: int, full: bool,
     import numpy as np
     from astropy.table import Table
 
-    from roman_tweakreg import simulate
+    from roman_tweakreg.testing import simulate
 
     inputs = work / "inputs"
     manifest = work / "dataset.json"
@@ -326,7 +326,7 @@ def prepare(work: Path, n_exp: int, n_det: int, sources: int, full: bool,
 def wcs_errors(wcs_file: Path, truths: dict) -> dict[str, float]:
     import asdf
 
-    from roman_tweakreg import simulate
+    from roman_tweakreg.testing import simulate
 
     with asdf.open(wcs_file, lazy_load=False) as af:
         return {name: simulate.wcs_difference_mas(wcs, truths[name])

@@ -15,7 +15,8 @@ from astropy.table import Table
 
 from conftest import truths_of
 from gaia_server import FIELD, stars
-from roman_tweakreg import TweakRegStep, simulate
+from roman_tweakreg import TweakRegStep
+from roman_tweakreg.testing import simulate
 from roman_tweakreg.batch import (
     MANIFEST_NAME,
     REFCAT_FOLDER,

@@ -204,7 +204,7 @@ def test_update_catalog_file_keeps_everything_but_sky_columns(tmp_path, suffix):
     import astropy.units as u
     import pyarrow.parquet as pq
 
-    from roman_tweakreg import simulate
+    from roman_tweakreg.testing import simulate
     from roman_tweakreg._io import read_parquet
     from roman_tweakreg.catalogs import update_catalog_file
 

@@ -19,7 +19,7 @@ from astropy.time import Time
 from astropy_healpix import HEALPix
 
 from gaia_server import FIELD, gaia_service, in_cone, stars, truth  # noqa: F401
-from roman_tweakreg import simulate
+from roman_tweakreg.testing import simulate
 from roman_tweakreg.errors import ReferenceCatalogError
 from roman_tweakreg.refcat import (
     ConeCache,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import simulate
+from .testing import simulate
 from .errors import InvalidParameterError
 
 __all__ = ["run_example"]
