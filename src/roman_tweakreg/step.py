@@ -567,7 +567,7 @@ def _tweakwcs_at_debug():
 
 
 class _Clock:
-    """Wall time per phase, logged as the run progresses."""
+    """Wall time per phase, logged as the run progresses; ``timings`` is the step's."""
 
     def __init__(self):
         self.start = time.perf_counter()
@@ -577,7 +577,9 @@ class _Clock:
     def phase(self, name: str):
         t = time.perf_counter()
         log.info("Phase %s started (%.1f s elapsed)", name, t - self.start)
-        yield
-        self.timings[name] = time.perf_counter() - t
-        self.timings["total"] = time.perf_counter() - self.start
+        try:
+            yield
+        finally:  # also a phase that failed or was interrupted took its time
+            self.timings[name] = time.perf_counter() - t
+            self.timings["total"] = time.perf_counter() - self.start
         log.info("Phase %s done in %.2f s", name, self.timings[name])
