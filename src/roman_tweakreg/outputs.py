@@ -182,9 +182,14 @@ def _save_batch(models: dict, jobs: list, processes: int, written: list, errors:
 
 
 def _succeeded(future) -> bool:
-    """Whether a job (a Future, or a worker's relay) ended without an exception."""
-    remote = getattr(future, "remote", future)
-    return remote.done() and not remote.cancelled() and remote.exception() is None
+    """Whether a job (a Future, or a worker's relay) has ended without an exception."""
+    remote = getattr(future, "remote", None)
+    if remote is None:  # run here
+        return future.done() and future.exception() is None
+    # a worker's outcome: (whether the job returned, its value or error, its log records)
+    return remote.done() and not remote.cancelled() and remote.exception() is None and (
+        remote.result()[0]
+    )
 
 
 def _save_one(models: dict, index: int, path: str, wcs_path: str | None):
