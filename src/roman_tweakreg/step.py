@@ -107,6 +107,13 @@ class TweakRegStep(Step):
     """Align Roman WFI images: each exposure to the others, then all to a reference catalog.
 
     See the package documentation for inputs, parameters and outputs.
+
+    Attributes
+    ----------
+    timings : dict
+        After a run: seconds per phase of the step's clock (``catalogs``,
+        ``relative``, ``absolute``, ``update``, ``save`` when outputs are saved, and
+        ``total``), as logged and written in the report.
     """
 
     # Not romancal's "tweakreg": both registered, `strun tweakreg` would fail for romancal users.
