@@ -8,7 +8,7 @@ Usage::
 What it does:
 
 1. Simulates one dithered set of exposures (``--exposures`` x ``--detectors``, seed 7,
-   at most ``--sources`` sources per detector catalog) with ``roman_tweakreg.simulate``
+   at most ``--sources`` sources per detector catalog) with ``roman_tweakreg.testing.simulate``
    and writes it once under ``<workdir>/data/`` with a reference catalog at the
    observation epoch (``ref_at_epoch.ecsv``).  ``--associations`` association files
    (``asn0000.json``...) under ``<workdir>/asns/`` list those members, so every task
@@ -57,7 +57,7 @@ def prepare(work: Path, n_asn: int, n_exp: int, n_det: int, sources: int) -> tup
     """Write the dataset once and ``n_asn`` association files listing its members."""
     from astropy.table import Table
 
-    from roman_tweakreg import simulate
+    from roman_tweakreg.testing import simulate
 
     data = work / "data"
     spec = {"exposures": n_exp, "detectors": n_det, "sources": sources, "seed": SEED}

@@ -44,7 +44,8 @@ def main(argv=None) -> int:
 
     from astropy.table import Table
 
-    from roman_tweakreg import TweakRegStep, simulate
+    from roman_tweakreg import TweakRegStep
+    from roman_tweakreg.testing import simulate
 
     phases = _Phases()
     step_log = logging.getLogger("roman_tweakreg.step")

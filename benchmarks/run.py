@@ -8,7 +8,7 @@ Usage::
 
 What it does, per size (``--exposures`` may be a comma-separated list):
 
-1. Simulates N exposures x D detectors with ``roman_tweakreg.simulate.make_dataset``
+1. Simulates N exposures x D detectors with ``roman_tweakreg.testing.simulate.make_dataset``
    (seeded; at most ``--sources`` catalog sources per detector) and writes them with
    ``simulate.write_dataset``: one L2 ASDF file per detector, its catalog file
    (``<root>_cat.ecsv``, named in ``meta.source_catalog.tweakreg_catalog_name``), an
@@ -21,11 +21,12 @@ What it does, per size (``--exposures`` may be a comma-separated list):
    which all simulated exposures share, and aligns them as one rigid group (see
    ``prepare``).  ``--no-group-ids`` keeps the files and ``asn.json`` as
    ``simulate.write_dataset`` writes them.
-2. Runs ``TweakRegStep.call(asn, abs_refcat=ref_at_epoch.ecsv)`` ``--repeat`` times, each
-   in a fresh subprocess (``run.py --worker``) so that the peak RSS of one run is not
-   inherited from another or from the data generation.  The worker times the ``call``
-   (wall clock), splits it into phases by wrapping the step's internal functions with
-   timers (exclusive time; see ``OURS_PHASES``), reads its own peak RSS (``VmHWM`` of
+2. Runs ``TweakRegStep(abs_refcat=ref_at_epoch.ecsv, ...).run(asn)`` ``--repeat`` times,
+   each in a fresh subprocess (``run.py --worker``) so that the peak RSS of one run is not
+   inherited from another or from the data generation.  The worker times the ``run``
+   (wall clock), takes its phases from the step's own clock (``step.timings``: catalogs,
+   relative, absolute, update, save; the same figures the step logs and writes in its
+   report; ``other`` is the rest of the run), reads its own peak RSS (``VmHWM`` of
    ``/proc/self/status``; ``ru_maxrss`` elsewhere, see ``_rss.peak_rss_mb``) and writes every
    output WCS to an ASDF file.  This (parent) process compares those WCS with the true
    ones: the accuracy is the largest RMS sky distance (mas) over the images, on a 9 x 9
@@ -37,8 +38,8 @@ What it does, per size (``--exposures`` may be a comma-separated list):
 The medians over ``--repeat`` runs are reported (wall time, phases, peak RSS); the error
 is the worst over all runs.  Both implementations write their output files, as ``strun``
 users run them (``save_results``), and the saving is timed; ``--no-save`` leaves it out.
-Our step's time is also given per stage (``stages_s``: catalogs, relative, absolute,
-update, save and other; see ``STAGES``).
+Our step's time is also given per phase (``stages_s``: catalogs, relative, absolute,
+update, save and other, from ``step.timings``).
 
 The JSON goes to stdout (and ``--json-out``); a summary table goes to stderr.  Step logs of
 every run are kept in ``<workdir>/<size>/logs/``.
@@ -66,83 +67,8 @@ HERE = Path(__file__).resolve().parent
 DEFAULT_ROMANCAL_PYTHON = "/root/.pyenv/versions/3.11.7/bin/python"
 SEED = 7
 
-#: Phases of our step: (phase name, module, attribute) of the functions whose (exclusive)
-#: time is attributed to the phase.  A missing attribute is reported in ``phases_missing``
-#: and its time falls into ``other``.
-OURS_PHASES = (
-    ("open", "roman_tweakreg.step", "open_library"),
-    ("catalogs", "roman_tweakreg.step:TweakRegStep", "_prepare"),
-    ("plane", "roman_tweakreg.step", "TangentPlane"),
-    ("relative", "roman_tweakreg.align", "relative_align"),
-    ("footprint", "roman_tweakreg.step", "footprint_cone"),
-    ("refcat", "roman_tweakreg.step", "get_reference_catalog"),
-    ("absolute", "roman_tweakreg.align", "absolute_align"),
-    ("wcs", "roman_tweakreg.results", "outcomes"),
-    ("update", "roman_tweakreg.step:TweakRegStep", "_write"),
-    ("save", "roman_tweakreg.step:TweakRegStep", "save_model"),
-)
-
-#: Stages of a run as the step's log names them, made of the phases above.
-STAGES = {
-    "catalogs": ("open", "catalogs", "plane"),
-    "relative": ("relative",),
-    "absolute": ("footprint", "refcat", "absolute"),
-    "update": ("wcs", "update"),
-    "save": ("save",),
-    "other": ("other",),
-}
-
-
-# ----------------------------------------------------------------------------------------
-# worker: one timed run of our step, in its own process
-# ----------------------------------------------------------------------------------------
-class _PhaseTimer:
-    """Exclusive wall time of wrapped functions: a nested wrapped call is not counted twice."""
-
-    def __init__(self):
-        self.totals: dict[str, float] = {}
-        self._stack: list[list[float]] = []  # [start, time spent in wrapped children]
-
-    def wrap(self, name, func):
-        import functools
-
-        timer = self
-
-        @functools.wraps(func)
-        def wrapper(*args, **kwargs):
-            timer._stack.append([time.perf_counter(), 0.0])
-            try:
-                return func(*args, **kwargs)
-            finally:
-                start, children = timer._stack.pop()
-                elapsed = time.perf_counter() - start
-                timer.totals[name] = timer.totals.get(name, 0.0) + elapsed - children
-                if timer._stack:
-                    timer._stack[-1][1] += elapsed
-
-        return wrapper
-
-    def install(self, phases) -> list[str]:
-        import importlib
-
-        missing = []
-        for name, where, attr in phases:
-            module_name, _, cls_name = where.partition(":")
-            try:
-                owner = importlib.import_module(module_name)
-                if cls_name:
-                    owner = getattr(owner, cls_name)
-                raw = owner.__dict__[attr] if cls_name else getattr(owner, attr)
-            except (ImportError, AttributeError, KeyError):
-                missing.append(f"{where}.{attr}")
-                continue
-            if isinstance(raw, staticmethod):
-                setattr(owner, attr, staticmethod(self.wrap(name, raw.__func__)))
-            elif isinstance(raw, classmethod):
-                setattr(owner, attr, classmethod(self.wrap(name, raw.__func__)))
-            else:
-                setattr(owner, attr, self.wrap(name, raw))
-        return missing
+#: The alignment phases of the step's clock (``step.timings``), to compare saving with.
+ALIGN_PHASES = ("catalogs", "relative", "absolute", "update")
 
 
 def _version() -> str:
@@ -184,10 +110,13 @@ def dump_wcs(library, path: Path) -> dict:
 def worker(spec_path: Path) -> int:
     """Run our step once as described by the JSON ``spec_path``; write the result JSON."""
     spec = json.loads(spec_path.read_text())
+    import logging
+
     from roman_tweakreg import TweakRegStep
 
-    timer = _PhaseTimer()
-    missing = timer.install(OURS_PHASES)
+    # the step's log in this run's log file, as stpipe's default configuration shows it
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s - %(name)s - %(levelname)s - %(message)s")
     kwargs = dict(abs_refcat=spec["refcat"], save_results=spec["save"])
     if spec["save"]:
         kwargs["output_dir"] = spec["output_dir"]
@@ -206,7 +135,8 @@ def worker(spec_path: Path) -> int:
     c0 = time.process_time()
     children0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
-    result = TweakRegStep.call(spec["asn"], **kwargs)
+    step = TweakRegStep(**kwargs)
+    result = step.run(spec["asn"])
     call_s = time.perf_counter() - t0
     cpu_s = time.process_time() - c0
     children = resource.getrusage(resource.RUSAGE_CHILDREN)  # forked workers, once ended
@@ -218,9 +148,9 @@ def worker(spec_path: Path) -> int:
         profiler.dump_stats(spec["profile"])
     peak = peak_rss_mb()
     status = dump_wcs(result, Path(spec["wcs_out"]))
-    phases = dict(timer.totals)
+    # the step's own clock; a phase the run did not have (relative, one group) counts 0 s
+    phases = {p: step.timings.get(p, 0.0) for p in (*ALIGN_PHASES, "save")}
     phases["other"] = call_s - sum(phases.values())
-    stages = {name: sum(phases.get(p, 0.0) for p in parts) for name, parts in STAGES.items()}
     out = {
         "implementation": "roman_tweakreg",
         "version": _version(),
@@ -231,8 +161,7 @@ def worker(spec_path: Path) -> int:
         "loadavg_1min_before": load_before,
         "import_s": import_s,
         "phases_s": phases,
-        "stages_s": stages,
-        "phases_missing": missing,
+        "stages_s": phases,
         "peak_rss_mb": peak,
         "peak_rss_before_call_mb": rss_before,
         # largest forked worker; its RSS includes the pages it shares with this process
@@ -261,7 +190,7 @@ def prepare(work: Path, n_exp: int, n_det: int, sources: int, full: bool,
     import numpy as np
     from astropy.table import Table
 
-    from roman_tweakreg import simulate
+    from roman_tweakreg.testing import simulate
 
     inputs = work / "inputs"
     manifest = work / "dataset.json"
@@ -326,7 +255,7 @@ def prepare(work: Path, n_exp: int, n_det: int, sources: int, full: bool,
 def wcs_errors(wcs_file: Path, truths: dict) -> dict[str, float]:
     import asdf
 
-    from roman_tweakreg import simulate
+    from roman_tweakreg.testing import simulate
 
     with asdf.open(wcs_file, lazy_load=False) as af:
         return {name: simulate.wcs_difference_mas(wcs, truths[name])
@@ -434,9 +363,8 @@ def summarize(runs: list[dict], truths: dict) -> dict:
             names = list(dict.fromkeys(p for r in runs for p in r[key]))
             out[key] = {p: statistics.median(r[key].get(p, 0.0) for r in runs) for p in names}
     if "stages_s" in out:  # the alignment itself, to compare saving with
-        out["align_s"] = sum(out["stages_s"][k] for k in ("catalogs", "relative", "absolute",
-                                                          "update"))
-    for key in ("phases_missing", "version", "src_digest", "parameters", "profile"):
+        out["align_s"] = sum(out["stages_s"].get(k, 0.0) for k in ALIGN_PHASES)
+    for key in ("version", "src_digest", "parameters", "profile"):
         if key in first:
             out[key] = first[key]
     return out

@@ -1,4 +1,4 @@
-"""Shared fixtures: seeded synthetic WFI data from roman_tweakreg.simulate."""
+"""Shared fixtures: seeded synthetic WFI data from roman_tweakreg.testing.simulate."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from astropy.table import Table
 
-from roman_tweakreg import simulate
+from roman_tweakreg.testing import simulate
 
 pytest_plugins = ["gaia_server"]
 

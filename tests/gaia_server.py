@@ -2,7 +2,7 @@
 
 ``gaia_service`` starts a real ``ThreadingHTTPServer`` on 127.0.0.1 (port 0)
 serving ``GET /vo/CatalogSearch.aspx?RA=&DEC=&SR=&FORMAT=CSV&CAT=[&EPOCH=]``
-over a synthetic Gaia-like field (``roman_tweakreg.simulate.make_star_field``,
+over a synthetic Gaia-like field (``roman_tweakreg.testing.simulate.make_star_field``,
 epoch 2016.0, 5% of the stars without proper motions), and files put in
 ``service.files`` under ``/files/<name>``.  Tests read ``service.requests``
 (the count of HTTP requests, retries included) and ``service.queries`` and
@@ -34,7 +34,7 @@ import numpy as np
 import pytest
 from astropy.coordinates import angular_separation
 
-from roman_tweakreg import simulate
+from roman_tweakreg.testing import simulate
 
 __all__ = ["FIELD", "GaiaService", "gaia_service", "running_service", "stars", "truth"]
 

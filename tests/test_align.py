@@ -7,11 +7,11 @@ import pytest
 from astropy.table import Table
 
 from conftest import make_data, truths_of
-from roman_tweakreg import simulate
 from roman_tweakreg.align import absolute_align, relative_align
 from roman_tweakreg.catalogs import ImageCatalog, normalize_catalog
 from roman_tweakreg.matching import FitParameters, unique_pairs
 from roman_tweakreg.plane import TangentPlane
+from roman_tweakreg.testing import simulate
 
 ABS = FitParameters(searchrad=6.0, separation=0.1, tolerance=0.7)
 

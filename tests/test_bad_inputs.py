@@ -35,7 +35,6 @@ from roman_tweakreg import (
     OutputError,
     ReferenceCatalogError,
     TweakRegStep,
-    simulate,
 )
 from roman_tweakreg.catalogs import CatalogSource, load_catalog, read_catfile
 from roman_tweakreg.library import open_library
@@ -43,6 +42,7 @@ from roman_tweakreg.refcat import ConeCache
 from roman_tweakreg.refcat._local import read_local_catalog
 from roman_tweakreg.refcat._service import NoDataError, parse_service_csv
 from roman_tweakreg.step import validate_parameters
+from roman_tweakreg.testing import simulate
 
 RA, DEC = 270.0, -30.0
 

@@ -15,7 +15,7 @@ from astropy.table import Table
 
 from conftest import truths_of
 from gaia_server import FIELD, stars
-from roman_tweakreg import TweakRegStep, simulate
+from roman_tweakreg import TweakRegStep
 from roman_tweakreg.batch import (
     MANIFEST_NAME,
     REFCAT_FOLDER,
@@ -30,6 +30,7 @@ from roman_tweakreg.cli import main
 from roman_tweakreg.errors import InvalidParameterError, MissingInputError
 from roman_tweakreg.refcat import read_local_catalog
 from roman_tweakreg.refcat._plan import SkyCone, is_service_name, plan_regions, sky_cone
+from roman_tweakreg.testing import simulate
 from test_step_refcat import field_exposures
 
 distributed = pytest.importorskip("distributed")

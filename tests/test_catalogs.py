@@ -204,9 +204,9 @@ def test_update_catalog_file_keeps_everything_but_sky_columns(tmp_path, suffix):
     import astropy.units as u
     import pyarrow.parquet as pq
 
-    from roman_tweakreg import simulate
     from roman_tweakreg._io import read_parquet
     from roman_tweakreg.catalogs import update_catalog_file
+    from roman_tweakreg.testing import simulate
 
     wcsinfo = {"v2_ref": 0.0, "v3_ref": 0.0, "roll_ref": 0.0, "ra_ref": 10.0, "dec_ref": 20.0}
     wcs = simulate.detector_wcs("WFI01", wcsinfo)

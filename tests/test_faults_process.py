@@ -21,9 +21,10 @@ import numpy as np
 import pytest
 
 from conftest import make_data, refcat_at
-from roman_tweakreg import TweakRegStep, _io, align, catalogs, plane, simulate
+from roman_tweakreg import TweakRegStep, _io, align, catalogs, plane
 from roman_tweakreg.errors import MissingInputError
 from roman_tweakreg.library import open_library
+from roman_tweakreg.testing import simulate
 
 PARENT = os.getpid()
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux processes")

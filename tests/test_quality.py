@@ -12,12 +12,13 @@ import numpy as np
 import pytest
 
 from conftest import refcat_at
-from roman_tweakreg import TweakRegStep, simulate
+from roman_tweakreg import TweakRegStep
 from roman_tweakreg.align import absolute_align, relative_align, rigid_sets
 from roman_tweakreg.matching import FitParameters
 from roman_tweakreg.plane import TangentPlane
 from roman_tweakreg.quality import FALSE_ALARM, Quality, gates
 from roman_tweakreg.results import Status, image_status
+from roman_tweakreg.testing import simulate
 from test_align import images_of
 
 REL = FitParameters()

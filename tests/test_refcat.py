@@ -19,7 +19,6 @@ from astropy.time import Time
 from astropy_healpix import HEALPix
 
 from gaia_server import FIELD, gaia_service, in_cone, stars, truth  # noqa: F401
-from roman_tweakreg import simulate
 from roman_tweakreg.errors import ReferenceCatalogError
 from roman_tweakreg.refcat import (
     ConeCache,
@@ -29,6 +28,7 @@ from roman_tweakreg.refcat import (
     get_reference_catalog,
 )
 from roman_tweakreg.refcat._motion import carry
+from roman_tweakreg.testing import simulate
 
 RA, DEC = FIELD[0], FIELD[1]
 FAST = {"backoff": 0.01, "timeout": 2.0}

@@ -18,7 +18,8 @@ import pytest
 from astropy.table import Table
 
 from conftest import make_data, models_of, refcat_at, truths_of
-from roman_tweakreg import TweakRegStep, simulate
+from roman_tweakreg import TweakRegStep
+from roman_tweakreg.testing import simulate
 from test_step import errors_mas
 
 romancal = pytest.importorskip("romancal")

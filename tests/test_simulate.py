@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from roman_tweakreg import simulate
+from roman_tweakreg.testing import simulate
 
 
 def test_siaf_has_18_detectors_with_v2v3_reference_points():
@@ -41,3 +41,26 @@ def test_injected_error_and_catalog_sizes(two_exposures):
             assert 800 < n < 1300  # ~1000 stars per detector
             err = simulate.wcs_difference_mas(model.meta.wcs, true_wcs)
             assert 10 < err < 1000 * 4  # shift <= 1", roll <= 0.05 deg at <= 0.3 deg
+
+
+def test_old_simulate_module_is_a_deprecated_alias():
+    import importlib
+    import sys
+
+    sys.modules.pop("roman_tweakreg.simulate", None)
+    with pytest.warns(DeprecationWarning, match="moved to roman_tweakreg.testing.simulate"):
+        old = importlib.import_module("roman_tweakreg.simulate")
+    assert old.make_dataset is simulate.make_dataset
+    assert old.propagate is simulate.propagate
+    assert old.DETECTORS == simulate.DETECTORS
+    assert set(old.__all__) == set(simulate.__all__)
+
+
+def test_simulated_models_are_calibrated_up_to_tweakreg():
+    exposures, _ = simulate.make_dataset(1, detectors=("WFI01",), seed=2, max_sources=50)
+    cal_step = exposures[0].models[0].meta.cal_step
+    assert cal_step.tweakreg == "INCOMPLETE"
+    assert cal_step.dark_decay == "COMPLETE"
+    others = {step: str(cal_step[step]) for step in cal_step if step != "tweakreg"}
+    assert len(others) > 10
+    assert set(others.values()) == {"COMPLETE"}

@@ -11,8 +11,9 @@ import roman_datamodels.datamodels as rdm
 from astropy.table import Table
 
 from conftest import make_data, models_of, refcat_at, truths_of
-from roman_tweakreg import InvalidParameterError, MissingCatalogError, TweakRegStep, simulate
+from roman_tweakreg import InvalidParameterError, MissingCatalogError, TweakRegStep
 from roman_tweakreg.library import ModelLibrary
+from roman_tweakreg.testing import simulate
 
 STRUN = str(Path(sys.executable).parent / "strun")
 

@@ -5,7 +5,8 @@ import pytest
 
 from conftest import models_of, truths_of
 from gaia_server import FIELD, stars
-from roman_tweakreg import TweakRegStep, simulate
+from roman_tweakreg import TweakRegStep
+from roman_tweakreg.testing import simulate
 from test_step import errors_mas, metas
 
 DETECTORS = ("WFI01", "WFI10")

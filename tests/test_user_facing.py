@@ -22,10 +22,10 @@ from roman_tweakreg import (
     TweakRegStep,
     fit_results_table,
     report,
-    simulate,
 )
 from roman_tweakreg.library import load_association, write_association
 from roman_tweakreg.results import plain
+from roman_tweakreg.testing import simulate
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 STRUN = str(Path(sys.executable).parent / "strun")

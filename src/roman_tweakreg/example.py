@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import simulate
 from .errors import InvalidParameterError
+from .testing import simulate
 
 __all__ = ["run_example"]
 

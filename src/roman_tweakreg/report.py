@@ -99,8 +99,11 @@ REPORT_KEYS = {
         Key("created", "UTC time the report was made (ISO 8601)."),
         Key("version", "roman_tweakreg version."),
         Key("parameters", "The step parameters as run."),
-        Key("timings", "Seconds per phase (for example ``catalogs``, ``relative``, "
-            "``absolute``, ``update``, ``total``), as given by the caller."),
+        Key("timings", "Seconds per phase, as given by the caller. The step gives its own "
+            "clock's: ``catalogs``, ``relative`` (when there are several groups), "
+            "``absolute``, ``update``, ``save`` (when it saves its outputs; the report itself "
+            "is written after) and ``total``; the same figures are kept on the step as "
+            "``TweakRegStep.timings`` after a run."),
         Key("statuses", "Counts per value: ``cal_step`` (``meta.cal_step.tweakreg``), "
             "``relative`` and ``absolute`` (each phase's status)."),
         Key("images", "One entry per image (the keys below)."),

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,20 +13,20 @@ from roman_datamodels import datamodels as rdm
 from stpipe import Step, config_parser
 from stpipe.library import AbstractModelLibrary
 
-from . import align, catalogs, results
-from ._io import write_atomically
+from . import align, catalogs, outputs, results
 from ._parallel import Workers, gc_frozen
-from .errors import InvalidParameterError, OutputError, ReferenceCatalogError
+from .errors import InvalidParameterError, ReferenceCatalogError
 from .geometry import footprint_cone
 from .library import open_library
 from .matching import FitParameters, FitResult
+from .outputs import check_writable
 from .plane import TangentPlane, common_plane
 from .refcat import DEFAULT_REFCAT, check_refcat, get_reference_catalog
 
 if TYPE_CHECKING:
     from .library import ModelLibrary
 
-__all__ = ["TweakRegStep", "check_writable", "validate_parameters"]
+__all__ = ["TweakRegStep", "validate_parameters"]
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +107,13 @@ class TweakRegStep(Step):
     """Align Roman WFI images: each exposure to the others, then all to a reference catalog.
 
     See the package documentation for inputs, parameters and outputs.
+
+    Attributes
+    ----------
+    timings : dict
+        After a run: seconds per phase of the step's clock (``catalogs``,
+        ``relative``, ``absolute``, ``update``, ``save`` when outputs are saved, and
+        ``total``), as logged and written in the report.
     """
 
     # Not romancal's "tweakreg": both registered, `strun tweakreg` would fail for romancal users.
@@ -193,7 +198,8 @@ class TweakRegStep(Step):
             return self._align(input_data, pars, detection, refcat_name)
 
     def _align(self, input_data, pars, detection, refcat_name) -> ModelLibrary:
-        clock = _Clock()
+        self._clock = clock = _Clock()
+        self.timings = clock.timings
         with clock.phase("catalogs"):
             library = open_library(
                 input_data,
@@ -449,14 +455,14 @@ class TweakRegStep(Step):
         else:
             log.warning("%s has no RA/Dec columns to update", tweakreg_catalog_name)
 
-    # -- outputs are written whole or not at all --------------------------------
+    # -- outputs are written whole or not at all (see roman_tweakreg.outputs) ----
     def save_model(self, model, suffix=None, idx=None, output_file=None, force=False, **components):
         """Save like stpipe, but each model through a temporary file renamed into place.
 
         A library is saved model by model, each with its WCS product
         ``<name>_wcs.asdf`` (a roman_datamodels ``WfiWcsModel``, as romancal writes),
         then the report (``report``) is written, saying which outputs exist, also when
-        saving failed or was interrupted.
+        saving failed or was interrupted.  The time it took is ``timings["save"]``.
 
         Each model is named after its ``meta.filename`` (``output_use_model``) unless
         ``output_file`` is given: then, as in other stpipe steps, after
@@ -471,160 +477,29 @@ class TweakRegStep(Step):
             When an output cannot be written (full disk, file size limit, memory):
             naming the file and which outputs were written before it.
         """
-        if isinstance(model, AbstractModelLibrary):
-            return self._save_library(model, suffix, output_file, force, components)
-        if not isinstance(model, rdm.DataModel):
+        if not isinstance(model, (AbstractModelLibrary, rdm.DataModel)):
             return super().save_model(
                 model, suffix=suffix, idx=idx, output_file=output_file, force=force, **components
             )
         output_file = output_file or self.output_file
         if not force and not self.save_results and not output_file:
             return None
-        path = self._output_path(model, suffix, idx, output_file, components)
-        name = model.meta.filename
+        if not isinstance(model, AbstractModelLibrary):
+            path = outputs.output_path(self, model, suffix, idx, output_file, components)
+            return outputs.save_model(model, path)
+        clock = getattr(self, "_clock", None) or _Clock()
+        written: list = [None] * len(model)
         try:
-            write_atomically(path, lambda tmp: _save(model, tmp))
-        except (OSError, MemoryError) as err:
-            model.meta.filename = name  # the save may have renamed it to the output
-            raise OutputError(f"{path}: output not written: {_describe_write_error(err)}") from err
-        log.info("Saved model in %s", path)
-        return path
-
-    def _output_path(self, model, suffix, idx, output_file, components) -> str:
-        if not output_file and (self.output_use_model or not self.search_output_file):
-            output_file, idx = model.meta.filename, None
-        if idx is not None:
-            components = {"idx": idx, **components}
-        return self.make_output_path(basepath=output_file, suffix=suffix, **components)
-
-    def _save_library(self, library, suffix, output_file, force, components) -> list | None:
-        if not force and not self.save_results and not (output_file or self.output_file):
-            return None
-        n = len(library)
-        written: list = [None] * n
-        try:
-            if self.output_use_model and not (output_file or self.output_file):
-                _check_output_names(library)
-            with library:
-                for index in range(n):
-                    model = library.borrow(index)
-                    idx = index if n > 1 else None
-                    try:
-                        written[index] = self.save_model(
-                            model, idx=idx, suffix=suffix, output_file=output_file, force=force,
-                            **components,
-                        )  # fmt: skip
-                        self._save_wcs_product(model, idx, output_file)
-                    finally:
-                        library.shelve(model, index)
-        except OutputError as err:
-            done = [str(p) for p in written if p is not None]
-            raise OutputError(
-                f"{err}; {len(done)} of {len(library)} outputs were written"
-                + (f" ({', '.join(done)})" if done else "")
-                + "; the others do not exist"
-            ) from err
+            with clock.phase("save"):
+                outputs.save_library(
+                    self, model, suffix=suffix, output_file=output_file,
+                    components=components, written=written, processes=self.processes,
+                    batch=4 * max(self.processes, 2) if self.on_disk else None,
+                )  # fmt: skip
         finally:
-            self._write_report(library, outputs=[None if p is None else str(p) for p in written])
+            self.timings = clock.timings
+            self._write_report(model, outputs=[None if p is None else str(p) for p in written])
         return written
-
-    def _save_wcs_product(self, model, idx, output_file) -> None:
-        """Save ``<name>_wcs.asdf``: the model's WCS as a ``WfiWcsModel`` (romancal's product)."""
-        if not isinstance(model, rdm.ImageModel) or model.meta.wcs is None:
-            log.info("%s: no WCS, no _wcs product", model.meta.filename)
-            return
-        product = rdm.WfiWcsModel.from_model_with_wcs(model)
-        self.save_model(product, suffix="wcs", idx=idx, output_file=output_file, force=True)
-
-
-def _check_output_names(library) -> None:
-    """Refuse to save two models under one name (outputs are named after ``meta.filename``).
-
-    Inputs are checked up front by their file names; this catches models whose
-    ``meta.filename`` differs from their file's name, before any output is written.
-    """
-    seen: dict[str, int] = {}
-    with library:
-        for index in range(len(library)):
-            model = library.borrow(index)
-            try:
-                name = Path(str(model.meta.filename)).name
-            finally:
-                library.shelve(model, index, modify=False)
-            if name.lower() in seen:
-                raise OutputError(
-                    f"images {seen[name.lower()]} and {index} have the same meta.filename "
-                    f"{name!r}: both would be saved to one output, so none was saved"
-                )
-            seen[name.lower()] = index
-
-
-def _describe_write_error(err: BaseException) -> str:
-    """Say in words why a write failed."""
-    import errno
-
-    if isinstance(err, MemoryError):
-        return "not enough memory to write it"
-    reason = {
-        errno.ENOSPC: "the disk is full (ENOSPC)",
-        errno.EFBIG: "the file is larger than allowed (EFBIG: file size limit)",
-        errno.EDQUOT: "the disk quota is exceeded (EDQUOT)",
-        errno.EROFS: "the file system is read-only (EROFS)",
-        errno.EACCES: "permission denied (EACCES)",
-        errno.EPERM: "operation not permitted (EPERM)",
-        errno.EEXIST: "a file of that name is in the way (expected a folder)",
-        errno.ENOTDIR: "a part of the path is a file, not a folder (ENOTDIR)",
-        errno.ENOENT: "files cannot be created there (ENOENT)",
-    }.get(getattr(err, "errno", None))
-    return f"{reason}: {err}" if reason else f"{type(err).__name__}: {err}"
-
-
-def check_writable(folder: str | os.PathLike, what: str) -> Path:
-    """Create ``folder`` if needed and check that a file can be created in it.
-
-    Parameters
-    ----------
-    folder : str or path-like
-        The folder.
-    what : str
-        Which parameter or output chose it, for the message.
-
-    Returns
-    -------
-    pathlib.Path
-        ``folder``.
-
-    Raises
-    ------
-    OutputError
-        Naming the folder and why it cannot be written (also for root, for whom
-        permission bits do not apply: a file is really created and removed).
-
-    .. warning:: Creates ``folder`` (and its parents) when it does not exist.
-    """
-    folder = Path(folder or ".")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=folder, prefix=".roman_tweakreg-probe-")
-        os.close(fd)
-        Path(probe).unlink()
-    except OSError as err:
-        raise OutputError(
-            f"{folder}: the folder for {what} cannot be written: {_describe_write_error(err)}; "
-            "nothing was aligned"
-        ) from err
-    return folder
-
-
-def _save(model, path) -> None:
-    """Write ``model`` to ``path``, every array in a binary block.
-
-    roman_datamodels writes arrays under 512 elements inline, as YAML lists, which
-    asdf then validates number by number; binary blocks hold the same values and
-    validate at once (a third less time for small arrays; large arrays are blocks
-    anyway).  The file is validated against the schemas on write as before.
-    """
-    model.save(path, all_array_storage="internal")
 
 
 def _as_list(item) -> list:
@@ -699,7 +574,7 @@ def _tweakwcs_at_debug():
 
 
 class _Clock:
-    """Wall time per phase, logged as the run progresses."""
+    """Wall time per phase, logged as the run progresses; ``timings`` is the step's."""
 
     def __init__(self):
         self.start = time.perf_counter()
@@ -709,7 +584,9 @@ class _Clock:
     def phase(self, name: str):
         t = time.perf_counter()
         log.info("Phase %s started (%.1f s elapsed)", name, t - self.start)
-        yield
-        self.timings[name] = time.perf_counter() - t
-        self.timings["total"] = time.perf_counter() - self.start
+        try:
+            yield
+        finally:  # also a phase that failed or was interrupted took its time
+            self.timings[name] = time.perf_counter() - t
+            self.timings["total"] = time.perf_counter() - self.start
         log.info("Phase %s done in %.2f s", name, self.timings[name])

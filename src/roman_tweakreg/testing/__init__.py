@@ -4,6 +4,10 @@
 ``dq``, ``err``) with a known truth: an undersampled pixel-integrated PSF,
 sky, Poisson and read noise, saturated stars, cosmic rays, hot and unusable
 pixels and crowded pairs; and measures detections against that truth.
+
+:mod:`roman_tweakreg.testing.simulate` simulates whole WFI exposures as L2
+models (18 detectors placed by the Roman SIAF, a true and an assumed
+attitude, source catalogs) and writes them as files with an association.
 """
 
 from .scenes import (

@@ -1,0 +1,302 @@
+"""Saving the step's outputs: whole or not at all, then the report saying which exist.
+
+:meth:`TweakRegStep.save_model <roman_tweakreg.TweakRegStep.save_model>` (the method
+stpipe calls after :meth:`~roman_tweakreg.TweakRegStep.process`) hands its work to
+:func:`save_library` and :func:`save_model` here:
+
+- every output folder is checked before any work (:func:`check_writable`, called by
+  the step before alignment), so a run does not align for minutes and then fail to
+  save;
+- each model is written through a temporary file renamed into place
+  (:func:`roman_tweakreg._io.write_atomically`), with its WCS product
+  ``<name>_wcs.asdf`` (a roman_datamodels ``WfiWcsModel``, as romancal writes);
+- a write that fails (full disk, file size limit, memory) raises
+  :class:`~roman_tweakreg.errors.OutputError` naming the file, why, and which outputs
+  were written before it; an interrupt stops the saving with nothing half-written;
+- the JSON report, when asked for, is written last, listing the outputs that exist.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+from roman_datamodels import datamodels as rdm
+
+from ._io import write_atomically
+from .errors import OutputError
+
+__all__ = [
+    "check_output_names",
+    "check_writable",
+    "describe_write_error",
+    "output_path",
+    "save_library",
+    "save_model",
+]
+
+log = logging.getLogger(__name__)
+
+
+def output_path(step, model, suffix, idx, output_file, components) -> str:
+    """The output file of ``model``, named as stpipe names it (see :func:`save_library`)."""
+    if not output_file and (step.output_use_model or not step.search_output_file):
+        output_file, idx = model.meta.filename, None
+    if idx is not None:
+        components = {"idx": idx, **components}
+    return step.make_output_path(basepath=output_file, suffix=suffix, **components)
+
+
+def save_model(model, path: str | os.PathLike) -> str | os.PathLike:
+    """Write ``model`` to ``path`` atomically; return ``path``.
+
+    Raises
+    ------
+    OutputError
+        Naming ``path`` and why it was not written; nothing is left at ``path``.
+    """
+    name = model.meta.filename
+    try:
+        write_atomically(path, lambda tmp: _save(model, tmp))
+    except (OSError, MemoryError) as err:
+        model.meta.filename = name  # the save may have renamed it to the output
+        raise OutputError(f"{path}: output not written: {describe_write_error(err)}") from err
+    log.info("Saved model in %s", path)
+    return path
+
+
+def save_library(
+    step,
+    library,
+    *,
+    suffix=None,
+    output_file=None,
+    components: dict,
+    written: list | None = None,
+    processes: int = 1,
+    batch: int | None = None,
+) -> list:
+    """Save every model of ``library`` and its ``_wcs.asdf`` product.
+
+    Writing a file is mostly asdf's schema validation of its tree (about 80 % of
+    the time for the step's outputs, twice per image: the model and its WCS
+    product), so the files are written by forked worker processes
+    (:class:`roman_tweakreg._parallel.Workers`, as the step's per-image work) while
+    this process keeps the accounts: which outputs exist, and the first error.
+
+    Parameters
+    ----------
+    step : TweakRegStep
+        Names the outputs (``output_dir``, ``output_file``, ``output_use_model``...).
+    library : ModelLibrary
+        The step's result.
+    suffix, output_file, components
+        As stpipe passes them to ``save_model``.
+    written : list or None
+        Filled, as they are written, with each model's output path (None where none
+        was written), in library order: after an error or an interrupt it says which
+        outputs exist (the step's report lists them).
+    processes : int
+        Processes writing files, this one included (the step's ``processes``; 0: one
+        per usable core, at most 4; 1: all here).
+    batch : int or None
+        Models borrowed at once (each batch is shared out to new workers); None: all
+        (an ``on_disk`` library keeps fewer in memory with a small batch).
+
+    Returns
+    -------
+    list
+        Each model's output path.
+
+    Raises
+    ------
+    OutputError
+        When an output cannot be written: naming the file, and which outputs were
+        written (the others do not exist).  Files being written when the error or an
+        interrupt came are finished or removed, never left half-written.
+    """
+    n = len(library)
+    if written is None:
+        written = [None] * n
+    written[:] = [None] * n
+    output_file = output_file or step.output_file
+    errors: list[str] = []
+    if step.output_use_model and not output_file:
+        check_output_names(library)
+    size = max(1, batch or n)
+    with library:
+        for start in range(0, n, size):
+            models: dict = {}
+            try:
+                for index in range(start, min(n, start + size)):
+                    models[index] = library.borrow(index)
+                jobs = []
+                for index, model in models.items():
+                    idx = index if n > 1 else None
+                    path = output_path(step, model, suffix, idx, output_file, components)
+                    wcs_path = None
+                    if isinstance(model, rdm.ImageModel) and model.meta.wcs is not None:
+                        wcs_path = output_path(step, model, "wcs", idx, output_file, {})
+                    jobs.append((index, path, wcs_path))
+                _save_batch(models, jobs, processes, written, errors)
+            finally:
+                for index, model in models.items():
+                    library.shelve(model, index, modify=False)  # saving changed nothing
+            if errors:
+                break
+    if errors:
+        done = [str(p) for p in written if p is not None]
+        raise OutputError(
+            f"{errors[0]}; {len(done)} of {n} outputs were written"
+            + (f" ({', '.join(done)})" if done else "")
+            + "; the others do not exist"
+        )
+    return written
+
+
+def _save_batch(models: dict, jobs: list, processes: int, written: list, errors: list) -> None:
+    """Run the jobs ``(index, path, wcs_path)`` here or in workers; fill written, errors."""
+    from ._parallel import Workers
+
+    submitted = []
+    with Workers(processes if len(jobs) > 1 else 1, models) as workers:
+        try:
+            for job in jobs:
+                future = workers.submit(_save_one, *job)
+                submitted.append((job[0], future))
+                if _succeeded(future) and future.result()[1]:
+                    break  # failed here: no more files after an error (the others may run)
+            for index, future in submitted:
+                written[index], error = future.result()
+                if error:
+                    errors.append(error)
+        except BaseException:
+            workers.close()  # running jobs end (their files whole); waiting ones are dropped
+            for index, future in submitted:
+                if written[index] is None and _succeeded(future):
+                    written[index] = future.result()[0]
+            raise
+
+
+def _succeeded(future) -> bool:
+    """Whether a job (a Future, or a worker's relay) has ended without an exception."""
+    remote = getattr(future, "remote", None)
+    if remote is None:  # run here
+        return future.done() and future.exception() is None
+    # a worker's outcome: (whether the job returned, its value or error, its log records)
+    return remote.done() and not remote.cancelled() and remote.exception() is None and (
+        remote.result()[0]
+    )
+
+
+def _save_one(models: dict, index: int, path: str, wcs_path: str | None):
+    """Save model ``index`` and its WCS product; return its path (None: not written), error."""
+    model = models[index]
+    try:
+        save_model(model, path)
+    except OutputError as err:
+        return None, str(err)
+    if wcs_path is None:
+        log.info("%s: no WCS, no _wcs product", model.meta.filename)
+        return path, None
+    try:
+        save_model(rdm.WfiWcsModel.from_model_with_wcs(model), wcs_path)
+    except OutputError as err:
+        return path, str(err)
+    return path, None
+
+
+def check_output_names(library) -> None:
+    """Refuse to save two models under one name (outputs are named after ``meta.filename``).
+
+    Inputs are checked up front by their file names; this catches models whose
+    ``meta.filename`` differs from their file's name, before any output is written.
+
+    Raises
+    ------
+    OutputError
+        Naming both images and the shared name.
+    """
+    seen: dict[str, int] = {}
+    with library:
+        for index in range(len(library)):
+            model = library.borrow(index)
+            try:
+                name = Path(str(model.meta.filename)).name
+            finally:
+                library.shelve(model, index, modify=False)
+            if name.lower() in seen:
+                raise OutputError(
+                    f"images {seen[name.lower()]} and {index} have the same meta.filename "
+                    f"{name!r}: both would be saved to one output, so none was saved"
+                )
+            seen[name.lower()] = index
+
+
+def describe_write_error(err: BaseException) -> str:
+    """Say in words why a write failed (the errno's meaning, then the error)."""
+    if isinstance(err, MemoryError):
+        return "not enough memory to write it"
+    reason = {
+        errno.ENOSPC: "the disk is full (ENOSPC)",
+        errno.EFBIG: "the file is larger than allowed (EFBIG: file size limit)",
+        errno.EDQUOT: "the disk quota is exceeded (EDQUOT)",
+        errno.EROFS: "the file system is read-only (EROFS)",
+        errno.EACCES: "permission denied (EACCES)",
+        errno.EPERM: "operation not permitted (EPERM)",
+        errno.EEXIST: "a file of that name is in the way (expected a folder)",
+        errno.ENOTDIR: "a part of the path is a file, not a folder (ENOTDIR)",
+        errno.ENOENT: "files cannot be created there (ENOENT)",
+    }.get(getattr(err, "errno", None))
+    return f"{reason}: {err}" if reason else f"{type(err).__name__}: {err}"
+
+
+def check_writable(folder: str | os.PathLike, what: str) -> Path:
+    """Create ``folder`` if needed and check that a file can be created in it.
+
+    Parameters
+    ----------
+    folder : str or path-like
+        The folder.
+    what : str
+        Which parameter or output chose it, for the message.
+
+    Returns
+    -------
+    pathlib.Path
+        ``folder``.
+
+    Raises
+    ------
+    OutputError
+        Naming the folder and why it cannot be written (also for root, for whom
+        permission bits do not apply: a file is really created and removed).
+
+    .. warning:: Creates ``folder`` (and its parents) when it does not exist.
+    """
+    folder = Path(folder or ".")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".roman_tweakreg-probe-")
+        os.close(fd)
+        Path(probe).unlink()
+    except OSError as err:
+        raise OutputError(
+            f"{folder}: the folder for {what} cannot be written: {describe_write_error(err)}; "
+            "nothing was aligned"
+        ) from err
+    return folder
+
+
+def _save(model, path) -> None:
+    """Write ``model`` to ``path``, every array in a binary block.
+
+    roman_datamodels writes arrays under 512 elements inline, as YAML lists, which
+    asdf then validates number by number; binary blocks hold the same values and
+    validate at once (a third less time for small arrays; large arrays are blocks
+    anyway).  The file is validated against the schemas on write as before.
+    """
+    model.save(path, all_array_storage="internal")
