@@ -151,7 +151,7 @@ class Parameter:
             text = f"{text} {bounds}" if bounds else text
             if self.unit and self.unit != "s":
                 text += f" ({_UNIT_WORDS.get(self.unit, self.unit)})"
-        return f"None or {text}" if self.accepts_none and self.default is None else text
+        return f"{text}, or None" if self.accepts_none and self.default is None else text
 
     def _bounds(self) -> str:
         low, high = _number(self.low), _number(self.high)
@@ -510,9 +510,8 @@ def table_rst(section: str, *, in_step: bool = True) -> str:
         if p.section != section or (in_step and not p.in_step):
             continue
         doc = p.doc.replace("*", r"\*")
-        unit = f" ({_UNIT_WORDS.get(p.unit, p.unit)})" if p.unit and p.unit != "s" else ""
         derived = [d.doc for d in DERIVED if p.name.removeprefix("abs_") == _DOCUMENTED_WITH]
-        text = doc + unit + "." + "".join(f" {d[0].upper()}{d[1:]}." for d in derived)
+        text = doc + "." + "".join(f" {d[0].upper()}{d[1:]}." for d in derived)
         lines += [
             f"   * - ``{p.name}``",
             f"     - {_literal(p.default)}",
