@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from roman_tweakreg import InvalidParameterError, TweakRegStep, parameters
-from roman_tweakreg.align import FitParameters, _match_again, _rematcher
 from roman_tweakreg.detection import DetectionParameters
+from roman_tweakreg.matching import FitParameters, _match_again, _rematcher
 from roman_tweakreg.step import _detection_parameters, _fit_parameters, validate_parameters
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"

@@ -9,7 +9,7 @@ Each :class:`Parameter` holds a name, a type, a default, the accepted values
   :meth:`~roman_tweakreg.detection.DetectionParameters.validate` (:func:`check`,
   :func:`validate`), whose messages name the parameter, the value given and what
   is accepted;
-* the defaults of :class:`~roman_tweakreg.align.FitParameters` and
+* the defaults of :class:`~roman_tweakreg.matching.FitParameters` and
   :class:`~roman_tweakreg.detection.DetectionParameters` (:func:`default`);
 * the parameter tables of the documentation (:func:`table_rst`, the
   ``parameters`` directive of ``docs/conf.py``).
@@ -456,7 +456,7 @@ def confusion_retry(pars: _T) -> _T | None:
     """The matching parameters of the retry after source confusion (see :data:`DERIVED`).
 
     ``pars`` is a dataclass with ``separation`` and ``tolerance`` (a
-    :class:`~roman_tweakreg.align.FitParameters`).  Returns ``None`` when its
+    :class:`~roman_tweakreg.matching.FitParameters`).  Returns ``None`` when its
     ``separation`` is already that large (no retry).
     """
     separation = CONFUSION_SEPARATION * pars.tolerance
