@@ -33,6 +33,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
+import numpy as np
+
 from .errors import InvalidParameterError
 
 __all__ = [
@@ -69,6 +71,8 @@ SECTIONS = {
 
 _SPEC_TYPES = {bool: "boolean", int: "integer", float: "float", str: "string"}
 _NOUNS = {bool: "True or False", int: "an integer", float: "a number", str: "a string"}
+_BOOLS = (bool, np.bool_)
+_UNIT_WORDS = {"px": "pixels"}
 
 
 @dataclass(frozen=True)
@@ -149,7 +153,7 @@ class Parameter:
                 text = text.replace("an integer", "an odd integer")
             bounds = self._bounds()
             text = f"{text} {bounds}" if bounds else text
-            if self.unit and self.unit != "s":
+            if self.unit and not self.noun:  # a noun says its unit ("a number of seconds")
                 text += f" ({_UNIT_WORDS.get(self.unit, self.unit)})"
         return f"{text}, or None" if self.accepts_none and self.default is None else text
 
@@ -170,14 +174,13 @@ class Parameter:
         if value is None:
             return "" if self.accepts_none else self.expected
         if self.kind is bool:
-            return "" if isinstance(value, (bool, _np_bool())) else self.expected
+            return "" if isinstance(value, _BOOLS) else self.expected
         if self.kind is str:
             if not isinstance(value, str) or (self.choices and value not in self.choices):
                 return self.expected
             return ""
-        integral = isinstance(value, numbers.Integral) and not isinstance(value, (bool, _np_bool()))
-        real = isinstance(value, numbers.Real) and not isinstance(value, (bool, _np_bool()))
-        if not (integral if self.kind is int else real):
+        number = numbers.Integral if self.kind is int else numbers.Real
+        if not isinstance(value, number) or isinstance(value, _BOOLS):
             return self.expected
         if not math.isfinite(value):
             return f"{self.expected} (finite)"
@@ -196,19 +199,10 @@ class Parameter:
         return f"{self.name} = {_SPEC_TYPES[self.kind]}({args}default={value}) # {self.doc}"
 
 
-_UNIT_WORDS = {"px": "pixels"}
-
-
 def _number(value: float | None) -> str | None:
     if value is None:
         return None
     return str(int(value)) if float(value).is_integer() else f"{value:g}"
-
-
-def _np_bool() -> type:
-    import numpy as np
-
-    return np.bool_
 
 
 def _fit_pair(name: str, kind: type, relative: Any, absolute: Any, doc: str, **kw) -> list:
