@@ -40,3 +40,29 @@ def setup(app):
 
     app.add_directive("report-fields", ReportFields)
     app.add_directive("schema-keys", SchemaKeys)
+    _parameters_directive(app)
+
+
+def _parameters_directive(app):
+    """``.. parameters:: relative``: a section's parameter table, from roman_tweakreg.parameters.
+
+    With ``:all:``, also the parameters the step does not expose (DetectionParameters').
+    """
+    from docutils import nodes
+    from docutils.parsers.rst import Directive, directives
+    from docutils.statemachine import StringList
+
+    from roman_tweakreg.parameters import table_rst
+
+    class Parameters(Directive):
+        required_arguments = 1
+        option_spec = {"all": directives.flag}  # noqa: RUF012
+
+        def run(self):
+            node = nodes.container()
+            text = table_rst(self.arguments[0], in_step="all" not in self.options)
+            lines = StringList(text.splitlines(), source="parameters.py")
+            self.state.nested_parse(lines, self.content_offset, node)
+            return node.children
+
+    app.add_directive("parameters", Parameters)

@@ -54,8 +54,9 @@ import numpy as np
 from astropy.table import Table
 from roman_datamodels.dqflags import pixel as _dqflags
 
+from . import parameters
 from ._io import write_atomically, write_parquet
-from .errors import InvalidParameterError, OutputError
+from .errors import OutputError
 
 if TYPE_CHECKING:
     from numpy.typing import ArrayLike
@@ -96,86 +97,64 @@ _NOISE_MARGIN = 0.95  # the pre-selection's noise bound may be this much too hig
 class DetectionParameters:
     """Tunable parameters of :func:`detect_sources`; defaults suit Roman WFI L2 images.
 
+    Each field's default, accepted values and one-line doc are defined once in
+    :mod:`roman_tweakreg.parameters` (section ``detection``; docs/detection.rst shows
+    the table); :meth:`validate` checks them.
+
     Attributes
     ----------
     kernel_fwhm : float
         FWHM (pixels) of the Gaussian used as matched filter and as starting
         width of the centroid fit (it sets the fit's cutout size).  The WFI
-        PSF has a FWHM of about 1.2-2 px (0.11"/px).  In ``[0.8, 10]``.
+        PSF has a FWHM of about 1.2-2 px (0.11"/px).
     snr_threshold : float
         Minimum matched-filter significance of a detection (S/N of the
-        filtered image at the peak).  In ``(0, inf)``.
+        filtered image at the peak).
     bkg_boxsize : int
         Box size (pixels) of the background mesh; clipped to the image size.
-        In ``[8, inf)``.
     bkg_filter_size : int
-        Median-filter size (boxes) applied to the background mesh.  Odd, ``>= 1``.
+        Median-filter size (boxes) applied to the background mesh (odd).
     min_separation : float
-        Minimum distance (pixels) between two detections.  In ``[1, inf)``.
+        Minimum distance (pixels) between two detections.
     max_peak_fraction : float
         Largest fraction of the 3x3 (background-subtracted) flux allowed in
         the brightest pixel; higher means a hot pixel or cosmic ray.  A
-        well-sampled star has about 0.3.  In ``(0, 1]`` (1 disables).
+        well-sampled star has about 0.3 (1 disables).
     aperture_radius : float
-        Radius of the flux aperture, in units of ``kernel_fwhm``.  In ``(0, inf)``.
+        Radius of the flux aperture, in units of ``kernel_fwhm``.
     brightest : int or None
-        Keep only this many sources of highest flux; ``None`` keeps all.  ``>= 1``.
+        Keep only this many sources of highest flux; ``None`` keeps all.
     peakmax : float or None
         Drop sources whose brightest background-subtracted pixel exceeds
-        this (e.g. saturated stars); ``None`` disables.  Finite.
+        this (e.g. saturated stars); ``None`` disables.
     """
 
-    kernel_fwhm: float = 2.0
-    snr_threshold: float = 10.0
-    bkg_boxsize: int = 128
-    bkg_filter_size: int = 3
-    min_separation: float = 2.0
-    max_peak_fraction: float = 0.7
-    aperture_radius: float = 2.0
-    brightest: int | None = None
-    peakmax: float | None = None
+    kernel_fwhm: float = parameters.default("kernel_fwhm")
+    snr_threshold: float = parameters.default("snr_threshold")
+    bkg_boxsize: int = parameters.default("bkg_boxsize")
+    bkg_filter_size: int = parameters.default("bkg_filter_size")
+    min_separation: float = parameters.default("min_separation")
+    max_peak_fraction: float = parameters.default("max_peak_fraction")
+    aperture_radius: float = parameters.default("aperture_radius")
+    brightest: int | None = parameters.default("brightest")
+    peakmax: float | None = parameters.default("peakmax")
 
     def validate(self) -> DetectionParameters:
-        """Check every field; return ``self``.
+        """Check every field against its definition in :mod:`roman_tweakreg.parameters`.
+
+        Returns
+        -------
+        DetectionParameters
+            ``self``.
 
         Raises
         ------
         InvalidParameterError
-            Naming the first field out of range and the range expected.
+            ``detection parameter <name>=<value>: expected ...``, naming the first
+            field not accepted and what is accepted.
         """
-
-        def bad(name: str, expected: str) -> InvalidParameterError:
-            value = getattr(self, name)
-            return InvalidParameterError(
-                f"detection parameter {name}={value!r}: expected {expected}"
-            )
-
         for f in fields(self):
-            value = getattr(self, f.name)
-            if value is None and f.name in ("brightest", "peakmax"):
-                continue
-            if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
-                raise bad(f.name, "a number")
-            if not np.isfinite(value):
-                raise bad(f.name, "a finite number")
-        if not 0.8 <= self.kernel_fwhm <= 10:
-            raise bad("kernel_fwhm", "a value in [0.8, 10] pixels")
-        if self.snr_threshold <= 0:
-            raise bad("snr_threshold", "a value > 0")
-        if int(self.bkg_boxsize) != self.bkg_boxsize or self.bkg_boxsize < 8:
-            raise bad("bkg_boxsize", "an integer >= 8 pixels")
-        if int(self.bkg_filter_size) != self.bkg_filter_size or self.bkg_filter_size % 2 != 1:
-            raise bad("bkg_filter_size", "an odd integer >= 1")
-        if self.min_separation < 1:
-            raise bad("min_separation", "a value >= 1 pixel")
-        if not 0 < self.max_peak_fraction <= 1:
-            raise bad("max_peak_fraction", "a value in (0, 1]")
-        if self.aperture_radius <= 0:
-            raise bad("aperture_radius", "a value > 0 (in units of kernel_fwhm)")
-        if self.brightest is not None and (
-            int(self.brightest) != self.brightest or self.brightest < 1
-        ):
-            raise bad("brightest", "None or an integer >= 1")
+            parameters.check(f.name, getattr(self, f.name))
         return self
 
     @property

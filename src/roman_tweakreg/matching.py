@@ -14,14 +14,16 @@ adds, for the relative and the absolute phase alike (:func:`match_and_fit`):
   gates (:mod:`roman_tweakreg.quality`).  A rejected fit leaves the WCS
   untouched and says why (:class:`FitResult`).
 
-A matching tolerance or any other matching parameter is changed in
-:class:`FitParameters` (and the step's spec that fills it).
+A matching tolerance or any other matching parameter (its default, accepted values,
+doc) is changed in :mod:`roman_tweakreg.parameters`, where the rules derived from the
+tolerance (the retry after source confusion, the second matching) are stated too; the
+step's spec, its checks, :class:`FitParameters` and the docs read them from there.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
@@ -33,6 +35,7 @@ from tweakwcs.linearfit import (
 )
 from tweakwcs.matchutils import MatchSourceConfusionError, XYXYMatch
 
+from . import parameters
 from .geometry import affine
 from .quality import Quality, gates
 from .results import Status
@@ -59,16 +62,20 @@ _PIXEL_SCALE = 0.11  # arcsec, WFI; sets the 2D-histogram bin size
 
 @dataclass(frozen=True)
 class FitParameters:
-    """Matching and fitting parameters of one alignment phase (arcsec where lengths)."""
+    """Matching and fitting parameters of one alignment phase (arcsec where lengths).
 
-    minobj: int = 15
-    searchrad: float = 2.0
-    use2dhist: bool = True
-    separation: float = 1.0
-    tolerance: float = 0.7
-    fitgeometry: str = "rshift"
-    nclip: int = 3
-    sigma: float = 3.0
+    The fields are :data:`roman_tweakreg.parameters.FIT_NAMES`; their defaults, accepted
+    values and docs are those of the relative fit's parameters there.
+    """
+
+    minobj: int = parameters.default("minobj")
+    searchrad: float = parameters.default("searchrad")
+    use2dhist: bool = parameters.default("use2dhist")
+    separation: float = parameters.default("separation")
+    tolerance: float = parameters.default("tolerance")
+    fitgeometry: str = parameters.default("fitgeometry")
+    nclip: int = parameters.default("nclip")
+    sigma: float = parameters.default("sigma")
 
     def matcher(self) -> XYXYMatch:
         """Return tweakwcs's matcher configured with these parameters."""
@@ -175,7 +182,7 @@ def _match(ref_xy: np.ndarray, img_xy: np.ndarray, match: Callable, pars: FitPar
     When tweakwcs's own matcher runs out of room ("Number of output coordinates
     exceeded allocation": many sources within the tolerance of one), matching is
     tried once more with ``separation`` raised to twice the tolerance, which
-    leaves such close groups out.
+    leaves such close groups out (the rule: :func:`roman_tweakreg.parameters.confusion_retry`).
 
     Raises
     ------
@@ -187,9 +194,9 @@ def _match(ref_xy: np.ndarray, img_xy: np.ndarray, match: Callable, pars: FitPar
     try:
         ridx, iidx = match(ref_tab, img_tab, tp_pscale=_PIXEL_SCALE, tp_units="arcsec")
     except MatchSourceConfusionError as err:
-        if not isinstance(match, XYXYMatch) or pars.separation >= 2 * pars.tolerance:
+        wider = parameters.confusion_retry(pars)
+        if not isinstance(match, XYXYMatch) or wider is None:
             raise
-        wider = replace(pars, separation=2 * pars.tolerance)
         log.warning(
             "Matching ran out of room (%s); trying again with separation=%g arcsec",
             err,
@@ -321,11 +328,11 @@ def _match_and_fit(
 
 def _rematcher(match: Callable, pars: FitParameters) -> Callable:
     """The matcher of the second matching: sources already moved by the first fit need
-    no offset search (no 2D histogram, search radius the tolerance); a custom matcher is
-    used as it is."""
+    no offset search (no 2D histogram, search radius the tolerance: the rule is
+    :func:`roman_tweakreg.parameters.rematch`); a custom matcher is used as it is."""
     if not isinstance(match, XYXYMatch):
         return match
-    return replace(pars, searchrad=pars.tolerance, use2dhist=False).matcher()
+    return parameters.rematch(pars).matcher()
 
 
 def _match_again(fit: dict, matched_xy: np.ndarray, all_xy: np.ndarray, pars) -> bool:
@@ -333,14 +340,15 @@ def _match_again(fit: dict, matched_xy: np.ndarray, all_xy: np.ndarray, pars) ->
 
     The matcher finds one offset for all sources; when the correction moves some
     sources differently from the matched ones' centre by more than a quarter of
-    the tolerance (a roll of a few arcseconds over the WFI field), those were
+    the tolerance (:func:`roman_tweakreg.parameters.rematch_motion`; a roll of a few
+    arcseconds over the WFI field), those were
     matched poorly or not at all, and the fit rests on the centre only.  The
     second fit is of the original positions, with the pairs found after the first
     correction.
     """
     centre = matched_xy.mean(axis=0, keepdims=True)
     motion = affine(all_xy, fit) - all_xy - (affine(centre, fit) - centre)
-    return bool(np.hypot(*motion.T).max() > pars.tolerance / 4)
+    return bool(np.hypot(*motion.T).max() > parameters.rematch_motion(pars.tolerance))
 
 
 def _fit(

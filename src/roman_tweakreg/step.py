@@ -13,7 +13,7 @@ from roman_datamodels import datamodels as rdm
 from stpipe import Step, config_parser
 from stpipe.library import AbstractModelLibrary
 
-from . import align, catalogs, outputs, results
+from . import align, catalogs, outputs, parameters, results
 from ._parallel import Workers, gc_frozen
 from .errors import InvalidParameterError, ReferenceCatalogError
 from .geometry import footprint_cone
@@ -30,77 +30,32 @@ __all__ = ["TweakRegStep", "validate_parameters"]
 
 log = logging.getLogger(__name__)
 
-_GEOMETRIES = ("shift", "rshift", "rscale", "general")
-
 
 def validate_parameters(pars: dict) -> None:
-    """Check every alignment parameter once, before any I/O.
+    """Check every parameter once, before any I/O.
+
+    Each parameter of ``pars`` defined in :mod:`roman_tweakreg.parameters` is checked
+    against its type and accepted values (bounds, choices), then the rules between
+    parameters (``tolerance`` at most ``searchrad``); see
+    :func:`roman_tweakreg.parameters.validate`.
 
     Raises
     ------
     InvalidParameterError
         Naming the parameter, its value and what is expected.
     """
-    for prefix in ("", "abs_"):
-        for name in ("minobj",):
-            value = pars[prefix + name]
-            if not isinstance(value, int) or value < 1:
-                raise InvalidParameterError(f"{prefix}{name}={value!r}: expected an integer >= 1")
-        for name in ("searchrad", "separation", "tolerance", "sigma"):
-            value = pars[prefix + name]
-            if not isinstance(value, (int, float)) or not value > 0:
-                raise InvalidParameterError(f"{prefix}{name}={value!r}: expected a number > 0")
-        if not isinstance(pars[prefix + "nclip"], int) or pars[prefix + "nclip"] < 0:
-            raise InvalidParameterError(
-                f"{prefix}nclip={pars[prefix + 'nclip']!r}: expected an integer >= 0"
-            )
-        geom = pars[prefix + "fitgeometry"]
-        if geom not in _GEOMETRIES:
-            raise InvalidParameterError(
-                f"{prefix}fitgeometry={geom!r}: expected one of {', '.join(_GEOMETRIES)}"
-            )
-        if pars[prefix + "tolerance"] > pars[prefix + "searchrad"]:
-            raise InvalidParameterError(
-                f"{prefix}tolerance={pars[prefix + 'tolerance']} is larger than "
-                f"{prefix}searchrad={pars[prefix + 'searchrad']}: the matching tolerance must "
-                "not exceed the search radius"
-            )
-    for name in ("abs_refcat_timeout", "vo_timeout"):
-        value = pars.get(name)
-        if value is not None and not value > 0:
-            raise InvalidParameterError(f"{name}={value!r}: expected a number of seconds > 0")
+    parameters.validate(pars)
 
 
 def _detection_parameters(pars: dict):
     from .detection import DetectionParameters
 
-    params = DetectionParameters(
-        kernel_fwhm=pars["kernel_fwhm"],
-        snr_threshold=pars["snr_threshold"],
-        bkg_boxsize=pars["bkg_boxsize"],
-        brightest=pars["brightest"],
-        peakmax=pars["peakmax"],
-    )
-    params.validate()
-    return params
+    names = parameters.names("detection")
+    return DetectionParameters(**{name: pars[name] for name in names}).validate()
 
 
 def _fit_parameters(pars: dict, prefix: str) -> FitParameters:
-    return FitParameters(
-        **{
-            f: pars[prefix + f]
-            for f in (
-                "minobj",
-                "searchrad",
-                "use2dhist",
-                "separation",
-                "tolerance",
-                "fitgeometry",
-                "nclip",
-                "sigma",
-            )
-        }
-    )
+    return FitParameters(**{name: pars[prefix + name] for name in parameters.FIT_NAMES})
 
 
 class TweakRegStep(Step):
@@ -120,49 +75,8 @@ class TweakRegStep(Step):
     class_alias = "roman_tweakreg"
     reference_file_types: ClassVar = []
 
-    spec = """
-        use_custom_catalogs = boolean(default=False) # Use catalogs from catfile / association / meta.tweakreg_catalog
-        catalog_format = string(default='ascii.ecsv') # astropy format of custom catalog files
-        catfile = string(default='') # Text file: '<model file> <catalog file>' per line
-        catalog_path = string(default='') # Folder for written catalogs (default: output_dir, else the current folder)
-        kernel_fwhm = float(default=2.0) # Detection (images without a catalog): PSF FWHM (pixels)
-        snr_threshold = float(default=10.0) # Detection: minimum peak signal-to-noise
-        bkg_boxsize = integer(default=128) # Detection: background mesh size (pixels)
-        brightest = integer(default=None) # Detection: keep only the N brightest sources
-        peakmax = float(default=None) # Detection: drop sources whose peak exceeds this
-        expand_refcat = boolean(default=False) # Add sources of aligned groups to the relative reference
-        enforce_user_order = boolean(default=False) # Align groups in input order (first is reference)
-        minobj = integer(default=15) # Minimum matches for a relative fit
-        searchrad = float(default=2.0) # Relative search radius (arcsec); also the largest plausible correction
-        use2dhist = boolean(default=True) # Find the initial offset with a 2D histogram
-        separation = float(default=1.0) # Sources closer than this (arcsec) are not used in matching
-        tolerance = float(default=0.7) # Matching tolerance (arcsec)
-        fitgeometry = string(default='rshift') # Relative fit geometry: shift, rshift, rscale or general
-        nclip = integer(default=3) # Clipping iterations of the relative fit
-        sigma = float(default=3.0) # Clipping limit (x rmse) of the relative fit
-        abs_refcat = string(default='GAIADR3') # Reference catalog: service name (GAIADR3...; romancal's GAIADR3_S3 is read as GAIADR3), local file, HATS folder or URL; a comma list is tried in order; '' means GAIADR3
-        abs_refcat_url = string(default='') # Catalog service base URL; '' means $ASTROMETRIC_CATALOG_URL or https://gsss.stsci.edu/webservices
-        abs_refcat_timeout = float(default=30.0) # Seconds to wait for the catalog service, per try
-        vo_timeout = float(min=0, default=None) # romancal's name for abs_refcat_timeout; when set, it is used instead
-        abs_refcat_retries = integer(default=3) # Retries of failed catalog service requests (exponential backoff)
-        abs_refcat_cache = string(default=None) # Catalog cache folder; None: $ROMAN_TWEAKREG_CACHE or ~/.cache/roman_tweakreg; 'off' disables
-        abs_minobj = integer(default=15) # Minimum matches for the absolute fit
-        abs_searchrad = float(default=6.0) # Absolute search radius (arcsec); also the largest plausible correction
-        abs_use2dhist = boolean(default=True) # Find the initial absolute offset with a 2D histogram
-        abs_separation = float(default=0.1) # Sources closer than this (arcsec) are not used in absolute matching
-        abs_tolerance = float(default=0.7) # Absolute matching tolerance (arcsec)
-        abs_fitgeometry = string(default='rshift') # Absolute fit geometry: shift, rshift, rscale or general
-        abs_nclip = integer(default=3) # Clipping iterations of the absolute fit
-        abs_sigma = float(default=3.0) # Clipping limit (x rmse) of the absolute fit
-        on_disk = boolean(default=False) # Keep association models in temporary files between uses (large associations)
-        processes = integer(min=0, default=0) # Processes for per-image work (catalogs, corrected WCS): 0 one per usable core (at most 4), 1 none forked
-        report = string(default='') # Write a JSON fit report to this file (relative to output_dir); '' for none
-        save_abs_catalog = boolean(default=False) # Write the reference catalog used as fit_<refcat>_ref.ecsv
-        output_use_model = boolean(default=True) # Name outputs after each model's meta.filename
-        output_ext = string(default='.asdf') # Output file type
-        update_source_catalog_coordinates = boolean(default=False) # Rewrite the RA/Dec columns of each aligned image's source catalog file with its corrected WCS
-        update_version = boolean(default=False) # Accepted for romancal parameter files; models are read as they are
-    """  # noqa: E501
+    #: Generated from :data:`roman_tweakreg.parameters.PARAMETERS` (see docs/parameters.rst).
+    spec = parameters.spec()
 
     # -- stpipe hooks: this step uses no reference files and never asks CRDS --
     @classmethod
