@@ -310,8 +310,8 @@ PARAMETERS: tuple[Parameter, ...] = (
               "Keep association models in temporary files between uses (large associations)",
               "outputs"),
     Parameter("processes", int, 0,
-              "Processes for per-image work (catalogs, corrected WCS, saving): 0 one per usable core "
-              "(at most 4), 1 none forked", "outputs", low=0, spec_args="min=0"),
+              "Processes for per-image work (catalogs, corrected WCS, saving): 0 one per "
+              "usable core (at most 4), 1 none forked", "outputs", low=0, spec_args="min=0"),
     Parameter("report", str, "",
               "Write a JSON fit report to this file (relative to output_dir); '' for none",
               "outputs"),
