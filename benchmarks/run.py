@@ -72,7 +72,7 @@ SEED = 7
 OURS_PHASES = (
     ("open", "roman_tweakreg.step", "open_library"),
     ("catalogs", "roman_tweakreg.step:TweakRegStep", "_prepare"),
-    ("plane", "roman_tweakreg.step", "TangentPlane"),
+    ("plane", "roman_tweakreg.catalogs", "TangentPlane"),
     ("relative", "roman_tweakreg.align", "relative_align"),
     ("footprint", "roman_tweakreg.step", "footprint_cone"),
     ("refcat", "roman_tweakreg.step", "get_reference_catalog"),
