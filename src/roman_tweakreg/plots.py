@@ -14,8 +14,9 @@ are evaluated with the input WCS ("before") when the input file is found, so a
 pointing error larger than ``match_radius`` still shows before alignment.
 
 A residual is source minus reference: ``dRA cos(Dec)`` (east) and ``dDec``
-(north), in milliarcseconds.  Figures are written with matplotlib's Agg backend
-(no display needed); see ``docs/report.rst``.
+(north), in milliarcseconds.  Figures are :class:`matplotlib.figure.Figure` objects
+written through the Agg canvas (no display, no pyplot, the caller's backend left
+alone); see ``docs/report.rst``.
 """
 
 from __future__ import annotations
@@ -171,6 +172,8 @@ def load_images(
     TweakRegError
         Naming the file, when a file, its WCS or its catalog cannot be read.
     """
+    from stpipe.library import NoGroupID
+
     from .library import exposure_group_id
 
     inputs_by_name = _inputs_map(inputs)
@@ -190,7 +193,8 @@ def load_images(
             fit = meta["wcs_fit_results"] if "wcs_fit_results" in meta else {}
             try:
                 group = str(fit.get("group_id") or exposure_group_id(meta, path.name))
-            except Exception:
+            except (NoGroupID, TypeError, ValueError) as err:
+                log.warning("%s: %s; the file is a group of its own in the figures", path, err)
                 group = path.name
             epoch = exposure_epoch(meta)
             ra, dec = (np.asarray(v, float) for v in wcs(x, y, with_bounding_box=False))
@@ -396,6 +400,11 @@ def _rms(a: np.ndarray) -> float:
 
 
 def _savefig(fig, path: Path) -> Path:
+    """Write ``fig`` (a :class:`matplotlib.figure.Figure`) through the Agg canvas: no
+    display, no pyplot, and the caller's matplotlib backend is left as it is."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig)
     return write_atomically(path, lambda p: fig.savefig(p, dpi=120))
 
 
@@ -643,9 +652,6 @@ def make_plots(
     TweakRegError
         Naming the file, when an input cannot be read, or when nothing can be matched.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")  # never needs a display; Figure objects avoid pyplot state
     if not match_radius > 0:
         raise TweakRegError(f"match_radius={match_radius!r}: expected a number > 0")
     images = load_images(outputs, inputs)
