@@ -33,8 +33,8 @@ from ._io import write_atomically
 from ._meta import exposure_epoch
 from .errors import TweakRegError
 from .geometry import enclosing_cone
+from .products import expand_paths, find_input, inputs_map, open_meta
 from .refcat import read_local_catalog
-from .report import expand_paths, open_meta
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Sequence
@@ -46,7 +46,6 @@ __all__ = [
     "ImageSources",
     "Residuals",
     "compute_residuals",
-    "find_input",
     "load_images",
     "make_plots",
     "match_nearest",
@@ -94,35 +93,6 @@ class ImageSources:
     input_path: Path | None = None
 
 
-def _input_stem(output_name: str) -> str:
-    """``<root>_cal_tweakregstep.asdf`` -> ``<root>_cal``: strip the step suffix."""
-    stem = Path(output_name).stem
-    return stem.rsplit("_", 1)[0] if "_" in stem else stem
-
-
-def find_input(output: Path, inputs: dict[str, Path] | None) -> Path | None:
-    """Find the input file an output was made from.
-
-    The input name is the output name without its last ``_<suffix>``
-    (``x_cal_tweakregstep.asdf`` -> ``x_cal.asdf``).  With ``inputs`` (file
-    name -> path, from ``--inputs``) only those are considered; otherwise the
-    output's folder and a sibling ``inputs`` folder (the layout of
-    ``roman-tweakreg example``) are searched.
-
-    Returns
-    -------
-    Path or None
-    """
-    name = _input_stem(output.name) + output.suffix
-    if inputs is not None:
-        return inputs.get(name)
-    for folder in (output.parent, output.parent.parent / "inputs"):
-        candidate = folder / name
-        if candidate.is_file() and candidate.resolve() != output.resolve():
-            return candidate
-    return None
-
-
 def _read_sources(meta, path: Path, search_dirs: Sequence[Path]) -> tuple[np.ndarray, np.ndarray]:
     """Pixel x, y of the catalog an image names, inside its WCS bounding box."""
     from .catalogs import CatalogSource, load_catalog, model_catalog_source
@@ -141,12 +111,6 @@ def _read_sources(meta, path: Path, search_dirs: Sequence[Path]) -> tuple[np.nda
     except TweakRegError as err:
         raise TweakRegError(f"{path}: {err}") from err
     return np.asarray(table["x"], float), np.asarray(table["y"], float)
-
-
-def _inputs_map(inputs: Iterable[str | os.PathLike] | None) -> dict[str, Path] | None:
-    if inputs is None:
-        return None
-    return {p.name: p for p in expand_paths(list(inputs))}
 
 
 def load_images(
@@ -176,7 +140,7 @@ def load_images(
 
     from .library import exposure_group_id
 
-    inputs_by_name = _inputs_map(inputs)
+    inputs_by_name = inputs_map(inputs)
     search_dirs = sorted({p.parent for p in (inputs_by_name or {}).values()})
     images = []
     for path in expand_paths(outputs):
