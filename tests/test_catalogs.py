@@ -51,9 +51,11 @@ def _catfile(folder, lines):
 
 
 def _used(folder, asn, **kwargs):
-    images, skipped = collect(
+    plane, skipped, workers = collect(
         open_library(asn), detection=DETECT, catalog_path=str(folder / "detected"), **kwargs
     )
+    workers.close()
+    images = plane.images
     used = {i.name: len(i.catalog) for i in images}
     used.update({f"skipped {i}": r for i, r in skipped.items()})
     return used, {i.name: i.catalog_name for i in images}

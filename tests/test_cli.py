@@ -137,6 +137,29 @@ def test_plot_writes_figures(example, refcat):
         _assert_figure(path)
 
 
+def test_plots_leave_the_callers_backend_alone(example, tmp_path):
+    """make_plots draws through the Agg canvas without switching matplotlib's backend."""
+    import matplotlib
+
+    from roman_tweakreg import plots
+
+    out, _ = example
+    before = matplotlib.get_backend()
+    matplotlib.use("pdf")
+    try:
+        written = plots.make_plots(out / "outputs", out_dir=tmp_path, max_vectors=200)
+        assert matplotlib.get_backend() == "pdf"
+    finally:
+        matplotlib.use(before)
+    assert sorted(p.name for p in written) == [
+        "focal_plane.png",
+        "matched_sky.png",
+        "residual_histograms.png",
+    ]
+    for path in written:
+        _assert_figure(path)
+
+
 def test_residuals_match_the_fit(example):
     """The plot module's residuals (reference carried to each epoch) agree with the fit RMS."""
     from roman_tweakreg import plots

@@ -13,7 +13,6 @@ except ImportError:  # pragma: no cover - running from a source tree without bui
         __version__ = "0.0.0"
 
 from .errors import (
-    AlignmentError,
     CatalogError,
     InvalidInputError,
     InvalidParameterError,
@@ -28,7 +27,6 @@ from .report import fit_results_table
 from .step import TweakRegStep
 
 __all__ = [
-    "AlignmentError",
     "CatalogError",
     "InvalidInputError",
     "InvalidParameterError",

@@ -299,11 +299,15 @@ class Workers:
         return out
 
     def _run_here(self, fn, args) -> Future:
-        future: Future = Future()
         try:
-            future.set_result(fn(self.context, *args))
+            result = fn(self.context, *args)
         except Exception as err:
-            future.set_exception(err)
+            # made elsewhere: the error's traceback holds this frame, which must not hold
+            # the future holding the error (a reference cycle keeps the caller's objects,
+            # open files included, until a garbage collection)
+            return _failed(err)
+        future: Future = Future()
+        future.set_result(result)
         return future
 
     def _stop(self) -> None:
@@ -324,6 +328,13 @@ class Workers:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _failed(err: BaseException) -> Future:
+    """A future that failed with ``err``."""
+    future: Future = Future()
+    future.set_exception(err)
+    return future
 
 
 class _Relay:

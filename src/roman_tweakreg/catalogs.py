@@ -28,12 +28,16 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from astropy.table import Table
+from roman_datamodels.dqflags import pixel as _dqflags
 
 from ._io import read_parquet
 from ._meta import exposure_epoch, meta_get
+from ._parallel import Workers
 from .detection import DetectionJob
 from .errors import CatalogError, MissingCatalogError
+from .geometry import bounding_box_of
 from .library import member, member_dir
+from .plane import TangentPlane, common_plane, project
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -65,7 +69,8 @@ PIXEL_COLUMNS = (
     ("xcentroid", "ycentroid"),
     ("x_centroid", "y_centroid"),
 )
-_DO_NOT_USE = 1
+#: ``warning_flags`` bit of sources not to use (the DQ flag of the same name).
+_DO_NOT_USE = int(_dqflags.DO_NOT_USE)
 
 #: Sky columns recomputed from pixel columns by :func:`update_sky_columns`, as
 #: ``(x, y, ra, dec)``: the layout of romancal's source catalogs.
@@ -416,24 +421,6 @@ def load_catalog(source: CatalogSource, image: str, wcs, catalog_format: str = "
     return filter_catalog(table, bounding_box_of(wcs), image)
 
 
-def bounding_box_of(wcs) -> tuple | None:
-    """Return ``((xmin, xmax), (ymin, ymax))`` of a GWCS, or None."""
-    try:
-        bbox = wcs.bounding_box
-    except (NotImplementedError, AttributeError):
-        bbox = None
-    if bbox is None:
-        if wcs.pixel_shape is None:
-            return None
-        nx, ny = wcs.pixel_shape
-        return ((-0.5, nx - 0.5), (-0.5, ny - 0.5))
-    try:
-        (x0, x1), (y0, y1) = bbox.bounding_box(order="F")
-    except AttributeError:
-        (x0, x1), (y0, y1) = bbox
-    return ((float(x0), float(x1)), (float(y0), float(y1)))
-
-
 def _catalog_source(
     library, index: int, model, use_custom: bool, catfile_entries: dict | None
 ) -> CatalogSource | None:
@@ -503,23 +490,31 @@ def _image_file(library, index: int) -> str | None:
     return str(path) if path.is_file() else None
 
 
-def collect(library, **options) -> tuple[list[ImageCatalog], dict[int, str]]:
-    """Read, normalise and filter the catalog of every image in ``library``.
+def collect(library, *, processes: int = 1, **options) -> tuple[TangentPlane, dict, Workers]:
+    """Read, normalise and filter the catalog of every image in ``library``, and
+    project it into the alignment plane.
 
     ``options`` are those of :func:`members`: ``use_custom_catalogs``, ``catfile``,
-    ``catalog_format``, ``detection`` and ``catalog_path``. Models are borrowed and
-    shelved unmodified. Pixel arrays are read only for images without any catalog,
-    when ``detection`` (a :class:`~roman_tweakreg.detection.DetectionParameters`) is
-    given: sources are then detected and the catalog written to ``catalog_path`` as
-    ``<image root>_cat.<ext>`` in ``catalog_format``.
+    ``catalog_format``, ``detection`` and ``catalog_path``. Models are opened here, one
+    after the other, borrowed and shelved unmodified. Reading their catalogs and
+    projecting them (:func:`read_and_project`) is shared with ``processes`` forked
+    workers, which can also build the corrected WCSs later. Pixel arrays are read only
+    for images without any catalog, when ``detection`` (a
+    :class:`~roman_tweakreg.detection.DetectionParameters`) is given: sources are then
+    detected and the catalog written to ``catalog_path`` as ``<image root>_cat.<ext>``
+    in ``catalog_format``.
 
     Returns
     -------
-    images : list of ImageCatalog
-        Images that take part in alignment.
+    plane : TangentPlane
+        The images that take part in alignment (``plane.images``), their sources in
+        the alignment plane of the first one.
     skipped : dict
         Library index -> reason, for images left out (non-imaging exposure,
         empty catalog).
+    workers : Workers
+        The workers, their context the plane's ``ref``; the caller closes them
+        (``with workers:``).
 
     Raises
     ------
@@ -528,16 +523,29 @@ def collect(library, **options) -> tuple[list[ImageCatalog], dict[int, str]]:
     CatalogError
         A catalog or the catfile cannot be read or has no pixel columns.
     """
-    images, skipped = [], {}
     catalog_format = options.get("catalog_format", "ascii.ecsv")
-    for index, image, source in members(library, **options):
-        if image is None:
-            skipped[index] = source
-            continue
-        image.catalog = load_catalog(source, image.name, image.wcs, catalog_format)
-        if accept(image, len(library), skipped):
-            images.append(image)
-    return images, skipped
+    workers, jobs, skipped = Workers(1), [], {}
+    images, projections = [], []
+    try:
+        for index, image, source in members(library, **options):
+            if image is None:
+                skipped[index] = source
+                continue
+            if workers.context is None:  # the first image's plane; workers inherit it
+                plane = common_plane(image.wcs, image.wcsinfo)
+                workers = Workers(processes, plane)
+            args = (source, image.name, image.wcs, catalog_format)
+            jobs.append((image, workers.submit(read_and_project, *args)))
+        for image, job in jobs:
+            image.catalog, xy, outline = job.result()
+            if accept(image, len(library), skipped):
+                images.append(image)
+                projections.append((xy, outline))
+    except BaseException:
+        workers.close()
+        jobs = job = None  # a failed job's error holds this frame: no reference cycle
+        raise
+    return TangentPlane(images, workers.context, projections), skipped, workers
 
 
 def accept(image: ImageCatalog, n_images: int, skipped: dict[int, str]) -> bool:
@@ -783,7 +791,5 @@ def update_catalog_file(
 def read_and_project(ref, source, name: str, wcs, catalog_format: str):
     """Read an image's catalog (:func:`~roman_tweakreg.catalogs.load_catalog`) and
     :func:`~roman_tweakreg.plane.project` it: returns the catalog, the positions and the outline."""
-    from .plane import project  # plane.py uses this module
-
     table = load_catalog(source, name, wcs, catalog_format)
     return (table, *project(ref, wcs, table["x"], table["y"]))

@@ -1,9 +1,12 @@
-"""The exceptions of roman_tweakreg: one family, each also its natural built-in."""
+"""The exceptions of roman_tweakreg: one family, each also its natural built-in.
+
+A fit that fails raises none of them: the image keeps its input WCS and its
+``wcs_fit_results`` (status ``FAILED`` and the reason) say why.
+"""
 
 from __future__ import annotations
 
 __all__ = [
-    "AlignmentError",
     "CatalogError",
     "InvalidInputError",
     "InvalidParameterError",
@@ -45,7 +48,3 @@ class MissingInputError(TweakRegError, FileNotFoundError):
 
 class ReferenceCatalogError(TweakRegError, RuntimeError):
     """The absolute reference catalog cannot be had or is unusable."""
-
-
-class AlignmentError(TweakRegError, RuntimeError):
-    """Matching or fitting failed in a way that leaves no usable correction."""

@@ -1,4 +1,5 @@
-"""Geometry of the alignment: affine maps of the alignment plane and cones on the sphere.
+"""Geometry of the alignment: affine maps of the alignment plane, an image's pixel
+bounding box and cones on the sphere.
 
 * :func:`affine` and :func:`affine_hull` apply a fit's correction (``matrix``,
   ``shift``, arcsec in the alignment plane) to positions and footprints;
@@ -17,7 +18,7 @@ from shapely.geometry import MultiPoint
 if TYPE_CHECKING:
     from .plane import TangentPlane
 
-__all__ = ["affine", "affine_hull", "enclosing_cone", "footprint_cone"]
+__all__ = ["affine", "affine_hull", "bounding_box_of", "enclosing_cone", "footprint_cone"]
 
 
 def affine(xy: np.ndarray, fit: dict) -> np.ndarray:
@@ -29,6 +30,24 @@ def affine_hull(hull, fit):
     """The convex hull of the points of ``hull`` moved by ``fit`` (see :func:`affine`)."""
     pts = np.asarray(hull.exterior.coords) if hasattr(hull, "exterior") else np.asarray(hull.coords)
     return MultiPoint(affine(pts, fit)).convex_hull
+
+
+def bounding_box_of(wcs) -> tuple | None:
+    """Return ``((xmin, xmax), (ymin, ymax))`` of a GWCS, or None."""
+    try:
+        bbox = wcs.bounding_box
+    except (NotImplementedError, AttributeError):
+        bbox = None
+    if bbox is None:
+        if wcs.pixel_shape is None:
+            return None
+        nx, ny = wcs.pixel_shape
+        return ((-0.5, nx - 0.5), (-0.5, ny - 0.5))
+    try:
+        (x0, x1), (y0, y1) = bbox.bounding_box(order="F")
+    except AttributeError:
+        (x0, x1), (y0, y1) = bbox
+    return ((float(x0), float(x1)), (float(y0), float(y1)))
 
 
 def enclosing_cone(ra: np.ndarray, dec: np.ndarray) -> tuple[float, float, float]:

@@ -22,8 +22,7 @@ from tweakwcs import RomanWCSCorrector
 from tweakwcs.linearfit import fit_general
 
 from ._parallel import Workers
-from .catalogs import bounding_box_of
-from .geometry import affine, affine_hull
+from .geometry import affine, affine_hull, bounding_box_of
 
 if TYPE_CHECKING:
     from collections.abc import Sequence

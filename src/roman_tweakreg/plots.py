@@ -14,8 +14,9 @@ are evaluated with the input WCS ("before") when the input file is found, so a
 pointing error larger than ``match_radius`` still shows before alignment.
 
 A residual is source minus reference: ``dRA cos(Dec)`` (east) and ``dDec``
-(north), in milliarcseconds.  Figures are written with matplotlib's Agg backend
-(no display needed); see ``docs/report.rst``.
+(north), in milliarcseconds.  Figures are :class:`matplotlib.figure.Figure` objects
+written through the Agg canvas (no display, no pyplot, the caller's backend left
+alone); see ``docs/report.rst``.
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ from ._io import write_atomically
 from ._meta import exposure_epoch
 from .errors import TweakRegError
 from .geometry import enclosing_cone
+from .products import expand_paths, find_input, inputs_map, open_meta
 from .refcat import read_local_catalog
-from .report import expand_paths, open_meta
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Sequence
@@ -45,7 +46,6 @@ __all__ = [
     "ImageSources",
     "Residuals",
     "compute_residuals",
-    "find_input",
     "load_images",
     "make_plots",
     "match_nearest",
@@ -97,35 +97,6 @@ class ImageSources:
     fit_nmatches: int | None = None
 
 
-def _input_stem(output_name: str) -> str:
-    """``<root>_cal_tweakregstep.asdf`` -> ``<root>_cal``: strip the step suffix."""
-    stem = Path(output_name).stem
-    return stem.rsplit("_", 1)[0] if "_" in stem else stem
-
-
-def find_input(output: Path, inputs: dict[str, Path] | None) -> Path | None:
-    """Find the input file an output was made from.
-
-    The input name is the output name without its last ``_<suffix>``
-    (``x_cal_tweakregstep.asdf`` -> ``x_cal.asdf``).  With ``inputs`` (file
-    name -> path, from ``--inputs``) only those are considered; otherwise the
-    output's folder and a sibling ``inputs`` folder (the layout of
-    ``roman-tweakreg example``) are searched.
-
-    Returns
-    -------
-    Path or None
-    """
-    name = _input_stem(output.name) + output.suffix
-    if inputs is not None:
-        return inputs.get(name)
-    for folder in (output.parent, output.parent.parent / "inputs"):
-        candidate = folder / name
-        if candidate.is_file() and candidate.resolve() != output.resolve():
-            return candidate
-    return None
-
-
 def _read_sources(meta, path: Path, search_dirs: Sequence[Path]) -> tuple[np.ndarray, np.ndarray]:
     """Pixel x, y of the catalog an image names, inside its WCS bounding box."""
     from .catalogs import CatalogSource, load_catalog, model_catalog_source
@@ -144,12 +115,6 @@ def _read_sources(meta, path: Path, search_dirs: Sequence[Path]) -> tuple[np.nda
     except TweakRegError as err:
         raise TweakRegError(f"{path}: {err}") from err
     return np.asarray(table["x"], float), np.asarray(table["y"], float)
-
-
-def _inputs_map(inputs: Iterable[str | os.PathLike] | None) -> dict[str, Path] | None:
-    if inputs is None:
-        return None
-    return {p.name: p for p in expand_paths(list(inputs))}
 
 
 def load_images(
@@ -175,9 +140,11 @@ def load_images(
     TweakRegError
         Naming the file, when a file, its WCS or its catalog cannot be read.
     """
+    from stpipe.library import NoGroupID
+
     from .library import exposure_group_id
 
-    inputs_by_name = _inputs_map(inputs)
+    inputs_by_name = inputs_map(inputs)
     search_dirs = sorted({p.parent for p in (inputs_by_name or {}).values()})
     images = []
     for path in expand_paths(outputs):
@@ -194,7 +161,8 @@ def load_images(
             fit = meta["wcs_fit_results"] if "wcs_fit_results" in meta else {}
             try:
                 group = str(fit.get("group_id") or exposure_group_id(meta, path.name))
-            except Exception:
+            except (NoGroupID, TypeError, ValueError) as err:
+                log.warning("%s: %s; the file is a group of its own in the figures", path, err)
                 group = path.name
             epoch = exposure_epoch(meta)
             fit_nmatches = fit.get("image_nmatches")
@@ -404,6 +372,11 @@ def _rms(a: np.ndarray) -> float:
 
 
 def _savefig(fig, path: Path) -> Path:
+    """Write ``fig`` (a :class:`matplotlib.figure.Figure`) through the Agg canvas: no
+    display, no pyplot, and the caller's matplotlib backend is left as it is."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig)
     return write_atomically(path, lambda p: fig.savefig(p, dpi=120))
 
 
@@ -653,9 +626,6 @@ def make_plots(
     TweakRegError
         Naming the file, when an input cannot be read, or when nothing can be matched.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")  # never needs a display; Figure objects avoid pyplot state
     if not match_radius > 0:
         raise TweakRegError(f"match_radius={match_radius!r}: expected a number > 0")
     images = load_images(outputs, inputs)

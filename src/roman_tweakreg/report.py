@@ -15,7 +15,6 @@ See ``docs/report.rst``.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import datetime
 import io
@@ -24,7 +23,7 @@ import logging
 import math
 import os
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ import numpy as np
 from ._io import write_atomically
 from ._meta import meta_get
 from .errors import TweakRegError
+from .products import expand_paths, iter_metas, open_meta
 from .results import Key, keys_rst, plain
 
 __all__ = [
@@ -43,7 +43,6 @@ __all__ = [
     "REPORT_SCHEMA",
     "Field",
     "build_report",
-    "expand_paths",
     "fields_rst",
     "fit_results_table",
     "format_report",
@@ -51,7 +50,6 @@ __all__ = [
     "group_rows",
     "image_entry",
     "image_rows",
-    "open_meta",
     "read_results",
     "schema_rst",
     "summarize",
@@ -253,25 +251,6 @@ def _group_of(meta: Any) -> str | None:
 
 
 # -- reports of a run -------------------------------------------------------------------------
-def _iter_metas(library_or_models: Any) -> Iterator[tuple[str, Any]]:
-    """Yield ``(file name, meta)`` of each model of a library, a model or a list of models."""
-    from stpipe.library import AbstractModelLibrary
-
-    if isinstance(library_or_models, AbstractModelLibrary):
-        library = library_or_models
-        with library:
-            for index in range(len(library)):
-                model = library.borrow(index)
-                try:
-                    yield str(model.meta.filename or f"image {index}"), model.meta
-                finally:
-                    library.shelve(model, index, modify=False)
-        return
-    models = [library_or_models] if hasattr(library_or_models, "meta") else library_or_models
-    for index, model in enumerate(models):
-        yield str(model.meta.filename or f"image {index}"), model.meta
-
-
 def _group_entries(images: list[dict]) -> list[dict]:
     groups: dict[str, list[dict]] = {}
     for img in images:
@@ -333,7 +312,7 @@ def build_report(
         ``groups`` (per exposure group: ``group_id``, ``n_images``, ``files``,
         ``statuses``, ``wcs_names``, ``relative`` and ``absolute`` fit summaries).
     """
-    images = [image_entry(meta, name) for name, meta in _iter_metas(library_or_models)]
+    images = [image_entry(meta, name) for name, meta in iter_metas(library_or_models)]
     report = summarize(images, parameters=parameters, timings=timings)
     report["outputs"] = None
     if outputs is not None:
@@ -402,71 +381,6 @@ def write_report(report: dict, path: str | os.PathLike) -> Path:
 
 
 # -- fit results stored in files --------------------------------------------------------------
-def expand_paths(paths_or_asn: str | os.PathLike | Iterable[str | os.PathLike]) -> list[Path]:
-    """List the ASDF files named by paths, association JSON files and folders.
-
-    An association lists files under ``products[0].members[*].expname``, relative to
-    its own folder; a folder stands for the ``*.asdf`` files in it (sorted), the WCS
-    products ``*_wcs.asdf`` left out.
-
-    Raises
-    ------
-    TweakRegError
-        Naming the path, when it does not exist or an association cannot be read.
-    """
-    from .library import load_association
-
-    items = [paths_or_asn] if isinstance(paths_or_asn, (str, os.PathLike)) else paths_or_asn
-    out: list[Path] = []
-    for item in items:
-        path = Path(item)
-        if path.suffix.lower() == ".json":
-            asn = load_association(path)
-            for member in asn["products"][0]["members"]:
-                name = Path(member["expname"])
-                out.append(name if name.is_absolute() else path.parent / name)
-        elif path.is_dir():
-            # the step's WCS products (<name>_wcs.asdf) hold no image: not listed
-            found = sorted(p for p in path.glob("*.asdf") if not p.name.endswith("_wcs.asdf"))
-            if not found:
-                raise TweakRegError(f"{path}: folder has no .asdf files")
-            out.extend(found)
-        elif path.is_file():
-            out.append(path)
-        else:
-            raise TweakRegError(f"{path}: no such file or folder")
-    return out
-
-
-@contextlib.contextmanager
-def open_meta(path: str | os.PathLike) -> Iterator[Any]:
-    """Open a Roman ASDF file and yield its ``roman.meta`` node; arrays are never read.
-
-    Raises
-    ------
-    TweakRegError
-        Naming the file, when it does not exist or is not a Roman ASDF file.
-    """
-    import asdf
-
-    path = Path(path)
-    if not path.is_file():
-        raise TweakRegError(f"{path}: file does not exist")
-    try:
-        try:
-            af = asdf.open(path, lazy_load=True, lazy_tree=True, memmap=False)
-        except TypeError:  # asdf without lazy_tree
-            af = asdf.open(path, lazy_load=True, memmap=False)
-    except Exception as err:
-        raise TweakRegError(f"{path}: cannot be read as an ASDF file: {err}") from err
-    with af:
-        try:
-            meta = af["roman"]["meta"]
-        except (KeyError, TypeError) as err:
-            raise TweakRegError(f"{path}: not a Roman data file (no roman.meta)") from err
-        yield meta
-
-
 def read_results(paths_or_asn: str | os.PathLike | Iterable[str | os.PathLike]) -> list[dict]:
     """Read the tweakreg outcome stored in output ASDF files.
 
@@ -850,7 +764,7 @@ def fit_results_table(library_or_models: Any):
     import astropy.units as u
     from astropy.table import Table
 
-    entries = [image_entry(meta, name) for name, meta in _iter_metas(library_or_models)]
+    entries = [image_entry(meta, name) for name, meta in iter_metas(library_or_models)]
     columns: dict[str, list] = {}
     for entry in entries:
         keys = ("file", "group_id", "status", "wcs_name", "catalog", "n_sources")

@@ -14,13 +14,12 @@ from stpipe import Step, config_parser
 from stpipe.library import AbstractModelLibrary
 
 from . import align, catalogs, outputs, parameters, results
-from ._parallel import Workers, gc_frozen
+from ._parallel import gc_frozen
 from .errors import InvalidParameterError, ReferenceCatalogError
 from .geometry import footprint_cone
 from .library import open_library
 from .matching import FitParameters, FitResult
 from .outputs import check_writable
-from .plane import TangentPlane, common_plane
 from .refcat import DEFAULT_REFCAT, check_refcat, get_reference_catalog
 
 if TYPE_CHECKING:
@@ -154,41 +153,21 @@ class TweakRegStep(Step):
         return library
 
     def _prepare(self, library, detection):
-        """Read every catalog and project it into the alignment plane.
+        """Read every catalog and project it into the alignment plane
+        (:func:`~roman_tweakreg.catalogs.collect` with the step's parameters).
 
-        Models are opened here, one after the other; reading their catalogs and
-        projecting them is shared with forked workers (``processes``), which also
-        build the corrected WCSs later.  Returns the plane, the skipped images and
-        the workers (to be closed by the caller).
+        Returns the plane, the skipped images and the workers (to be closed by the
+        caller), which also build the corrected WCSs later.
         """
-        workers, jobs, skipped = Workers(1), [], {}
-        images, projections = [], []
-        try:
-            for index, image, source in catalogs.members(
-                library,
-                use_custom_catalogs=self.use_custom_catalogs,
-                catfile=self.catfile,
-                catalog_format=self.catalog_format,
-                detection=detection,
-                catalog_path=self._catalog_folder(),
-            ):
-                if image is None:
-                    skipped[index] = source
-                    continue
-                if workers.context is None:  # the first image's plane; workers inherit it
-                    plane = common_plane(image.wcs, image.wcsinfo)
-                    workers = Workers(self.processes, plane)
-                args = (source, image.name, image.wcs, self.catalog_format)
-                jobs.append((image, workers.submit(catalogs.read_and_project, *args)))
-            for image, job in jobs:
-                image.catalog, xy, outline = job.result()
-                if catalogs.accept(image, len(library), skipped):
-                    images.append(image)
-                    projections.append((xy, outline))
-        except BaseException:
-            workers.close()
-            raise
-        return TangentPlane(images, workers.context, projections), skipped, workers
+        return catalogs.collect(
+            library,
+            processes=self.processes,
+            use_custom_catalogs=self.use_custom_catalogs,
+            catfile=self.catfile,
+            catalog_format=self.catalog_format,
+            detection=detection,
+            catalog_path=self._catalog_folder(),
+        )
 
     def _write_report(self, library, outputs: list | None) -> None:
         """Write the JSON report; ``outputs`` lists each image's output path (None: none)."""
