@@ -291,3 +291,25 @@ def test_catfile_end_to_end_sets_meta(tmp_path):
             assert m.meta.source_catalog.tweakreg_catalog_name == m.meta["tweakreg_catalog"]
             assert m.meta.cal_step.tweakreg == "COMPLETE"
             result.shelve(m, i, modify=False)
+
+
+@pytest.mark.parametrize(
+    ("fmt", "name"),
+    [
+        ("ascii.ecsv", "a_cal_cat.ecsv"),
+        ("ascii.csv", "a_cal_cat.csv"),
+        ("ascii.commented_header", "a_cal_cat.txt"),
+        ("fits", "a_cal_cat.fits"),
+        ("parquet", "a_cal_cat.parquet"),
+        ("votable", "a_cal_cat.votable"),
+    ],
+)
+def test_one_format_table_names_written_catalogs_and_reads_them_back(fmt, name):
+    from roman_tweakreg._io import table_format
+    from roman_tweakreg.detection import catalog_filename
+
+    path = catalog_filename("a_cal.asdf", "cats", fmt)
+    assert path.as_posix() == f"cats/{name}"
+    # what is written under a known ending is read back as the same format
+    read_back = table_format(path)
+    assert read_back == (fmt if fmt in ("ascii.ecsv", "ascii.csv", "fits", "parquet") else None)

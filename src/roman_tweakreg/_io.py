@@ -32,8 +32,11 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
 __all__ = [
+    "TABLE_FORMATS",
     "read_parquet",
     "remove_stale_temporaries",
+    "table_format",
+    "table_suffix",
     "temp_prefix",
     "write_atomically",
     "write_parquet",
@@ -149,6 +152,36 @@ def write_atomically(path: str | os.PathLike, write: Callable[[Path], object]) -
         write(tmp_path)
         os.replace(tmp_path, path)
     return path
+
+
+#: Table formats (astropy's names; ``parquet`` is read and written with pyarrow) by the file
+#: name endings that are read as them; the first ending of a format is what a written
+#: table of that format is named with.
+TABLE_FORMATS = {
+    ".ecsv": "ascii.ecsv",
+    ".csv": "ascii.csv",
+    ".fits": "fits",
+    ".fit": "fits",
+    ".fits.gz": "fits",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+}
+#: Written-only formats (read by astropy's guessing, not by their ending).
+_WRITE_SUFFIXES = {"ascii.commented_header": ".txt"}
+
+
+def table_format(path: str | os.PathLike) -> str | None:
+    """The table format of ``path`` by its name's ending (:data:`TABLE_FORMATS`), or None."""
+    name = Path(path).name.lower()
+    return next((f for suffix, f in TABLE_FORMATS.items() if name.endswith(suffix)), None)
+
+
+def table_suffix(fmt: str) -> str:
+    """The file name ending of a table written as ``fmt`` (e.g. ``ascii.ecsv`` -> ``.ecsv``;
+    a format not known here gets its last dotted part)."""
+    fmt = fmt.lower()
+    known = {**{f: s for s, f in reversed(TABLE_FORMATS.items())}, **_WRITE_SUFFIXES}
+    return known.get(fmt, "." + fmt.rsplit(".", 1)[-1])
 
 
 def read_parquet(path: str | os.PathLike, columns: list[str] | None = None) -> Table:

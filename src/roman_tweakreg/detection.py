@@ -55,7 +55,7 @@ from astropy.table import Table
 from roman_datamodels.dqflags import pixel as _dqflags
 
 from . import parameters
-from ._io import write_atomically, write_parquet
+from ._io import table_suffix, write_atomically, write_parquet
 from .errors import OutputError
 
 if TYPE_CHECKING:
@@ -952,9 +952,6 @@ class DetectionJob:
         return table
 
 
-_EXTENSIONS = {"ascii.ecsv": "ecsv", "ascii.csv": "csv", "ascii.commented_header": "txt"}
-
-
 def catalog_filename(
     image_filename: str | os.PathLike, catalog_path: str | os.PathLike, catalog_format: str
 ) -> Path:
@@ -973,9 +970,7 @@ def catalog_filename(
     name = Path(image_filename).name
     if name.lower().endswith(".asdf"):
         name = name[: -len(".asdf")]
-    fmt = catalog_format.lower()
-    ext = _EXTENSIONS.get(fmt, fmt.rsplit(".", 1)[-1])
-    return Path(catalog_path) / f"{name}_cat.{ext}"
+    return Path(catalog_path) / f"{name}_cat{table_suffix(catalog_format)}"
 
 
 def write_catalog(

@@ -20,7 +20,7 @@ from astropy import units as u
 from astropy.coordinates import SkyCoord, angular_separation
 from astropy.table import Table
 
-from .._io import read_parquet
+from .._io import TABLE_FORMATS, read_parquet, table_format
 from ..errors import ReferenceCatalogError
 from ._types import ReferenceCatalog, standard_table
 
@@ -28,17 +28,8 @@ __all__ = ["FILE_SUFFIXES", "read_hats_catalog", "read_local_catalog", "standard
 
 log = logging.getLogger(__name__)
 
-_FORMATS = {
-    ".ecsv": "ascii.ecsv",
-    ".csv": "ascii.csv",
-    ".fits": "fits",
-    ".fit": "fits",
-    ".fits.gz": "fits",
-    ".parquet": "parquet",
-    ".pq": "parquet",
-}
 #: File name endings read as local catalogs (anything else is given to astropy to guess).
-FILE_SUFFIXES = tuple(_FORMATS)
+FILE_SUFFIXES = tuple(TABLE_FORMATS)
 
 # standard name -> accepted column names (lower case), first found wins
 _ALIASES = {
@@ -77,7 +68,7 @@ def read_local_catalog(
     path = Path(path)
     if path.is_dir():
         return read_hats_catalog(path, ra, dec, radius, name=name)
-    fmt = next((f for s, f in _FORMATS.items() if path.name.lower().endswith(s)), None)
+    fmt = table_format(path)
     try:
         if fmt == "parquet":
             table = read_parquet(path)
