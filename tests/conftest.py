@@ -50,3 +50,29 @@ def _no_real_catalog_service(monkeypatch, tmp_path_factory):
     """
     monkeypatch.setenv("ASTROMETRIC_CATALOG_URL", "http://127.0.0.1:9")
     monkeypatch.setenv("ROMAN_TWEAKREG_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+@pytest.fixture(autouse=True)
+def _close_the_models_opened_from_files(monkeypatch):
+    """Close, when a test ends, every model the package opened from a file during it.
+
+    A library the step returns keeps the models it opened from files open (stpipe's
+    libraries do too: the caller owns them); tests that drop such a library would leave
+    the files to the garbage collector, whose order of finalisation (Python 3.13) closes
+    the file before the model and warns in whichever later test it happens to run.
+    """
+    from roman_tweakreg import library
+
+    opened = []
+    real = library._open_model
+
+    def tracked(filename, **kwargs):
+        model = real(filename, **kwargs)
+        opened.append(model)
+        return model
+
+    monkeypatch.setattr(library, "_open_model", tracked)
+    yield
+    for model in opened:
+        model.close()
+    opened.clear()
