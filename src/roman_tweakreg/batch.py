@@ -158,7 +158,7 @@ def read_inputs(inputs: str | os.PathLike | Iterable[str | os.PathLike]) -> list
 
 def _step_parameters(step_parameters: dict) -> dict:
     """Validate the step parameters once, before any task; return them converted."""
-    from stpipe.exceptions import ValidationError
+    from stpipe.config_parser import ValidationError
 
     from .step import TweakRegStep, validate_parameters
 
