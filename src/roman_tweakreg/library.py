@@ -30,10 +30,8 @@ import json
 import re
 import shutil
 import tempfile
-import threading
 import weakref
 from collections.abc import Iterable
-from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -43,6 +41,7 @@ from roman_datamodels import datamodels as rdm
 from stpipe.library import AbstractModelLibrary, NoGroupID
 
 from ._asdf_check import check_asdf_file
+from ._asdf_settings import no_validation_on_read
 from ._io import remove_stale_temporaries, temp_prefix
 from ._meta import meta_get
 from .errors import InvalidInputError, MissingInputError, TweakRegError
@@ -204,35 +203,6 @@ def library_class() -> type[ModelLibrary]:
     return cls
 
 
-_validation_lock = threading.Lock()
-_validation_holds: dict[int, list] = {}  # id(asdf config) -> [holds, value to restore]
-
-
-@contextmanager
-def _no_validation_on_read():
-    """asdf's ``validate_on_read`` off meanwhile, restored when the last holder is done.
-
-    Set on asdf's configuration and restored, not ``asdf.config_context()``: that
-    reloads every extension on each open, costing more than the validation it skips.
-    Holders in several threads share one saved value, so the setting is restored
-    whatever the order in which they finish.
-    """
-    config = asdf.get_config()
-    key = id(config)
-    with _validation_lock:
-        hold = _validation_holds.setdefault(key, [0, config.validate_on_read])
-        hold[0] += 1
-        config.validate_on_read = False
-    try:
-        yield
-    finally:
-        with _validation_lock:
-            hold[0] -= 1
-            if hold[0] == 0:
-                config.validate_on_read = hold[1]
-                del _validation_holds[key]
-
-
 def _open_model(filename, **kwargs):
     """Open a Roman model lazily (arrays read on first use), without schema validation.
 
@@ -241,7 +211,7 @@ def _open_model(filename, **kwargs):
     """
     if isinstance(filename, (str, Path)):
         _check_file(filename, "input file")
-    with _no_validation_on_read():
+    with no_validation_on_read():
         try:
             return rdm.open(filename, **kwargs)
         except FileNotFoundError as err:

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from roman_datamodels import datamodels as rdm
 
+from ._asdf_settings import schemas_parsed_once
 from ._io import write_atomically
 from .errors import OutputError
 
@@ -81,9 +82,10 @@ def save_library(
 ) -> list:
     """Save every model of ``library`` and its ``_wcs.asdf`` product.
 
-    Writing a file is mostly asdf's schema validation of its tree (about 80 % of
-    the time for the step's outputs, twice per image: the model and its WCS
-    product), so the files are written by forked worker processes
+    Writing a file is mostly asdf's schema validation of its tree (twice per image:
+    the model and its WCS product; the schemas it refers to are parsed once for all
+    files, :func:`roman_tweakreg._asdf_settings.schemas_parsed_once`), so the files
+    are written by forked worker processes
     (:class:`roman_tweakreg._parallel.Workers`, as the step's per-image work) while
     this process keeps the accounts: which outputs exist, and the first error.
 
@@ -127,7 +129,7 @@ def save_library(
     if step.output_use_model and not output_file:
         check_output_names(library)
     size = max(1, batch or n)
-    with library:
+    with library, schemas_parsed_once():
         for start in range(0, n, size):
             models: dict = {}
             try:

@@ -1,0 +1,114 @@
+"""asdf settings the package changes while it reads or writes files, and restores.
+
+asdf keeps some of its behaviour in process-global state (its configuration, its
+module-level schema loader).  The package changes two of them around its own reads
+and writes, never beyond:
+
+- :func:`no_validation_on_read`: models are opened without schema validation (it is
+  most of the time of opening one; outputs are validated when they are written);
+- :func:`schemas_parsed_once`: while outputs are written, each schema a file's
+  validation refers to is parsed from its YAML once, not once per file.
+
+Both are held by :func:`_held`: the first holder changes the setting, the last one
+to finish restores it, whatever the order in which holders in several threads end,
+so no change outlives the calls that made it.
+"""
+
+from __future__ import annotations
+
+import threading
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+import asdf
+import asdf.schema
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Hashable, Iterator
+
+__all__ = ["no_validation_on_read", "schemas_parsed_once"]
+
+_lock = threading.Lock()
+_holds: dict = {}  # key -> [holders, undo]
+
+
+@contextmanager
+def _held(key: Hashable, change: Callable[[], Callable[[], None]]) -> Iterator[None]:
+    """Hold a setting: ``change()`` (returning its undo) by the first holder of ``key``."""
+    with _lock:
+        hold = _holds.get(key)
+        if hold is None:
+            hold = _holds[key] = [0, change()]
+        hold[0] += 1
+    try:
+        yield
+    finally:
+        with _lock:
+            hold[0] -= 1
+            if hold[0] == 0:
+                del _holds[key]
+                hold[1]()
+
+
+@contextmanager
+def no_validation_on_read() -> Iterator[None]:
+    """asdf's ``validate_on_read`` off meanwhile (on the configuration in effect).
+
+    Set on asdf's configuration and restored, not ``asdf.config_context()``: that
+    reloads every extension on each open, costing more than the validation it skips.
+    """
+    config = asdf.get_config()
+
+    def change():
+        before = config.validate_on_read
+        config.validate_on_read = False
+
+        def undo():
+            config.validate_on_read = before
+
+        return undo
+
+    with _held(("validate_on_read", id(config)), change):
+        yield
+
+
+@contextmanager
+def schemas_parsed_once() -> Iterator[None]:
+    """Each schema asdf's validation refers to parsed once meanwhile, not once per file.
+
+    asdf (5.x) validates a tree with a new reference resolver per file, whose schema
+    loader parses again the YAML of every schema the tree's schemas refer to: for a
+    Roman L2 model about 80 parses per file, 40 % of the time of writing it.  Here
+    the loader asdf makes for each resolver (``asdf.schema._make_schema_loader``)
+    keeps what it parsed for the next file.  The schemas, the validation and the
+    files written are unchanged: only the repeated parsing is saved.  Where asdf has
+    no such loader (another asdf version) this does nothing.
+    """
+    make_loader = getattr(asdf.schema, "_make_schema_loader", None)
+    if make_loader is None:
+        yield
+        return
+
+    def change():
+        parsed: dict = {}
+
+        def make_loader_once():
+            load = make_loader()
+
+            def load_once(url):
+                found = parsed.get(url)
+                if found is None:
+                    found = parsed[url] = load(url)
+                return found
+
+            return load_once
+
+        asdf.schema._make_schema_loader = make_loader_once
+
+        def undo():
+            asdf.schema._make_schema_loader = make_loader
+
+        return undo
+
+    with _held("schema_loader", change):
+        yield
