@@ -11,7 +11,12 @@ row per association and is rewritten (atomically) as tasks finish.
 When ``abs_refcat`` names a catalog of the web service, the sky covered by all
 associations is planned first: nearby associations share a region, each region
 is fetched once (a task of its own) into ``<output_dir>/refcat/`` and each
-association's task reads its cone from its region's file.  See ``docs/batch.rst``.
+association's task reads its cone from its region's file.
+
+Images without a catalog (those the step would detect sources in) are detected one
+task each (:func:`detect_one`), and their association's task depends on those tasks
+and reads the catalogs they wrote through a catfile (:data:`CATFILE_NAME`).  See
+``docs/batch.rst``.
 """
 
 from __future__ import annotations
@@ -39,17 +44,21 @@ if TYPE_CHECKING:
     from distributed import Client, Future
 
 __all__ = [
+    "CATFILE_NAME",
     "MANIFEST_NAME",
     "REFCAT_FOLDER",
     "SUMMARY_COLUMNS",
     "SUMMARY_NAME",
     "WORKER_CONFIG",
     "AssociationJob",
+    "DetectionPlan",
     "align_associations",
     "align_one",
     "check_done",
     "dashboard_address",
+    "detect_one",
     "local_cluster",
+    "plan_detection",
     "read_inputs",
 ]
 
@@ -58,6 +67,10 @@ log = logging.getLogger(__name__)
 SUMMARY_NAME = "batch_summary.ecsv"
 MANIFEST_NAME = "tweakreg_manifest.json"
 REFCAT_FOLDER = "refcat"
+#: The catfile the batch writes in an association's folder when some of its images were
+#: detected by tasks of their own: it names their catalogs (and the catalogs the step
+#: would have taken from a catfile or the association).
+CATFILE_NAME = "batch_catfile.txt"
 #: Step parameters the batch sets itself.
 RESERVED = ("output_dir", "output_file", "save_results", "input_dir", "pre_hooks", "post_hooks")
 #: Dask settings of the workers of the batch's own ``LocalCluster`` (docs/batch.rst,
@@ -76,6 +89,7 @@ SUMMARY_COLUMNS: tuple[tuple[str, type, str | None, str], ...] = (
     ("abs_rms", float, "mas", "rms of the absolute fit (worst of its fits); NaN without one"),
     ("abs_nmatches", int, None, "matches of the absolute fit (fewest of its fits); 0 without"),
     ("seconds", float, "s", "wall time of the task"),
+    ("detect_seconds", float, "s", "summed wall time of its detection tasks (not in seconds)"),
     ("worker", str, None, "address of the Dask worker that ran it"),
     ("error", str, None, "why it failed, or why some images are not COMPLETE"),
     ("file", str, None, "the association file"),
@@ -107,6 +121,25 @@ class AssociationJob:
     folder: str
     parameters: dict
     fingerprint: str
+
+
+@dataclass(frozen=True)
+class DetectionPlan:
+    """The images of one association to detect as tasks of their own, and its catfile.
+
+    Attributes
+    ----------
+    jobs : tuple of DetectionJob
+        One per image the step would detect sources in (its catalog file is the
+        one the step would write).
+    catfile : tuple of (str, str)
+        Lines of the catfile the association's task gives the step: image file
+        name and catalog file, for the detected images and for those whose
+        catalog the step takes from a catfile or the association.
+    """
+
+    jobs: tuple
+    catfile: tuple
 
 
 # -- inputs ----------------------------------------------------------------------------------
@@ -285,7 +318,134 @@ def _summarise(library) -> dict:
     }
 
 
-def align_one(job: AssociationJob, refcat_file: str | None = None, resume: bool = False) -> dict:
+def _task_parameters(job: AssociationJob) -> dict:
+    """The step parameters of an association's task (and of its detection plan)."""
+    pars = dict(job.parameters)
+    pars.setdefault("processes", 1)  # the cluster owns the cores: one process per task
+    if not pars.get("catalog_path"):
+        pars["catalog_path"] = job.folder
+    return pars
+
+
+def _catfile_safe(text: str) -> bool:
+    return bool(text) and not any(c.isspace() or c == "#" for c in text)
+
+
+def plan_detection(job: AssociationJob) -> DetectionPlan | None:
+    """Which images of an association the step would detect sources in (a task).
+
+    The association is opened (metadata only, no pixel array is read) and each
+    image's catalog chosen by :func:`roman_tweakreg.catalogs.members`, the step's
+    own rule, with the task's parameters; the images left without one become
+    :class:`~roman_tweakreg.detection.DetectionJob`\\ s.
+
+    Returns
+    -------
+    DetectionPlan or None
+        None when no image needs detection, or the association cannot be planned
+        (unreadable, an image only in memory, a file name a catfile cannot hold):
+        the association's task then does everything itself, as the step does.
+    """
+    from . import parameters
+    from .catalogs import members
+    from .detection import DetectionJob, DetectionParameters
+    from .library import open_library
+
+    pars = _task_parameters(job)
+    library = None
+    jobs, lines = [], []
+    try:
+        detection = DetectionParameters(
+            **{name: pars[name] for name in parameters.names("detection")}
+        ).validate()
+        library = open_library(job.path, on_disk=False)
+        for _, image, source in members(
+            library,
+            use_custom_catalogs=pars["use_custom_catalogs"],
+            catfile=pars["catfile"],
+            catalog_format=pars["catalog_format"],
+            detection=detection,
+            catalog_path=pars["catalog_path"],
+        ):
+            if image is None:
+                continue
+            name = Path(image.name).name
+            if isinstance(source.value, DetectionJob):
+                if source.value.image_file is None:
+                    return None
+                jobs.append(source.value)
+                catalog = str(source.value.catalog_file)
+            elif source.assigned and isinstance(source.value, (str, Path)):
+                catalog = str(source.resolve() or source.candidates()[0])
+            else:
+                continue
+            if not (_catfile_safe(name) and _catfile_safe(catalog)):
+                log.info("%s: %s or %s cannot be a catfile line; detected in its task",
+                         job.name, name, catalog)  # fmt: skip
+                return None
+            lines.append((name, catalog))
+    except TweakRegError as err:  # the association's own task will say what is wrong
+        log.info("%s: detection not planned, done in its task: %s", job.name, err)
+        return None
+    finally:
+        if library is not None:
+            _close(library)
+    if not jobs:
+        return None
+    (Path(job.folder) / MANIFEST_NAME).unlink(missing_ok=True)  # to be redone
+    return DetectionPlan(tuple(jobs), tuple(lines))
+
+
+def _close(library) -> None:
+    """Close the models a library opened from files."""
+    with library:
+        for index in range(len(library)):
+            model = library.borrow(index)
+            library.shelve(model, index, modify=False)
+            model.close()
+
+
+def detect_one(detection) -> dict:
+    """Detect the sources of one image and write its catalog (a task).
+
+    Parameters
+    ----------
+    detection : DetectionJob
+        As the step makes it (:func:`plan_detection`).
+
+    Returns
+    -------
+    dict
+        ``image``, ``catalog`` (the file written), ``sources``, ``seconds``,
+        ``worker`` and ``error``: the message of a bad input (a
+        :class:`~roman_tweakreg.errors.TweakRegError`), '' when it succeeded.
+
+    Raises
+    ------
+    Exception
+        Anything else: the scheduler retries the task.
+    """
+    start = time.perf_counter()
+    out = {"image": detection.image_file or detection.image, "catalog": str(detection.catalog_file)}
+    Path(detection.catalog_file).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out["sources"] = len(detection.run())
+        out["error"] = ""
+    except TweakRegError as err:
+        log.warning("%s: detection FAILED: %s", out["image"], err)
+        out["sources"], out["error"] = 0, f"{type(err).__name__}: {err}"
+    out["seconds"] = time.perf_counter() - start
+    out["worker"] = _worker_address()
+    return out
+
+
+def align_one(
+    job: AssociationJob,
+    refcat_file: str | None = None,
+    resume: bool = False,
+    plan: DetectionPlan | None = None,
+    detected: Sequence[dict] = (),
+) -> dict:
     """Align one association (the task); return its summary row.
 
     Parameters
@@ -298,12 +458,21 @@ def align_one(job: AssociationJob, refcat_file: str | None = None, resume: bool 
         the parameter as given.
     resume : bool
         Return a SKIPPED row, doing nothing, when :func:`check_done` says so.
+    plan : DetectionPlan, optional
+        The images detected by tasks of their own: the step is given
+        ``use_custom_catalogs=True`` and a catfile (:data:`CATFILE_NAME`) naming
+        their catalogs (and those the step would take from the user's catfile or
+        the association); the other images' catalogs are chosen as before.
+    detected : sequence of dict
+        What those tasks returned (:func:`detect_one`): a failed detection makes
+        the association FAILED, as it makes the step fail.
 
     Returns
     -------
     dict
         The summary row: FAILED with the message when the input is bad (a
         :class:`~roman_tweakreg.errors.TweakRegError`), which no retry would change.
+        ``detect_seconds`` is the detection tasks' summed time.
 
     Raises
     ------
@@ -322,12 +491,24 @@ def align_one(job: AssociationJob, refcat_file: str | None = None, resume: bool 
     folder = Path(job.folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / MANIFEST_NAME).unlink(missing_ok=True)
-    pars = dict(job.parameters)
-    pars.setdefault("processes", 1)  # the cluster owns the cores: one process per task
-    if not pars.get("catalog_path"):
-        pars["catalog_path"] = str(folder)
+    pars = _task_parameters(job)
     if refcat_file:
         pars["abs_refcat"] = refcat_file
+    detect_seconds = float(sum(d["seconds"] for d in detected))
+    failed = [d for d in detected if d["error"]]
+    if failed:
+        message = f"detection of {failed[0]['image']} failed: {failed[0]['error']}"
+        log.warning("%s: FAILED: %s", job.name, message)
+        return _row(job, "FAILED", seconds=time.perf_counter() - start, worker=worker,
+                    detect_seconds=detect_seconds, error=message)  # fmt: skip
+    produced = set()  # written by the detection tasks, before this task: outputs too
+    if plan is not None:
+        catfile = folder / CATFILE_NAME
+        text = "".join(f"{name} {catalog}\n" for name, catalog in plan.catfile)
+        write_atomically(catfile, lambda p: p.write_text(text))
+        pars.update(use_custom_catalogs=True, catfile=str(catfile))
+        produced = {CATFILE_NAME} | {Path(d["catalog"]).name for d in detected
+                                     if Path(d["catalog"]).parent == folder}  # fmt: skip
     before = _listing(folder)
     try:
         library = TweakRegStep.call(job.path, output_dir=str(folder), save_results=True, **pars)
@@ -339,13 +520,14 @@ def align_one(job: AssociationJob, refcat_file: str | None = None, resume: bool 
             "FAILED",
             seconds=time.perf_counter() - start,
             worker=worker,
+            detect_seconds=detect_seconds,
             error=f"{type(err).__name__}: {err}",
         )
     after = _listing(folder)
     outputs = [
         {"name": name, "size": size, "sha256": _sha256(folder / name)}
         for name, (size, mtime) in sorted(after.items())
-        if before.get(name) != (size, mtime)
+        if before.get(name) != (size, mtime) or name in produced
     ]
     manifest = {
         "association": job.name,
@@ -357,7 +539,13 @@ def align_one(job: AssociationJob, refcat_file: str | None = None, resume: bool 
     }
     text = json.dumps(manifest, indent=1, sort_keys=True, default=str)
     write_atomically(folder / MANIFEST_NAME, lambda p: p.write_text(text))
-    return _row(job, seconds=time.perf_counter() - start, worker=worker, **summary)
+    return _row(
+        job,
+        seconds=time.perf_counter() - start,
+        worker=worker,
+        detect_seconds=detect_seconds,
+        **summary,
+    )
 
 
 def _cone_of(job: AssociationJob):
@@ -611,23 +799,41 @@ def _run(client, paths, output_dir, parameters, resume, retries, region_radius, 
         log.info("Resume: %d associations done before, %d to do", len(skipped), len(todo))
     region_of, regions = _plan(client, todo, parameters, output_dir, retries, region_radius, token)
     futures: dict[Future, AssociationJob] = {}
-    for job in todo:
+    detections: dict[str, list] = {}
+    for job, plan in _plans(client, todo, retries, token):
         region = region_of.get(job.name)
+        todo_detect = plan.jobs if plan is not None else ()
+        tasks = [
+            client.submit(
+                detect_one, d, key=f"detect-{job.name}-{k}-{token}", retries=retries, pure=False
+            )
+            for k, d in enumerate(todo_detect)
+        ]
+        detections[job.name] = list(zip(todo_detect, tasks, strict=True))
         future = client.submit(
             align_one,
             job,
             regions[region] if region else None,
+            plan=plan,
+            detected=tasks,  # Dask runs align_one after them, with their results
             key=f"tweakreg-{job.name}-{token}",
             retries=retries,
             pure=False,
         )
         futures[future] = job
+    n_detected = sum(len(d) for d in detections.values())
+    if n_detected:
+        log.info(
+            "Source detection: %d images of %d associations, one task each",
+            n_detected,
+            sum(1 for d in detections.values() if d),
+        )
     done = len(summary.rows)
     bar.update(done)
     try:
         for future in as_completed(list(futures)):
             job = futures.pop(future)
-            row = _outcome(future, job, region_of.get(job.name), regions)
+            row = _outcome(future, job, region_of.get(job.name), regions, detections[job.name])
             done += 1
             summary.add(row)
             bar.update(done)
@@ -657,7 +863,7 @@ def _run(client, paths, output_dir, parameters, resume, retries, region_radius, 
     return table
 
 
-def _outcome(future, job, region, regions) -> dict:
+def _outcome(future, job, region, regions, detections=()) -> dict:
     if future.status == "finished":
         return future.result()
     try:
@@ -667,8 +873,35 @@ def _outcome(future, job, region, regions) -> dict:
     message = f"{type(err).__name__}: {err}"
     if region is not None and regions[region].status == "error":
         message = f"reference catalog of region {region} not obtained: {message}"
+    failed = [d for d, task in detections if task.status == "error"]
+    if failed:
+        message = f"detection of {failed[0].image_file or failed[0].image} failed: {message}"
     log.warning("%s: FAILED for good: %s", job.name, message)
     return _row(job, "FAILED", error=message)
+
+
+def _plans(client, todo, retries, token):
+    """Yield each association to do with its :class:`DetectionPlan` (or None), as planned.
+
+    The plans are tasks (the models' metadata is read where the files are); an
+    association whose plan failed is aligned with detection done in its own task.
+    """
+    from distributed import as_completed
+
+    if not todo:
+        return
+    keys = [f"detect-plan-{j.name}-{token}" for j in todo]
+    plans = client.map(plan_detection, todo, key=keys, retries=retries, pure=False)
+    jobs = dict(zip(plans, todo, strict=True))
+    for future in as_completed(plans):
+        job = jobs.pop(future)
+        plan = None
+        if future.status == "finished":
+            plan = future.result()
+        else:
+            log.warning("%s: detection not planned (%s); done in its task", job.name,
+                        future.exception())  # fmt: skip
+        yield job, plan
 
 
 def _plan(client, todo, parameters, output_dir, retries, region_radius, token):
