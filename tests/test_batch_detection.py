@@ -1,0 +1,140 @@
+"""The batch's source detection: one Dask task per image without a catalog, on a real
+LocalCluster of 2 worker processes (the ``client`` fixture of test_batch)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from astropy.table import Table
+from roman_datamodels import datamodels as rdm
+
+import test_batch
+from roman_tweakreg import TweakRegStep
+from roman_tweakreg.batch import CATFILE_NAME, MANIFEST_NAME, align_associations
+from roman_tweakreg.detection import catalog_filename
+from roman_tweakreg.testing import simulate
+from roman_tweakreg.testing.pixels import write_pixel_association
+from test_batch import outputs, wcs_of
+
+client = test_batch.client  # the LocalCluster of 2 worker processes, one for this module
+
+distributed = pytest.importorskip("distributed")
+
+
+@pytest.fixture(scope="module")
+def pixels(tmp_path_factory):
+    """2 exposures x 2 detectors of 256 x 256 pixels; the first image has its own catalog."""
+    root = tmp_path_factory.mktemp("pixels")
+    return write_pixel_association(root / "px", shape=(256, 256), keep_catalog=1)
+
+
+def _names(asn):
+    return [m["expname"] for m in json.loads(asn.read_text())["products"][0]["members"]]
+
+
+def _tasks(stream, prefix):
+    return [t for t in stream.data if t["key"].startswith(prefix)]
+
+
+def _start(task):
+    return min(s["start"] for s in task["startstops"] if s["action"] == "compute")
+
+
+def _stop(task):
+    return max(s["stop"] for s in task["startstops"] if s["action"] == "compute")
+
+
+def test_each_image_without_catalog_is_a_task_and_results_equal_the_step_alone(
+    pixels, client, tmp_path
+):
+    out = tmp_path / "out"
+    gaia = str(pixels.parent / "gaia.ecsv")
+    with distributed.get_task_stream(client) as stream:
+        table = align_associations([pixels], out, client=client, abs_refcat=gaia, progress=False)
+    row = table[0]
+    assert (row["status"], row["n_images"], row["n_complete"]) == ("COMPLETE", 4, 4)
+    assert row["abs_nmatches"] >= 60
+    assert 0 < row["abs_rms"] < 5.0  # mas
+    # three detection tasks (the image with a catalog has none), all before the alignment
+    detect = [t for t in _tasks(stream, "detect-px-") if "plan" not in t["key"]]
+    (align,) = _tasks(stream, "tweakreg-px-")
+    assert len(detect) == 3
+    assert max(_stop(t) for t in detect) <= _start(align)
+    assert 0 < row["detect_seconds"] < 30
+    folder = out / "px"
+    names = _names(pixels)
+    lines = (folder / CATFILE_NAME).read_text().splitlines()
+    detected = [catalog_filename(n, folder, "ascii.ecsv") for n in names[1:]]
+    assert lines == [f"{n} {c}" for n, c in zip(names[1:], detected, strict=True)]
+    assert not catalog_filename(names[0], folder, "ascii.ecsv").exists()
+    manifest = json.loads((folder / MANIFEST_NAME).read_text())
+    listed = {o["name"] for o in manifest["outputs"]}
+    assert {c.name for c in detected} | {CATFILE_NAME} <= listed
+    # the step alone on the association: the same catalogs and WCSs (1e-6 mas)
+    alone = tmp_path / "alone"
+    TweakRegStep.call(
+        str(pixels), abs_refcat=gaia, output_dir=str(alone), catalog_path=str(alone),
+        save_results=True, processes=1,
+    )  # fmt: skip
+    for name in names[1:]:
+        ours = Table.read(catalog_filename(name, folder, "ascii.ecsv"))
+        theirs = Table.read(catalog_filename(name, alone, "ascii.ecsv"))
+        assert len(ours) >= 60
+        np.testing.assert_array_equal(ours["x"], theirs["x"])
+        np.testing.assert_array_equal(ours["y"], theirs["y"])
+    batch_files, alone_files = outputs(folder), outputs(alone)
+    assert [p.name for p in batch_files] == [p.name for p in alone_files]
+    assert len(batch_files) == 4
+    for b, a in zip(batch_files, alone_files, strict=True):
+        (wb, sb), (wa, sa) = wcs_of(b), wcs_of(a)
+        assert sb == sa == "COMPLETE"
+        assert simulate.wcs_difference_mas(wb, wa) < 1e-6
+        with rdm.open(b) as mb, rdm.open(a) as ma:
+            used_b, used_a = mb.meta.get("tweakreg_catalog"), ma.meta.get("tweakreg_catalog")
+        if used_a is None:  # the image's own catalog: not assigned, as alone
+            assert used_b is None
+        else:
+            assert used_b == str(folder / used_a.rsplit("/", 1)[1])
+    # resumed: done, nothing detected again
+    with distributed.get_task_stream(client) as stream:
+        again = align_associations(
+            [pixels], out, client=client, resume=True, abs_refcat=gaia, progress=False
+        )
+    assert list(again["status"]) == ["SKIPPED"]
+    assert not _tasks(stream, "detect-")
+
+
+def test_a_failed_detection_fails_its_association_naming_the_file(pixels, client, tmp_path):
+    broken_dir = tmp_path / "broken"
+    shutil.copytree(pixels.parent, broken_dir)
+    (broken_dir / pixels.name).rename(broken_dir / "broken.json")
+    bad = broken_dir / _names(pixels)[2]
+    (tmp_path / "new").mkdir()
+    with rdm.open(bad) as model:  # an err array of another shape: detection cannot use it
+        model.err = np.ones((128, 128), model.err.dtype)
+        model.save(tmp_path / "new" / bad.name)
+    (tmp_path / "new" / bad.name).replace(bad)
+    # the step alone fails on it (not a bad-input error: the batch retries it)
+    with pytest.raises(ValueError, match=r"err shape \(128, 128\) differs from data shape"):
+        TweakRegStep.call(
+            str(broken_dir / "broken.json"), abs_refcat=str(pixels.parent / "gaia.ecsv"),
+            catalog_path=str(tmp_path / "alone"), processes=1,
+        )  # fmt: skip
+    out = tmp_path / "out"
+    with distributed.get_task_stream(client) as stream:
+        table = align_associations(
+            [pixels, broken_dir / "broken.json"], out, client=client, retries=1,
+            abs_refcat=str(pixels.parent / "gaia.ecsv"), progress=False,
+        )  # fmt: skip
+    assert list(table["status"]) == ["COMPLETE", "FAILED"]
+    assert table["n_complete"][0] == 4
+    error = table["error"][1]
+    assert error.startswith(f"detection of {bad} failed: ValueError: err shape (128, 128)")
+    assert not (out / "broken" / MANIFEST_NAME).exists()
+    # its three detections ran; its alignment never did (Dask: a dependency failed)
+    assert len([t for t in _tasks(stream, "detect-broken-") if "plan" not in t["key"]]) == 3
+    assert not _tasks(stream, "tweakreg-broken-")
+    assert len(_tasks(stream, "tweakreg-px-")) == 1
