@@ -138,3 +138,30 @@ def test_a_failed_detection_fails_its_association_naming_the_file(pixels, client
     assert len([t for t in _tasks(stream, "detect-broken-") if "plan" not in t["key"]]) == 3
     assert not _tasks(stream, "tweakreg-broken-")
     assert len(_tasks(stream, "tweakreg-px-")) == 1
+
+
+def test_plan_follows_the_steps_catalog_choice_with_a_users_catfile(pixels, tmp_path):
+    from roman_tweakreg.batch import RESERVED, AssociationJob, plan_detection
+
+    names = _names(pixels)
+    own = pixels.parent / (names[0].removesuffix("_cal.asdf") + "_own.ecsv")
+    catfile = tmp_path / "cats.txt"  # image 0: its catalog by a relative name; image 1: none
+    shutil.copy(own, tmp_path / own.name)
+    catfile.write_text(f"{names[0]} {own.name}\n{names[1]}\n")
+    pars = TweakRegStep(use_custom_catalogs=True, catfile=str(catfile)).get_pars()
+    pars = {k: v for k, v in pars.items() if k not in RESERVED}
+    folder = tmp_path / "out"
+    plan = plan_detection(AssociationJob("px", str(pixels), str(folder), pars, "x"))
+    detected = [str(catalog_filename(n, folder, "ascii.ecsv")) for n in names[1:]]
+    assert [j.image_file for j in plan.jobs] == [str(pixels.parent / n) for n in names[1:]]
+    assert [str(j.catalog_file) for j in plan.jobs] == detected
+    pairs = zip(names[1:], detected, strict=True)
+    assert list(plan.catfile) == [(names[0], str(tmp_path / own.name)), *pairs]
+    # without use_custom_catalogs, image 0's own catalog (meta) is used: not in the catfile
+    pars["use_custom_catalogs"] = False
+    plan = plan_detection(AssociationJob("px", str(pixels), str(folder), pars, "x"))
+    assert [name for name, _ in plan.catfile] == names[1:]
+    # every image with a catalog: no plan, the association's task does as before
+    catfile.write_text("".join(f"{n} {tmp_path / own.name}\n" for n in names))
+    pars["use_custom_catalogs"] = True
+    assert plan_detection(AssociationJob("px", str(pixels), str(folder), pars, "x")) is None

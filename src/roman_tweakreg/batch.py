@@ -352,21 +352,22 @@ def plan_detection(job: AssociationJob) -> DetectionPlan | None:
     from .library import open_library
 
     pars = _task_parameters(job)
-    library = None
+    library = images = None
     jobs, lines = [], []
     try:
         detection = DetectionParameters(
             **{name: pars[name] for name in parameters.names("detection")}
         ).validate()
         library = open_library(job.path, on_disk=False)
-        for _, image, source in members(
+        images = members(
             library,
             use_custom_catalogs=pars["use_custom_catalogs"],
             catfile=pars["catfile"],
             catalog_format=pars["catalog_format"],
             detection=detection,
             catalog_path=pars["catalog_path"],
-        ):
+        )
+        for _, image, source in images:
             if image is None:
                 continue
             name = Path(image.name).name
@@ -388,6 +389,8 @@ def plan_detection(job: AssociationJob) -> DetectionPlan | None:
         log.info("%s: detection not planned, done in its task: %s", job.name, err)
         return None
     finally:
+        if images is not None:
+            images.close()
         if library is not None:
             _close(library)
     if not jobs:
@@ -426,9 +429,11 @@ def detect_one(detection) -> dict:
         Anything else: the scheduler retries the task.
     """
     start = time.perf_counter()
+    from .outputs import check_writable
+
     out = {"image": detection.image_file or detection.image, "catalog": str(detection.catalog_file)}
-    Path(detection.catalog_file).parent.mkdir(parents=True, exist_ok=True)
     try:
+        check_writable(Path(detection.catalog_file).parent, "catalog_path")  # as the step does
         out["sources"] = len(detection.run())
         out["error"] = ""
     except TweakRegError as err:
