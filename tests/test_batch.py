@@ -432,3 +432,12 @@ def test_docs_list_the_summary_columns():
     text = (Path(__file__).resolve().parent.parent / "docs" / "batch.rst").read_text()
     table = text.split("The summary\n")[1].split("Faults\n")[0]
     assert re.findall(r"^   \* - ``(\w+)``", table, re.MULTILINE) == [c[0] for c in SUMMARY_COLUMNS]
+
+
+def test_tasks_run_the_step_in_one_process_unless_asked():
+    """The cluster owns the cores: ``processes`` is 1 in a task unless given."""
+    from roman_tweakreg.batch import _step_parameters
+
+    assert _step_parameters({})["processes"] == 1
+    assert _step_parameters({"processes": 2})["processes"] == 2
+    assert _step_parameters({"processes": 0})["processes"] == 0

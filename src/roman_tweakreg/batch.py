@@ -206,6 +206,8 @@ def _step_parameters(step_parameters: dict) -> dict:
         raise InvalidParameterError(f"step parameters: {err}") from err
     pars = step.get_pars()
     validate_parameters(pars)
+    if "processes" not in step_parameters:
+        pars["processes"] = 1  # the cluster owns the cores: one process per task
     return {k: v for k, v in pars.items() if k not in RESERVED}
 
 
@@ -321,7 +323,6 @@ def _summarise(library) -> dict:
 def _task_parameters(job: AssociationJob) -> dict:
     """The step parameters of an association's task (and of its detection plan)."""
     pars = dict(job.parameters)
-    pars.setdefault("processes", 1)  # the cluster owns the cores: one process per task
     if not pars.get("catalog_path"):
         pars["catalog_path"] = job.folder
     return pars
