@@ -88,7 +88,7 @@ _SHAPE_MIN_STARS = 10  # fewer: each source gets a Gaussian of free FWHM instead
 _SHAPE_MAX_STARS = 200  # the brightest this many are used
 _COMPANION_MODEL_ERROR = 0.03  # of the PRF model, added to the residual's noise
 _COMPANION_RING_ERROR = 0.03  # of the flux: rings, as a share of the model's error
-_COMPANION_SNR_FACTOR = 2.0  # a companion needs this times snr_threshold
+_COMPANION_SNR_FACTOR = 1.5  # a companion needs this times snr_threshold
 _NOISE_MARGIN = 0.95  # the pre-selection's noise bound may be this much too high
 # (a masked pixel in the filter's outer ring lowers the noise by < 1 %)
 
@@ -690,10 +690,16 @@ def detect_sources(
     if saturated is not None:
         near_saturated = _windows(saturated, px, py, params.fit_half + 2, False).any(axis=(1, 2))
     keep = sharp_ok & ~core_masked & ~near_saturated
+    # saturated stars: never kept, but searched for companions (crowded pairs)
+    hosts = np.zeros(n_found, bool)
+    if saturated is not None:
+        hosts = ~core_masked & _windows(saturated, px, py, 1, False).any(axis=(1, 2))
 
     # 5: positions
     fit_mask = masked if saturated is None else masked | saturated
-    fit = _fit_positions(work, err, fit_mask, saturated, px, py, keep, significance, params)
+    fit = _fit_positions(
+        work, err, fit_mask, saturated, px, py, keep, significance, params, hosts
+    )
     del fit_mask
     n_alone = int(keep.sum())
     if len(fit) > n_alone:  # companions found in the residuals (crowded pairs)
@@ -737,8 +743,12 @@ def detect_sources(
     return table
 
 
-def _fit_positions(work, err, fit_mask, saturated, px, py, keep, significance, params):
-    """Step 5: the PRF shape from bright isolated stars, then every kept source's position."""
+def _fit_positions(work, err, fit_mask, saturated, px, py, keep, significance, params, hosts):
+    """Step 5: the PRF shape from bright isolated stars, then every kept source's position.
+
+    ``hosts`` (saturated stars, never kept) are fitted on their unsaturated
+    pixels only to search their residuals for companions.
+    """
     from scipy.spatial import cKDTree
 
     fit_shape = 2 * params.fit_half + 1
@@ -765,8 +775,14 @@ def _fit_positions(work, err, fit_mask, saturated, px, py, keep, significance, p
                 int(good.sum()),
                 *prf_shape,
             )
-            fit = fit_prf(work, err, fit_mask, px[keep], py[keep], prf_shape, fit_shape)
-            return _add_companions(work, err, fit_mask, saturated, fit, prf_shape, params)
+            fit = fit_prf(
+                work, err, fit_mask, px[keep | hosts], py[keep | hosts], prf_shape, fit_shape
+            )
+            fit["host"] = hosts[keep | hosts]
+            fit = _add_companions(work, err, fit_mask, saturated, fit, prf_shape, params)
+            fit = fit[~np.asarray(fit["host"])]
+            del fit["host"]
+            return fit
     log.debug(
         "%d bright isolated stars (S/N >= %s): too few for a PRF shape, Gaussian fits",
         bright.size,
@@ -826,11 +842,21 @@ def _add_companions(work, err, fit_mask, saturated, fit, prf_shape, params):
     if has.size == 0:
         return fit
     cy, cx = by[has], bx[has]
-    if saturated is not None:  # as for the peaks: nothing near a saturated pixel
-        near = _windows(saturated, px[has] + cx - half, py[has] + cy - half, params.fit_half + 2)
-        has, cy, cx = (v[~near.any(axis=(1, 2))] for v in (has, cy, cx))
-        if has.size == 0:
-            return fit
+    host = np.asarray(fit["host"])[ok]
+
+    def near_saturated(x, y, rows):
+        """A saturated pixel in the 3x3 box or, but for a saturated host's companion, within
+        twice the residual box's half-size (the unfitted wings of a saturated star)."""
+        if saturated is None:
+            return np.zeros(x.size, bool)
+        core = _windows(saturated, x, y, 1, False).any(axis=(1, 2))
+        wide = _windows(saturated, x, y, 2 * half, False).any(axis=(1, 2))
+        return core | (wide & ~host[rows])
+
+    near = near_saturated(px[has] + cx - half, py[has] + cy - half, has)
+    has, cy, cx = (v[~near] for v in (has, cy, cx))
+    if has.size == 0:
+        return fit
     start = np.column_stack(
         [unit[has], np.maximum(3.0 * resid[has, cy, cx], 1.0), cx - half, cy - half]
     )
@@ -852,9 +878,7 @@ def _add_companions(work, err, fit_mask, saturated, fit, prf_shape, params):
     fx = np.rint(px[has] + pars[:, 4]).astype(int)
     fy = np.rint(py[has] + pars[:, 5]).astype(int)
     stayed = np.hypot(pars[:, 4] - (cx - half), pars[:, 5] - (cy - half)) < 1.0
-    clean = ~_windows(fit_mask, fx, fy, 1, True).any(axis=(1, 2))
-    if saturated is not None:
-        clean &= ~_windows(saturated, fx, fy, params.fit_half + 2, False).any(axis=(1, 2))
+    clean = ~_windows(fit_mask, fx, fy, 1, True).any(axis=(1, 2)) & ~near_saturated(fx, fy, has)
     good = conv & inside & apart & stayed & clean
     rows = ok[has[good]]
     fit["x_fit"][rows] = px[has[good]] + pars[good, 1]
@@ -868,6 +892,7 @@ def _add_companions(work, err, fit_mask, saturated, fit, prf_shape, params):
             "converged": np.ones(good.sum(), bool),
             "at_bound": np.zeros(good.sum(), bool),
             "companion_snr": best_snr[has[good]],
+            "host": np.zeros(good.sum(), bool),
         }
     )
     log.debug("%d companions found in fit residuals", len(extra))
