@@ -86,8 +86,10 @@ _FWHM_BOUNDS = (0.2, 5.0)  # fitted FWHM range, in units of kernel_fwhm
 _SHAPE_MIN_SNR = 50.0  # significance of the stars the PRF shape is measured on
 _SHAPE_MIN_STARS = 10  # fewer: each source gets a Gaussian of free FWHM instead
 _SHAPE_MAX_STARS = 200  # the brightest this many are used
-_COMPANION_MODEL_ERROR = 0.03  # of the PRF model, added to the residual's noise
-_COMPANION_RING_ERROR = 0.03  # of the flux: rings, as a share of the model's error
+_COMPANION_MODEL_ERROR = 0.03  # of the PRF model, added to the residual's noise ...
+_COMPANION_RING_ERROR = 0.03  # ... and of the flux (rings): without a measured profile
+_PROFILE_BIN = 0.5  # px: radial bins of the residual profile
+_PROFILE_MIN_PIXELS = 20  # a bin with fewer pixels takes the one inside it
 _COMPANION_SNR_FACTOR = 1.5  # a companion needs this times snr_threshold
 _NOISE_MARGIN = 0.95  # the pre-selection's noise bound may be this much too high
 # (a masked pixel in the filter's outer ring lowers the noise by < 1 %)
@@ -697,9 +699,7 @@ def detect_sources(
 
     # 5: positions
     fit_mask = masked if saturated is None else masked | saturated
-    fit = _fit_positions(
-        work, err, fit_mask, saturated, px, py, keep, significance, params, hosts
-    )
+    fit = _fit_positions(work, err, fit_mask, saturated, px, py, keep, significance, params, hosts)
     del fit_mask
     n_alone = int(keep.sum())
     if len(fit) > n_alone:  # companions found in the residuals (crowded pairs)
@@ -795,13 +795,18 @@ def _add_companions(work, err, fit_mask, saturated, fit, prf_shape, params):
     """Crowded pairs: a star hidden in a brighter one's peak, found in its fit's residual.
 
     Around each fitted source the residual (data minus its model) is
-    filtered with the detection kernel; where the filtered residual's
-    significance reaches twice ``snr_threshold`` between 1.5 and ``fit half + 2`` px
-    from the source (no masked pixel in the 3x3 around it, no saturated one
-    within ``fit half + 2`` px), a companion is fitted jointly with it (two PRFs, 6
-    parameters, a square 4 px wider).  Returns ``fit`` with the pairs'
-    rows replaced and the companions appended (``significance`` column:
-    the companion's, NaN for the sources fitted alone).
+    filtered with the detection kernel, less the median the bright stars
+    leave at that distance (:func:`_residual_profile`); where its
+    significance -- over the pixel noise and the bright stars' scatter at
+    that distance -- reaches 1.5 times ``snr_threshold`` between 1.5 and
+    ``fit half + 2`` px from the source (no masked pixel in the 3x3 around
+    it; no saturated pixel in the 3x3 nor, but around a saturated ``host``,
+    within twice that box), a companion is fitted jointly with it (two PRFs,
+    6 parameters, a square 4 px wider).  Rows of ``fit`` with ``host`` true
+    are saturated stars fitted on their unsaturated pixels: searched, never
+    kept.  Returns ``fit`` with the pairs' rows replaced and the companions
+    appended (``companion_snr`` column: the companion's, NaN for the
+    sources fitted alone).
     """
     from scipy.ndimage import correlate1d
 
@@ -823,14 +828,24 @@ def _add_companions(work, err, fit_mask, saturated, fit, prf_shape, params):
     )
     with np.errstate(divide="ignore"):
         sigma = np.where(weight > 0, 1.0 / weight, np.inf)
-    # the PRF model's own error (its core and the Airy rings it leaves out) counts as noise
-    model_error = model + _COMPANION_RING_ERROR * unit[:, 0, None, None]
-    sigma = np.hypot(sigma, _COMPANION_MODEL_ERROR * model_error)
-    signif = filtered / (np.sum(kernel**2) * sigma)
     box = np.arange(n) - half
     dist = np.hypot(
         box[None, None, :] - unit[:, 1, None, None], box[None, :, None] - unit[:, 2, None, None]
     )
+    flux = unit[:, 0, None, None]
+    host = np.asarray(fit["host"])[ok]
+    profile = _residual_profile(filtered / flux, dist, model * weight, weight, host)
+    if profile is not None:  # the PRF's error (Airy rings), measured on the bright stars
+        median, scatter = profile
+        rbin = np.minimum((dist / _PROFILE_BIN).astype(int), median.size - 1)
+        signif = (filtered - flux * median[rbin]) / np.hypot(
+            np.sum(kernel**2) * sigma, flux * scatter[rbin]
+        )
+    else:
+        # the PRF model's own error (its core and the Airy rings it leaves out) counts as noise
+        model_error = model + _COMPANION_RING_ERROR * flux
+        sigma = np.hypot(sigma, _COMPANION_MODEL_ERROR * model_error)
+        signif = filtered / (np.sum(kernel**2) * sigma)
     signif[(dist < 1.5) | (dist > half)] = -np.inf
     best = signif.reshape(ok.size, -1).argmax(axis=1)
     best_snr = signif.reshape(ok.size, -1)[np.arange(ok.size), best]
@@ -842,7 +857,6 @@ def _add_companions(work, err, fit_mask, saturated, fit, prf_shape, params):
     if has.size == 0:
         return fit
     cy, cx = by[has], bx[has]
-    host = np.asarray(fit["host"])[ok]
 
     def near_saturated(x, y, rows):
         """A saturated pixel in the 3x3 box or, but for a saturated host's companion, within
@@ -899,6 +913,33 @@ def _add_companions(work, err, fit_mask, saturated, fit, prf_shape, params):
     from astropy.table import vstack
 
     return vstack([fit, extra])
+
+
+def _residual_profile(filtered, dist, snr_map, weight, host):
+    """The PRF model's error, measured: the filtered residual of bright stars by distance.
+
+    ``filtered`` is the filtered residual per unit flux ``(N, n, n)``, ``dist``
+    each pixel's distance from the fitted centre, ``snr_map`` the model over
+    the noise.  Over the sources (not ``host``) whose model peaks at S/N
+    >= 50, the median (what the PRF systematically leaves, e.g. Airy rings)
+    and the scatter (1.4826 MAD: pixel phase, noise) in ``_PROFILE_BIN``-px
+    rings; medians are robust to the few pairs among them.  ``None`` with
+    fewer than ``_SHAPE_MIN_STARS`` such sources.
+    """
+    bright = ~host & (snr_map.max(axis=(1, 2)) >= _SHAPE_MIN_SNR)
+    if bright.sum() < _SHAPE_MIN_STARS:
+        return None
+    rbin = (dist[bright] / _PROFILE_BIN).astype(int)
+    valid = weight[bright] > 0
+    median, scatter = np.zeros(int(rbin.max()) + 1), np.zeros(int(rbin.max()) + 1)
+    for b in range(median.size):
+        v = filtered[bright][(rbin == b) & valid]
+        if v.size < _PROFILE_MIN_PIXELS:  # (bin 0 is always full: dist < 1 is 4+ px a star)
+            median[b], scatter[b] = median[b - 1], scatter[b - 1]
+            continue
+        median[b] = np.median(v)
+        scatter[b] = 1.4826 * np.median(np.abs(v - median[b]))
+    return median, scatter
 
 
 def _drop_duplicates(x, y, peak, significance, radius):
