@@ -36,7 +36,11 @@ Algorithm (see ``docs/detection.rst`` for the measured accuracy and speed):
    of photutils ``PSFPhotometry`` with ``CircularGaussianPRF``).  Fits that
    do not converge, end at the 1.5 px position bound or at a FWHM bound are
    dropped, as is the less significant of two centroids closer than
-   ``min_separation``.
+   ``min_separation``.  Crowded pairs: a companion 1.5-5 px from a fitted
+   source (or from a saturated star, fitted on its unsaturated pixels and
+   never kept) is found in the source's residual, against the residual the
+   PRF leaves around the bright stars (``_residual_profile``), and
+   fitted jointly with it (``_add_companions``).
 6. Fluxes: SEP circular-aperture sums of radius ``aperture_radius *
    kernel_fwhm`` on the background-subtracted image; ``peakmax`` then
    ``brightest`` are applied.
