@@ -87,6 +87,7 @@ def _worker(arrays: str, out: str) -> None:
 
 def score(catalog, truth, dq) -> dict:
     """Recovery, rms, false and bad detections of ``catalog`` against ``truth``."""
+    from roman_datamodels.dqflags import pixel as dqflags
     from scipy.spatial import cKDTree
 
     from roman_tweakreg.testing import FLAGGED, match
@@ -101,8 +102,15 @@ def score(catalog, truth, dq) -> dict:
         sel = single & (snr >= lim)
         out[f"recovery_{lim}"] = float(found[sel].mean())
         out[f"rms_{lim}"] = float(np.sqrt(np.nanmean(err2d[sel & found] ** 2)))
-    pair = np.asarray(truth["kind"]) == "pair"
-    out["pair_recovery_20"] = float(found[pair & (snr >= 20)].mean())
+    pair = (np.asarray(truth["kind"]) == "pair") & (snr >= 20)
+    out["pair_recovery_20"] = float(found[pair].mean())
+    # saturated at their centre pixel: never catalogued, by rule
+    ix, iy = np.rint(truth["x"]).astype(int), np.rint(truth["y"]).astype(int)
+    centre_saturated = (dq[iy, ix] & int(dqflags.SATURATED)) != 0
+    out["pair_recovery_20_unsaturated"] = float(found[pair & ~centre_saturated].mean())
+    out["pair_recovery_20_unflagged"] = float(found[pair & ~np.asarray(truth["flagged"])].mean())
+    out["pairs_20"] = int(pair.sum())
+    out["pairs_20_saturated"] = int((pair & centre_saturated).sum())
     nearest = cKDTree(np.column_stack([truth["x"], truth["y"]])).query(np.column_stack([x, y]))
     out["false"] = int((nearest[0] > 1.5).sum())
     saturated = np.flatnonzero(np.asarray(truth["kind"]) == "saturated")

@@ -21,6 +21,7 @@ import roman_datamodels as rdm
 from astropy import units as u
 from astropy.table import Table
 from roman_datamodels.dqflags import pixel as dqflags
+from scipy.ndimage import maximum_filter
 from scipy.spatial import cKDTree
 
 from roman_tweakreg import detection
@@ -228,7 +229,8 @@ def test_crowded_pairs_companions_found_in_residuals(monkeypatch):
     scene = make_scene(seed=16, n_stars=40, n_pairs=30, snr_range=(30.0, 300.0))
     truth, pair = scene.truth, scene.truth["kind"] == "pair"
     catalog = detect_sources(scene.data, scene.dq, scene.err)
-    assert match(catalog["x"], catalog["y"], truth[pair])[0].sum() >= 53  # measured 54 of 60
+    # measured 58 of 60 (54 with the fixed 3 % model error and twice snr_threshold)
+    assert match(catalog["x"], catalog["y"], truth[pair])[0].sum() >= 56
     assert match(catalog["x"], catalog["y"], truth[~pair])[0].sum() == 40
     dist = cKDTree(np.column_stack([truth["x"], truth["y"]])).query(
         np.column_stack([catalog["x"], catalog["y"]])
@@ -237,6 +239,46 @@ def test_crowded_pairs_companions_found_in_residuals(monkeypatch):
     monkeypatch.setattr(detection, "_add_companions", lambda *args: args[4])
     alone = detect_sources(scene.data, scene.dq, scene.err)
     assert match(alone["x"], alone["y"], truth[pair])[0].sum() <= 50  # measured 49
+
+
+def test_companions_of_saturated_stars_found_and_saturated_stars_kept_out():
+    """40 pairs, S/N 30-3000: a star 2.5-5 px from a saturated one is found in the
+    residual of the saturated star's fit to its unsaturated pixels; no star with a
+    saturated pixel at its centre enters the catalog."""
+    scene = make_scene(seed=30, n_stars=40, n_pairs=40, snr_range=(30.0, 3000.0))
+    truth = scene.truth
+    catalog = detect_sources(scene.data, scene.dq, scene.err)
+    found, _, offset = match(catalog["x"], catalog["y"], truth)
+    saturated = (scene.dq & int(dqflags.SATURATED)) != 0
+    ix, iy = np.rint(truth["x"]).astype(int), np.rint(truth["y"]).astype(int)
+    centre = saturated[iy, ix]
+    near = maximum_filter(saturated, size=11)[iy, ix]  # a saturated pixel within 5 px
+    companion = (truth["kind"] == "pair") & near & ~centre
+    assert (companion.sum(), centre.sum()) == (21, 49)
+    # measured 15 of 21, rms 0.030 px (0 before: every star near a saturated pixel dropped)
+    assert found[companion].sum() >= 13
+    assert np.sqrt(np.mean(np.sum(offset[companion & found] ** 2, axis=1))) < 0.05
+    assert not found[centre].any()
+    assert found[~companion & ~centre].sum() >= 47  # measured 48 of 50
+    dist = cKDTree(np.column_stack([truth["x"], truth["y"]])).query(
+        np.column_stack([catalog["x"], catalog["y"]])
+    )[0]
+    assert dist.max() < 0.2  # measured 0.069: every detection is a star
+    cx, cy = np.rint(catalog["x"]).astype(int), np.rint(catalog["y"]).astype(int)
+    assert not maximum_filter(saturated, size=3)[cy, cx].any()
+
+
+@pytest.mark.parametrize("filter_name", ["F062", "F213"])
+def test_no_companions_in_the_airy_rings_of_bright_stars(filter_name):
+    """200 isolated stars, S/N 100-1000: the rings the two-Gaussian PRF leaves out
+    (measured on the bright stars, subtracted with their scatter) are no companions."""
+    scene = make_scene(seed=8, n_stars=200, snr_range=(100.0, 1000.0), filter_name=filter_name)
+    truth = scene.truth
+    catalog = detect_sources(scene.data, scene.dq, scene.err)
+    found = match(catalog["x"], catalog["y"], truth)[0]
+    # measured 123 (F062), 161 (F213) unflagged stars: all found, nothing else
+    assert len(catalog) == found.sum() == (~truth["flagged"]).sum()
+    assert not found[truth["flagged"]].any()
 
 
 @pytest.mark.parametrize("flag", ["SATURATED", "JUMP_DET", "HOT", "DO_NOT_USE"])

@@ -36,7 +36,11 @@ Algorithm (see ``docs/detection.rst`` for the measured accuracy and speed):
    of photutils ``PSFPhotometry`` with ``CircularGaussianPRF``).  Fits that
    do not converge, end at the 1.5 px position bound or at a FWHM bound are
    dropped, as is the less significant of two centroids closer than
-   ``min_separation``.
+   ``min_separation``.  Crowded pairs: a companion 1.5-5 px from a fitted
+   source (or from a saturated star, fitted on its unsaturated pixels and
+   never kept) is found in the source's residual, against the residual the
+   PRF leaves around the bright stars (``_residual_profile``), and
+   fitted jointly with it (``_add_companions``).
 6. Fluxes: SEP circular-aperture sums of radius ``aperture_radius *
    kernel_fwhm`` on the background-subtracted image; ``peakmax`` then
    ``brightest`` are applied.
@@ -86,9 +90,11 @@ _FWHM_BOUNDS = (0.2, 5.0)  # fitted FWHM range, in units of kernel_fwhm
 _SHAPE_MIN_SNR = 50.0  # significance of the stars the PRF shape is measured on
 _SHAPE_MIN_STARS = 10  # fewer: each source gets a Gaussian of free FWHM instead
 _SHAPE_MAX_STARS = 200  # the brightest this many are used
-_COMPANION_MODEL_ERROR = 0.03  # of the PRF model, added to the residual's noise
-_COMPANION_RING_ERROR = 0.03  # of the flux: rings, as a share of the model's error
-_COMPANION_SNR_FACTOR = 2.0  # a companion needs this times snr_threshold
+_COMPANION_MODEL_ERROR = 0.03  # of the PRF model, added to the residual's noise ...
+_COMPANION_RING_ERROR = 0.03  # ... and of the flux (rings): without a measured profile
+_PROFILE_BIN = 0.5  # px: radial bins of the residual profile
+_PROFILE_MIN_PIXELS = 20  # a bin with fewer pixels takes the one inside it
+_COMPANION_SNR_FACTOR = 1.5  # a companion needs this times snr_threshold
 _NOISE_MARGIN = 0.95  # the pre-selection's noise bound may be this much too high
 # (a masked pixel in the filter's outer ring lowers the noise by < 1 %)
 
@@ -690,10 +696,14 @@ def detect_sources(
     if saturated is not None:
         near_saturated = _windows(saturated, px, py, params.fit_half + 2, False).any(axis=(1, 2))
     keep = sharp_ok & ~core_masked & ~near_saturated
+    # saturated stars: never kept, but searched for companions (crowded pairs)
+    hosts = np.zeros(n_found, bool)
+    if saturated is not None:
+        hosts = ~core_masked & _windows(saturated, px, py, 1, False).any(axis=(1, 2))
 
     # 5: positions
     fit_mask = masked if saturated is None else masked | saturated
-    fit = _fit_positions(work, err, fit_mask, saturated, px, py, keep, significance, params)
+    fit = _fit_positions(work, err, fit_mask, saturated, px, py, keep, significance, params, hosts)
     del fit_mask
     n_alone = int(keep.sum())
     if len(fit) > n_alone:  # companions found in the residuals (crowded pairs)
@@ -737,8 +747,12 @@ def detect_sources(
     return table
 
 
-def _fit_positions(work, err, fit_mask, saturated, px, py, keep, significance, params):
-    """Step 5: the PRF shape from bright isolated stars, then every kept source's position."""
+def _fit_positions(work, err, fit_mask, saturated, px, py, keep, significance, params, hosts):
+    """Step 5: the PRF shape from bright isolated stars, then every kept source's position.
+
+    ``hosts`` (saturated stars, never kept) are fitted on their unsaturated
+    pixels only to search their residuals for companions.
+    """
     from scipy.spatial import cKDTree
 
     fit_shape = 2 * params.fit_half + 1
@@ -765,8 +779,14 @@ def _fit_positions(work, err, fit_mask, saturated, px, py, keep, significance, p
                 int(good.sum()),
                 *prf_shape,
             )
-            fit = fit_prf(work, err, fit_mask, px[keep], py[keep], prf_shape, fit_shape)
-            return _add_companions(work, err, fit_mask, saturated, fit, prf_shape, params)
+            fit = fit_prf(
+                work, err, fit_mask, px[keep | hosts], py[keep | hosts], prf_shape, fit_shape
+            )
+            fit["host"] = hosts[keep | hosts]
+            fit = _add_companions(work, err, fit_mask, saturated, fit, prf_shape, params)
+            fit = fit[~np.asarray(fit["host"])]
+            del fit["host"]
+            return fit
     log.debug(
         "%d bright isolated stars (S/N >= %s): too few for a PRF shape, Gaussian fits",
         bright.size,
@@ -779,13 +799,18 @@ def _add_companions(work, err, fit_mask, saturated, fit, prf_shape, params):
     """Crowded pairs: a star hidden in a brighter one's peak, found in its fit's residual.
 
     Around each fitted source the residual (data minus its model) is
-    filtered with the detection kernel; where the filtered residual's
-    significance reaches twice ``snr_threshold`` between 1.5 and ``fit half + 2`` px
-    from the source (no masked pixel in the 3x3 around it, no saturated one
-    within ``fit half + 2`` px), a companion is fitted jointly with it (two PRFs, 6
-    parameters, a square 4 px wider).  Returns ``fit`` with the pairs'
-    rows replaced and the companions appended (``significance`` column:
-    the companion's, NaN for the sources fitted alone).
+    filtered with the detection kernel, less the median the bright stars
+    leave at that distance (:func:`_residual_profile`); where its
+    significance -- over the pixel noise and the bright stars' scatter at
+    that distance -- reaches 1.5 times ``snr_threshold`` between 1.5 and
+    ``fit half + 2`` px from the source (no masked pixel in the 3x3 around
+    it; no saturated pixel in the 3x3 nor, but around a saturated ``host``,
+    within twice that box), a companion is fitted jointly with it (two PRFs,
+    6 parameters, a square 4 px wider).  Rows of ``fit`` with ``host`` true
+    are saturated stars fitted on their unsaturated pixels: searched, never
+    kept.  Returns ``fit`` with the pairs' rows replaced and the companions
+    appended (``companion_snr`` column: the companion's, NaN for the
+    sources fitted alone).
     """
     from scipy.ndimage import correlate1d
 
@@ -807,14 +832,24 @@ def _add_companions(work, err, fit_mask, saturated, fit, prf_shape, params):
     )
     with np.errstate(divide="ignore"):
         sigma = np.where(weight > 0, 1.0 / weight, np.inf)
-    # the PRF model's own error (its core and the Airy rings it leaves out) counts as noise
-    model_error = model + _COMPANION_RING_ERROR * unit[:, 0, None, None]
-    sigma = np.hypot(sigma, _COMPANION_MODEL_ERROR * model_error)
-    signif = filtered / (np.sum(kernel**2) * sigma)
     box = np.arange(n) - half
     dist = np.hypot(
         box[None, None, :] - unit[:, 1, None, None], box[None, :, None] - unit[:, 2, None, None]
     )
+    flux = unit[:, 0, None, None]
+    host = np.asarray(fit["host"])[ok]
+    profile = _residual_profile(filtered / flux, dist, model * weight, weight, host)
+    if profile is not None:  # the PRF's error (Airy rings), measured on the bright stars
+        median, scatter = profile
+        rbin = np.minimum((dist / _PROFILE_BIN).astype(int), median.size - 1)
+        signif = (filtered - flux * median[rbin]) / np.hypot(
+            np.sum(kernel**2) * sigma, flux * scatter[rbin]
+        )
+    else:
+        # the PRF model's own error (its core and the Airy rings it leaves out) counts as noise
+        model_error = model + _COMPANION_RING_ERROR * flux
+        sigma = np.hypot(sigma, _COMPANION_MODEL_ERROR * model_error)
+        signif = filtered / (np.sum(kernel**2) * sigma)
     signif[(dist < 1.5) | (dist > half)] = -np.inf
     best = signif.reshape(ok.size, -1).argmax(axis=1)
     best_snr = signif.reshape(ok.size, -1)[np.arange(ok.size), best]
@@ -826,11 +861,20 @@ def _add_companions(work, err, fit_mask, saturated, fit, prf_shape, params):
     if has.size == 0:
         return fit
     cy, cx = by[has], bx[has]
-    if saturated is not None:  # as for the peaks: nothing near a saturated pixel
-        near = _windows(saturated, px[has] + cx - half, py[has] + cy - half, params.fit_half + 2)
-        has, cy, cx = (v[~near.any(axis=(1, 2))] for v in (has, cy, cx))
-        if has.size == 0:
-            return fit
+
+    def near_saturated(x, y, rows):
+        """A saturated pixel in the 3x3 box or, but for a saturated host's companion, within
+        twice the residual box's half-size (the unfitted wings of a saturated star)."""
+        if saturated is None:
+            return np.zeros(x.size, bool)
+        core = _windows(saturated, x, y, 1, False).any(axis=(1, 2))
+        wide = _windows(saturated, x, y, 2 * half, False).any(axis=(1, 2))
+        return core | (wide & ~host[rows])
+
+    near = near_saturated(px[has] + cx - half, py[has] + cy - half, has)
+    has, cy, cx = (v[~near] for v in (has, cy, cx))
+    if has.size == 0:
+        return fit
     start = np.column_stack(
         [unit[has], np.maximum(3.0 * resid[has, cy, cx], 1.0), cx - half, cy - half]
     )
@@ -852,9 +896,7 @@ def _add_companions(work, err, fit_mask, saturated, fit, prf_shape, params):
     fx = np.rint(px[has] + pars[:, 4]).astype(int)
     fy = np.rint(py[has] + pars[:, 5]).astype(int)
     stayed = np.hypot(pars[:, 4] - (cx - half), pars[:, 5] - (cy - half)) < 1.0
-    clean = ~_windows(fit_mask, fx, fy, 1, True).any(axis=(1, 2))
-    if saturated is not None:
-        clean &= ~_windows(saturated, fx, fy, params.fit_half + 2, False).any(axis=(1, 2))
+    clean = ~_windows(fit_mask, fx, fy, 1, True).any(axis=(1, 2)) & ~near_saturated(fx, fy, has)
     good = conv & inside & apart & stayed & clean
     rows = ok[has[good]]
     fit["x_fit"][rows] = px[has[good]] + pars[good, 1]
@@ -868,12 +910,40 @@ def _add_companions(work, err, fit_mask, saturated, fit, prf_shape, params):
             "converged": np.ones(good.sum(), bool),
             "at_bound": np.zeros(good.sum(), bool),
             "companion_snr": best_snr[has[good]],
+            "host": np.zeros(good.sum(), bool),
         }
     )
     log.debug("%d companions found in fit residuals", len(extra))
     from astropy.table import vstack
 
     return vstack([fit, extra])
+
+
+def _residual_profile(filtered, dist, snr_map, weight, host):
+    """The PRF model's error, measured: the filtered residual of bright stars by distance.
+
+    ``filtered`` is the filtered residual per unit flux ``(N, n, n)``, ``dist``
+    each pixel's distance from the fitted centre, ``snr_map`` the model over
+    the noise.  Over the sources (not ``host``) whose model peaks at S/N
+    >= 50, the median (what the PRF systematically leaves, e.g. Airy rings)
+    and the scatter (1.4826 MAD: pixel phase, noise) in ``_PROFILE_BIN``-px
+    rings; medians are robust to the few pairs among them.  ``None`` with
+    fewer than ``_SHAPE_MIN_STARS`` such sources.
+    """
+    bright = ~host & (snr_map.max(axis=(1, 2)) >= _SHAPE_MIN_SNR)
+    if bright.sum() < _SHAPE_MIN_STARS:
+        return None
+    rbin = (dist[bright] / _PROFILE_BIN).astype(int)
+    valid = weight[bright] > 0
+    median, scatter = np.zeros(int(rbin.max()) + 1), np.zeros(int(rbin.max()) + 1)
+    for b in range(median.size):
+        v = filtered[bright][(rbin == b) & valid]
+        if v.size < _PROFILE_MIN_PIXELS:  # (bin 0 is always full: dist < 1 is 4+ px a star)
+            median[b], scatter[b] = median[b - 1], scatter[b - 1]
+            continue
+        median[b] = np.median(v)
+        scatter[b] = 1.4826 * np.median(np.abs(v - median[b]))
+    return median, scatter
 
 
 def _drop_duplicates(x, y, peak, significance, radius):
