@@ -81,8 +81,9 @@ def schemas_parsed_once() -> Iterator[None]:
     Roman L2 model about 80 parses per file, 40 % of the time of writing it.  Here
     the loader asdf makes for each resolver (``asdf.schema._make_schema_loader``)
     keeps what it parsed for the next file.  The schemas, the validation and the
-    files written are unchanged: only the repeated parsing is saved.  Where asdf has
-    no such loader (another asdf version) this does nothing.
+    files written are unchanged: only the repeated parsing is saved (asdf 4's loader
+    takes a URL resolver: what it parsed is kept per resolver).  Where asdf has no
+    such loader (another asdf version) this does nothing.
     """
     make_loader = getattr(asdf.schema, "_make_schema_loader", None)
     if make_loader is None:
@@ -92,13 +93,14 @@ def schemas_parsed_once() -> Iterator[None]:
     def change():
         parsed: dict = {}
 
-        def make_loader_once():
-            load = make_loader()
+        def make_loader_once(*args):  # asdf 4 passes its URL resolver, asdf 5 nothing
+            load = make_loader(*args)
 
             def load_once(url):
-                found = parsed.get(url)
+                key = (*args, url)
+                found = parsed.get(key)
                 if found is None:
-                    found = parsed[url] = load(url)
+                    found = parsed[key] = load(url)
                 return found
 
             return load_once
