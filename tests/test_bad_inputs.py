@@ -21,7 +21,7 @@ import asdf
 import numpy as np
 import pytest
 from astropy.table import Table
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import bad_factory as bf
@@ -534,6 +534,8 @@ def test_service_answer_text_value(body, row, column):
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.binary(max_size=300) | st.text(alphabet="ra,dec\n#0123456789.-e x", max_size=200)
        .map(str.encode))
+@example(b"\r\x00")  # a carriage return and NUL: the csv module's own error, once raw
+@example(b"ra,dec\r\x00\n1,2")
 def test_service_answers_of_any_bytes_give_a_catalog_or_a_named_error(answer):
     try:
         out = parse_service_csv(answer, "svc")

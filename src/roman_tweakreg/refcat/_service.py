@@ -224,6 +224,10 @@ def _parse_csv(body: bytes, what: str) -> dict[str, np.ndarray]:
         header = [h.strip() for h in next(csv.reader([header_line.decode("utf-8")]))]
     except (UnicodeDecodeError, StopIteration) as err:
         raise ReferenceCatalogError(f"{what}: the CSV header is not UTF-8 text: {err}") from err
+    except csv.Error as err:  # e.g. a lone carriage return or NUL in the header line
+        raise ReferenceCatalogError(
+            f"{what}: the CSV header cannot be read ({err}): {_snippet(header_line)}"
+        ) from err
     lower = {h.lower(): h for h in header}
     missing = [c for c in ("ra", "dec") if c not in lower]
     if missing:
