@@ -354,6 +354,9 @@ def summarize(runs: list[dict], truths: dict) -> dict:
         "peak_rss_workers_mb": statistics.median(r.get("peak_rss_workers_mb", 0.0) for r in runs),
         "max_error_mas": max(errors.values()) if errors else None,
         "median_error_mas": statistics.median(errors.values()) if errors else None,
+        # SKIPPED images keep their input WCS (e.g. no sources in the simulated field)
+        "max_error_complete_mas": max(
+            (e for n, e in errors.items() if first["status"].get(n) == "COMPLETE"), default=None),
         "images_without_wcs": missing,
         "status_counts": {s: list(first["status"].values()).count(s)
                           for s in sorted(set(first["status"].values()))},
