@@ -109,6 +109,18 @@ def outputs(folder):
     return sorted(folder.glob("*_tweakregstep.asdf"))
 
 
+def assert_same_outputs(batch_folder, alone_folder, n: int = 4) -> list:
+    """The batch's outputs are the step alone's: same names, COMPLETE, WCS to 1e-6 mas."""
+    batch_files, alone_files = outputs(batch_folder), outputs(alone_folder)
+    assert [p.name for p in batch_files] == [p.name for p in alone_files]
+    assert len(batch_files) == n
+    for b, a in zip(batch_files, alone_files, strict=True):
+        (wb, sb), (wa, sa) = wcs_of(b), wcs_of(a)
+        assert sb == sa == "COMPLETE"
+        assert simulate.wcs_difference_mas(wb, wa) < 1e-6
+    return list(zip(batch_files, alone_files, strict=True))
+
+
 @pytest.fixture(scope="module")
 def first_batch(data, client, tmp_path_factory):
     """The batch over the list file (a1, a2, bad) with a local Gaia file: folder and table."""
@@ -163,13 +175,7 @@ def test_batch_equals_the_step_alone_and_a_bad_association_fails(
             save_results=True,
             processes=1,
         )
-        batch_files, alone_files = outputs(out / name), outputs(alone)
-        assert [p.name for p in batch_files] == [p.name for p in alone_files]
-        assert len(batch_files) == 4
-        for b, a in zip(batch_files, alone_files, strict=True):
-            (wb, sb), (wa, sa) = wcs_of(b), wcs_of(a)
-            assert sb == sa == "COMPLETE"
-            assert simulate.wcs_difference_mas(wb, wa) < 1e-6
+        assert_same_outputs(out / name, alone)
 
 
 def test_resume_skips_what_is_done_and_redoes_the_rest(data, client, first_batch, tmp_path):

@@ -15,9 +15,8 @@ import test_batch
 from roman_tweakreg import TweakRegStep
 from roman_tweakreg.batch import CATFILE_NAME, MANIFEST_NAME, align_associations
 from roman_tweakreg.detection import catalog_filename
-from roman_tweakreg.testing import simulate
 from roman_tweakreg.testing.pixels import write_pixel_association
-from test_batch import outputs, wcs_of
+from test_batch import assert_same_outputs
 
 client = test_batch.client  # the LocalCluster of 2 worker processes, one for this module
 
@@ -85,13 +84,7 @@ def test_each_image_without_catalog_is_a_task_and_results_equal_the_step_alone(
         assert len(ours) >= 60
         np.testing.assert_array_equal(ours["x"], theirs["x"])
         np.testing.assert_array_equal(ours["y"], theirs["y"])
-    batch_files, alone_files = outputs(folder), outputs(alone)
-    assert [p.name for p in batch_files] == [p.name for p in alone_files]
-    assert len(batch_files) == 4
-    for b, a in zip(batch_files, alone_files, strict=True):
-        (wb, sb), (wa, sa) = wcs_of(b), wcs_of(a)
-        assert sb == sa == "COMPLETE"
-        assert simulate.wcs_difference_mas(wb, wa) < 1e-6
+    for b, a in assert_same_outputs(folder, alone):
         with rdm.open(b) as mb, rdm.open(a) as ma:
             used_b, used_a = mb.meta.get("tweakreg_catalog"), ma.meta.get("tweakreg_catalog")
         if used_a is None:  # the image's own catalog: not assigned, as alone
