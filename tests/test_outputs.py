@@ -89,3 +89,39 @@ def test_an_output_failing_in_a_worker_is_reported_with_those_written(dataset, t
     assert report["outputs"]["written"] == 2
     assert [i["output"] is not None for i in report["images"]] == [True, False, True]
     assert np.isfinite(report["timings"]["save"])
+
+
+def _yaml_tree(path) -> list[str]:
+    """The YAML of an ASDF file, without the lines that differ between two writes."""
+    text = path.read_bytes().split(b"\n...\n")[0].decode()
+    skip = ("file_date", "date:", "- !core/extension_metadata", "history")
+    return [line for line in text.splitlines() if not any(s in line for s in skip)]
+
+
+def test_the_wcs_product_is_roman_datamodels_own(dataset, tmp_path):
+    """``wcs_product`` writes the file ``WfiWcsModel.from_model_with_wcs`` writes, without
+    copying the Level 2 WCS, and leaves the model as it was."""
+    from roman_tweakreg.outputs import L1_BORDER, save_model, wcs_product
+
+    _, result = _run(dataset, tmp_path / "out", processes=1)
+    with result:
+        model = result.borrow(0)
+        before = model.meta.wcs(100.0, 200.0)
+        ours, theirs = wcs_product(model), rdm.WfiWcsModel.from_model_with_wcs(model)
+        assert ours.wcs_l2 is model.meta.wcs and ours.wcs_l1 is not model.meta.wcs
+        for folder, product in (("ours", ours), ("theirs", theirs)):
+            (tmp_path / folder).mkdir()
+            save_model(product, tmp_path / folder / "p_wcs.asdf")
+        assert model.meta.wcs(100.0, 200.0) == before
+        assert len(model.meta.wcs.pipeline) == len(theirs.wcs_l2.pipeline)
+        result.shelve(model, 0, modify=False)
+    a, b = (_yaml_tree(tmp_path / folder / "p_wcs.asdf") for folder in ("ours", "theirs"))
+    assert len(a) > 500
+    assert a == b  # the same YAML, anchors included: no more objects shared than theirs
+    with rdm.open(tmp_path / "ours" / "p_wcs.asdf") as product:
+        x, y = 10.0, 20.0
+        sky_l1 = product.wcs_l1(x + L1_BORDER, y + L1_BORDER)
+        np.testing.assert_allclose(sky_l1, product.wcs_l2(x, y), rtol=0, atol=1e-12)
+        l1_box, l2_box = product.wcs_l1.bounding_box, product.wcs_l2.bounding_box
+        for (lo1, hi1), (lo2, hi2) in zip(l1_box, l2_box, strict=True):
+            assert (lo1, hi1 - hi2) == (lo2, 2 * L1_BORDER)

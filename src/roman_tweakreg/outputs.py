@@ -18,16 +18,20 @@ stpipe calls after :meth:`~roman_tweakreg.TweakRegStep.process`) hands its work 
 
 from __future__ import annotations
 
+import copy
 import errno
+import functools
 import logging
 import os
 import tempfile
 from pathlib import Path
 
+from astropy.modeling.models import Shift
 from roman_datamodels import datamodels as rdm
 
 from ._asdf_settings import schemas_parsed_once
 from ._io import write_atomically
+from ._parallel import gc_frozen
 from .errors import OutputError
 
 __all__ = [
@@ -37,6 +41,7 @@ __all__ = [
     "output_path",
     "save_library",
     "save_model",
+    "wcs_product",
 ]
 
 log = logging.getLogger(__name__)
@@ -87,7 +92,10 @@ def save_library(
     files, :func:`roman_tweakreg._asdf_settings.schemas_parsed_once`), so the files
     are written by forked worker processes
     (:class:`roman_tweakreg._parallel.Workers`, as the step's per-image work) while
-    this process keeps the accounts: which outputs exist, and the first error.
+    this process keeps the accounts: which outputs exist, and the first error.  The
+    objects alive when saving begins (the models among them) are kept out of the garbage
+    collector's passes meanwhile (:func:`roman_tweakreg._parallel.gc_frozen`): each
+    full pass would otherwise walk them all, a third of the CPU time of saving.
 
     Parameters
     ----------
@@ -129,7 +137,7 @@ def save_library(
     if step.output_use_model and not output_file:
         check_output_names(library)
     size = max(1, batch or n)
-    with library, schemas_parsed_once():
+    with library, schemas_parsed_once(), gc_frozen():
         for start in range(0, n, size):
             models: dict = {}
             try:
@@ -205,10 +213,53 @@ def _save_one(models: dict, index: int, path: str, wcs_path: str | None):
         log.info("%s: no WCS, no _wcs product", model.meta.filename)
         return path, None
     try:
-        save_model(rdm.WfiWcsModel.from_model_with_wcs(model), wcs_path)
+        save_model(wcs_product(model), wcs_path)
     except OutputError as err:
         return path, str(err)
     return path, None
+
+
+L1_BORDER = 4  #: pixels the Level 1 WCS's frame extends beyond the Level 2 image, per side
+
+
+@functools.cache
+def _product_meta_keys() -> tuple:
+    """The ``meta`` keys of a ``WfiWcsModel`` (its schema's), in schema order."""
+    meta = rdm.WfiWcsModel().get_schema()["properties"]["meta"]
+    return tuple(key for part in meta["allOf"] for key in part["properties"])
+
+
+def wcs_product(model) -> rdm.WfiWcsModel:
+    """The ``_wcs.asdf`` product of an aligned ``model``: its WCS at Level 2 and Level 1.
+
+    The same product as roman_datamodels' ``WfiWcsModel.from_model_with_wcs`` (the
+    romancal format; a test checks the files are the same):
+
+    - ``meta``: a copy of each of the model's ``meta`` entries the product's schema has;
+    - ``wcs_l2``: the model's WCS;
+    - ``wcs_l1``: the same WCS for the Level 1 frame, whose pixels start ``L1_BORDER``
+      earlier on each axis (a shift of the pixel coordinates, and a bounding box
+      ``2 * L1_BORDER`` longer).
+
+    ``wcs_l2`` is the model's own WCS object, not a copy: the product is only written,
+    and a copy of a corrected WCS is a tenth of the time of saving an image.  ``wcs_l1``
+    is a copy (it gets a transform of its own), so the two share no object: the YAML
+    written is the same as roman_datamodels', anchors included.
+    """
+    product = rdm.WfiWcsModel()
+    product.meta = {}
+    for key in _product_meta_keys():
+        if key in model.meta:
+            product.meta[key] = copy.deepcopy(model.meta[key])
+    wcs = model.meta.wcs
+    product.wcs_l2 = wcs
+    l1 = copy.deepcopy(wcs)
+    l1.insert_transform("detector", Shift(-L1_BORDER) & Shift(-L1_BORDER), after=True)
+    box = wcs.bounding_box
+    if box is not None:
+        l1.bounding_box = tuple((lo, hi + 2 * L1_BORDER) for lo, hi in box)
+    product.wcs_l1 = l1
+    return product
 
 
 def check_output_names(library) -> None:
