@@ -313,3 +313,18 @@ def test_one_format_table_names_written_catalogs_and_reads_them_back(fmt, name):
     # what is written under a known ending is read back as the same format
     read_back = table_format(path)
     assert read_back == (fmt if fmt in ("ascii.ecsv", "ascii.csv", "fits", "parquet") else None)
+
+
+def test_the_library_builds_its_read_only_association_once(field):
+    """stpipe's ``asn`` copies the whole association on each access (quadratic over the
+    members); the library's is built once, equal to stpipe's and as read-only."""
+    from stpipe.library import AbstractModelLibrary
+
+    folder, names = field
+    library = open_library(_asn(folder, names, {}))
+    view = library.asn
+    assert library.asn is view
+    assert view == AbstractModelLibrary.asn.fget(library)
+    assert [m["expname"] for m in view["products"][0]["members"]] == names
+    with pytest.raises(TypeError):
+        view["products"][0]["members"][0]["expname"] = "other.asdf"

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-__all__ = ["Workers", "gc_frozen", "usable_cores"]
+__all__ = ["Workers", "gc_frozen", "gc_refreeze", "usable_cores"]
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +119,18 @@ def gc_frozen():
     """
     with _FREEZE.held():
         yield
+
+
+def gc_refreeze() -> None:
+    """Inside :func:`gc_frozen`, keep the objects made since it began out of the passes too.
+
+    For a loop that builds long-lived objects one after another (the step opening
+    each model): without it, every full pass walks all the models opened so far, a
+    quarter of the time of opening 540 of them.  Cyclic garbage made before the call
+    is kept too, until the outermost block ends (about 10 MB at 540 models).  Does
+    nothing outside a block, or when the freeze is not the package's.
+    """
+    _FREEZE.refreeze()
 
 
 def _init_worker(context, parent: int, watch_read: int, watch_write: int) -> None:

@@ -32,7 +32,7 @@ from roman_datamodels.dqflags import pixel as _dqflags
 
 from ._io import read_parquet
 from ._meta import exposure_epoch, meta_get
-from ._parallel import Workers
+from ._parallel import Workers, gc_refreeze
 from .detection import DetectionJob
 from .errors import CatalogError, MissingCatalogError
 from .geometry import bounding_box_of
@@ -528,6 +528,7 @@ def collect(library, *, processes: int = 1, **options) -> tuple[TangentPlane, di
     images, projections = [], []
     try:
         for index, image, source in members(library, **options):
+            gc_refreeze()  # the models opened so far: out of the collector's passes
             if image is None:
                 skipped[index] = source
                 continue
