@@ -95,7 +95,8 @@ def save_library(
     this process keeps the accounts: which outputs exist, and the first error.  The
     objects alive when saving begins (the models among them) are kept out of the garbage
     collector's passes meanwhile (:func:`roman_tweakreg._parallel.gc_frozen`): each
-    full pass would otherwise walk them all, a third of the CPU time of saving.
+    full pass would otherwise walk them all (36 images, ``processes=1``: 1.37 s of
+    11.5 s of CPU in collections, 0.52 s with the hold).
 
     Parameters
     ----------
