@@ -56,6 +56,41 @@ def test_submit_brings_back_logs_and_errors(no_other_threads, caplog):
     assert sum(m.startswith("job 3 in") for m in logged) == 1  # logged once, not per result()
 
 
+def _wait_for(context, path):
+    """A job that runs until ``path`` exists (at most 60 s); returns its pid."""
+    import time
+
+    end = time.monotonic() + 60
+    while not os.path.exists(path) and time.monotonic() < end:
+        time.sleep(0.01)
+    return os.getpid()
+
+
+def test_the_last_jobs_stay_here_unless_a_worker_is_free(no_other_threads, tmp_path):
+    """``left``: a worker gets a job only while fewer than ``left + 1`` (and ``depth``
+    per worker) are waiting, so this process is not left idle waiting for its queue."""
+    go = str(tmp_path / "go")
+    with Workers(2, context=1, depth=2) as workers:
+        busy = workers.submit(_wait_for, go, left=5)  # the worker is free: it takes it
+        assert hasattr(busy, "remote")
+        queued = workers.submit(_wait_for, go, left=5)  # 1 waiting < min(2, 6)
+        assert hasattr(queued, "remote")
+        full = workers.submit(_job, 1, left=5)  # 2 waiting: depth reached, runs here
+        assert full.result()[0] == PARENT
+        (tmp_path / "go").touch()
+        assert {busy.result(), queued.result()} != {PARENT}
+    with Workers(2, context=1, depth=4) as workers:
+        (tmp_path / "go").unlink()
+        busy = workers.submit(_wait_for, go, left=1)  # nothing waiting: the worker's
+        assert hasattr(busy, "remote")
+        last = workers.submit(_job, 2, left=0)  # the last job: 1 waiting, it stays here
+        assert last.result()[0] == PARENT
+        second_last = workers.submit(_job, 4, left=1)  # 1 waiting < min(4, 2): worker
+        assert hasattr(second_last, "remote")
+        (tmp_path / "go").touch()
+        assert busy.result() != PARENT and second_last.result()[0] != PARENT
+
+
 def test_a_dead_worker_s_job_is_done_here(no_other_threads, caplog):
     with Workers(2, context=100) as workers:
         jobs = [workers.submit(_dies_in_worker, x) for x in range(3)]

@@ -173,10 +173,12 @@ def _save_batch(models: dict, jobs: list, processes: int, written: list, errors:
     from ._parallel import Workers
 
     submitted = []
-    with Workers(processes if len(jobs) > 1 else 1, models) as workers:
+    # jobs of one size, run here too: two waiting keep a worker busy, and the last
+    # ones stay here, so that this process and the workers finish together
+    with Workers(processes if len(jobs) > 1 else 1, models, depth=2) as workers:
         try:
-            for job in jobs:
-                future = workers.submit(_save_one, *job)
+            for k, job in enumerate(jobs):
+                future = workers.submit(_save_one, *job, left=len(jobs) - 1 - k)
                 submitted.append((job[0], future))
                 if _succeeded(future) and future.result()[1]:
                     break  # failed here: no more files after an error (the others may run)
