@@ -107,12 +107,14 @@ def test_the_wcs_product_is_roman_datamodels_own(dataset, tmp_path):
     with result:
         model = result.borrow(0)
         before = model.meta.wcs(100.0, 200.0)
+        name, date = model.meta.filename, model.meta.file_date
         ours, theirs = wcs_product(model), rdm.WfiWcsModel.from_model_with_wcs(model)
         assert ours.wcs_l2 is model.meta.wcs and ours.wcs_l1 is not model.meta.wcs
         for folder, product in (("ours", ours), ("theirs", theirs)):
             (tmp_path / folder).mkdir()
             save_model(product, tmp_path / folder / "p_wcs.asdf")
         assert model.meta.wcs(100.0, 200.0) == before
+        assert (model.meta.filename, model.meta.file_date) == (name, date)  # not the product's
         assert len(model.meta.wcs.pipeline) == len(theirs.wcs_l2.pipeline)
         result.shelve(model, 0, modify=False)
     a, b = (_yaml_tree(tmp_path / folder / "p_wcs.asdf") for folder in ("ours", "theirs"))

@@ -238,22 +238,23 @@ def wcs_product(model) -> rdm.WfiWcsModel:
     The same product as roman_datamodels' ``WfiWcsModel.from_model_with_wcs`` (the
     romancal format; a test checks the files are the same):
 
-    - ``meta``: a copy of each of the model's ``meta`` entries the product's schema has;
+    - ``meta``: each of the model's ``meta`` entries the product's schema has;
     - ``wcs_l2``: the model's WCS;
     - ``wcs_l1``: the same WCS for the Level 1 frame, whose pixels start ``L1_BORDER``
       earlier on each axis (a shift of the pixel coordinates, and a bounding box
       ``2 * L1_BORDER`` longer).
 
-    ``wcs_l2`` is the model's own WCS object, not a copy: the product is only written,
-    and a copy of a corrected WCS is a tenth of the time of saving an image.  ``wcs_l1``
-    is a copy (it gets a transform of its own), so the two share no object: the YAML
+    ``wcs_l2`` and the ``meta`` entries are the model's own objects, not copies: the
+    product is only written (and the model's file is written apart from it), and a
+    copy of a corrected WCS is a tenth of the time of saving an image.  ``wcs_l1`` is
+    a copy (it gets a transform of its own), so the two share no object: the YAML
     written is the same as roman_datamodels', anchors included.
     """
     product = rdm.WfiWcsModel()
     product.meta = {}
     for key in _product_meta_keys():
         if key in model.meta:
-            product.meta[key] = copy.deepcopy(model.meta[key])
+            product.meta[key] = model.meta[key]
     wcs = model.meta.wcs
     product.wcs_l2 = wcs
     l1 = copy.deepcopy(wcs)
