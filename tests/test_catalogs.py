@@ -328,3 +328,27 @@ def test_the_library_builds_its_read_only_association_once(field):
     assert [m["expname"] for m in view["products"][0]["members"]] == names
     with pytest.raises(TypeError):
         view["products"][0]["members"][0]["expname"] = "other.asdf"
+
+
+def test_the_association_is_read_once_whatever_the_library(field, monkeypatch):
+    """A library whose ``asn`` copies the whole association on each access (stpipe's,
+    as romancal's ``ModelLibrary`` has it) is read once per run, not once per member:
+    the cost stays linear in the members; every image still gets its own catalog."""
+    from stpipe.library import AbstractModelLibrary
+
+    from roman_tweakreg.catalogs import members
+
+    folder, names = field
+    attrs = {n: {"tweakreg_catalog": n.removesuffix(".asdf") + "_asn.ecsv"} for n in names}
+    library = open_library(_asn(folder, names, attrs))
+    reads = []
+
+    def stpipe_asn(self):
+        reads.append(1)
+        return AbstractModelLibrary.asn.fget(self)
+
+    monkeypatch.setattr(type(library), "asn", property(stpipe_asn))
+    found = list(members(library, use_custom_catalogs=True))
+    assert len(reads) == 1
+    assert [image.name for _, image, _ in found] == names
+    assert [len(Table.read(source.resolve())) for _, _, source in found] == [22, 22]

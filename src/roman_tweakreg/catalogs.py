@@ -36,7 +36,7 @@ from ._parallel import Workers, gc_refreeze
 from .detection import DetectionJob
 from .errors import CatalogError, MissingCatalogError
 from .geometry import bounding_box_of
-from .library import member, member_dir
+from .library import member_dir
 from .plane import TangentPlane, common_plane, project
 
 if TYPE_CHECKING:
@@ -422,12 +422,14 @@ def load_catalog(source: CatalogSource, image: str, wcs, catalog_format: str = "
 
 
 def _catalog_source(
-    library, index: int, model, use_custom: bool, catfile_entries: dict | None
+    library, index: int, attributes: dict, model, use_custom: bool, catfile_entries: dict | None
 ) -> CatalogSource | None:
-    """Pick the catalog source of one image by the precedence in the module docstring."""
-    model_dir = member_dir(library, index)
+    """Pick the catalog source of one image by the precedence in the module docstring.
+
+    ``attributes``: the image's association entry.
+    """
+    model_dir = member_dir(library, index, attributes)
     name = Path(str(model.meta.filename or "")).name
-    attributes = member(library, index)
     if use_custom:
         if catfile_entries is not None:
             if name in catfile_entries:
@@ -480,10 +482,11 @@ def _detect(
     return CatalogSource(job, "detection", ())
 
 
-def _image_file(library, index: int) -> str | None:
-    """The file model ``index`` is read from (None for a model given in memory)."""
-    expname = member(library, index).get("expname")
-    folder = member_dir(library, index)
+def _image_file(library, index: int, entry: dict) -> str | None:
+    """The file model ``index`` (association entry ``entry``) is read from (None for a
+    model given in memory)."""
+    expname = entry.get("expname")
+    folder = member_dir(library, index, entry)
     if not expname or folder is None:
         return None
     path = folder / Path(str(expname)).name
@@ -582,7 +585,7 @@ def members(
     out.  Parameters and errors are those of :func:`collect`.
     """
     entries = read_catfile(catfile) if (use_custom_catalogs and catfile) else None
-    asn_members = library.asn["products"][0]["members"]
+    asn_members = library.asn["products"][0]["members"]  # read once: stpipe copies it per read
     if (
         use_custom_catalogs
         and entries is None
@@ -605,7 +608,9 @@ def members(
                     log.log(level, "%s: skipped, %s", name, reason)
                     item = (index, None, reason)
                 else:
-                    source = _catalog_source(library, index, model, use_custom_catalogs, entries)
+                    source = _catalog_source(
+                        library, index, asn_members[index], model, use_custom_catalogs, entries
+                    )
                     if source is None or source.value is None:
                         where = (
                             source.origin
@@ -622,7 +627,7 @@ def members(
                             detection,
                             catalog_path,
                             catalog_format,
-                            _image_file(library, index),
+                            _image_file(library, index, asn_members[index]),
                         )
                     image = ImageCatalog(
                         index=index,

@@ -177,14 +177,16 @@ def member(library: AbstractModelLibrary, index: int) -> dict:
     return dict(library.asn["products"][0]["members"][index])
 
 
-def member_dir(library: AbstractModelLibrary, index: int) -> Path | None:
+def member_dir(library: AbstractModelLibrary, index: int, entry: dict | None = None) -> Path | None:
     """The folder of member ``index``'s file, when the library says where it is; else None.
 
     For libraries of this package the association folder is known; for any other
     library (e.g. romancal's) only an absolute ``expname`` tells, since stpipe's
-    public protocol does not give the association's folder.
+    public protocol does not give the association's folder.  ``entry``: the member's
+    association entry, when the caller has read it (stpipe's ``asn`` copies the whole
+    association on each access: read per member, that is quadratic in the members).
     """
-    expname = member(library, index).get("expname")
+    expname = (member(library, index) if entry is None else entry).get("expname")
     if isinstance(library, ModelLibrary):
         directory = library.asn_dir
         if directory is None or not expname:
