@@ -109,7 +109,8 @@ def test_the_wcs_product_is_roman_datamodels_own(dataset, tmp_path):
         before = model.meta.wcs(100.0, 200.0)
         name, date = model.meta.filename, model.meta.file_date
         ours, theirs = wcs_product(model), rdm.WfiWcsModel.from_model_with_wcs(model)
-        assert ours.wcs_l2 is model.meta.wcs and ours.wcs_l1 is not model.meta.wcs
+        assert ours.wcs_l2 is model.meta.wcs
+        assert ours.wcs_l1 is not model.meta.wcs
         for folder, product in (("ours", ours), ("theirs", theirs)):
             (tmp_path / folder).mkdir()
             save_model(product, tmp_path / folder / "p_wcs.asdf")

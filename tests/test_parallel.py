@@ -88,7 +88,8 @@ def test_the_last_jobs_stay_here_unless_a_worker_is_free(no_other_threads, tmp_p
         second_last = workers.submit(_job, 4, left=1)  # 1 waiting < min(4, 2): worker
         assert hasattr(second_last, "remote")
         (tmp_path / "go").touch()
-        assert busy.result() != PARENT and second_last.result()[0] != PARENT
+        assert busy.result() != PARENT
+        assert second_last.result()[0] != PARENT
 
 
 def test_a_dead_worker_s_job_is_done_here(no_other_threads, caplog):

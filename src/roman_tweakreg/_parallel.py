@@ -14,8 +14,8 @@ process is slow (opening files) the workers take nearly everything, when it is f
 (models in memory) it does its share.  When the caller says how many jobs are still
 to come (``submit(..., left=n)``), the last ones stay here unless a worker is free,
 so that this process does not wait idle for the workers' queue at the end (saving
-36 images: 1.1 s of 5.7 s with four waiting).  Log records a job emits in a worker are sent back and logged here,
-so the step's log is the same either way.
+36 images: 1.1 s of 5.7 s with four waiting).  Log records a job emits in a worker are
+sent back and logged here, so the step's log is the same either way.
 
 Faults.  A worker that dies (killed, out of memory) takes no job with it: the jobs it
 had are done again in this process and the broken pool is replaced by a new one (once
