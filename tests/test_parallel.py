@@ -78,7 +78,8 @@ def test_the_last_jobs_stay_here_unless_a_worker_is_free(no_other_threads, tmp_p
         full = workers.submit(_job, 1, left=5)  # 2 waiting: depth reached, runs here
         assert full.result()[0] == PARENT
         (tmp_path / "go").touch()
-        assert {busy.result(), queued.result()} != {PARENT}
+        assert busy.result() != PARENT
+        assert queued.result() != PARENT
     with Workers(2, context=1, depth=4) as workers:
         (tmp_path / "go").unlink()
         busy = workers.submit(_wait_for, go, left=1)  # nothing waiting: the worker's
