@@ -112,3 +112,31 @@ def test_settings_restored_after_an_error(models, tmp_path):
     with pytest.raises(ValidationError), schemas_parsed_once():
         _save(model, tmp_path / "bad.asdf")
     assert asdf.schema._make_schema_loader is loader
+
+
+def test_schemas_parsed_once_shares_resolver_caches_not_resolvers(models, tmp_path):
+    """Each file's validation gets a new resolver, with the first one's caches."""
+    make = asdf.schema._make_jsonschema_refresolver
+    made, misses = [], []
+    with schemas_parsed_once():
+        sharing = asdf.schema._make_jsonschema_refresolver
+        assert sharing is not make
+        asdf.schema._make_jsonschema_refresolver = lambda *a: made.append(sharing(*a)) or made[-1]
+        try:
+            for i, m in enumerate(models):
+                _save(m, tmp_path / f"shared{i}.asdf")
+                info = made[0]._urljoin_cache.cache_info(), made[0]._remote_cache.cache_info()
+                misses.append((info[0].misses, info[1].misses))
+        finally:
+            asdf.schema._make_jsonschema_refresolver = sharing
+    assert asdf.schema._make_jsonschema_refresolver is make  # restored
+    assert len(made) == len({id(r) for r in made}) >= len(models)  # a new one per file
+    assert len({id(r._urljoin_cache) for r in made}) == 1  # one cache for all
+    assert len({id(r._remote_cache) for r in made}) == 1
+    assert misses[0][0] > 50  # the first file fills them ...
+    assert misses[0][1] > 10
+    assert misses[1:] == [misses[0]] * (len(models) - 1)  # ... the next ones only find
+    assert all(r.resolution_scope == "" for r in made)  # every scope back at its base
+    for i in range(len(models)):
+        _save(models[i], tmp_path / f"plain{i}.asdf")
+        assert _tree(tmp_path / f"shared{i}.asdf") == _tree(tmp_path / f"plain{i}.asdf")
