@@ -88,8 +88,9 @@ def save_library(
     """Save every model of ``library`` and its ``_wcs.asdf`` product.
 
     Writing a file is mostly asdf's schema validation of its tree (twice per image:
-    the model and its WCS product; the schemas it refers to are parsed once for all
-    files, :func:`roman_tweakreg._asdf_settings.schemas_parsed_once`), so the files
+    the model and its WCS product; the schemas it refers to are parsed, and their
+    references resolved, once for all files,
+    :func:`roman_tweakreg._asdf_settings.schemas_parsed_once`), so the files
     are written by forked worker processes
     (:class:`roman_tweakreg._parallel.Workers`, as the step's per-image work) while
     this process keeps the accounts: which outputs exist, and the first error.  The
