@@ -74,6 +74,10 @@ def test_schemas_parsed_once_still_validates(models, tmp_path):
         model.meta.instrument.detector = "WFI99"  # an enum of a referenced schema
         with pytest.raises(ValidationError, match="WFI99"):
             _save(model, tmp_path / "bad.asdf")
+        # a failed validation leaves nothing behind for the next file of the same hold
+        _save(models[2], tmp_path / "after.asdf")
+    _save(models[2], tmp_path / "plain.asdf")
+    assert _tree(tmp_path / "after.asdf") == _tree(tmp_path / "plain.asdf")
 
 
 def test_settings_restored_after_last_holder_in_any_order():
