@@ -82,6 +82,7 @@ def test_schemas_parsed_once_still_validates(models, tmp_path):
 
 def test_settings_restored_after_last_holder_in_any_order():
     loader = asdf.schema._make_schema_loader
+    resolver = asdf.schema._make_jsonschema_refresolver
     config = asdf.get_config()
     validate_on_read = config.validate_on_read
     entered, leave = [threading.Event() for _ in range(3)], [threading.Event() for _ in range(3)]
@@ -106,16 +107,19 @@ def test_settings_restored_after_last_holder_in_any_order():
     threads[2].join(10)
     assert seen == [(True, False)] * 3
     assert asdf.schema._make_schema_loader is loader
+    assert asdf.schema._make_jsonschema_refresolver is resolver
     assert config.validate_on_read is validate_on_read
 
 
 def test_settings_restored_after_an_error(models, tmp_path):
     loader = asdf.schema._make_schema_loader
+    resolver = asdf.schema._make_jsonschema_refresolver
     model = models[2].copy()
     model.meta.instrument.detector = "WFI99"
     with pytest.raises(ValidationError), schemas_parsed_once():
         _save(model, tmp_path / "bad.asdf")
     assert asdf.schema._make_schema_loader is loader
+    assert asdf.schema._make_jsonschema_refresolver is resolver
 
 
 def test_schemas_parsed_once_shares_resolver_caches_not_resolvers(models, tmp_path):

@@ -17,6 +17,7 @@ so no change outlives the calls that made it.
 
 from __future__ import annotations
 
+import functools
 import threading
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
@@ -125,7 +126,7 @@ def schemas_parsed_once() -> Iterator[None]:
 
         return undo
 
-    with _held("schema_loader", change):
+    with _held("schemas", change):
         yield
 
 
@@ -139,27 +140,32 @@ def _sharing_caches(make_resolver: Callable) -> Callable:
     jsonschema) is made by asdf each time, as without this.
     """
     lock = threading.Lock()
-    first: dict = {}
+    later: dict = {}  # arguments -> how the later resolvers for them are made
 
     def make(*args):
         with lock:
-            if args not in first:
-                resolver = make_resolver(*args)
-                # its base, read before any use moves its scope
-                first[args] = resolver, resolver.resolution_scope
-                return resolver
-            template, base = first[args]
-        joined = getattr(template, "_urljoin_cache", None)
-        resolved = getattr(template, "_remote_cache", None)
-        if joined is None or resolved is None:
-            return make_resolver(*args)
-        return type(template)(
-            base,
-            template.referrer,
-            cache_remote=template.cache_remote,
-            handlers=template.handlers,
-            urljoin_cache=joined,
-            remote_cache=resolved,
-        )
+            made = later.get(args)
+            if made is None:
+                first = make_resolver(*args)
+                later[args] = _like(first) or functools.partial(make_resolver, *args)
+                return first
+        return made()
 
     return make
+
+
+def _like(first) -> Callable | None:
+    """A maker of new resolvers like ``first``, sharing its caches (None: it has none)."""
+    joined = getattr(first, "_urljoin_cache", None)
+    resolved = getattr(first, "_remote_cache", None)
+    if joined is None or resolved is None:
+        return None
+    return functools.partial(
+        type(first),
+        first.resolution_scope,  # its base: read before any use moves its scope
+        first.referrer,
+        cache_remote=first.cache_remote,
+        handlers=first.handlers,
+        urljoin_cache=joined,
+        remote_cache=resolved,
+    )
