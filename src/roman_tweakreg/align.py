@@ -47,7 +47,7 @@ from .quality import quality
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
 
-    from .catalogs import ImageCatalog
+    from ._types import ImageCatalog
     from .plane import TangentPlane
 
 __all__ = [

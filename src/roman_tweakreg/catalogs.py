@@ -33,6 +33,7 @@ from roman_datamodels.dqflags import pixel as _dqflags
 from ._io import read_parquet
 from ._meta import exposure_epoch, meta_get
 from ._parallel import Workers, gc_refreeze
+from ._types import ImageCatalog
 from .detection import DetectionJob
 from .errors import CatalogError, MissingCatalogError
 from .geometry import bounding_box_of
@@ -41,8 +42,6 @@ from .plane import TangentPlane, common_plane, project
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
-
-    from gwcs import WCS
 
 __all__ = [
     "PIXEL_COLUMNS",
@@ -122,45 +121,6 @@ class CatalogSource:
     def assigned(self) -> bool:
         """Whether the catalog was assigned by the step (catfile, association, detection)."""
         return self.origin.startswith(("catfile", "association", "detection"))
-
-
-@dataclass
-class ImageCatalog:
-    """One image ready for alignment: its sources, WCS and identity.
-
-    Attributes
-    ----------
-    index : int
-        Position of the image in the library.
-    name : str
-        The image's file name (for messages and results).
-    group_id : str
-        Exposure group.
-    catalog : Table or None
-        ``x``, ``y`` (0-indexed pixels) of usable sources; None until read (see
-        :func:`members`).
-    wcs : gwcs.WCS
-        The image's WCS as given.
-    wcsinfo : dict
-        ``v2_ref``, ``v3_ref``, ``roll_ref``.
-    epoch : float or None
-        Decimal year of the exposure start.
-    catalog_name : str
-        Resolved catalog file the step assigned (catfile, association or
-        detection), to be recorded in ``meta.tweakreg_catalog``; '' otherwise.
-    catalog_file : str
-        The catalog file read, whatever named it; '' for an in-memory catalog.
-    """
-
-    index: int
-    name: str
-    group_id: str
-    catalog: Table | None
-    wcs: WCS
-    wcsinfo: dict
-    epoch: float | None
-    catalog_name: str = ""
-    catalog_file: str = ""
 
 
 def read_catfile(path: str | Path) -> dict[str, CatalogSource]:

@@ -3,22 +3,17 @@ bounding box and cones on the sphere.
 
 * :func:`affine` and :func:`affine_hull` apply a fit's correction (``matrix``,
   ``shift``, arcsec in the alignment plane) to positions and footprints;
-* :func:`enclosing_cone` and :func:`footprint_cone` give the cone on the sky that the
-  reference catalog is fetched for (and that :mod:`roman_tweakreg.plots` and the
-  batch planner use).
+* :func:`enclosing_cone` gives the cone on the sky around positions (that of the
+  reference catalog: :func:`roman_tweakreg.plane.footprint_cone`, the plots and the
+  batch planner).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 from shapely.geometry import MultiPoint
 
-if TYPE_CHECKING:
-    from .plane import TangentPlane
-
-__all__ = ["affine", "affine_hull", "bounding_box_of", "enclosing_cone", "footprint_cone"]
+__all__ = ["affine", "affine_hull", "bounding_box_of", "enclosing_cone"]
 
 
 def affine(xy: np.ndarray, fit: dict) -> np.ndarray:
@@ -64,12 +59,3 @@ def enclosing_cone(ra: np.ndarray, dec: np.ndarray) -> tuple[float, float, float
     ra_c = np.rad2deg(np.arctan2(centre[1], centre[0])) % 360.0
     dec_c = np.rad2deg(np.arcsin(centre[2]))
     return float(ra_c), float(dec_c), float(radius)
-
-
-def footprint_cone(plane: TangentPlane) -> tuple[float, float, float]:
-    """Return ``(ra, dec, radius)`` in degrees of a cone covering every image's footprint.
-
-    Footprints include the corrections found so far.
-    """
-    corners = np.vstack([np.asarray(hull.exterior.coords) for hull in plane.hulls])
-    return enclosing_cone(*plane.ref.tanp_to_world(corners[:, 0], corners[:, 1]))

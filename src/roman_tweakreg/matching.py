@@ -23,7 +23,6 @@ step's spec, its checks, :class:`FitParameters` and the docs read them from ther
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
@@ -36,9 +35,9 @@ from tweakwcs.linearfit import (
 from tweakwcs.matchutils import MatchSourceConfusionError, XYXYMatch
 
 from . import parameters
+from ._types import FitParameters, FitResult, Matches, Quality, Status
 from .geometry import affine
-from .quality import Quality, gates
-from .results import Status
+from .quality import gates
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -58,106 +57,6 @@ log = logging.getLogger(__name__)
 #: Minimum matches each fit geometry needs.
 MIN_MATCHES = {"shift": 1, "rshift": 2, "rscale": 2, "general": 3}
 _PIXEL_SCALE = 0.11  # arcsec, WFI; sets the 2D-histogram bin size
-
-
-@dataclass(frozen=True)
-class FitParameters:
-    """Matching and fitting parameters of one alignment phase (arcsec where lengths).
-
-    The fields are :data:`roman_tweakreg.parameters.FIT_NAMES`; their defaults, accepted
-    values and docs are those of the relative fit's parameters there.
-    """
-
-    minobj: int = parameters.default("minobj")
-    searchrad: float = parameters.default("searchrad")
-    use2dhist: bool = parameters.default("use2dhist")
-    separation: float = parameters.default("separation")
-    tolerance: float = parameters.default("tolerance")
-    fitgeometry: str = parameters.default("fitgeometry")
-    nclip: int = parameters.default("nclip")
-    sigma: float = parameters.default("sigma")
-
-    def matcher(self) -> XYXYMatch:
-        """Return tweakwcs's matcher configured with these parameters."""
-        return XYXYMatch(
-            searchrad=self.searchrad,
-            separation=self.separation,
-            use2dhist=self.use2dhist,
-            tolerance=self.tolerance,
-        )
-
-
-@dataclass
-class Matches:
-    """The matched pairs a fit was made of, in the fit's order (alignment plane, arcsec).
-
-    Attributes
-    ----------
-    ref_xy, img_xy : numpy.ndarray
-        Reference and image positions of the pairs (N x 2), before the fit.
-    source : numpy.ndarray
-        Index of each pair's image source among the image positions of its search
-        (those of its exposure group, :meth:`~roman_tweakreg.plane.TangentPlane.group_xy`).
-    image : numpy.ndarray
-        Plane index (:attr:`~roman_tweakreg.plane.TangentPlane.images`) of the image each
-        pair's source is from.
-    """
-
-    ref_xy: np.ndarray
-    img_xy: np.ndarray
-    source: np.ndarray
-    image: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.img_xy)
-
-    def per_image(self) -> dict[int, int]:
-        """Plane index -> pairs of that image's own sources (images without pairs left out)."""
-        images, counts = np.unique(self.image, return_counts=True)
-        return {int(i): int(c) for i, c in zip(images, counts, strict=True)}
-
-    def part(self, start: int, stop: int) -> Matches:
-        """The pairs ``start:stop`` (those of one exposure group in an absolute fit)."""
-        cut = slice(start, stop)
-        return Matches(self.ref_xy[cut], self.img_xy[cut], self.source[cut], self.image[cut])
-
-
-@dataclass
-class FitResult:
-    """Outcome of one fit (one alignment phase) for one group of images.
-
-    ``status`` (a :class:`~roman_tweakreg.results.Status`) is ``SUCCESS`` (correction
-    applied), ``REFERENCE`` (the group the others were aligned to), ``FAILED`` (nothing
-    applied; ``reason`` says why) or ``SKIPPED`` (not attempted; ``reason`` says why);
-    a plain string is turned into it.  ``nmatches`` counts the pairs ``matches`` the fit
-    was made of, ``quality`` says how sure the fit is (see
-    :func:`~roman_tweakreg.quality.quality`).  An absolute fit of several exposure groups
-    (one correction for all) has each group's own view of it in ``groups`` (see
-    :func:`~roman_tweakreg.align.group_results`).
-    """
-
-    status: Status
-    reason: str = ""
-    fit: dict = field(default_factory=dict)
-    nmatches: int = 0
-    group_id: str | None = None
-    refcat: str = ""
-    quality: Quality | None = None
-    matches: Matches | None = field(default=None, repr=False)
-    groups: dict[str, FitResult] = field(default_factory=dict, repr=False)
-
-    def __post_init__(self):
-        self.status = Status(self.status)
-
-    @property
-    def applied(self) -> bool:
-        """Whether this fit changed the WCS."""
-        return self.status is Status.SUCCESS
-
-    @property
-    def image_nmatches(self) -> dict[int, int]:
-        """Plane index -> pairs of that image's own sources; they sum to ``nmatches``."""
-        return {} if self.matches is None else self.matches.per_image()
 
 
 def unique_pairs(ref_idx: np.ndarray, img_idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

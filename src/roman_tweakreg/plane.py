@@ -22,17 +22,18 @@ from tweakwcs import RomanWCSCorrector
 from tweakwcs.linearfit import fit_general
 
 from ._parallel import Workers
-from .geometry import affine, affine_hull, bounding_box_of
+from .geometry import affine, affine_hull, bounding_box_of, enclosing_cone
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-    from .catalogs import ImageCatalog
+    from ._types import ImageCatalog
 
 __all__ = [
     "TangentPlane",
     "common_plane",
     "corrected_sky_part",
+    "footprint_cone",
     "plane_of",
     "project",
     "sky_part",
@@ -209,3 +210,12 @@ def project(ref, wcs, x, y) -> tuple[np.ndarray, np.ndarray]:
     if bbox is None:
         return xy, xy
     return xy[:-8], xy[-8:]
+
+
+def footprint_cone(plane: TangentPlane) -> tuple[float, float, float]:
+    """Return ``(ra, dec, radius)`` in degrees of a cone covering every image's footprint.
+
+    Footprints include the corrections found so far.
+    """
+    corners = np.vstack([np.asarray(hull.exterior.coords) for hull in plane.hulls])
+    return enclosing_cone(*plane.ref.tanp_to_world(corners[:, 0], corners[:, 1]))

@@ -7,7 +7,6 @@ docs/algorithm.rst for the derivation of the gates and their thresholds).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -15,12 +14,13 @@ import shapely
 from scipy.stats import norm, poisson
 from shapely.geometry import MultiPoint
 
+from ._types import Quality
 from .geometry import affine
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-    from .matching import FitParameters
+    from ._types import FitParameters
 
 __all__ = [
     "CHANCE_MARGIN",
@@ -43,74 +43,6 @@ RMSE_OVER_NOISE = 3.0
 RMSE_OVER_TOLERANCE = 0.25
 #: Largest footprint fraction the matches' hull may be required to cover.
 SPREAD_CAP = 0.25
-
-
-@dataclass(frozen=True)
-class Quality:
-    """How sure a fit is: what chance would give and what the fit got.
-
-    Lengths are arcsec, areas square arcsec, in the alignment plane.
-
-    Attributes
-    ----------
-    nmatches : int
-        One-to-one pairs within the tolerance (before the fit's clipping).
-    nkept : int
-        Pairs the fit kept (after clipping).
-    n_image, n_reference : int
-        Image and reference sources in the overlap.
-    overlap_area : float
-        Area of the footprint the pairs should cover: the overlap of the reference
-        footprint with the group's grown by ``searchrad + tolerance`` (relative) or
-        the images' footprint (absolute).
-    expected_chance : float
-        Pairs expected within the tolerance by chance for these densities:
-        ``n_image * n_reference * pi * tolerance**2 / overlap area``, summed over
-        separate matches (the exposure groups of an absolute fit).
-    trials : float
-        Independent offsets the offset search tried (look-elsewhere factor):
-        ``((searchrad + tolerance) / tolerance)**2`` with the 2D histogram, else 1;
-        to the power of the number of separate matches.
-    false_alarm : float
-        Probability that chance alone gives ``nmatches`` pairs at the best of
-        ``trials`` offsets: ``min(1, trials * P(Poisson(expected_chance) >= nmatches))``.
-    significance : float
-        ``false_alarm`` as a one-sided Gaussian significance (sigma).
-    rmse, mae, noise : float
-        The fit's rmse, mean residual and robust core (as tweakwcs's ``mad``: the
-        median residual scaled to an rmse for Gaussian errors), over the pairs the
-        fit kept (unweighted).
-    matched_fraction : float
-        ``nmatches`` over the smaller of ``n_image`` and ``n_reference``.
-    spread : float
-        Area of the convex hull of the kept pairs over ``overlap_area``.
-    """
-
-    nmatches: int
-    nkept: int
-    n_image: int
-    n_reference: int
-    overlap_area: float
-    expected_chance: float
-    trials: float
-    false_alarm: float
-    significance: float
-    rmse: float
-    mae: float
-    noise: float
-    matched_fraction: float
-    spread: float
-
-    @property
-    def rmse_over_noise(self) -> float:
-        """``rmse / noise`` (1 for Gaussian residuals; far above with mismatches)."""
-        return self.rmse / self.noise if self.noise > 0 else float("inf")
-
-    def as_dict(self) -> dict:
-        """Plain values for ``wcs_fit_results`` (``rmse_over_noise`` included)."""
-        out = {k: (int(v) if isinstance(v, int) else float(v)) for k, v in vars(self).items()}
-        out["rmse_over_noise"] = float(self.rmse_over_noise)
-        return out
 
 
 def _inside(polygon, xy: np.ndarray) -> int:

@@ -28,8 +28,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ._types import Status
+
 if TYPE_CHECKING:
-    from .matching import FitResult
+    from ._types import FitResult
 
 __all__ = [
     "FIT_KEYS",
@@ -48,30 +50,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-
-class Status(enum.StrEnum):
-    """The one vocabulary of outcomes, of a fit and of an image.
-
-    A fit (:attr:`roman_tweakreg.matching.FitResult.status`, ``status`` of each phase in
-    ``meta.wcs_fit_results``) is ``SUCCESS`` (its correction was applied),
-    ``REFERENCE`` (the group the others were aligned to), ``FAILED`` or ``SKIPPED``.
-    An image (``meta.cal_step.tweakreg``, see the module description) is ``COMPLETE``,
-    ``FAILED`` or ``SKIPPED``; the top-level ``status`` of its ``wcs_fit_results``
-    says the same as a fit status (:attr:`as_fit`: ``COMPLETE`` is ``SUCCESS``, as
-    romancal writes it).
-    """
-
-    SUCCESS = "SUCCESS"
-    REFERENCE = "REFERENCE"
-    COMPLETE = "COMPLETE"
-    FAILED = "FAILED"
-    SKIPPED = "SKIPPED"
-
-    @property
-    def as_fit(self) -> Status:
-        """This image status as the fit status of the top level of ``wcs_fit_results``."""
-        return Status.SUCCESS if self is Status.COMPLETE else self
 
 
 @dataclass(frozen=True)

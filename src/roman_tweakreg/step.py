@@ -16,10 +16,10 @@ from stpipe.library import AbstractModelLibrary
 from . import align, catalogs, outputs, parameters, results
 from ._parallel import gc_frozen
 from .errors import InvalidParameterError, ReferenceCatalogError
-from .geometry import footprint_cone
 from .library import open_library
 from .matching import FitParameters, FitResult
 from .outputs import check_writable
+from .plane import footprint_cone
 from .refcat import DEFAULT_REFCAT, check_refcat, get_reference_catalog
 
 if TYPE_CHECKING:
