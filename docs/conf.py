@@ -52,6 +52,7 @@ def _parameters_directive(app):
     from docutils.parsers.rst import Directive, directives
     from docutils.statemachine import StringList
 
+    from roman_tweakreg.matching import DERIVED
     from roman_tweakreg.parameters import table_rst
 
     class Parameters(Directive):
@@ -60,7 +61,9 @@ def _parameters_directive(app):
 
         def run(self):
             node = nodes.container()
-            text = table_rst(self.arguments[0], in_step="all" not in self.options)
+            text = table_rst(
+                self.arguments[0], in_step="all" not in self.options, derived=DERIVED
+            )
             lines = StringList(text.splitlines(), source="parameters.py")
             self.state.nested_parse(lines, self.content_offset, node)
             return node.children

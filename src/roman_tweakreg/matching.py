@@ -15,14 +15,16 @@ adds, for the relative and the absolute phase alike (:func:`match_and_fit`):
   untouched and says why (:class:`FitResult`).
 
 A matching tolerance or any other matching parameter (its default, accepted values,
-doc) is changed in :mod:`roman_tweakreg.parameters`, where the rules derived from the
-tolerance (the retry after source confusion, the second matching) are stated too; the
-step's spec, its checks, :class:`FitParameters` and the docs read them from there.
+doc) is changed in :mod:`roman_tweakreg.parameters`; the step's spec, its checks,
+:class:`FitParameters` and the docs read them from there.  The rules this module derives
+from the tolerance (the retry after source confusion, the second matching) are stated
+here (:data:`DERIVED`), and the docs' parameter tables state them with ``tolerance``.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
@@ -34,7 +36,6 @@ from tweakwcs.linearfit import (
 )
 from tweakwcs.matchutils import MatchSourceConfusionError, XYXYMatch
 
-from . import parameters
 from ._types import FitParameters, FitResult, Matches, Quality, Status
 from .geometry import affine
 from .quality import gates
@@ -43,12 +44,19 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
 __all__ = [
+    "CONFUSION_SEPARATION",
+    "DERIVED",
     "MIN_MATCHES",
+    "REMATCH_MOTION",
+    "Derived",
     "FitParameters",
     "FitResult",
     "Matches",
     "Pairs",
+    "confusion_retry",
     "match_and_fit",
+    "rematch",
+    "rematch_motion",
     "unique_pairs",
 ]
 
@@ -57,6 +65,70 @@ log = logging.getLogger(__name__)
 #: Minimum matches each fit geometry needs.
 MIN_MATCHES = {"shift": 1, "rshift": 2, "rscale": 2, "general": 3}
 _PIXEL_SCALE = 0.11  # arcsec, WFI; sets the 2D-histogram bin size
+
+
+#: After tweakwcs's matcher runs out of room (source confusion), it is tried once more
+#: with ``separation`` raised to this many times ``tolerance``.
+CONFUSION_SEPARATION = 2.0
+#: After a fit, sources are matched again where it moved them when it moves some of them,
+#: relative to the matched sources' centre, by more than this fraction of ``tolerance``.
+REMATCH_MOTION = 0.25
+
+
+@dataclass(frozen=True)
+class Derived:
+    """A value the alignment derives from matching parameters (documented with them)."""
+
+    name: str
+    parameters: tuple[str, ...]
+    doc: str
+
+
+#: The derived rules, documented with ``tolerance`` and ``abs_tolerance`` (the docs' tables:
+#: :func:`roman_tweakreg.parameters.table_rst`).
+DERIVED: tuple[Derived, ...] = (
+    Derived(
+        "confusion retry",
+        ("separation", "tolerance"),
+        "when tweakwcs's matcher runs out of room (many sources within the tolerance of one), "
+        f"matching is tried once more with separation = {CONFUSION_SEPARATION:g} x tolerance "
+        "(unless separation is that large already)",
+    ),
+    Derived(
+        "second matching",
+        ("tolerance",),
+        "after a fit that moves some sources, relative to the matched ones' centre, by more "
+        f"than {REMATCH_MOTION:g} x tolerance (a roll), sources are matched again where the fit "
+        "moved them",
+    ),
+    Derived(
+        "second matcher",
+        ("tolerance", "use2dhist", "searchrad"),
+        "the second matching searches within the tolerance (search radius = tolerance, no 2D "
+        "histogram), with the same separation",
+    ),
+)
+
+
+def confusion_retry(pars: FitParameters) -> FitParameters | None:
+    """The matching parameters of the retry after source confusion (see :data:`DERIVED`).
+
+    ``pars`` is a dataclass with ``separation`` and ``tolerance`` (a
+    :class:`~roman_tweakreg.matching.FitParameters`).  Returns ``None`` when its
+    ``separation`` is already that large (no retry).
+    """
+    separation = CONFUSION_SEPARATION * pars.tolerance
+    return None if pars.separation >= separation else replace(pars, separation=separation)
+
+
+def rematch(pars: FitParameters) -> FitParameters:
+    """The matching parameters of the second matching (see :data:`DERIVED`)."""
+    return replace(pars, searchrad=pars.tolerance, use2dhist=False)
+
+
+def rematch_motion(tolerance: float) -> float:
+    """The motion (arcsec) beyond which a fit's sources are matched again."""
+    return REMATCH_MOTION * tolerance
 
 
 def unique_pairs(ref_idx: np.ndarray, img_idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -81,7 +153,7 @@ def _match(ref_xy: np.ndarray, img_xy: np.ndarray, match: Callable, pars: FitPar
     When tweakwcs's own matcher runs out of room ("Number of output coordinates
     exceeded allocation": many sources within the tolerance of one), matching is
     tried once more with ``separation`` raised to twice the tolerance, which
-    leaves such close groups out (the rule: :func:`roman_tweakreg.parameters.confusion_retry`).
+    leaves such close groups out (the rule: :func:`confusion_retry`).
 
     Raises
     ------
@@ -93,7 +165,7 @@ def _match(ref_xy: np.ndarray, img_xy: np.ndarray, match: Callable, pars: FitPar
     try:
         ridx, iidx = match(ref_tab, img_tab, tp_pscale=_PIXEL_SCALE, tp_units="arcsec")
     except MatchSourceConfusionError as err:
-        wider = parameters.confusion_retry(pars)
+        wider = confusion_retry(pars)
         if not isinstance(match, XYXYMatch) or wider is None:
             raise
         log.warning(
@@ -228,10 +300,10 @@ def _match_and_fit(
 def _rematcher(match: Callable, pars: FitParameters) -> Callable:
     """The matcher of the second matching: sources already moved by the first fit need
     no offset search (no 2D histogram, search radius the tolerance: the rule is
-    :func:`roman_tweakreg.parameters.rematch`); a custom matcher is used as it is."""
+    :func:`rematch`); a custom matcher is used as it is."""
     if not isinstance(match, XYXYMatch):
         return match
-    return parameters.rematch(pars).matcher()
+    return rematch(pars).matcher()
 
 
 def _match_again(fit: dict, matched_xy: np.ndarray, all_xy: np.ndarray, pars) -> bool:
@@ -239,7 +311,7 @@ def _match_again(fit: dict, matched_xy: np.ndarray, all_xy: np.ndarray, pars) ->
 
     The matcher finds one offset for all sources; when the correction moves some
     sources differently from the matched ones' centre by more than a quarter of
-    the tolerance (:func:`roman_tweakreg.parameters.rematch_motion`; a roll of a few
+    the tolerance (:func:`rematch_motion`; a roll of a few
     arcseconds over the WFI field), those were
     matched poorly or not at all, and the fit rests on the centre only.  The
     second fit is of the original positions, with the pairs found after the first
@@ -247,7 +319,7 @@ def _match_again(fit: dict, matched_xy: np.ndarray, all_xy: np.ndarray, pars) ->
     """
     centre = matched_xy.mean(axis=0, keepdims=True)
     motion = affine(all_xy, fit) - all_xy - (affine(centre, fit) - centre)
-    return bool(np.hypot(*motion.T).max() > parameters.rematch_motion(pars.tolerance))
+    return bool(np.hypot(*motion.T).max() > rematch_motion(pars.tolerance))
 
 
 def _fit(

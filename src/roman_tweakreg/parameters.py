@@ -14,10 +14,10 @@ Each :class:`Parameter` holds a name, a type, a default, the accepted values
 * the parameter tables of the documentation (:func:`table_rst`, the
   ``parameters`` directive of ``docs/conf.py``).
 
-The values the alignment derives from the matching parameters (the retry after
-source confusion, the second matching after a fit and when it is made) are
-stated here too, next to those parameters (:data:`DERIVED`), and documented with
-them.
+The rules the alignment derives from the matching parameters (the retry after
+source confusion, the second matching after a fit and when it is made) live in
+:mod:`roman_tweakreg.matching`, which applies them (:data:`~roman_tweakreg.matching.DERIVED`);
+the docs' tables state them with ``tolerance`` (``table_rst(..., derived=DERIVED)``).
 
 To add a parameter: add a :class:`Parameter` below (an alignment parameter with
 :func:`_fit_pair`, which makes its ``abs_`` twin), then use it; the spec, the
@@ -29,36 +29,28 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Mapping
-from dataclasses import dataclass, replace
-from typing import Any, TypeVar
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from .errors import InvalidParameterError
 
 __all__ = [
-    "CONFUSION_SEPARATION",
-    "DERIVED",
     "FIT_NAMES",
     "PARAMETERS",
-    "REMATCH_MOTION",
     "SECTIONS",
-    "Derived",
     "Parameter",
     "check",
-    "confusion_retry",
     "default",
     "get",
     "names",
-    "rematch",
-    "rematch_motion",
     "spec",
     "table_rst",
     "validate",
 ]
 
-_T = TypeVar("_T")
 
 #: Documentation sections, in order: key -> title.
 SECTIONS = {
@@ -400,79 +392,12 @@ def names(section: str, *, in_step: bool = True) -> tuple[str, ...]:
     return tuple(p.name for p in PARAMETERS if p.section == section and (p.in_step or not in_step))
 
 
-# -- values derived from the matching parameters ------------------------------------------------
-#: After tweakwcs's matcher runs out of room (source confusion), it is tried once more
-#: with ``separation`` raised to this many times ``tolerance``.
-CONFUSION_SEPARATION = 2.0
-#: After a fit, sources are matched again where it moved them when it moves some of them,
-#: relative to the matched sources' centre, by more than this fraction of ``tolerance``.
-REMATCH_MOTION = 0.25
-
-
-@dataclass(frozen=True)
-class Derived:
-    """A value the alignment derives from matching parameters (documented with them)."""
-
-    name: str
-    parameters: tuple[str, ...]
-    doc: str
-
-
-#: The parameter whose docs state the derived values (all derive from the tolerance).
-_DOCUMENTED_WITH = "tolerance"
-
-#: The derived values, documented with ``tolerance`` and ``abs_tolerance``.
-DERIVED: tuple[Derived, ...] = (
-    Derived(
-        "confusion retry",
-        ("separation", "tolerance"),
-        "when tweakwcs's matcher runs out of room (many sources within the tolerance of one), "
-        f"matching is tried once more with separation = {CONFUSION_SEPARATION:g} x tolerance "
-        "(unless separation is that large already)",
-    ),
-    Derived(
-        "second matching",
-        ("tolerance",),
-        "after a fit that moves some sources, relative to the matched ones' centre, by more "
-        f"than {REMATCH_MOTION:g} x tolerance (a roll), sources are matched again where the fit "
-        "moved them",
-    ),
-    Derived(
-        "second matcher",
-        ("tolerance", "use2dhist", "searchrad"),
-        "the second matching searches within the tolerance (search radius = tolerance, no 2D "
-        "histogram), with the same separation",
-    ),
-)
-
-
-def confusion_retry(pars: _T) -> _T | None:
-    """The matching parameters of the retry after source confusion (see :data:`DERIVED`).
-
-    ``pars`` is a dataclass with ``separation`` and ``tolerance`` (a
-    :class:`~roman_tweakreg.matching.FitParameters`).  Returns ``None`` when its
-    ``separation`` is already that large (no retry).
-    """
-    separation = CONFUSION_SEPARATION * pars.tolerance
-    return None if pars.separation >= separation else replace(pars, separation=separation)
-
-
-def rematch(pars: _T) -> _T:
-    """The matching parameters of the second matching (see :data:`DERIVED`)."""
-    return replace(pars, searchrad=pars.tolerance, use2dhist=False)
-
-
-def rematch_motion(tolerance: float) -> float:
-    """The motion (arcsec) beyond which a fit's sources are matched again."""
-    return REMATCH_MOTION * tolerance
-
-
 # -- documentation ------------------------------------------------------------------------------
 def _literal(value: Any) -> str:
     return "None" if value is None else f"``{value!r}``"
 
 
-def table_rst(section: str, *, in_step: bool = True) -> str:
+def table_rst(section: str, *, in_step: bool = True, derived: Sequence = ()) -> str:
     """The reST table of one section's parameters (used by the docs' ``parameters`` directive).
 
     Parameters
@@ -482,6 +407,9 @@ def table_rst(section: str, *, in_step: bool = True) -> str:
     in_step : bool
         True: the step's parameters; False: every parameter of the section (for
         ``detection``, the step's and :class:`DetectionParameters`' own).
+    derived : sequence
+        Rules derived from the matching parameters, each with a one-line ``doc``
+        (:data:`roman_tweakreg.matching.DERIVED`), stated after ``tolerance``'s doc.
 
     Raises
     ------
@@ -504,8 +432,8 @@ def table_rst(section: str, *, in_step: bool = True) -> str:
         if p.section != section or (in_step and not p.in_step):
             continue
         doc = p.doc.replace("*", r"\*")
-        derived = [d.doc for d in DERIVED if p.name.removeprefix("abs_") == _DOCUMENTED_WITH]
-        text = doc + "." + "".join(f" {d[0].upper()}{d[1:]}." for d in derived)
+        notes = [d.doc for d in derived if p.name.removeprefix("abs_") == "tolerance"]
+        text = doc + "." + "".join(f" {d[0].upper()}{d[1:]}." for d in notes)
         lines += [
             f"   * - ``{p.name}``",
             f"     - {_literal(p.default)}",
