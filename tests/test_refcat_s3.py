@@ -292,3 +292,37 @@ def test_hats_url_without_index_says_what_is_needed(http_folder):
     with pytest.raises(ReferenceCatalogError,
                        match=rf"^abs_refcat: {base}/noindex is a folder but not a HATS catalog"):
         get_reference_catalog(f"{base}/noindex", RA, DEC, 0.1, use_cache=False)
+
+
+@pytest.mark.parametrize(("url", "hats"), [
+    ("s3://stpubdata/gaia/gaia_dr3/public/hats/gaia/", True),
+    ("https://example.org/hats/gaia/", True),
+    ("https://example.org/hats/gaia", True),
+    ("https://example.org/data/field.ecsv", False),
+    ("https://example.org/data/field.txt", False),
+    ("https://example.org/vo/CatalogSearch.aspx?CAT=GAIADR3", False),
+    ("https://example.org/hats/gaia?format=x", False),
+])
+def test_which_urls_are_hats_folders(url, hats):
+    from roman_tweakreg.refcat._remote import is_hats_url
+
+    assert is_hats_url(url) is hats
+
+
+def test_batch_region_fetched_once_from_s3(s3_server, tmp_path):
+    """The batch planner's region file from GAIADR3_S3: 2016 positions with their motions;
+    a region with no stars is an empty catalog, not an error."""
+    from roman_tweakreg.refcat._plan import Region, fetch_region, is_service_name
+
+    assert is_service_name("GAIADR3_S3")  # planned per region like the service's names
+    path = fetch_region(Region("r0000", RA, DEC, 0.05, [0]), "GAIADR3_S3",
+                        tmp_path / "r0000.parquet", margin=0.01, use_cache=False)
+    region = get_reference_catalog(path, RA, DEC, 0.06, use_cache=False)
+    direct = get_reference_catalog("GAIADR3_S3", RA, DEC, 0.06, use_cache=False)
+    assert len(region) == len(direct) > 100
+    assert np.array_equal(objids(region), objids(direct))
+    assert np.allclose(region.positions(EPOCH), direct.positions(EPOCH), rtol=0, atol=1e-12)
+    empty = fetch_region(Region("r0001", 10.0, -50.0, 0.05, [1]), "GAIADR3_S3",
+                         tmp_path / "r0001.parquet", use_cache=False)
+    assert len(get_reference_catalog(empty, 10.0, -50.0, 0.1, min_sources=0,
+                                     use_cache=False)) == 0

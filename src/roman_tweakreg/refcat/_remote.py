@@ -26,7 +26,7 @@ import numpy as np
 
 from ..errors import ReferenceCatalogError
 from ._cache import ConeCache
-from ._local import FILE_SUFFIXES, _in_cone, read_hats_catalog, standard_columns
+from ._local import _in_cone, read_hats_catalog, standard_columns
 from ._types import ReferenceCatalog
 
 __all__ = [
@@ -60,17 +60,20 @@ def s3_endpoint() -> str | None:
 def is_hats_url(entry: str) -> bool:
     """Whether ``entry`` is the URL of a HATS catalog folder rather than of a catalog file.
 
-    Any ``s3://`` URL is; an ``http(s)://`` URL is when its last path component does
-    not end like a catalog file (``.ecsv``, ``.fits``, ``.parquet``, ``.csv``...).
+    Any ``s3://`` URL is; an ``http(s)://`` URL without a query is when its path ends
+    with ``/`` or its last part has no extension (``.../hats/gaia``); any other URL
+    (``.../field.ecsv``, ``.../search.aspx?...``) is a file, downloaded whole.
     """
     parsed = urlparse(entry.strip())
     scheme = parsed.scheme.lower()
     if scheme == "s3":
         return bool(parsed.netloc)
-    if scheme not in ("http", "https") or not parsed.netloc:
+    if scheme not in ("http", "https") or not parsed.netloc or parsed.query:
         return False
-    last = parsed.path.rstrip("/").rsplit("/", 1)[-1].lower()
-    return not last.endswith(FILE_SUFFIXES)
+    if parsed.path.endswith("/"):
+        return True
+    last = parsed.path.rsplit("/", 1)[-1]
+    return bool(last) and "." not in last
 
 
 def read_remote_hats(
