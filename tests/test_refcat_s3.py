@@ -326,3 +326,21 @@ def test_batch_region_fetched_once_from_s3(s3_server, tmp_path):
                          tmp_path / "r0001.parquet", use_cache=False)
     assert len(get_reference_catalog(empty, 10.0, -50.0, 0.1, min_sources=0,
                                      use_cache=False)) == 0
+
+
+def test_hats_url_faults_are_named(http_folder):
+    folder, base = http_folder
+    root = gaia_hats(folder / "cut")
+    part = sorted((root / "dataset").rglob("Npix=*.parquet"))
+    for p in part:  # every partition cut in half
+        p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+    with pytest.raises(ReferenceCatalogError,
+                       match=rf"^abs_refcat: cannot read HATS catalog {base}/cut: partition "
+                       rf"{base}/cut/dataset/Norder=7/Dir=\d+/Npix=\d+\.parquet: "
+                       r"Parquet magic bytes"):
+        get_reference_catalog(f"{base}/cut/", RA, DEC, 0.02, use_cache=False)
+    with pytest.raises(ReferenceCatalogError,
+                       match=r"^abs_refcat: HATS catalog http://127.0.0.1:9/hats: cannot connect "
+                       r"\(no network or no server\), 2 tries: "):
+        get_reference_catalog("http://127.0.0.1:9/hats", RA, DEC, 0.02, retries=1,
+                              backoff=0.01, use_cache=False)
