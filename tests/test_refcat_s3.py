@@ -344,3 +344,17 @@ def test_hats_url_faults_are_named(http_folder):
                        r"\(no network or no server\), 2 tries: "):
         get_reference_catalog("http://127.0.0.1:9/hats", RA, DEC, 0.02, retries=1,
                               backoff=0.01, use_cache=False)
+
+
+def test_step_vo_timeout_bounds_a_silent_s3(monkeypatch, field):
+    """romancal's vo_timeout is the S3 timeout too: a silent endpoint costs one try of it."""
+    with silent_port() as url:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", url)
+        start = time.perf_counter()
+        result = TweakRegStep.call(copies(field), abs_refcat="GAIADR3_S3", abs_refcat_cache="off",
+                                   abs_refcat_retries=0, abs_refcat_timeout=60.0, vo_timeout=1.0)
+        elapsed = time.perf_counter() - start
+    absolute = [o[1]["absolute"] for o in metas(result)]
+    assert {a["status"] for a in absolute} == {"SKIPPED"}
+    assert "no answer within the 1 s timeout, 1 try: " in absolute[0]["reason"]
+    assert elapsed < 1.0 + 1.0 + 3.0, f"{elapsed:.1f} s"  # not 60 s; the fits take ~1 s

@@ -165,7 +165,7 @@ def read_remote_hats(
     return cat
 
 
-def _describe(err: OSError, timeout: float, tries: int) -> str:
+def _describe(err: OSError, timeout: float, tries) -> str:
     """Say in words what a pyarrow S3 (or HTTP handler) fault was; the original text follows.
 
     pyarrow raises every S3 fault as an ``OSError`` whose text carries the AWS error
@@ -173,18 +173,19 @@ def _describe(err: OSError, timeout: float, tries: int) -> str:
     """
     text = " ".join(str(err).split())
     low = text.lower()
+    tries = f"{tries} {'try' if tries == 1 else 'tries'}"
     if "no_such_bucket" in low or "nosuchbucket" in low:
         kind = "the bucket does not exist"
     elif "access_denied" in low or "accessdenied" in low or "http 403" in low:
         kind = "access denied"
     elif "curlcode: 28" in low or "timeout" in low or "timed out" in low:
-        kind = f"no answer within the {timeout:g} s timeout, {tries} tries"
+        kind = f"no answer within the {timeout:g} s timeout, {tries}"
     elif "curlcode: 7" in low or "could not connect" in low or "refused" in low:
-        kind = f"cannot connect (no network or no server), {tries} tries"
+        kind = f"cannot connect (no network or no server), {tries}"
     elif "curlcode: 6" in low or "resolve" in low:
-        kind = f"the host name does not resolve (DNS failure), {tries} tries"
+        kind = f"the host name does not resolve (DNS failure), {tries}"
     else:
-        kind = f"network fault, {tries} tries"
+        kind = f"network fault, {tries}"
     return f"{kind}: {text}"
 
 
