@@ -34,6 +34,12 @@ class HTTPHandler(FileSystemHandler):
         self.backoff = float(backoff)
         self._session = None
 
+    def close(self) -> None:
+        """Close the HTTP session (its pooled connections)."""
+        if self._session is not None:
+            self._session.close()
+            self._session = None
+
     def __eq__(self, other):
         return self is other
 

@@ -133,18 +133,19 @@ def read_remote_hats(
             log.warning("Discarding a bad cache entry: %s", err)
             cache.discard(entry.path)
     tries = int(retries) + 1
+    handler = None
     if scheme == "s3":
         filesystem = _s3_filesystem(timeout, retries, endpoint)
-        root = parsed.netloc + parsed.path.rstrip("/")
     elif scheme in ("http", "https"):
         from pyarrow import fs
 
         from ._http_fs import HTTPHandler
 
-        filesystem = fs.PyFileSystem(HTTPHandler(scheme, timeout, retries, backoff))
-        root = parsed.netloc + parsed.path.rstrip("/")
+        handler = HTTPHandler(scheme, timeout, retries, backoff)
+        filesystem = fs.PyFileSystem(handler)
     else:
         raise ReferenceCatalogError(f"abs_refcat: {url!r} is not an s3:// or http(s):// URL")
+    root = parsed.netloc + parsed.path.rstrip("/")
     try:
         cat = read_hats_catalog(
             root, ra, dec, radius, name=name, filesystem=filesystem, where=where
@@ -160,6 +161,9 @@ def read_remote_hats(
         raise ReferenceCatalogError(
             f"abs_refcat: {what}: {_describe(err, timeout, tries)}"
         ) from err
+    finally:
+        if handler is not None:
+            handler.close()
     if cache:
         cache.put(service, name, ra, dec, radius, None, _to_body(cat))
     return cat
