@@ -252,13 +252,20 @@ def test_step_s3_then_local_file(tmp_path, field):
 
 # -- HATS over HTTP(S) ---------------------------------------------------------------------------
 class _Quiet(SimpleHTTPRequestHandler):
+    requests: list = []  # (method, path) of every request, for the tests
+
     def log_message(self, *args):
         pass
+
+    def do_GET(self):
+        self.requests.append(("GET", self.path))
+        super().do_GET()
 
 
 @pytest.fixture
 def http_folder(tmp_path):
     """A local HTTP server of ``tmp_path``; yields its base URL."""
+    _Quiet.requests.clear()
     server = ThreadingHTTPServer(("127.0.0.1", 0),
                                  functools.partial(_Quiet, directory=str(tmp_path)))
     server.daemon_threads = True
@@ -282,6 +289,9 @@ def test_hats_url_over_http_is_read_as_the_local_folder(http_folder, local_hats,
     assert len(cat) > 500
     assert np.array_equal(objids(cat), objids(local))
     assert len(list((tmp_path / "cones").glob("gaia-*/*.cone"))) == 1
+    # each partition over the cone is fetched once (its schema, then its columns)
+    parts = [p for m, p in _Quiet.requests if m == "GET" and p.endswith(".parquet")]
+    assert len(parts) == len(set(parts)) >= 2
 
 
 def test_hats_url_without_index_says_what_is_needed(http_folder):

@@ -19,7 +19,9 @@ class HTTPHandler(FileSystemHandler):
 
     Paths are ``host[:port]/path``; a file is what answers ``HEAD`` with 200, a
     folder what answers for ``path/``.  Bodies are read whole with ``GET``
-    (HATS partitions are read whole anyway).  Both go through a session whose
+    (HATS partitions are read whole anyway); the last body is kept until the next
+    file is opened, so reading a partition's schema and then its columns fetches it
+    once.  Both go through a session whose
     urllib3 ``Retry`` retries connection faults, timeouts and 5xx answers with
     exponential backoff.  Folders cannot be listed: a HATS catalog over HTTP
     needs its ``partition_info.csv`` (or ``dataset/_metadata``).
@@ -33,9 +35,11 @@ class HTTPHandler(FileSystemHandler):
         self.retries = int(retries)
         self.backoff = float(backoff)
         self._session = None
+        self._last: tuple[str, bytes] | None = None
 
     def close(self) -> None:
-        """Close the HTTP session (its pooled connections)."""
+        """Close the HTTP session (its pooled connections) and drop the kept body."""
+        self._last = None
         if self._session is not None:
             self._session.close()
             self._session = None
@@ -127,6 +131,9 @@ class HTTPHandler(FileSystemHandler):
     def open_input_file(self, path: str):
         import pyarrow as pa
 
+        if self._last is not None and self._last[0] == path:
+            return pa.BufferReader(self._last[1])
+        self._last = None
         response = self._request("GET", path)
         if response.status_code == 404:
             raise FileNotFoundError(f"{self._url(path)}: HTTP 404")
@@ -138,6 +145,7 @@ class HTTPHandler(FileSystemHandler):
                 f"{self._url(path)}: the answer was cut short in transfer "
                 f"({len(response.content)} of {length} bytes)"
             )
+        self._last = (path, response.content)
         return pa.BufferReader(response.content)
 
     def open_input_stream(self, path: str):
