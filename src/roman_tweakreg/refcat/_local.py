@@ -5,7 +5,8 @@ column; ``pmra``, ``pmdec``, ``parallax``, ``ref_epoch`` (or ``epoch``),
 ``mag`` (or ``phot_g_mean_mag``) and ``objID`` (or ``source_id``) are kept when
 present.  A HATS catalog is a folder of HEALPix-partitioned Parquet files laid
 out ``Norder=K/Dir=D/Npix=N.parquet`` (optionally under ``dataset/``); only the
-partitions that overlap the cone are read.
+partitions that overlap the cone are read.  The HATS reader works over any pyarrow
+file system: local folders here, S3 and HTTP(S) in :mod:`._remote`.
 """
 
 from __future__ import annotations
@@ -75,7 +76,12 @@ def read_local_catalog(
     """
     path = Path(path)
     if path.is_dir():
-        return read_hats_catalog(path, ra, dec, radius, name=name)
+        try:
+            return read_hats_catalog(path, ra, dec, radius, name=name)
+        except OSError as err:  # e.g. a folder of the catalog that cannot be listed
+            raise ReferenceCatalogError(
+                f"abs_refcat: cannot read HATS catalog {path}: {err}"
+            ) from err
     fmt = table_format(path)
     try:
         if fmt == "parquet":
