@@ -8,7 +8,7 @@ from astropy.table import Table
 
 from roman_tweakreg.testing import simulate
 
-pytest_plugins = ["gaia_server"]
+pytest_plugins = ["gaia_server", "s3_server"]
 
 SMALL = ("WFI01", "WFI02", "WFI10")
 
@@ -44,11 +44,13 @@ def rng():
 
 @pytest.fixture(autouse=True)
 def _no_real_catalog_service(monkeypatch, tmp_path_factory):
-    """No test may reach the real catalog service: point it at a closed local port.
+    """No test may reach the real catalog service or S3: point them at a closed local port.
 
     The on-disk catalog cache goes to a per-session temporary folder.
     """
     monkeypatch.setenv("ASTROMETRIC_CATALOG_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
     monkeypatch.setenv("ROMAN_TWEAKREG_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
 
 

@@ -66,6 +66,7 @@ def pytest_configure(config):
     stcal_catalogs.SERVICELOCATION = svc.url
     stcal_catalogs.S3_CATALOGS = []
     os.environ["ASTROMETRIC_CATALOG_URL"] = svc.url  # our step's service
+    os.environ["AWS_ENDPOINT_URL"] = "http://127.0.0.1:9"  # our GAIADR3_S3: never AWS itself
 
 
 def pytest_unconfigure(config):

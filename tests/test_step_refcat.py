@@ -134,7 +134,7 @@ def test_invalid_abs_refcat_fails_before_any_work(gaia_service, tmp_path, refcat
         ValueError,
         match=rf"^Invalid 'abs_refcat' value: {why}\. 'abs_refcat' "
         r"must be a catalog service name \(GAIAREFCAT, GAIADR3, GAIADR2, GAIADR1\), "
-        r"a romancal name \(GAIADR3_S3 \(read as GAIADR3\)\)",
+        r"a romancal S3 name \(GAIADR3_S3: Gaia DR3 as HATS on AWS S3\)",
     ):
         TweakRegStep.call(
             str(tmp_path / "missing_cal.asdf"), abs_refcat=refcat, abs_refcat_url=gaia_service.url
@@ -142,7 +142,8 @@ def test_invalid_abs_refcat_fails_before_any_work(gaia_service, tmp_path, refcat
     assert gaia_service.requests == 0
 
 
-def test_romancal_s3_name_read_from_the_service(gaia_service, caplog):
+def test_romancal_s3_name_read_from_s3(gaia_service, s3_server):
+    """romancal's GAIADR3_S3 is read from S3 (the local moto server), not from the service."""
     exposures = field_exposures()
     result = TweakRegStep.call(
         models_of(exposures),
@@ -150,12 +151,28 @@ def test_romancal_s3_name_read_from_the_service(gaia_service, caplog):
         abs_refcat_url=gaia_service.url,
         abs_refcat_cache="off",
     )
+    assert gaia_service.requests == 0
+    assert {o[2] for o in metas(result)} == {"FIT-LVL2-GAIADR3_S3"}
+    assert errors_mas(result, truths_of(exposures)).max() < 1.0
+
+
+def test_romancal_s3_name_then_the_service(gaia_service, caplog):
+    """``GAIADR3_S3,GAIADR3`` without S3 (conftest's closed port) falls back to the service."""
+    exposures = field_exposures()
+    result = TweakRegStep.call(
+        models_of(exposures),
+        abs_refcat="GAIADR3_S3,GAIADR3",
+        abs_refcat_url=gaia_service.url,
+        abs_refcat_cache="off",
+        abs_refcat_retries=0,
+    )
     assert [q["CAT"] for q in gaia_service.queries] == ["GAIADR3"]
     assert {o[2] for o in metas(result)} == {"FIT-LVL2-GAIADR3"}
     assert errors_mas(result, truths_of(exposures)).max() < 1.0
     assert (
-        "abs_refcat gaiadr3_s3 (romancal's S3 copy) is read from the catalog service as "
-        "GAIADR3" in caplog.text
+        "Reference catalog GAIADR3_S3 not used: abs_refcat: HATS catalog "
+        "s3://stpubdata/gaia/gaia_dr3/public/hats/gaia (endpoint http://127.0.0.1:9): cannot "
+        "connect" in caplog.text
     )
 
 

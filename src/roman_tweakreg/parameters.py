@@ -277,9 +277,9 @@ PARAMETERS: tuple[Parameter, ...] = (
     *(pair[0] for pair in _FIT),
     # -- absolute alignment
     Parameter("abs_refcat", str, "GAIADR3",
-              "Reference catalog: service name (GAIADR3...; romancal's GAIADR3_S3 is read as "
-              "GAIADR3), local file, HATS folder or URL; a comma list is tried in order; '' "
-              "means GAIADR3", "absolute"),
+              "Reference catalog: service name (GAIADR3...), GAIADR3_S3 (Gaia DR3 HATS on AWS "
+              "S3, as romancal), local file, HATS folder or URL; a comma list is tried in "
+              "order; '' means GAIADR3", "absolute"),
     Parameter("abs_refcat_url", str, "",
               "Catalog service base URL; '' means $ASTROMETRIC_CATALOG_URL or "
               "https://gsss.stsci.edu/webservices", "absolute"),

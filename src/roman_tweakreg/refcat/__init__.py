@@ -1,16 +1,19 @@
 """The absolute reference catalog: one entry function, :func:`get_reference_catalog`.
 
 ``abs_refcat`` names a catalog served by the STScI catalog web service
-(``GAIADR3``...), a local file (ECSV, FITS, Parquet, CSV) with RA/DEC columns
-(any case) or a ``sky_centroid`` column, a HATS catalog folder, or the URL of
-a catalog file; or a comma-separated list of these, tried in order.  Service
-answers and downloads are cached on disk.  See ``docs/refcat.rst``.
+(``GAIADR3``...), romancal's ``GAIADR3_S3`` (Gaia DR3 as a HATS catalog on AWS S3,
+read anonymously from there), a local file (ECSV, FITS, Parquet, CSV) with RA/DEC
+columns (any case) or a ``sky_centroid`` column, a HATS catalog folder, the URL of
+a catalog file, or the ``s3://`` or ``http(s)://`` URL of a HATS catalog folder; or a
+comma-separated list of these, tried in order.  Service answers, downloads and
+remote HATS cones are cached on disk.  See ``docs/refcat.rst``.
 """
 
 from __future__ import annotations
 
 from ._cache import CACHE_ENV, ConeCache, default_cache_dir
 from ._local import read_hats_catalog, read_local_catalog
+from ._remote import ENDPOINT_ENVS, S3_CATALOGS, read_remote_hats
 from ._resolve import (
     ROMANCAL_CATALOGS,
     SERVICE_CATALOGS,
@@ -26,7 +29,9 @@ __all__ = [
     "CACHE_ENV",
     "DEFAULT_REFCAT",
     "DEFAULT_SERVICE_URL",
+    "ENDPOINT_ENVS",
     "ROMANCAL_CATALOGS",
+    "S3_CATALOGS",
     "SERVICE_CATALOGS",
     "SERVICE_ENV",
     "ConeCache",
@@ -38,6 +43,7 @@ __all__ = [
     "query_service",
     "read_hats_catalog",
     "read_local_catalog",
+    "read_remote_hats",
     "service_name",
     "split_refcat",
 ]

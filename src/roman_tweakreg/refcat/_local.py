@@ -5,7 +5,8 @@ column; ``pmra``, ``pmdec``, ``parallax``, ``ref_epoch`` (or ``epoch``),
 ``mag`` (or ``phot_g_mean_mag``) and ``objID`` (or ``source_id``) are kept when
 present.  A HATS catalog is a folder of HEALPix-partitioned Parquet files laid
 out ``Norder=K/Dir=D/Npix=N.parquet`` (optionally under ``dataset/``); only the
-partitions that overlap the cone are read.
+partitions that overlap the cone are read.  The HATS reader works over any pyarrow
+file system: local folders here, S3 and HTTP(S) in :mod:`._remote`.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Mapping
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 from astropy import units as u
@@ -24,7 +25,15 @@ from .._io import TABLE_FORMATS, read_parquet, table_format
 from ..errors import ReferenceCatalogError
 from ._types import ReferenceCatalog, standard_table
 
-__all__ = ["FILE_SUFFIXES", "read_hats_catalog", "read_local_catalog", "standard_columns"]
+__all__ = [
+    "FILE_SUFFIXES",
+    "covering_partitions",
+    "hats_location",
+    "hats_partitions",
+    "read_hats_catalog",
+    "read_local_catalog",
+    "standard_columns",
+]
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +76,12 @@ def read_local_catalog(
     """
     path = Path(path)
     if path.is_dir():
-        return read_hats_catalog(path, ra, dec, radius, name=name)
+        try:
+            return read_hats_catalog(path, ra, dec, radius, name=name)
+        except OSError as err:  # e.g. a folder of the catalog that cannot be listed
+            raise ReferenceCatalogError(
+                f"abs_refcat: cannot read HATS catalog {path}: {err}"
+            ) from err
     fmt = table_format(path)
     try:
         if fmt == "parquet":
@@ -157,54 +171,106 @@ def _in_cone(
 
 
 # -- HATS -------------------------------------------------------------------------------------
-def hats_partitions(root: Path) -> dict[tuple[int, int], Path]:
-    """Map ``(order, pixel)`` to the partition file (or folder) of a HATS catalog at ``root``.
+def hats_location(root: str | Path, filesystem=None) -> tuple[object, str]:
+    """Return ``(filesystem, base path)`` of a HATS catalog for pyarrow.
+
+    ``filesystem`` is a :class:`pyarrow.fs.FileSystem` and ``root`` a path in it;
+    without one, ``root`` is a local folder (read through pyarrow's ``LocalFileSystem``).
+    """
+    if filesystem is not None:
+        return filesystem, str(root).rstrip("/")
+    from pyarrow import fs
+
+    return fs.LocalFileSystem(), Path(root).absolute().as_posix()
+
+
+def _file_type(filesystem, path: str):
+    return filesystem.get_file_info(path).type
+
+
+def hats_partitions(
+    root: str | Path, filesystem=None, where: str | None = None
+) -> tuple[str, list[tuple[int, int]]]:
+    """Return the partitions' folder and every partition's ``(order, pixel)`` of a HATS catalog.
 
     The catalog's partition index is read when there is one: ``partition_info.csv``
     (columns ``Norder``, ``Npix``) or the row groups' file paths in
     ``dataset/_metadata``; otherwise the ``Norder=K/Dir=D/Npix=N`` tree is listed.
+
+    Parameters
+    ----------
+    root : str or Path
+        The catalog folder (a path in ``filesystem``).
+    filesystem : pyarrow.fs.FileSystem, optional
+        Where the catalog is; default the local file system.
+    where : str, optional
+        How to name the catalog in messages; default ``root``.
     """
-    base = root / "dataset" if (root / "dataset").is_dir() else root
-    index = _partition_index(root, base)
+    from pyarrow import fs
+
+    filesystem, root_path = hats_location(root, filesystem)
+    where = str(root) if where is None else where
+    dataset = _file_type(filesystem, f"{root_path}/dataset") == fs.FileType.Directory
+    base = f"{root_path}/dataset" if dataset else root_path
+    index = _partition_index(filesystem, root_path, base, where, dataset)
     if index is not None:
-        return {(k, n): _partition_path(base, k, n) for k, n in index}
-    parts = {}
-    for path in base.glob("Norder=*/Dir=*/Npix=*"):
-        m = _HATS_FILE.search(path.relative_to(base).as_posix())
-        if m and (path.is_dir() or m.group(3)):
-            parts[int(m.group(1)), int(m.group(2))] = path
-    return parts
+        return base, index
+    parts = set()
+    try:
+        infos = filesystem.get_file_info(fs.FileSelector(base, recursive=True))
+    except FileNotFoundError:
+        infos = []
+    for info in infos:
+        m = _HATS_FILE.search(info.path[len(base) :].lstrip("/"))
+        if m and (info.type == fs.FileType.Directory or m.group(3)):
+            parts.add((int(m.group(1)), int(m.group(2))))
+    return base, sorted(parts)
 
 
-def _partition_path(base: Path, order: int, pixel: int) -> Path:
-    folder = base / f"Norder={order}" / f"Dir={pixel // 10000 * 10000}"
-    path = folder / f"Npix={pixel}.parquet"
-    if path.exists() or not (folder / f"Npix={pixel}").is_dir():
-        return path
-    return path.with_suffix("")
+def _partition_path(filesystem, base: str, order: int, pixel: int) -> str:
+    """The partition's file ``Npix=N.parquet``, else its folder ``Npix=N/`` if that exists."""
+    from pyarrow import fs
+
+    folder = f"{base}/Norder={order}/Dir={pixel // 10000 * 10000}"
+    path = f"{folder}/Npix={pixel}.parquet"
+    if _file_type(filesystem, path) == fs.FileType.NotFound and (
+        _file_type(filesystem, f"{folder}/Npix={pixel}") == fs.FileType.Directory
+    ):
+        return f"{folder}/Npix={pixel}"
+    return path
 
 
-def _partition_index(root: Path, base: Path) -> list[tuple[int, int]] | None:
+def _partition_index(
+    filesystem, root: str, base: str, where: str, dataset: bool
+) -> list[tuple[int, int]] | None:
     """``(order, pixel)`` of every partition from the catalog's index, or None without one."""
-    for csv_path in (root / "partition_info.csv", base / "partition_info.csv"):
-        if csv_path.is_file():
-            try:
-                table = Table.read(csv_path, format="ascii.csv")
-                lower = {c.lower(): c for c in table.colnames}
-                orders = np.asarray(table[lower["norder"]], dtype=np.int64)
-                pixels = np.asarray(table[lower["npix"]], dtype=np.int64)
-            except Exception as err:
-                raise ReferenceCatalogError(
-                    f"abs_refcat: {csv_path}: cannot read the HATS partition index (expected "
-                    f"Norder and Npix columns): {err}"
-                ) from err
-            return list(zip(orders.tolist(), pixels.tolist(), strict=True))
-    meta_path = base / "_metadata"
-    if meta_path.is_file():
-        import pyarrow.parquet as pq
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+    from pyarrow import fs
 
+    names = ["partition_info.csv"] + (["dataset/partition_info.csv"] if dataset else [])
+    for name in names:
+        if _file_type(filesystem, f"{root}/{name}") != fs.FileType.File:
+            continue
         try:
-            meta = pq.read_metadata(meta_path)
+            with filesystem.open_input_file(f"{root}/{name}") as f:
+                table = pacsv.read_csv(pa.BufferReader(f.read()))
+            lower = {c.lower(): c for c in table.column_names}
+            orders = np.asarray(table.column(lower["norder"]).to_numpy(), dtype=np.int64)
+            pixels = np.asarray(table.column(lower["npix"]).to_numpy(), dtype=np.int64)
+        except Exception as err:
+            raise ReferenceCatalogError(
+                f"abs_refcat: {where}/{name}: cannot read the HATS partition index (expected "
+                f"Norder and Npix columns): {err}"
+            ) from err
+        return list(zip(orders.tolist(), pixels.tolist(), strict=True))
+    meta_path = f"{base}/_metadata"
+    if _file_type(filesystem, meta_path) == fs.FileType.File:
+        shown = f"{where}/dataset/_metadata" if dataset else f"{where}/_metadata"
+        try:
+            with filesystem.open_input_file(meta_path) as f:
+                meta = pq.read_metadata(f)
             found = set()
             for i in range(meta.num_row_groups):
                 m = _HATS_FILE.search(meta.row_group(i).column(0).file_path)
@@ -212,7 +278,7 @@ def _partition_index(root: Path, base: Path) -> list[tuple[int, int]] | None:
                     found.add((int(m.group(1)), int(m.group(2))))
         except Exception as err:
             raise ReferenceCatalogError(
-                f"abs_refcat: {meta_path}: cannot read the HATS partition index: {err}"
+                f"abs_refcat: {shown}: cannot read the HATS partition index: {err}"
             ) from err
         return sorted(found) if found else None
     return None
@@ -250,19 +316,46 @@ def covering_partitions(
 
 
 def read_hats_catalog(
-    root: str | Path, ra: float, dec: float, radius: float, *, name: str | None = None
+    root: str | Path,
+    ra: float,
+    dec: float,
+    radius: float,
+    *,
+    name: str | None = None,
+    filesystem=None,
+    where: str | None = None,
 ) -> ReferenceCatalog:
-    """Read the sources within ``radius`` deg of ``(ra, dec)`` from a HATS catalog folder.
+    """Read the sources within ``radius`` deg of ``(ra, dec)`` from a HATS catalog.
 
     Only the partitions whose HEALPix pixel (nested, ICRS) overlaps the cone
     are opened (each tested at its own order, see :func:`covering_partitions`),
-    and only the reference catalog columns are read from them.
+    and only the reference catalog columns (any case) are read from them.
+
+    Parameters
+    ----------
+    root : str or Path
+        The catalog folder: a local path, or a path in ``filesystem``.
+    ra, dec, radius : float
+        Cone centre and radius (deg).
+    name : str, optional
+        Catalog name; default the folder name.
+    filesystem : pyarrow.fs.FileSystem, optional
+        Where the catalog is (e.g. a ``pyarrow.fs.S3FileSystem``); default local.
+    where : str, optional
+        How to name the catalog in messages and in the catalog's ``source``
+        (e.g. its ``s3://`` URL); default ``root``.
 
     Raises
     ------
     ReferenceCatalogError
         When the folder has no ``Norder=K/Dir=D/Npix=N.parquet`` partitions or
-        they cannot be read.
+        a partition cannot be read (naming the partition; the fault, e.g. pyarrow's
+        ``OSError`` for a network fault, is its ``__cause__``).
+
+    Notes
+    -----
+    Faults while finding the partitions (``OSError`` of ``filesystem``, e.g. no
+    network or no such bucket) are raised as they are, for the caller to describe.
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -273,29 +366,56 @@ def read_hats_catalog(
         raise ReferenceCatalogError(
             f"abs_refcat: reading the HATS catalog {root} needs astropy-healpix"
         ) from err
-    root = Path(root)
-    parts = hats_partitions(root)
-    if not parts:
+    filesystem, root_path = hats_location(root, filesystem)
+    where = str(root) if where is None else where
+    base, keys = hats_partitions(root_path, filesystem, where)
+    if not keys:
         raise ReferenceCatalogError(
-            f"abs_refcat: {root} is a folder but not a HATS catalog: "
+            f"abs_refcat: {where} is a folder but not a HATS catalog: "
             "no Norder=K/Dir=D/Npix=N.parquet partitions found"
         )
-    wanted = [parts[k] for k in covering_partitions(list(parts), ra, dec, radius)]
-    log.debug("HATS %s: reading %d of %d partitions", root, len(wanted), len(parts))
-    cat_name = name or root.name
+    wanted = covering_partitions(keys, ra, dec, radius)
+    log.debug("HATS %s: reading %d of %d partitions", where, len(wanted), len(keys))
+    cat_name = name or PurePosixPath(root_path).name
     if not wanted:
-        return _in_cone(
-            {"RA": np.array([]), "DEC": np.array([])}, ra, dec, radius, cat_name, str(root)
-        )
+        return _in_cone({"RA": np.array([]), "DEC": np.array([])}, ra, dec, radius, cat_name, where)
+    tables = []
+    for order, pixel in wanted:
+        path = _partition_path(filesystem, base, order, pixel)
+        shown = where + path[len(root_path) :]
+        try:
+            schema = _partition_schema(filesystem, path)
+            lower = {c.lower(): c for c in schema.names}
+            cols = [lower[a] for aliases in _ALIASES.values() for a in aliases if a in lower]
+            tables.append(pq.read_table(path, columns=cols, filesystem=filesystem))
+        except Exception as err:
+            raise ReferenceCatalogError(
+                f"abs_refcat: cannot read HATS catalog {where}: partition {shown}: {err}"
+            ) from err
     try:
-        first = wanted[0] if wanted[0].is_file() else next(wanted[0].rglob("*.parquet"))
-        schema = pq.read_schema(first)
-        lower = {c.lower(): c for c in schema.names}
-        cols = [lower[a] for aliases in _ALIASES.values() for a in aliases if a in lower]
-        table = pa.concat_tables(
-            [pq.read_table(p, columns=cols) for p in wanted], promote_options="default"
-        )
+        table = pa.concat_tables(tables, promote_options="default")
     except Exception as err:
-        raise ReferenceCatalogError(f"abs_refcat: cannot read HATS catalog {root}: {err}") from err
+        raise ReferenceCatalogError(
+            f"abs_refcat: cannot read HATS catalog {where}: partitions disagree: {err}"
+        ) from err
     data = {c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names}
-    return _in_cone(standard_columns(data, str(root)), ra, dec, radius, cat_name, str(root))
+    return _in_cone(standard_columns(data, where), ra, dec, radius, cat_name, where)
+
+
+def _partition_schema(filesystem, path: str):
+    """The Arrow schema of a partition file, or of the first file of a partition folder."""
+    import pyarrow.parquet as pq
+    from pyarrow import fs
+
+    if _file_type(filesystem, path) == fs.FileType.Directory:
+        files = sorted(
+            i.path
+            for i in filesystem.get_file_info(fs.FileSelector(path, recursive=True))
+            if i.type == fs.FileType.File and i.path.endswith(".parquet")
+        )
+        if not files:
+            raise FileNotFoundError(f"no .parquet file in the partition folder {path}")
+        path = files[0]
+    with filesystem.open_input_file(path) as f:
+        return pq.read_schema(f)
+

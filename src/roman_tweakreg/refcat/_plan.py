@@ -208,8 +208,8 @@ def fetch_region(
         The service cannot be had (a timeout, an error answer): retried by the caller.
     """
     try:
-        cat = get_reference_catalog(
-            refcat, region.ra, region.dec, region.radius + margin, None, **options
+        cat = get_reference_catalog(  # an empty region is written as an empty catalog
+            refcat, region.ra, region.dec, region.radius + margin, None, min_sources=0, **options
         )
         table = cat.table
     except NoDataError:

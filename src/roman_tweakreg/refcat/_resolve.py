@@ -12,6 +12,7 @@ import numpy as np
 from ..errors import InvalidParameterError, ReferenceCatalogError
 from ._cache import CACHE_OFF, ConeCache, default_cache_dir
 from ._local import FILE_SUFFIXES, read_local_catalog
+from ._remote import S3_CATALOGS, is_hats_url, read_remote_hats
 from ._service import query_service, read_url_catalog
 from ._types import DEFAULT_REFCAT, ReferenceCatalog
 
@@ -32,19 +33,18 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 #: utilities send it).
 SERVICE_CATALOGS = ("GAIAREFCAT", "GAIADR3", "GAIADR2", "GAIADR1")
 
-#: Names romancal 1.1.0 also accepts (through stcal) for catalogs it reads from
-#: AWS S3 (HATS), and the catalog service name read here in their place (no S3
-#: access): the same Gaia release, served by the catalog service.
-ROMANCAL_CATALOGS = {"GAIADR3_S3": "GAIADR3"}
+#: Names romancal 1.1.0 also accepts (through stcal) for HATS catalogs it reads from
+#: AWS S3, and where they are; read here from the same place (anonymous, public bucket).
+ROMANCAL_CATALOGS = S3_CATALOGS
 
 
 def service_name(entry: str) -> str | None:
-    """The catalog service name to ask for ``entry`` (a name, any case), or None if not a name.
+    """The catalog service name to ask for ``entry`` (a name, any case), or None if not one.
 
-    romancal's S3 names (:data:`ROMANCAL_CATALOGS`) map to the service's catalog.
+    romancal's S3 names (:data:`ROMANCAL_CATALOGS`) are not service names: they are
+    read from S3.
     """
     name = entry.strip().upper()
-    name = ROMANCAL_CATALOGS.get(name, name)
     return name if name in SERVICE_CATALOGS else None
 
 
@@ -52,7 +52,7 @@ def check_refcat(refcat: str | None) -> None:
     """Check an ``abs_refcat`` value before any work (no network, no file read).
 
     Each entry must be a catalog name the catalog service or romancal knows, an
-    existing local file or folder, or an ``http(s)://`` URL.
+    existing local file or folder, an ``http(s)://`` URL or an ``s3://`` URL.
 
     Raises
     ------
@@ -61,7 +61,11 @@ def check_refcat(refcat: str | None) -> None:
         lists what is accepted.
     """
     for entry in split_refcat(refcat):
-        if re.match(r"^https?://\S+$", entry, re.IGNORECASE) or service_name(entry):
+        if (
+            re.match(r"^(https?|s3)://\S+$", entry, re.IGNORECASE)
+            or service_name(entry)
+            or entry.strip().upper() in ROMANCAL_CATALOGS
+        ):
             continue
         path = Path(entry).expanduser()
         if path.exists():
@@ -69,12 +73,13 @@ def check_refcat(refcat: str | None) -> None:
         looks_like_path = any(c in entry for c in "/\\~") or entry.lower().endswith(FILE_SUFFIXES)
         why = f"local path {path} does not exist" if looks_like_path else "unknown catalog name"
         names = ", ".join(SERVICE_CATALOGS)
-        romancal = ", ".join(f"{k} (read as {v})" for k, v in ROMANCAL_CATALOGS.items())
+        romancal = ", ".join(ROMANCAL_CATALOGS)
         raise InvalidParameterError(
             f"Invalid 'abs_refcat' value: {entry!r} ({why}). 'abs_refcat' must be a catalog "
-            f"service name ({names}), a romancal name ({romancal}), an existing local catalog "
-            f"file ({', '.join(FILE_SUFFIXES)}) or HATS folder, an http(s):// URL of a "
-            "catalog file, or a comma-separated list of these"
+            f"service name ({names}), a romancal S3 name ({romancal}: Gaia DR3 as HATS on "
+            f"AWS S3), an existing local catalog file ({', '.join(FILE_SUFFIXES)}) or HATS "
+            "folder, an http(s):// URL of a catalog file or HATS folder, an s3:// URL of a "
+            "HATS folder, or a comma-separated list of these"
         )
 
 
@@ -115,9 +120,10 @@ def get_reference_catalog(
     refcat : str or None
         One entry or a comma-separated list tried in order; each entry is a
         catalog name served by the catalog web service (``GAIADR3``,
-        ``GAIADR2``...; case-insensitive), a local ECSV/FITS/Parquet/CSV file,
-        a HATS catalog folder or an ``http(s)://`` URL of a catalog file.
-        None or ``''`` mean ``GAIADR3``.
+        ``GAIADR2``...; case-insensitive), romancal's ``GAIADR3_S3`` (Gaia DR3 as
+        HATS on AWS S3), a local ECSV/FITS/Parquet/CSV file, a HATS catalog folder,
+        an ``http(s)://`` URL of a catalog file or of a HATS folder, or an ``s3://``
+        URL of a HATS folder.  None or ``''`` mean ``GAIADR3``.
     ra, dec, radius : float
         Cone centre and radius, degrees.
     epoch : float or None
@@ -130,10 +136,11 @@ def get_reference_catalog(
         Catalog service base URL; default ``$ASTROMETRIC_CATALOG_URL`` or
         ``https://gsss.stsci.edu/webservices``.
     timeout : float
-        Seconds to wait for the service to connect or send data, per try.
+        Seconds to wait for the service (or S3, or an HTTP server) to connect or
+        send data, per try.
     retries : int
         Retries of a failed request (connection error, timeout, 5xx), with
-        exponential backoff.
+        exponential backoff (for S3: AWS's standard retry policy).
     backoff : float
         Backoff factor (s): waits are 0, 2, 4... times ``backoff``, at most 10 s.
     cache_dir : str or path-like, optional
@@ -208,6 +215,8 @@ def _cache(cache_dir, use_cache: bool) -> ConeCache | None:
 
 
 def _get_one(entry: str, ra, dec, radius, epoch, base_url, options) -> ReferenceCatalog:
+    if is_hats_url(entry):
+        return read_remote_hats(entry, ra, dec, radius, **options)
     if re.match(r"^https?://", entry, re.IGNORECASE):
         return read_url_catalog(entry, ra, dec, radius, **options)
     path = Path(entry).expanduser()
@@ -222,7 +231,5 @@ def _get_one(entry: str, ra, dec, radius, epoch, base_url, options) -> Reference
         )
     name = entry.upper()
     if name in ROMANCAL_CATALOGS:
-        name = ROMANCAL_CATALOGS[name]
-        log.info("abs_refcat %s (romancal's S3 copy) is read from the catalog service as %s",
-                 entry, name)
+        return read_remote_hats(ROMANCAL_CATALOGS[name], ra, dec, radius, name=name, **options)
     return query_service(name, ra, dec, radius, epoch, base_url=base_url, **options)
