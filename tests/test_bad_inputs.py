@@ -321,7 +321,7 @@ def test_bad_association_member(dataset, good_bytes, tmp_path, member, error, ma
     ("a.asdf\tb.ecsv\tc.ecsv\n", CatalogError, r"line 1: .*found 3 columns"),
     (b"\xff\xfe\x00a", CatalogError, r"cannot be read"),
     (None, MissingCatalogError, r"catfile .*catfile\.txt does not exist"),
-    ("folder", CatalogError, r"cannot be read"),
+    ("folder", CatalogError, r"catfile\.txt: catfile is a folder, not a regular file"),
 ])
 def test_bad_catfile(tmp_path, content, error, match):
     path = tmp_path / "catfile.txt"
@@ -677,7 +677,8 @@ def test_disk_full_or_interrupt_while_saving(dataset, tmp_path, monkeypatch, fau
     out = tmp_path / "out"
     error, match = (KeyboardInterrupt, None) if fault == "interrupt" else (
         OutputError, r"wfi02_cal_tweakregstep\.asdf: output not written: the disk is full "
-                     r"\(ENOSPC\).*; 1 of 2 outputs were written \(.*wfi01_cal_tweakregstep"
+                     r"\(ENOSPC\).*; 1 of 2 outputs \(each a model with its _wcs\.asdf product\) "
+                     r"were written \(.*wfi01_cal_tweakregstep"
                      r"\.asdf\); the others do not exist")
     step = TweakRegStep(**_step_kw(dataset, save_results=True, output_dir=str(out),
                                    report="r.json"))
@@ -719,7 +720,8 @@ TweakRegStep.call(sys.argv[1], abs_refcat=sys.argv[2], output_dir=sys.argv[3],
 
 
 def test_file_size_limit_while_saving(dataset, tmp_path):
-    """EFBIG from a real file-size limit (RLIMIT_FSIZE) in a child process."""
+    """EFBIG from a real file-size limit (RLIMIT_FSIZE) in a child process (the first
+    file written, the _wcs.asdf product written before its model, is the one refused)."""
     out = tmp_path / "out"
     size = dataset[2][0].stat().st_size  # outputs are a little larger than inputs
     env = os.environ | {"PYTHONPATH": os.pathsep.join(
@@ -730,9 +732,10 @@ def test_file_size_limit_while_saving(dataset, tmp_path):
              str(out), str(size)],
             capture_output=True, text=True, env=env, timeout=300, check=False)
     assert run.returncode != 0
-    assert re.search(r"OutputError: .*wfi01_cal_tweakregstep\.asdf: output not written: the "
+    assert re.search(r"OutputError: .*wfi01_cal_wcs\.asdf: output not written: the "
                      r"file is larger than allowed \(EFBIG: file size limit\).*; 0 of 2 outputs "
-                     r"were written; the others do not exist", run.stderr), run.stderr[-2000:]
+                     r"\(each a model with its _wcs\.asdf product\) were written; the others "
+                     r"do not exist", run.stderr), run.stderr[-2000:]
     assert sorted(p.name for p in out.iterdir()) == ["r.json"]
     report = json.loads((out / "r.json").read_text())
     assert report["outputs"]["written"] == 0

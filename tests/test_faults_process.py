@@ -343,8 +343,9 @@ def _leave_temporaries(folder: Path, out: Path) -> int:
 def test_stale_temporaries_of_killed_runs_are_removed(dataset, tmp_path, caplog):
     """A run SIGKILLed while writing leaves its hidden temporary folder (named after
     its host and pid) and its on_disk model folder (under the system temporary
-    folder, not the current one); the next run removes both once the grace period
-    is over, and leaves those of running processes and other hosts alone."""
+    folder, not the current one); the next run removes both at once (their owner no
+    longer runs: no grace period), and leaves those of running processes and other
+    hosts alone."""
     caplog.set_level(logging.INFO, logger="roman_tweakreg")
     asn, _ = dataset
     cwd_before = set(os.listdir())
@@ -363,19 +364,14 @@ def test_stale_temporaries_of_killed_runs_are_removed(dataset, tmp_path, caplog)
     alive.mkdir()
     other = tmp_path / f".y.{_io.TEMP_TAG}.otherhost.1.abc"
     other.mkdir()
-    old = time.time() - _io.STALE_AFTER_S - 1
-    for p in (*left, alive, other):
-        os.utime(p, (old, old))
-    assert _io.remove_stale_temporaries(tmp_path, once=False) == left  # grace over
+    t = time.monotonic()
+    assert _io.remove_stale_temporaries(tmp_path, once=False) == left  # at once
+    assert time.monotonic() - t < 1
     assert alive.exists()
     assert other.exists()
     assert "of host otherhost left in place" in caplog.text
-
-    young = models_dir  # its owner is dead but it is younger than the grace period
-    assert young not in _io.remove_stale_temporaries(tempfile.gettempdir(), once=False)
-    os.utime(young, (old, old))
-    assert young in _io.remove_stale_temporaries(tempfile.gettempdir(), once=False)
-    assert not young.exists()
+    assert models_dir in _io.remove_stale_temporaries(tempfile.gettempdir(), once=False)
+    assert not models_dir.exists()
 
 
 def test_on_disk_library_folder_removed_with_the_library(dataset):

@@ -78,7 +78,8 @@ def test_an_output_failing_in_a_worker_is_reported_with_those_written(dataset, t
     blocked.mkdir(parents=True)
     with pytest.raises(OutputError, match=(
         r"wfi02_cal_tweakregstep\.asdf: output not written: IsADirectoryError.*; 2 of 3 "
-        r"outputs were written \(.*wfi01_cal_tweakregstep\.asdf, .*wfi10_cal_tweakregstep"
+        r"outputs \(each a model with its _wcs\.asdf product\) were written "
+        r"\(.*wfi01_cal_tweakregstep\.asdf, .*wfi10_cal_tweakregstep"
         r"\.asdf\); the others do not exist")):
         _run(dataset, out, processes=2)
     assert sorted(p.name for p in out.glob("*.asdf")) == sorted(
