@@ -36,6 +36,7 @@ from ._parallel import gc_frozen
 from .errors import OutputError
 
 __all__ = [
+    "check_model_output_names",
     "check_output_files",
     "check_output_names",
     "check_writable",
@@ -123,7 +124,7 @@ def check_output_files(planned, inputs, *, check_names: bool = True) -> None:
             raise OutputError(
                 f"{path}: the output's name is {name_bytes} bytes long, longer than the "
                 f"{limits[folder]} bytes its folder {path.parent} allows (PC_NAME_MAX); it "
-                f"is {why}: choose a shorter output_file or suffix; nothing was aligned"
+                f"is {why}: choose a shorter name; nothing was aligned"
             )
         real, inode = _identity(path)
         hit = by_path.get(real)
@@ -137,6 +138,61 @@ def check_output_files(planned, inputs, *, check_names: bool = True) -> None:
                 f"{path}: this output would overwrite the input {hit[0]} ({hit[1]}; {how}); "
                 f"it is {why}; input files are never written: choose another output_dir, "
                 "output_file or suffix; nothing was aligned"
+            )
+
+
+@functools.cache
+def filename_max() -> int | None:
+    """The longest ``meta.filename`` roman_datamodels' schemas accept (characters), or None.
+
+    A model is saved with ``meta.filename`` set to its output's file name, so an output
+    whose name is longer fails the schema's validation when written: 120 characters in
+    roman_datamodels 0.2x (``archive_catalog`` ``nvarchar(120)``).
+    """
+
+    def find(node):
+        if isinstance(node, dict):
+            props = node.get("properties")
+            spec = props.get("filename") if isinstance(props, dict) else None
+            if isinstance(spec, dict) and isinstance(spec.get("maxLength"), int):
+                return spec["maxLength"]
+            node = list(node.values())
+        if isinstance(node, list):
+            for value in node:
+                if (found := find(value)) is not None:
+                    return found
+        return None
+
+    models = (rdm.ImageModel, rdm.WfiWcsModel)
+    limits = [n for m in models if (n := find(m().get_schema()["properties"]["meta"]))]
+    return min(limits) if limits else None
+
+
+def check_model_output_names(planned) -> None:
+    """Refuse model files (outputs, ``_wcs.asdf`` products) whose names are longer than
+    a Roman file's ``meta.filename`` may be (:func:`filename_max`), before any work.
+
+    Parameters
+    ----------
+    planned : iterable of (path, str)
+        Each model file to be written and what it is (with what chose its name).
+
+    Raises
+    ------
+    OutputError
+        Naming the output, its length, the limit and what chose the name.
+    """
+    limit = filename_max()
+    if limit is None:
+        return
+    for path, why in planned:
+        name = Path(path).name
+        if len(name) > limit:
+            raise OutputError(
+                f"{path}: the output's name is {len(name)} characters long, but a Roman "
+                f"file's meta.filename, which is set to its name, holds at most {limit} "
+                f"(roman_datamodels' schema); it is {why}: give a shorter output_file (or "
+                "rename the input); nothing was aligned"
             )
 
 
@@ -252,13 +308,13 @@ def save_library(
                     if isinstance(model, rdm.ImageModel) and model.meta.wcs is not None:
                         wcs_path = output_path(step, model, "wcs", idx, output_file, {})
                     jobs.append((index, path, wcs_path))
-                if inputs:
-                    check_output_files(
-                        [(p, f"the {what} of image {i}") for i, path, wcs_path in jobs
-                         for p, what in ((path, "model output"), (wcs_path, "_wcs.asdf product"))
-                         if p is not None],
-                        inputs,
-                    )  # fmt: skip
+                planned = [
+                    (p, f"the {what} of image {i}") for i, path, wcs_path in jobs
+                    for p, what in ((path, "model output"), (wcs_path, "_wcs.asdf product"))
+                    if p is not None
+                ]  # fmt: skip
+                check_model_output_names(planned)
+                check_output_files(planned, inputs or [])
                 _save_batch(models, jobs, processes, written, errors)
             finally:
                 for index, model in models.items():

@@ -235,7 +235,9 @@ class TweakRegStep(Step):
         Raises
         ------
         OutputError
-            Naming the output, the input and the parameters that chose the name.
+            Naming the output, the input and the parameters that chose the name; or an
+            output whose name is too long for its folder, or for a Roman file's
+            ``meta.filename`` (:func:`roman_tweakreg.outputs.check_model_output_names`).
         """
         from .detection import catalog_filename
         from .library import member_dir
@@ -261,8 +263,6 @@ class TweakRegStep(Step):
             if Path(entry).expanduser().is_file():
                 inputs.append((Path(entry).expanduser(), "abs_refcat"))
         self._inputs = inputs
-        if not inputs:
-            return
         planned = []
         naming = self._naming()
         n = len(members)
@@ -276,6 +276,7 @@ class TweakRegStep(Step):
                     path = outputs.output_name(self, name, suffix, idx, self.output_file, {})
                     planned.append((path, f"the {what} of image {index}, named{origin} by "
                                           f"{naming}"))  # fmt: skip
+        outputs.check_model_output_names(planned)
         if self.report:
             planned.append((self._report_path(), f"the report, named by report={self.report!r}"
                             + (f", output_dir={self.output_dir!r}" if self.output_dir else "")))
@@ -297,8 +298,8 @@ class TweakRegStep(Step):
         """The parameters that name the models' outputs, for messages."""
         suffix = self.suffix or self.default_suffix()
         parts = [f"output_dir={self.output_dir!r}" if self.output_dir else "no output_dir"]
-        if self.output_file:
-            parts.append(f"output_file={self.output_file!r}")
+        if self.output_file:  # stpipe names outputs after its file name only
+            parts.append(f"output_file={Path(self.output_file).name!r}")
         parts.append(f"suffix={suffix!r}")
         return ", ".join(parts)
 
