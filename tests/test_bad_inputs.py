@@ -908,7 +908,7 @@ def test_long_legal_output_names_are_written_through_short_temporaries(dataset, 
     from roman_tweakreg import _io
 
     prefix = _io.temp_prefix("." + "z" * 250)
-    assert len(prefix.encode()) <= 1 + _io.TEMP_STEM_MAX + len(_io.TEMP_TAG) + 32 + 12
+    assert len(prefix.encode()) <= 120  # tempfile adds 8 random characters
     path = _io.write_atomically(tmp_path / ("t" * 251 + ".txt"), lambda p: p.write_text("ok"))
     assert path.read_text() == "ok"
     report = "r" * 245 + ".json"

@@ -56,7 +56,7 @@ log = logging.getLogger(__name__)
 
 TEMP_TAG = "roman_tweakreg-tmp"
 #: Longest part of a temporary's name taken from the file it stands for (bytes of the
-#: stem), and of the host name: a temporary's name is at most about 110 bytes.
+#: stem), and of the host name: a temporary's name is at most about 130 bytes.
 TEMP_STEM_MAX = 40
 _HOST_MAX = 32
 _TEMP_NAME = re.compile(re.escape(TEMP_TAG) + r"\.(?P<host>[^.]+)\.(?P<pid>\d+)\.")
@@ -65,7 +65,18 @@ _swept_lock = threading.Lock()
 
 
 def _host() -> str:
-    return (re.sub(r"[^A-Za-z0-9-]", "_", socket.gethostname()) or "localhost")[:_HOST_MAX]
+    """This host's name (cut to 32 characters) and, on Linux, its process-id namespace.
+
+    Process ids are those of a namespace: two containers sharing a host name and a
+    folder see different processes under one pid, so the namespace is part of the
+    owner's identity (``<host>-p<namespace inode>``); a temporary is judged by
+    ``os.kill(pid, 0)`` only where that pid means its owner.
+    """
+    host = (re.sub(r"[^A-Za-z0-9-]", "_", socket.gethostname()) or "localhost")[:_HOST_MAX]
+    try:
+        return f"{host}-p{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:  # not Linux, or no /proc
+        return host
 
 
 def temp_prefix(stem: str = "") -> str:
@@ -74,7 +85,8 @@ def temp_prefix(stem: str = "") -> str:
     ``tempfile`` appends a random part.  :func:`remove_stale_temporaries` recognises
     the names and knows from them whether their owner still runs.  ``stem`` is cut to
     :data:`TEMP_STEM_MAX` bytes (and the host name to 32 characters), so the name stays
-    far below any file system's limit whatever the name of the file written.
+    far below any file system's limit (about 130 bytes at most) whatever the name of the
+    file written.
     """
     cut = os.fsencode(stem)[:TEMP_STEM_MAX].decode("utf-8", "ignore")
     return f"{cut}.{TEMP_TAG}.{_host()}.{os.getpid()}."
