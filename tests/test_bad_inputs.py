@@ -1032,21 +1032,21 @@ def test_an_asdf_catalog_holding_a_yaml_bomb_is_refused_like_a_model(tmp_path):
     path.write_bytes(bf.yaml_bomb(path.read_bytes(), 9, 10, where=b"history:\n"))
     t = time.perf_counter()
     with bf.deadline(20), pytest.raises(CatalogError, match=(
-            r"cat\.asdf: catalog has a YAML header whose anchors and aliases expand to more "
+            r"cat\.asdf: catalog of img has a YAML header whose anchors and aliases expand to more "
             r"than 1000000 nodes \(a YAML bomb\?\)")):
         _read(tmp_path, path)
     assert time.perf_counter() - t < 2
 
 
 @pytest.mark.parametrize(("name", "fmt", "match"), [
-    ("cat.ecsv", "ascii.ecsv", r"not a text table \(ascii\.ecsv\): its first 1024 bytes hold "
-                               r"NUL bytes"),
+    ("cat.ecsv", "ascii.ecsv", r"img: cannot read catalog .*cat\.ecsv as ascii\.ecsv: not a "
+                               r"text table \(ascii\.ecsv\): its first 1024 bytes hold NUL bytes"),
     ("cat.csv", "ascii.csv", r"not a text table \(ascii\.csv\)"),
     ("cat.txt", "ascii.commented_header", r"not a text table \(ascii\.commented_header\)"),
     ("cat.parquet", "ascii.ecsv", r"not a Parquet file: expected it to start and end with "
                                   r"b'PAR1'"),
     ("cat.fits", "fits", r"not a FITS file: expected it to start with 'SIMPLE'"),
-    ("cat.asdf", "ascii.ecsv", r"catalog is not an ASDF file"),
+    ("cat.asdf", "ascii.ecsv", r"cat\.asdf: catalog of img is not an ASDF file"),
 ])
 def test_a_2gb_catalog_of_nul_bytes_is_refused_at_once(tmp_path, name, fmt, match):
     """A 2 GB sparse file of NUL bytes as a catalog: refused from its first bytes, in well

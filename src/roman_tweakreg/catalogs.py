@@ -278,7 +278,7 @@ def read_catalog(source: CatalogSource, image: str, catalog_format: str = "ascii
         )
     try:
         check_regular_file(found, f"catalog named by {source.origin} for {image}", CatalogError)
-        return _read_table(found, catalog_format)
+        return _read_table(found, catalog_format, image)
     except CatalogError:
         raise
     except MemoryError as err:
@@ -290,7 +290,7 @@ def read_catalog(source: CatalogSource, image: str, catalog_format: str = "ascii
         ) from err
 
 
-def _read_table(path: Path, catalog_format: str) -> Table:
+def _read_table(path: Path, catalog_format: str, image: str = "") -> Table:
     """Read a catalog file after the same hostile-content checks as every input.
 
     An ASDF catalog goes through :func:`~roman_tweakreg._asdf_check.check_asdf_file`
@@ -306,7 +306,7 @@ def _read_table(path: Path, catalog_format: str) -> Table:
         import asdf
 
         try:
-            check_asdf_file(path, "catalog")
+            check_asdf_file(path, f"catalog of {image}" if image else "catalog")
         except InvalidInputError as err:
             raise CatalogError(str(err)) from err
         with asdf.open(path, lazy_load=False, memmap=False) as af:
@@ -316,7 +316,8 @@ def _read_table(path: Path, catalog_format: str) -> Table:
         raise CatalogError(f"{path}: no table found in the ASDF file")
     reason = sniff_table(path, catalog_format)
     if reason is not None:
-        raise CatalogError(f"cannot read catalog {path} as {catalog_format}: {reason}")
+        where = f"{image}: " if image else ""
+        raise CatalogError(f"{where}cannot read catalog {path} as {catalog_format}: {reason}")
     return Table.read(path, format=catalog_format)
 
 
