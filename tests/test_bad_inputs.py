@@ -839,13 +839,22 @@ def _overwrite_case(case, dataset, tmp_path):
         return (inp / WFI01, {"save_results": False, "catalog_path": str(inp / "cats"),
                               "catfile": str(inp / "cats" / name)},
                 name, r"the catalog detection would write for image 0 \(catalog_path=")
+    if case == "catalog":  # suffix 'cat' names the output after the image's ASDF catalog
+        inp = _inputs_folder(dataset, tmp_path)
+        catalog = inp / f"{stem}_cat.asdf"
+        table = Table.read(inp / "r0000101001001001001_0001_wfi01_cat.ecsv")
+        asdf.AsdfFile({"catalog": table}).write_to(catalog)
+        (inp / "catfile.txt").write_text(f"{WFI01} {catalog.name}\n")
+        return (inp / WFI01, {"output_dir": str(inp), "suffix": "cat",
+                              "catfile": str(inp / "catfile.txt"), "use_custom_catalogs": True},
+                catalog.name, r"the catalog of image 0; the same path\); it is the model output")
     raise AssertionError(case)
 
 
 @pytest.mark.parametrize("case", [
     "output_file_and_suffix", "suffix", "association_member", "association_product",
     "output_dir_link", "output_name_link", "hard_link", "report", "save_abs_catalog",
-    "detected_catalog",
+    "detected_catalog", "catalog",
 ])
 def test_an_output_that_is_an_input_is_refused_before_work(dataset, tmp_path, case):
     """Whatever output_dir, output_file, suffix and the association say, no output may be

@@ -122,6 +122,7 @@ class TweakRegStep(Step):
             self._check_inputs_not_overwritten(library, input_data)
             plane, skipped, workers = self._prepare(library, detection)
         with workers:
+            self._check_catalogs_not_overwritten(plane)
             images = plane.images
             log.info(
                 "%d images to align in %d groups; %d skipped",
@@ -285,6 +286,7 @@ class TweakRegStep(Step):
                 planned.append((self._refcat_folder() / f"fit_{stem}_ref.ecsv",
                                 "the reference catalog saved by save_abs_catalog"))
         outputs.check_output_files(planned, inputs)
+        self._planned = planned
         folder, detected = self._catalog_folder(), []
         for index, name in enumerate(names):
             if name is not None:
@@ -293,6 +295,17 @@ class TweakRegStep(Step):
                                       f"(catalog_path={self.catalog_path!r}, output_dir="
                                       f"{self.output_dir!r})"))  # fmt: skip
         outputs.check_output_files(detected, inputs, check_names=False)
+
+    def _check_catalogs_not_overwritten(self, plane) -> None:
+        """Refuse, before the alignment, outputs that are one of the catalog files read.
+
+        Catalog files are known once read (the models name them); they join the inputs
+        checked when saving.
+        """
+        read = [(Path(i.catalog_file), f"the catalog of image {i.index}")
+                for i in plane.images if i.catalog_file]  # fmt: skip
+        self._inputs = [*getattr(self, "_inputs", []), *read]
+        outputs.check_output_files(getattr(self, "_planned", []), read)
 
     def _naming(self) -> str:
         """The parameters that name the models' outputs, for messages."""
