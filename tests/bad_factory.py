@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import signal
 import struct
 from contextlib import contextmanager
 from pathlib import Path
@@ -131,3 +133,51 @@ def cut_after_comma(body: bytes, row: int) -> bytes:
     line = lines[k]
     cut = [m.end() for m in re.finditer(b",", line)][2]
     return b"\n".join(lines[:k]) + b"\n" + line[:cut]
+
+
+# -- file-system oddities -----------------------------------------------------------------------
+#: Special files that are not regular files, by the words the errors use for them.
+SPECIAL_KINDS = {
+    "fifo": "a FIFO (named pipe)",
+    "folder": "a folder",
+    "dev_zero": "a character device",
+    "dev_null": "a character device",
+}
+
+
+def special_file(folder: Path, name: str, kind: str) -> Path:
+    """A FIFO (no writer), a folder, or a symbolic link to /dev/zero or /dev/null at
+    ``folder / name``: what a test names where a regular file is expected."""
+    path = folder / name
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "folder":
+        path.mkdir()
+    else:
+        path.symlink_to("/dev/zero" if kind == "dev_zero" else "/dev/null")
+    return path
+
+
+def sparse_file(path: Path, size: int = 2 * 1024**3) -> Path:
+    """A file of ``size`` NUL bytes that takes no disk space (a hole, ``truncate``)."""
+    with path.open("wb") as f:
+        f.truncate(size)
+    return path
+
+
+@contextmanager
+def deadline(seconds: float):
+    """Fail the block with TimeoutError after ``seconds`` (SIGALRM; main thread only): a
+    read that blocks (a FIFO without a writer, /dev/zero) ends the test instead of hanging
+    it.  The previous handler and timer are restored."""
+
+    def _expired(signum, frame):
+        raise TimeoutError(f"still running after {seconds} s: a hang")
+
+    previous = signal.signal(signal.SIGALRM, _expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)

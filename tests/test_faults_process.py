@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from conftest import make_data, refcat_at
-from roman_tweakreg import TweakRegStep, _io, align, catalogs, plane
+from roman_tweakreg import TweakRegStep, _io, align, catalogs, outputs, plane
 from roman_tweakreg.errors import MissingInputError
 from roman_tweakreg.library import open_library
 from roman_tweakreg.testing import simulate
@@ -343,8 +343,9 @@ def _leave_temporaries(folder: Path, out: Path) -> int:
 def test_stale_temporaries_of_killed_runs_are_removed(dataset, tmp_path, caplog):
     """A run SIGKILLed while writing leaves its hidden temporary folder (named after
     its host and pid) and its on_disk model folder (under the system temporary
-    folder, not the current one); the next run removes both once the grace period
-    is over, and leaves those of running processes and other hosts alone."""
+    folder, not the current one); the next run removes both at once (their owner no
+    longer runs: no grace period), and leaves those of running processes and other
+    hosts alone."""
     caplog.set_level(logging.INFO, logger="roman_tweakreg")
     asn, _ = dataset
     cwd_before = set(os.listdir())
@@ -363,19 +364,14 @@ def test_stale_temporaries_of_killed_runs_are_removed(dataset, tmp_path, caplog)
     alive.mkdir()
     other = tmp_path / f".y.{_io.TEMP_TAG}.otherhost.1.abc"
     other.mkdir()
-    old = time.time() - _io.STALE_AFTER_S - 1
-    for p in (*left, alive, other):
-        os.utime(p, (old, old))
-    assert _io.remove_stale_temporaries(tmp_path, once=False) == left  # grace over
+    t = time.monotonic()
+    assert _io.remove_stale_temporaries(tmp_path, once=False) == left  # at once
+    assert time.monotonic() - t < 1
     assert alive.exists()
     assert other.exists()
     assert "of host otherhost left in place" in caplog.text
-
-    young = models_dir  # its owner is dead but it is younger than the grace period
-    assert young not in _io.remove_stale_temporaries(tempfile.gettempdir(), once=False)
-    os.utime(young, (old, old))
-    assert young in _io.remove_stale_temporaries(tempfile.gettempdir(), once=False)
-    assert not young.exists()
+    assert models_dir in _io.remove_stale_temporaries(tempfile.gettempdir(), once=False)
+    assert not models_dir.exists()
 
 
 def test_on_disk_library_folder_removed_with_the_library(dataset):
@@ -424,11 +420,11 @@ def test_cli_sigterm_raises_an_interrupt_meanwhile_only():
     assert signal.getsignal(signal.SIGTERM) is previous
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT])
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_cli_interrupt_one_line_cleanup_and_status(tmp_path, signum):
-    """``roman-tweakreg example`` interrupted while the step runs: one line on stderr,
-    no traceback, status 128 + signal, no temporaries and no worker left (SIGTERM
-    takes the same way, see the test above)."""
+    """``roman-tweakreg example`` interrupted (Ctrl-C) or stopped (SIGTERM, as batch
+    systems stop jobs) while the step runs: one line on stderr, no traceback, status
+    128 + signal, no temporaries and no worker left."""
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -466,3 +462,96 @@ def test_cli_interrupt_one_line_cleanup_and_status(tmp_path, signum):
     assert _wait_dead(children, timeout=5)
     assert [p for p in tmp_path.rglob("*") if _io.TEMP_TAG in p.name] == []
     assert np.all([_dead(c) for c in children])
+
+
+# -- SIGTERM under strun: no handler, the process dies where it is ---------------------------------
+_SAVE_RUN = """
+import sys
+from roman_tweakreg import TweakRegStep
+TweakRegStep.call(sys.argv[1], abs_refcat=sys.argv[2], output_dir=sys.argv[3],
+                  save_results=True, processes=1)
+"""
+
+
+def _moment_reached(out: Path, moment: str) -> bool:
+    names = [p.name for p in out.iterdir()] if out.is_dir() else []
+    models = [n for n in names if n.endswith("_tweakregstep.asdf")]
+    if moment == "first_temporary":
+        return any(_io.TEMP_TAG in n for n in names)
+    if moment == "product_before_model":  # a product written, its model not yet
+        return any(n.replace("_wcs.asdf", "_tweakregstep.asdf") not in models
+                   for n in names if n.endswith("_wcs.asdf"))
+    if moment == "one_model":
+        return len(models) >= 1
+    if moment == "five_files":
+        return len([n for n in names if n.endswith(".asdf")]) >= 5
+    raise AssertionError(moment)
+
+
+def _pairs(out: Path) -> tuple[list[str], list[str]]:
+    """Models without their product, and products without their model, in ``out``."""
+    names = {p.name for p in out.iterdir()}
+    models = {n.removesuffix("_tweakregstep.asdf") for n in names
+              if n.endswith("_tweakregstep.asdf")}
+    products = {n.removesuffix("_wcs.asdf") for n in names if n.endswith("_wcs.asdf")}
+    return sorted(models - products), sorted(products - models)
+
+
+@pytest.fixture(scope="module")
+def one_exposure(tmp_path_factory):
+    """One exposure of three detectors on disk: six outputs to save."""
+    exposures, stars = make_data(1)
+    folder = tmp_path_factory.mktemp("sigterm")
+    asn = simulate.write_dataset(exposures, stars, folder)
+    refcat = folder / "gaia_2028.ecsv"
+    refcat_at(stars, 2028.0).write(refcat, format="ascii.ecsv")
+    return asn, refcat
+
+
+@pytest.mark.parametrize("moment", ["first_temporary", "product_before_model", "five_files"])
+def test_sigterm_while_saving_leaves_no_model_without_its_product(one_exposure, tmp_path,
+                                                                  moment):
+    """The step's process (as strun runs it: no SIGTERM handler) killed by SIGTERM while
+    saving: no model exists without its _wcs.asdf product (the product is written first);
+    what is left is whole pairs, at most one product whose model was next, and hidden
+    temporaries; the next run removes those temporaries at once (the first thing it does
+    in its output folder, :func:`~roman_tweakreg.outputs.check_writable`, before any
+    work) and saves every pair."""
+    asn, refcat = one_exposure
+    out = tmp_path / "out"
+    env = os.environ | {"PYTHONPATH": os.pathsep.join(
+        [str(Path(__file__).parents[1] / "src"), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-c", _SAVE_RUN, str(asn), str(refcat), str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    try:
+        end = time.monotonic() + 120
+        while not _moment_reached(out, moment) and proc.poll() is None:
+            assert time.monotonic() < end, "the moment never came"
+            time.sleep(0.002)
+        os.kill(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGTERM  # killed while saving, not finished
+    lonely_models, lonely_products = _pairs(out)
+    assert lonely_models == []
+    assert len(lonely_products) <= 1
+    left = [p for p in out.iterdir() if not p.name.endswith((".asdf",))]
+    assert all(p.name.startswith(".") and _io.TEMP_TAG in p.name for p in left), left
+    if moment == "first_temporary":
+        assert left, "killed while a temporary existed, yet none is left"
+    for name in (n for n in os.listdir(out) if n.endswith("_tweakregstep.asdf")):
+        with asdf.open(out / name) as af:  # whole files only
+            assert af["roman"]["meta"]["cal_step"]["tweakreg"] == "COMPLETE"
+
+    if moment != "five_files":  # the next run's first look at its output folder
+        outputs.check_writable(out, "output_dir")
+        assert [n for n in os.listdir(out) if _io.TEMP_TAG in n] == []
+        return
+    TweakRegStep.call(str(asn), abs_refcat=str(refcat), output_dir=str(out), save_results=True,
+                      processes=1)
+    names = sorted(os.listdir(out))
+    assert [n for n in names if _io.TEMP_TAG in n] == []  # removed at once, not after 600 s
+    assert _pairs(out) == ([], [])
+    assert len([n for n in names if n.endswith("_tweakregstep.asdf")]) == 3

@@ -78,7 +78,8 @@ def test_an_output_failing_in_a_worker_is_reported_with_those_written(dataset, t
     blocked.mkdir(parents=True)
     with pytest.raises(OutputError, match=(
         r"wfi02_cal_tweakregstep\.asdf: output not written: IsADirectoryError.*; 2 of 3 "
-        r"outputs were written \(.*wfi01_cal_tweakregstep\.asdf, .*wfi10_cal_tweakregstep"
+        r"outputs \(each a model with its _wcs\.asdf product\) were written "
+        r"\(.*wfi01_cal_tweakregstep\.asdf, .*wfi10_cal_tweakregstep"
         r"\.asdf\); the others do not exist")):
         _run(dataset, out, processes=2)
     assert sorted(p.name for p in out.glob("*.asdf")) == sorted(
@@ -89,6 +90,25 @@ def test_an_output_failing_in_a_worker_is_reported_with_those_written(dataset, t
     assert report["outputs"]["written"] == 2
     assert [i["output"] is not None for i in report["images"]] == [True, False, True]
     assert np.isfinite(report["timings"]["save"])
+
+
+def test_a_product_that_cannot_be_written_counts_its_pair_as_not_written(dataset, tmp_path):
+    """A folder in the way of the second image's _wcs.asdf product: that image's model is
+    not written either (a model never exists without its product), saving stops there
+    (one process), and the error and the report count pairs: 1 of 3."""
+    out = tmp_path / "out"
+    blocked = out / OUTPUT.format("wfi02", "wcs")
+    blocked.mkdir(parents=True)
+    with pytest.raises(OutputError, match=(
+        r"wfi02_cal_wcs\.asdf: output not written: IsADirectoryError.*; 1 of 3 outputs \(each "
+        r"a model with its _wcs\.asdf product\) were written \(.*wfi01_cal_tweakregstep\.asdf"
+        r"\); the others do not exist")):
+        _run(dataset, out, processes=1)
+    assert sorted(p.name for p in out.glob("*.asdf")) == sorted(
+        [blocked.name] + [OUTPUT.format("wfi01", k) for k in ("tweakregstep", "wcs")])
+    report = json.loads((out / "r.json").read_text())
+    assert report["outputs"]["written"] == 1
+    assert [i["output"] is not None for i in report["images"]] == [True, False, False]
 
 
 def _yaml_tree(path) -> list[str]:

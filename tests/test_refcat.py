@@ -272,6 +272,29 @@ def test_corrupt_cache_entry_is_fetched_again(service, tmp_path, damage, caplog)
     assert service.requests == 2  # the entry was rewritten
 
 
+def test_cache_entry_replaced_by_a_fifo_between_runs_is_deleted_and_fetched_again(
+        service, tmp_path, caplog):
+    """A FIFO (no writer) in place of a cache entry: reading it would block for ever; it
+    is seen for what it is, deleted with a warning, and the cone fetched again."""
+    import os
+
+    import bad_factory as bf
+
+    good = query()
+    (entry,) = cone_files(tmp_path / "cache")
+    entry.unlink()
+    os.mkfifo(entry)
+    with caplog.at_level(logging.WARNING, logger="roman_tweakreg.refcat"), bf.deadline(10):
+        again = query()
+    assert service.requests == 2
+    assert np.array_equal(good.table["RA"], again.table["RA"])
+    assert f"Cache entry {entry} is a FIFO (named pipe), not a regular file; deleted" in (
+        caplog.text)
+    assert entry.is_file()  # a regular entry again
+    query()
+    assert service.requests == 2
+
+
 # -- local files ---------------------------------------------------------------------------------
 def field_table(names=("RA", "DEC")):
     s = stars()

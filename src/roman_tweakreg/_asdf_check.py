@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ._io import check_regular_file, open_regular
 from .errors import InvalidInputError
 
 __all__ = ["MAX_ARRAY_BYTES", "MAX_YAML_BYTES", "MAX_YAML_NODES", "check_asdf_file"]
@@ -76,12 +77,14 @@ def check_asdf_file(path: str | os.PathLike, what: str = "input file") -> None:
     Raises
     ------
     InvalidInputError
-        Naming the file, what is wrong and what was expected.
+        Naming the file, what is wrong and what was expected; also when it is not a
+        regular file (a folder, a FIFO, a device: ``is a FIFO (named pipe), not a
+        regular file``), which is never opened.
     OSError
         When the file cannot be read at all (e.g. it does not exist).
     """
     path = Path(path)
-    st = path.stat()
+    st = check_regular_file(path, what, InvalidInputError)
     key = (str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
     if key in _PASSED:
         return
@@ -98,7 +101,7 @@ _PASSED: set[tuple] = set()
 
 
 def _check(path: Path, what: str, size: int) -> None:
-    with path.open("rb") as f:
+    with open_regular(path, what, InvalidInputError) as f:
         head = f.read(64)
         if not head.startswith(b"#ASDF "):
             kind = " (a FITS file?)" if head.startswith(b"SIMPLE") else ""

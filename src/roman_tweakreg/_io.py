@@ -5,11 +5,17 @@ reference catalogs) is written through :func:`write_atomically`, so a reader nev
 sees a partial file and a failed write leaves nothing behind.
 
 Temporary files and folders of the package are named by :func:`temp_prefix`: the
-tag ``roman_tweakreg-tmp``, the host and the process id of their owner.  They are
+tag ``roman_tweakreg-tmp``, the host and the process id of their owner, in a name of
+bounded length (so that any legal output name can be written through one).  They are
 removed on every exit path Python controls (errors, interrupts); a process killed
 outright (SIGKILL, SIGTERM without a handler, power loss) leaves them behind, and
 :func:`remove_stale_temporaries`, run by the next run in each folder it writes to,
-removes those whose owner is no longer running.
+removes at once those whose owner (a process of this host) no longer runs.
+
+Files the package reads are checked to be regular files first
+(:func:`check_regular_file`, :func:`open_regular`): a FIFO, a device, a socket or a
+folder where a file is expected is refused by its kind, never opened (opening a FIFO
+without a writer blocks for ever; ``/dev/zero`` never ends).
 """
 
 from __future__ import annotations
@@ -19,9 +25,9 @@ import os
 import re
 import shutil
 import socket
+import stat
 import tempfile
 import threading
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -33,8 +39,12 @@ if TYPE_CHECKING:
 
 __all__ = [
     "TABLE_FORMATS",
+    "check_regular_file",
+    "file_kind",
+    "open_regular",
     "read_parquet",
     "remove_stale_temporaries",
+    "sniff_table",
     "table_format",
     "table_suffix",
     "temp_prefix",
@@ -45,24 +55,41 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 TEMP_TAG = "roman_tweakreg-tmp"
-#: seconds a dead owner's temporary must have been left alone before it is removed
-STALE_AFTER_S = 600.0
+#: Longest part of a temporary's name taken from the file it stands for (bytes of the
+#: stem), and of the host name: a temporary's name is at most about 130 bytes.
+TEMP_STEM_MAX = 40
+_HOST_MAX = 32
 _TEMP_NAME = re.compile(re.escape(TEMP_TAG) + r"\.(?P<host>[^.]+)\.(?P<pid>\d+)\.")
 _swept: set[str] = set()  # folders already swept by this process
 _swept_lock = threading.Lock()
 
 
 def _host() -> str:
-    return re.sub(r"[^A-Za-z0-9-]", "_", socket.gethostname()) or "localhost"
+    """This host's name (cut to 32 characters) and, on Linux, its process-id namespace.
+
+    Process ids are those of a namespace: two containers sharing a host name and a
+    folder see different processes under one pid, so the namespace is part of the
+    owner's identity (``<host>-p<namespace inode>``); a temporary is judged by
+    ``os.kill(pid, 0)`` only where that pid means its owner.
+    """
+    host = (re.sub(r"[^A-Za-z0-9-]", "_", socket.gethostname()) or "localhost")[:_HOST_MAX]
+    try:
+        return f"{host}-p{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:  # not Linux, or no /proc
+        return host
 
 
 def temp_prefix(stem: str = "") -> str:
     """A prefix for a temporary file or folder naming its owner: ``<stem>.<tag>.<host>.<pid>.``.
 
     ``tempfile`` appends a random part.  :func:`remove_stale_temporaries` recognises
-    the names and knows from them whether their owner still runs.
+    the names and knows from them whether their owner still runs.  ``stem`` is cut to
+    :data:`TEMP_STEM_MAX` bytes (and the host name to 32 characters), so the name stays
+    far below any file system's limit (about 130 bytes at most) whatever the name of the
+    file written.
     """
-    return f"{stem}.{TEMP_TAG}.{_host()}.{os.getpid()}."
+    cut = os.fsencode(stem)[:TEMP_STEM_MAX].decode("utf-8", "ignore")
+    return f"{cut}.{TEMP_TAG}.{_host()}.{os.getpid()}."
 
 
 def _pid_running(pid: int) -> bool:
@@ -78,11 +105,12 @@ def _pid_running(pid: int) -> bool:
 def remove_stale_temporaries(folder: str | os.PathLike, *, once: bool = True) -> list[Path]:
     """Remove the package's temporaries in ``folder`` left by processes that ended.
 
-    An entry is removed when its name carries the tag of :func:`temp_prefix`, this
-    host, a process id that does not run, and it was last modified more than
-    ``STALE_AFTER_S`` seconds ago.  Entries of other hosts (a shared folder) are
-    left alone: whether their owner runs cannot be known here; they are logged.
-    With ``once``, a folder is swept once per process.
+    An entry is removed, at once, when its name carries the tag of
+    :func:`temp_prefix`, this host and a process id that does not run (``os.kill(pid,
+    0)``): its owner was killed (SIGKILL, SIGTERM under ``strun``, a batch system's
+    stop) and nobody will finish it.  Entries of other hosts (a shared folder) are left
+    alone: whether their owner runs cannot be known here; they are logged.  With
+    ``once``, a folder is swept once per process.
 
     Returns
     -------
@@ -100,20 +128,16 @@ def remove_stale_temporaries(folder: str | os.PathLike, *, once: bool = True) ->
         entries = list(os.scandir(folder))
     except OSError:
         return removed
-    host, now = _host(), time.time()
+    host = _host()
     for entry in entries:
         match = _TEMP_NAME.search(entry.name)
         if match is None:
             continue
         pid = int(match["pid"])
-        try:
-            age = now - entry.stat(follow_symlinks=False).st_mtime
-        except OSError:
-            continue
         if match["host"] != host:
             log.info("Temporary %s of host %s left in place", entry.path, match["host"])
             continue
-        if pid == os.getpid() or _pid_running(pid) or age < STALE_AFTER_S:
+        if pid == os.getpid() or _pid_running(pid):
             continue
         path = Path(entry.path)
         try:
@@ -127,6 +151,128 @@ def remove_stale_temporaries(folder: str | os.PathLike, *, once: bool = True) ->
         log.info("Removed %s, left by process %d, which ended", path, pid)
         removed.append(path)
     return removed
+
+
+def file_kind(mode: int) -> str | None:
+    """What a file of mode ``mode`` (``st_mode``) is, in words, if not a regular file; else None."""
+    if stat.S_ISREG(mode):
+        return None
+    kinds = (
+        (stat.S_ISDIR, "a folder"),
+        (stat.S_ISFIFO, "a FIFO (named pipe)"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISLNK, "a symbolic link"),
+    )
+    return next((words for test, words in kinds if test(mode)), "not a regular file")
+
+
+def check_regular_file(
+    path: str | os.PathLike, what: str, error: type[Exception]
+) -> os.stat_result:
+    """Check that ``path`` (after symbolic links) is a regular file, without opening it.
+
+    Parameters
+    ----------
+    path : str or path-like
+        The file.
+    what : str
+        What the file is for, in messages (``catalog``, ``association file``...).
+    error : type
+        The exception raised when it is not a regular file (an errors.py class).
+
+    Returns
+    -------
+    os.stat_result
+        Its status.
+
+    Raises
+    ------
+    error
+        ``<path>: <what> is a FIFO (named pipe), not a regular file`` (or a folder, a
+        character device...).
+    FileNotFoundError, OSError
+        As ``os.stat`` raises them (the file does not exist, cannot be reached).
+    """
+    st = os.stat(path)
+    kind = file_kind(st.st_mode)
+    if kind is not None:
+        raise error(f"{path}: {what} is {kind}, not a regular file")
+    return st
+
+
+def open_regular(path: str | os.PathLike, what: str, error: type[Exception]):
+    """Open ``path`` for reading in binary, only if it is a regular file.
+
+    The file is opened without blocking (``O_NONBLOCK``: opening a FIFO that has no
+    writer would wait for ever) and its kind checked on the open descriptor, so that a
+    file swapped for a FIFO or a device after an earlier check is refused too.
+
+    Raises
+    ------
+    error
+        When it is not a regular file (see :func:`check_regular_file`).
+    OSError
+        When it cannot be opened.
+    """
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        kind = file_kind(os.fstat(fd).st_mode)
+        if kind is not None:
+            raise error(f"{path}: {what} is {kind}, not a regular file")
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+#: Bytes read from the start of a table file to tell whether it can be what its format says.
+SNIFF_BYTES = 1024
+
+
+def sniff_table(path: str | os.PathLike, fmt: str | None) -> str | None:
+    """Why the file ``path`` cannot be a table of format ``fmt``, from its first KiB; or None.
+
+    A cheap look before a parser reads the whole file: a Parquet file starts and ends
+    with ``PAR1``; a FITS file starts with ``SIMPLE`` (gzip's magic bytes for
+    ``.fits.gz``); a text table (ECSV, CSV and the other astropy ASCII formats) holds
+    no NUL byte in its first KiB.  A 2 GB file of NUL bytes is then refused in
+    microseconds instead of after tens of seconds and gigabytes of memory.  Other
+    formats (``None``, ASDF, anything else astropy reads) are not sniffed here.
+
+    The file is opened with :func:`open_regular`: raises ``OSError`` (a FIFO or a
+    device as :class:`ValueError` with the file's kind) when it cannot be read.
+    """
+    fmt = (fmt or "").lower()
+    if not (fmt == "parquet" or fmt == "fits" or fmt.startswith("ascii")):
+        return None
+    with open_regular(path, "table", ValueError) as f:
+        head = f.read(SNIFF_BYTES)
+        if fmt == "parquet":
+            size = os.fstat(f.fileno()).st_size
+            tail = b""
+            if size >= 8:
+                f.seek(size - 4)
+                tail = f.read(4)
+            if not head.startswith(b"PAR1") or tail != b"PAR1":
+                return (
+                    f"not a Parquet file: expected it to start and end with b'PAR1', found "
+                    f"{head[:8]!r} ... {tail!r}"
+                )
+            return None
+    if fmt == "fits":
+        if head.startswith((b"SIMPLE", b"\x1f\x8b")):
+            return None
+        return f"not a FITS file: expected it to start with 'SIMPLE', found {head[:16]!r}"
+    if b"\x00" in head:
+        return (
+            f"not a text table ({fmt}): its first {len(head)} bytes hold NUL bytes "
+            f"(binary data), starting {head[:16]!r}"
+        )
+    return None
 
 
 def write_atomically(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
@@ -185,9 +331,16 @@ def table_suffix(fmt: str) -> str:
 
 
 def read_parquet(path: str | os.PathLike, columns: list[str] | None = None) -> Table:
-    """Read a Parquet file into an astropy Table with pyarrow (astropy's reader needs pandas)."""
+    """Read a Parquet file into an astropy Table with pyarrow (astropy's reader needs pandas).
+
+    Raises ``ValueError`` naming the file when it is not a regular file (a FIFO, a
+    device) or not a Parquet file by its first and last bytes (:func:`sniff_table`).
+    """
     import pyarrow.parquet as pq
 
+    reason = sniff_table(path, "parquet")
+    if reason is not None:
+        raise ValueError(f"{path}: {reason}")
     data = pq.read_table(path, columns=columns)
     return Table({c: data.column(c).to_numpy(zero_copy_only=False) for c in data.column_names})
 

@@ -30,12 +30,13 @@ import numpy as np
 from astropy.table import Table
 from roman_datamodels.dqflags import pixel as _dqflags
 
-from ._io import read_parquet
+from ._asdf_check import check_asdf_file
+from ._io import check_regular_file, open_regular, read_parquet, sniff_table
 from ._meta import exposure_epoch, meta_get
 from ._parallel import Workers, gc_refreeze
 from ._types import ImageCatalog
 from .detection import DetectionJob
-from .errors import CatalogError, MissingCatalogError
+from .errors import CatalogError, InvalidInputError, MissingCatalogError
 from .geometry import bounding_box_of
 from .library import member_dir
 from .plane import TangentPlane, common_plane, project
@@ -112,10 +113,14 @@ class CatalogSource:
         return [d / path for d in self.base_dirs]
 
     def resolve(self) -> Path | None:
-        """The first existing candidate path, or None (a detection's catalog file)."""
+        """The first existing candidate path, or None (a detection's catalog file).
+
+        Whatever exists counts (a folder, a FIFO, a device too): :func:`read_catalog`
+        then says what it is, rather than that it does not exist.
+        """
         if isinstance(self.value, DetectionJob):
             return Path(self.value.catalog_file)
-        return next((p for p in self.candidates() if p.is_file()), None)
+        return next((p for p in self.candidates() if p.exists()), None)
 
     @property
     def assigned(self) -> bool:
@@ -143,7 +148,8 @@ def read_catfile(path: str | Path) -> dict[str, CatalogSource]:
     """
     path = Path(path)
     try:
-        text = path.read_text()
+        with open_regular(path, "catfile", CatalogError) as f:
+            text = f.read().decode()
     except FileNotFoundError as err:
         raise MissingCatalogError(f"catfile {path} does not exist") from err
     except (OSError, UnicodeDecodeError) as err:
@@ -231,7 +237,8 @@ def read_catalog(source: CatalogSource, image: str, catalog_format: str = "ascii
             + source.hint
         )
     try:
-        return _read_table(found, catalog_format)
+        check_regular_file(found, f"catalog named by {source.origin} for {image}", CatalogError)
+        return _read_table(found, catalog_format, image)
     except CatalogError:
         raise
     except MemoryError as err:
@@ -243,18 +250,34 @@ def read_catalog(source: CatalogSource, image: str, catalog_format: str = "ascii
         ) from err
 
 
-def _read_table(path: Path, catalog_format: str) -> Table:
+def _read_table(path: Path, catalog_format: str, image: str = "") -> Table:
+    """Read a catalog file after the same hostile-content checks as every input.
+
+    An ASDF catalog goes through :func:`~roman_tweakreg._asdf_check.check_asdf_file`
+    (bounded YAML, no alias bomb, sane blocks) as model files do; other formats are
+    sniffed first (:func:`~roman_tweakreg._io.sniff_table`: Parquet magic, FITS
+    header, no NUL bytes in a text table's first KiB), so that a file of the wrong
+    content is refused before a parser reads all of it.
+    """
     suffix = path.suffix.lower()
     if suffix == ".parquet":
         return read_parquet(path)
     if suffix == ".asdf":
         import asdf
 
+        try:
+            check_asdf_file(path, f"catalog of {image}" if image else "catalog")
+        except InvalidInputError as err:
+            raise CatalogError(str(err)) from err
         with asdf.open(path, lazy_load=False, memmap=False) as af:
             for node in _walk(af.tree):
                 if isinstance(node, Table):
                     return Table(node, copy=True)
         raise CatalogError(f"{path}: no table found in the ASDF file")
+    reason = sniff_table(path, catalog_format)
+    if reason is not None:
+        where = f"{image}: " if image else ""
+        raise CatalogError(f"{where}cannot read catalog {path} as {catalog_format}: {reason}")
     return Table.read(path, format=catalog_format)
 
 

@@ -42,7 +42,7 @@ from stpipe.library import AbstractModelLibrary, NoGroupID
 
 from ._asdf_check import check_asdf_file
 from ._asdf_settings import no_validation_on_read
-from ._io import remove_stale_temporaries, temp_prefix
+from ._io import open_regular, remove_stale_temporaries, temp_prefix
 from ._meta import meta_get
 from .errors import InvalidInputError, MissingInputError, TweakRegError
 
@@ -343,9 +343,12 @@ def load_association(filename) -> dict:
     """
     path = Path(filename)
     try:
-        asn = json.loads(path.read_text())
+        with open_regular(path, "association file", InvalidInputError) as f:
+            asn = json.loads(f.read().decode("utf-8"))
     except FileNotFoundError as err:
         raise MissingInputError(f"{path}: association file does not exist") from err
+    except OSError as err:
+        raise InvalidInputError(f"{path}: association file cannot be read: {err}") from err
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise InvalidInputError(f"{path}: not a JSON association file ({err})") from err
     try:

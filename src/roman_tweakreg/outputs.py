@@ -18,6 +18,7 @@ stpipe calls after :meth:`~roman_tweakreg.TweakRegStep.process`) hands its work 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import errno
 import functools
@@ -30,14 +31,17 @@ from astropy.modeling.models import Shift
 from roman_datamodels import datamodels as rdm
 
 from ._asdf_settings import schemas_parsed_once
-from ._io import write_atomically
+from ._io import remove_stale_temporaries, write_atomically
 from ._parallel import gc_frozen
 from .errors import OutputError
 
 __all__ = [
+    "check_model_output_names",
+    "check_output_files",
     "check_output_names",
     "check_writable",
     "describe_write_error",
+    "output_name",
     "output_path",
     "save_library",
     "save_model",
@@ -49,11 +53,157 @@ log = logging.getLogger(__name__)
 
 def output_path(step, model, suffix, idx, output_file, components) -> str:
     """The output file of ``model``, named as stpipe names it (see :func:`save_library`)."""
+    return output_name(step, model.meta.filename, suffix, idx, output_file, components)
+
+
+def output_name(step, filename, suffix, idx, output_file, components) -> str:
+    """The output file of a model whose ``meta.filename`` is ``filename`` (see
+    :func:`output_path`), so that outputs can be named before the models are opened."""
     if not output_file and (step.output_use_model or not step.search_output_file):
-        output_file, idx = model.meta.filename, None
+        output_file, idx = filename, None
     if idx is not None:
         components = {"idx": idx, **components}
     return step.make_output_path(basepath=output_file, suffix=suffix, **components)
+
+
+def _identity(path: Path) -> tuple[str, tuple[int, int] | None]:
+    """A file's real path (symbolic links resolved) and its (device, inode) when it exists."""
+    real = os.path.realpath(path)
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return real, None
+    return real, (st.st_dev, st.st_ino)
+
+
+def check_output_files(planned, inputs, *, check_names: bool = True) -> None:
+    """Refuse, before anything is written, outputs that would overwrite an input or
+    whose names are too long for their folder.
+
+    An output is refused when it resolves to an input: the same path once symbolic
+    links are resolved (an ``output_dir`` that is a link to the inputs' folder, an
+    output name that is a link to an input), or the same file by device and inode (a
+    hard link).  Whatever ``output_dir``, ``output_file``, ``suffix`` and the
+    association say, input files are never written.  An output whose name is longer
+    than its folder allows (``os.pathconf(folder, "PC_NAME_MAX")``, 255 bytes on
+    most file systems) is refused with the limit, rather than failing after the
+    alignment.
+
+    Parameters
+    ----------
+    planned : iterable of (path, str)
+        Each output file and what it is, with the parameters that chose its name
+        (for the message).
+    inputs : iterable of (path, str)
+        Each input file (models, association, catfile, catalogs, reference catalog)
+        and what it is.
+    check_names : bool
+        Whether to check the names' length too (not for outputs that may not be
+        written at all, such as detected catalogs).
+
+    Raises
+    ------
+    OutputError
+        Naming the output, the input it would overwrite (or the name's length and the
+        folder's limit), and the parameters that chose the name.
+    """
+    by_path, by_inode = {}, {}
+    for path, what in inputs:
+        real, inode = _identity(Path(path))
+        by_path.setdefault(real, (path, what))
+        if inode is not None:
+            by_inode.setdefault(inode, (path, what))
+    limits: dict[str, int] = {}
+    for path, why in planned:
+        path = Path(path)
+        name_bytes = len(os.fsencode(path.name))
+        folder = str(path.parent)
+        if folder not in limits:
+            limits[folder] = _name_max(path.parent)
+        if check_names and name_bytes > limits[folder]:
+            raise OutputError(
+                f"{path}: the output's name is {name_bytes} bytes long, longer than the "
+                f"{limits[folder]} bytes its folder {path.parent} allows (PC_NAME_MAX); it "
+                f"is {why}: choose a shorter name; nothing was aligned"
+            )
+        real, inode = _identity(path)
+        hit = by_path.get(real)
+        how = "the same file once symbolic links are resolved"
+        if hit is not None and os.path.abspath(path) == os.path.abspath(hit[0]):
+            how = "the same path"
+        if hit is None and inode is not None:
+            hit, how = by_inode.get(inode), "the same file by device and inode (a hard link)"
+        if hit is not None:
+            raise OutputError(
+                f"{path}: this output would overwrite the input {hit[0]} ({hit[1]}; {how}); "
+                f"it is {why}; input files are never written: choose another output_dir, "
+                "output_file or suffix; nothing was aligned"
+            )
+
+
+@functools.cache
+def filename_max() -> int | None:
+    """The longest ``meta.filename`` roman_datamodels' schemas accept (characters), or None.
+
+    A model is saved with ``meta.filename`` set to its output's file name, so an output
+    whose name is longer fails the schema's validation when written: 120 characters in
+    roman_datamodels 0.2x (``archive_catalog`` ``nvarchar(120)``).
+    """
+
+    def find(node):
+        if isinstance(node, dict):
+            props = node.get("properties")
+            spec = props.get("filename") if isinstance(props, dict) else None
+            if isinstance(spec, dict) and isinstance(spec.get("maxLength"), int):
+                return spec["maxLength"]
+            node = list(node.values())
+        if isinstance(node, list):
+            for value in node:
+                if (found := find(value)) is not None:
+                    return found
+        return None
+
+    models = (rdm.ImageModel, rdm.WfiWcsModel)
+    limits = [n for m in models if (n := find(m().get_schema()["properties"]["meta"]))]
+    return min(limits) if limits else None
+
+
+def check_model_output_names(planned) -> None:
+    """Refuse model files (outputs, ``_wcs.asdf`` products) whose names are longer than
+    a Roman file's ``meta.filename`` may be (:func:`filename_max`), before any work.
+
+    Parameters
+    ----------
+    planned : iterable of (path, str)
+        Each model file to be written and what it is (with what chose its name).
+
+    Raises
+    ------
+    OutputError
+        Naming the output, its length, the limit and what chose the name.
+    """
+    limit = filename_max()
+    if limit is None:
+        return
+    for path, why in planned:
+        name = Path(path).name
+        if len(name) > limit:
+            raise OutputError(
+                f"{path}: the output's name is {len(name)} characters long, but a Roman "
+                f"file's meta.filename, which is set to its name, holds at most {limit} "
+                f"(roman_datamodels' schema); it is {why}: give a shorter output_file (or "
+                "rename the input); nothing was aligned"
+            )
+
+
+def _name_max(folder: Path) -> int:
+    """The longest file name (bytes) the nearest existing folder of ``folder`` takes."""
+    for place in (folder, *folder.parents):
+        try:
+            return int(os.pathconf(place, "PC_NAME_MAX"))
+        except (OSError, ValueError):
+            continue
+    return 255
 
 
 def save_model(model, path: str | os.PathLike) -> str | os.PathLike:
@@ -84,6 +234,7 @@ def save_library(
     written: list | None = None,
     processes: int = 1,
     batch: int | None = None,
+    inputs: list | None = None,
 ) -> list:
     """Save every model of ``library`` and its ``_wcs.asdf`` product.
 
@@ -117,6 +268,10 @@ def save_library(
     batch : int or None
         Models borrowed at once (each batch is shared out to new workers); None: all
         (an ``on_disk`` library keeps fewer in memory with a small batch).
+    inputs : list or None
+        The run's input files as ``(path, what)``: an output that would overwrite one
+        is refused before the batch holding it is written (:func:`check_output_files`;
+        the step refuses the outputs it can name before the alignment already).
 
     Returns
     -------
@@ -153,6 +308,13 @@ def save_library(
                     if isinstance(model, rdm.ImageModel) and model.meta.wcs is not None:
                         wcs_path = output_path(step, model, "wcs", idx, output_file, {})
                     jobs.append((index, path, wcs_path))
+                planned = [
+                    (p, f"the {what} of image {i}") for i, path, wcs_path in jobs
+                    for p, what in ((path, "model output"), (wcs_path, "_wcs.asdf product"))
+                    if p is not None
+                ]  # fmt: skip
+                check_model_output_names(planned)
+                check_output_files(planned, inputs or [])
                 _save_batch(models, jobs, processes, written, errors)
             finally:
                 for index, model in models.items():
@@ -162,7 +324,8 @@ def save_library(
     if errors:
         done = [str(p) for p in written if p is not None]
         raise OutputError(
-            f"{errors[0]}; {len(done)} of {n} outputs were written"
+            f"{errors[0]}; {len(done)} of {n} outputs (each a model with its _wcs.asdf "
+            "product) were written"
             + (f" ({', '.join(done)})" if done else "")
             + "; the others do not exist"
         )
@@ -207,19 +370,32 @@ def _succeeded(future) -> bool:
 
 
 def _save_one(models: dict, index: int, path: str, wcs_path: str | None):
-    """Save model ``index`` and its WCS product; return its path (None: not written), error."""
+    """Save model ``index``'s WCS product, then the model; return its path (None: not
+    written), error.
+
+    The product is written first and the model last, so that a model never exists
+    without its product, even when the process is killed in between (SIGTERM under
+    ``strun``, a batch system's stop): what such a kill leaves is at worst a product
+    without its model.  When the model cannot be written (an error, an interrupt), the
+    product just written is removed: an output counts, and exists, as the pair.
+    """
     model = models[index]
-    try:
-        save_model(model, path)
-    except OutputError as err:
-        return None, str(err)
     if wcs_path is None:
         log.info("%s: no WCS, no _wcs product", model.meta.filename)
-        return path, None
+    else:
+        try:
+            save_model(wcs_product(model), wcs_path)
+        except OutputError as err:
+            return None, str(err)
     try:
-        save_model(wcs_product(model), wcs_path)
-    except OutputError as err:
-        return path, str(err)
+        save_model(model, path)
+    except BaseException as err:  # an error or an interrupt: no product without its model
+        if wcs_path is not None:
+            with contextlib.suppress(OSError):
+                Path(wcs_path).unlink()
+        if isinstance(err, OutputError):
+            return None, str(err)
+        raise
     return path, None
 
 
@@ -315,6 +491,10 @@ def describe_write_error(err: BaseException) -> str:
 def check_writable(folder: str | os.PathLike, what: str) -> Path:
     """Create ``folder`` if needed and check that a file can be created in it.
 
+    The package's temporaries that killed runs left in it (their owner, a process of
+    this host, no longer runs) are removed meanwhile
+    (:func:`roman_tweakreg._io.remove_stale_temporaries`).
+
     Parameters
     ----------
     folder : str or path-like
@@ -338,6 +518,7 @@ def check_writable(folder: str | os.PathLike, what: str) -> Path:
     folder = Path(folder or ".")
     try:
         folder.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(folder)  # what killed runs left, at once
         fd, probe = tempfile.mkstemp(dir=folder, prefix=".roman_tweakreg-probe-")
         os.close(fd)
         Path(probe).unlink()

@@ -119,8 +119,10 @@ class TweakRegStep(Step):
                 on_disk=self.on_disk,
                 named_outputs=self._saves_outputs() and not self.output_file,
             )
+            self._check_inputs_not_overwritten(library, input_data)
             plane, skipped, workers = self._prepare(library, detection)
         with workers:
+            self._check_catalogs_not_overwritten(plane)
             images = plane.images
             log.info(
                 "%d images to align in %d groups; %d skipped",
@@ -220,6 +222,100 @@ class TweakRegStep(Step):
         for folder, what in places:
             check_writable(folder, what)
 
+    def _check_inputs_not_overwritten(self, library, input_data) -> None:
+        """Refuse, before any work, every output this run names that is one of its inputs.
+
+        The outputs named here are those known before the alignment: each model's
+        output and ``_wcs.asdf`` product (as stpipe will name them), the report, the
+        reference catalog of ``save_abs_catalog`` and the catalogs detection would write;
+        the inputs: the model files, the association, the catfile and local
+        ``abs_refcat`` files.  The inputs are kept (``_inputs``) so that saving checks
+        the outputs' final names again.  See
+        :func:`roman_tweakreg.outputs.check_output_files` (also the names' length).
+
+        Raises
+        ------
+        OutputError
+            Naming the output, the input and the parameters that chose the name; or an
+            output whose name is too long for its folder, or for a Roman file's
+            ``meta.filename`` (:func:`roman_tweakreg.outputs.check_model_output_names`).
+        """
+        from .detection import catalog_filename
+        from .library import member_dir
+        from .refcat import split_refcat
+
+        inputs: list[tuple[Path, str]] = []
+        if isinstance(input_data, (str, Path)) and Path(input_data).suffix.lower() == ".json":
+            inputs.append((Path(input_data), "the association"))
+        names = []
+        members = library.asn["products"][0]["members"]
+        for index, entry in enumerate(members):
+            expname = entry.get("expname")
+            if not isinstance(expname, (str, Path)) or not str(expname):
+                names.append(None)
+                continue
+            names.append(Path(str(expname)).name)
+            folder = member_dir(library, index, entry)
+            if folder is not None:
+                inputs.append((folder / Path(str(expname)).name, f"input model {index}"))
+        if self.catfile:
+            inputs.append((Path(self.catfile), "the catfile"))
+        for entry in split_refcat(self.abs_refcat):
+            if Path(entry).expanduser().is_file():
+                inputs.append((Path(entry).expanduser(), "abs_refcat"))
+        self._inputs = inputs
+        planned = []
+        naming = self._naming()
+        n = len(members)
+        if self._saves_outputs():
+            for index, name in enumerate(names):
+                if name is None and not self.output_file:
+                    continue
+                idx = index if n > 1 else None
+                origin = "" if self.output_file else f" from the input's file name {name!r}"
+                for suffix, what in ((None, "model output"), ("wcs", "_wcs.asdf product")):
+                    path = outputs.output_name(self, name, suffix, idx, self.output_file, {})
+                    planned.append((path, f"the {what} of image {index}, named{origin} by "
+                                          f"{naming}"))  # fmt: skip
+        outputs.check_model_output_names(planned)
+        if self.report:
+            planned.append((self._report_path(), f"the report, named by report={self.report!r}"
+                            + (f", output_dir={self.output_dir!r}" if self.output_dir else "")))
+        if self.save_abs_catalog:
+            for stem in _refcat_stems(split_refcat(self.abs_refcat)):
+                planned.append((self._refcat_folder() / f"fit_{stem}_ref.ecsv",
+                                "the reference catalog saved by save_abs_catalog"))
+        outputs.check_output_files(planned, inputs)
+        self._planned = planned
+        folder, detected = self._catalog_folder(), []
+        for index, name in enumerate(names):
+            if name is not None:
+                path = catalog_filename(name, folder or Path.cwd(), self.catalog_format)
+                detected.append((path, f"the catalog detection would write for image {index} "
+                                      f"(catalog_path={self.catalog_path!r}, output_dir="
+                                      f"{self.output_dir!r})"))  # fmt: skip
+        outputs.check_output_files(detected, inputs, check_names=False)
+
+    def _check_catalogs_not_overwritten(self, plane) -> None:
+        """Refuse, before the alignment, outputs that are one of the catalog files read.
+
+        Catalog files are known once read (the models name them); they join the inputs
+        checked when saving.
+        """
+        read = [(Path(i.catalog_file), f"the catalog of image {i.index}")
+                for i in plane.images if i.catalog_file]  # fmt: skip
+        self._inputs = [*getattr(self, "_inputs", []), *read]
+        outputs.check_output_files(getattr(self, "_planned", []), read)
+
+    def _naming(self) -> str:
+        """The parameters that name the models' outputs, for messages."""
+        suffix = self.suffix or self.default_suffix()
+        parts = [f"output_dir={self.output_dir!r}" if self.output_dir else "no output_dir"]
+        if self.output_file:  # stpipe names outputs after its file name only
+            parts.append(f"output_file={Path(self.output_file).name!r}")
+        parts.append(f"suffix={suffix!r}")
+        return ", ".join(parts)
+
     def _refcat_folder(self) -> Path:
         return Path(self.output_dir or self.catalog_path or ".")
 
@@ -286,6 +382,10 @@ class TweakRegStep(Step):
         stem = Path(refcat.name).stem.lower()
         path = self._refcat_folder() / f"fit_{stem}_ref.ecsv"
         try:
+            outputs.check_output_files(
+                [(path, "the reference catalog saved by save_abs_catalog")],
+                getattr(self, "_inputs", None) or [],
+            )
             refcat.write(path, epoch)
         except (OSError, MemoryError) as err:
             log.warning("save_abs_catalog: the reference catalog was not saved: %s: %s", path, err)
@@ -388,11 +488,25 @@ class TweakRegStep(Step):
                     self, model, suffix=suffix, output_file=output_file,
                     components=components, written=written, processes=self.processes,
                     batch=4 * max(self.processes, 2) if self.on_disk else None,
+                    inputs=getattr(self, "_inputs", None),
                 )  # fmt: skip
         finally:
             self.timings = clock.timings
             self._write_report(model, outputs=[None if p is None else str(p) for p in written])
         return written
+
+
+def _refcat_stems(entries: list[str]) -> list[str]:
+    """The stems of the catalogs ``save_abs_catalog`` may save (``fit_<stem>_ref.ecsv``)."""
+    from .refcat import service_name
+
+    stems = []
+    for entry in entries:
+        name = service_name(entry)
+        if name is None:
+            name = Path(entry.split("?", 1)[0].rstrip("/")).name
+        stems.append(Path(name).stem.lower())
+    return stems
 
 
 def _as_list(item) -> list:

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 from astropy.coordinates import angular_separation
 
-from .._io import write_atomically
+from .._io import file_kind, write_atomically
 
 __all__ = ["CACHE_ENV", "CACHE_OFF", "ConeCache", "ConeEntry", "default_cache_dir"]
 
@@ -132,11 +132,20 @@ class ConeCache:
         return None
 
     def _header(self, path: Path) -> dict | None:
-        """The JSON header line of an entry (at most 4 kB), or None."""
+        """The JSON header line of an entry (at most 4 kB), or None.
+
+        An entry that is not a regular file (a FIFO, a device, a folder put in its
+        place) is never read (opening a FIFO would wait for ever): it is deleted with a
+        warning, and the cone fetched again.
+        """
         try:
             with _open_nofollow(path) as f:
                 head = f.readline(4096)
             meta = json.loads(head)
+        except _NotRegular as err:
+            log.warning("Cache entry %s %s; deleted, fetching again", path, err.strerror)
+            self.discard(path)
+            return None
         except (OSError, ValueError) as err:
             log.warning("Cache entry %s is unreadable (%s); ignored", path, err)
             return None
@@ -299,7 +308,23 @@ def _entry_digest(meta: dict, body: bytes) -> str:
     return hashlib.sha256(head + b"\n" + body).hexdigest()
 
 
+class _NotRegular(OSError):
+    """A cache entry that is not a regular file (a FIFO, a device, a folder)."""
+
+
 def _open_nofollow(path: Path):
-    """Open ``path`` for reading in binary, failing (ELOOP) if it is a symbolic link."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-    return os.fdopen(fd, "rb")
+    """Open ``path`` for reading in binary, failing (ELOOP) if it is a symbolic link.
+
+    The file is opened without blocking and must be a regular file (else
+    :class:`_NotRegular`): a FIFO put in the cache would block a reader for ever.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
+    try:
+        kind = file_kind(os.fstat(fd).st_mode)
+        if kind is not None:
+            raise _NotRegular(errno.EINVAL, f"is {kind}, not a regular file", str(path))
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise

@@ -21,7 +21,7 @@ from astropy import units as u
 from astropy.coordinates import SkyCoord, angular_separation
 from astropy.table import Table
 
-from .._io import TABLE_FORMATS, read_parquet, table_format
+from .._io import TABLE_FORMATS, check_regular_file, read_parquet, sniff_table, table_format
 from ..errors import ReferenceCatalogError
 from ._types import ReferenceCatalog, standard_table
 
@@ -84,10 +84,21 @@ def read_local_catalog(
             ) from err
     fmt = table_format(path)
     try:
+        check_regular_file(path, "abs_refcat: the local reference catalog", ReferenceCatalogError)
+    except FileNotFoundError as err:
+        raise ReferenceCatalogError(
+            f"abs_refcat: local reference catalog {path} does not exist"
+        ) from err
+    try:
+        reason = sniff_table(path, fmt)
+        if reason is not None:
+            raise ReferenceCatalogError(f"abs_refcat: cannot read {path}: {reason}")
         if fmt == "parquet":
             table = read_parquet(path)
         else:
             table = Table.read(path, format=fmt)
+    except ReferenceCatalogError:
+        raise
     except Exception as err:
         raise ReferenceCatalogError(f"abs_refcat: cannot read {path}: {err}") from err
     columns = standard_columns(table, str(path))

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .._io import file_kind
 from ..errors import InvalidParameterError, ReferenceCatalogError
 from ._cache import CACHE_OFF, ConeCache, default_cache_dir
 from ._local import FILE_SUFFIXES, read_local_catalog
@@ -69,6 +70,12 @@ def check_refcat(refcat: str | None) -> None:
             continue
         path = Path(entry).expanduser()
         if path.exists():
+            kind = file_kind(path.stat().st_mode)
+            if kind is not None and kind != "a folder":
+                raise InvalidParameterError(
+                    f"Invalid 'abs_refcat' value: {entry!r}: {path} is {kind}, not a regular "
+                    "file: 'abs_refcat' must name a catalog file or a HATS folder"
+                )
             continue
         looks_like_path = any(c in entry for c in "/\\~") or entry.lower().endswith(FILE_SUFFIXES)
         why = f"local path {path} does not exist" if looks_like_path else "unknown catalog name"
