@@ -57,7 +57,7 @@ log = logging.getLogger(__name__)
 
 #: Minimum matches each fit geometry needs.
 MIN_MATCHES = {"shift": 1, "rshift": 2, "rscale": 2, "general": 3}
-_PIXEL_SCALE = 0.11  # arcsec, WFI; sets the 2D-histogram bin size
+_PIXEL_SCALE = parameters.MATCH_PIXEL_SCALE  # arcsec, WFI; sets the 2D-histogram bin size
 
 
 @dataclass(frozen=True)
