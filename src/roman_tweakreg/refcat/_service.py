@@ -132,15 +132,16 @@ def fetch(
 ) -> bytes:
     """GET ``url`` with retries; return the body of a 200 answer.
 
-    Each try has a total deadline of ``timeout`` seconds, headers and body
-    together (not per read: a server sending one byte a second cannot hold the
-    request open), and the body is read in chunks of at most :data:`CHUNK` bytes
-    after decompression, so that an answer larger than ``max_bytes`` before or
-    after decompression (a ``Content-Encoding: gzip`` bomb, an endless answer) is
-    refused without holding more than that in memory.  A try over its deadline,
-    or cut short in transfer, is tried again, up to ``retries`` times; in all,
-    a request ends within about ``(retries + 1) * timeout`` seconds plus the
-    backoff waits.
+    Each try waits at most ``timeout`` seconds for the headers (each read of them),
+    then has a total deadline of ``timeout`` seconds for the whole body (not per
+    read: a server sending one byte a second cannot hold the request open).  The
+    body is read in pieces of at most :data:`CHUNK` bytes after decompression, so
+    that an answer larger than ``max_bytes`` before or after decompression (a
+    ``Content-Encoding: gzip`` bomb, an endless answer) is refused without
+    holding more than that in memory.  A try over its deadline, or cut short in
+    transfer, is tried again, up to ``retries`` times; a request ends within
+    ``2 * (retries + 1) * timeout`` seconds plus the backoff waits (about
+    ``(retries + 1) * timeout`` when the headers come at once).
 
     Raises
     ------
@@ -153,13 +154,13 @@ def fetch(
 
     start = time.monotonic()
     waits = sum(min(backoff * 2**k, max(backoff, 10.0)) for k in range(retries))
-    overall = start + (retries + 1) * timeout + waits
+    overall = start + 2 * (retries + 1) * timeout + waits
     try:
         with _session(retries, backoff) as session:
             for attempt in range(retries + 1):
-                deadline = min(time.monotonic() + timeout, overall)
                 try:
                     with session.get(url, params=params, timeout=timeout, stream=True) as response:
+                        deadline = min(time.monotonic() + timeout, overall)
                         if response.status_code != 200:
                             body = _read_body(response, what, deadline, 4096, timeout, cap=False)
                             break
