@@ -189,6 +189,17 @@ def test_hostile_file_among_good_ones_stops_the_step_before_work(dataset, good_b
     ('{"products": [{"members": [{"expname": 5}]}]}', r"member 0 has expname 5, expected a file"),
     ('{"products": [{"members": [{"expname": null}]}]}', r"member 0 has expname None"),
     ('{"products": [{"members": [{"expname": ["a"]}]}]}', r"member 0 has expname \['a'\]"),
+    # issue 28: a RecursionError and "ValueError: embedded null byte" before
+    ("[" * 200_000 + "]" * 200_000, r"asn\.json: not an association: its JSON is nested too "
+                                    r"deeply to read"),
+    ('{"products": [{"members": [{"expname": "a\\u0000b_cal.asdf"}]}]}',
+     r"asn\.json: member 0 has expname 'a\\x00b_cal\.asdf', which holds a NUL byte"),
+    ('{"products": [{"members": [{"expname": "a_cal.asdf", "group_id": 1}, '
+     '{"expname": "b_cal.asdf", "group_id": "1"}]}]}',
+     r"asn\.json: members 0 and 1 have group_id 1 \(int\) and '1' \(str\), which would be "
+     r"taken as one exposure group; write every group_id as a string"),
+    ('{"products": [{"members": [{"expname": "a_cal.asdf", "group_id": [1]}]}]}',
+     r"member 0 has group_id \[1\] \(list\), expected a string"),
 ])
 def test_bad_association_json(tmp_path, text, match):
     path = tmp_path / "asn.json"
@@ -457,8 +468,14 @@ _BAD_PARAMETERS = [
     ("minobj", 0, r"expected an integer >= 1"), ("minobj", -1, r"expected an integer >= 1"),
     ("minobj", 1.5, r"expected an integer >= 1"), ("minobj", "5", r"expected an integer >= 1"),
     ("minobj", None, r"expected an integer >= 1"),
-    ("searchrad", 0, r"expected a number > 0"), ("searchrad", -1.0, r"expected a number > 0"),
-    ("searchrad", "2", r"expected a number > 0"), ("searchrad", None, r"expected a number > 0"),
+    ("searchrad", 0, r"expected a number in \(0, 176\]"),
+    ("searchrad", -1.0, r"expected a number in \(0, 176\]"),
+    ("searchrad", "2", r"expected a number in \(0, 176\]"),
+    ("searchrad", None, r"expected a number in \(0, 176\]"),
+    # issue 28: numpy asked for 2.35 PiB; an OverflowError
+    ("searchrad", 1e6, r"expected a number in \(0, 176\] \(arcsec\): the offset search's 2D "
+                       r"histogram .* more than 256 MiB beyond 176 arcsec"),
+    ("searchrad", 1e308, r"expected a number in \(0, 176\] \(arcsec\): the offset search's"),
     ("separation", 0.0, r"expected a number > 0"), ("separation", -0.5, r"expected a number > 0"),
     ("tolerance", 0, r"expected a number > 0"), ("tolerance", -1, r"expected a number > 0"),
     ("tolerance", 100.0, r"is larger than .*searchrad=.*must not exceed the search radius"),
