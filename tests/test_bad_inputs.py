@@ -772,3 +772,101 @@ def test_detected_catalogs_go_to_output_dir(dataset, tmp_path, monkeypatch):
     assert not list(tmp_path.glob("*_cat.ecsv"))
     assert {"x", "y"} <= set(Table.read(out / written[0]).colnames)
     assert len(result) == 2
+
+
+# -- wrong answers once marked COMPLETE (issue 28) ----------------------------------------------
+@pytest.fixture(scope="module")
+def refcat_2028(tmp_path_factory):
+    from conftest import refcat_at
+
+    _, stars = make_data()
+    path = tmp_path_factory.mktemp("ref") / "gaia_2028.ecsv"
+    refcat_at(stars, 2028.0).write(path)
+    return str(path)
+
+
+def _align_damaged(refcat, damage):
+    """Align make_data()'s six images after ``damage(models)``; statuses, reasons, errors, and
+    how far each output WCS is from its input (mas)."""
+    import copy
+
+    from conftest import models_of, truths_of
+    from test_step import errors_mas, metas
+
+    exposures, _ = make_data()
+    models = models_of(exposures)
+    damage(models)
+    inputs = [copy.deepcopy(m.meta.wcs) for m in models]
+    result = TweakRegStep.call(models, abs_refcat=refcat)
+    out = metas(result)
+    moved = [simulate.wcs_difference_mas(m.meta.wcs, w) for m, w in zip(models, inputs,
+                                                                         strict=True)]
+    return ([o[0] for o in out], [o[1].get("reason", "") for o in out],
+            errors_mas(result, truths_of(exposures)), moved)
+
+
+def test_wcs_of_another_detector_is_refused_with_the_reason(refcat_2028):
+    import copy
+
+    def swap(models):  # WFI10's WCS in WFI01's file: was COMPLETE and 489" wrong
+        models[0].meta.wcs = copy.deepcopy(models[2].meta.wcs)
+
+    status, reason, errors, moved = _align_damaged(refcat_2028, swap)
+    assert status == ["SKIPPED"] + ["COMPLETE"] * 5
+    assert re.fullmatch(
+        r"its WCS is not of detector WFI01 \(named by meta\.instrument\.detector and "
+        r"meta\.wcsinfo\.aperture_name WFI01_FULL\): it puts the reference pixel \(2043\.5, "
+        r"2043\.5\) at v2v3 \(1557\.\d, -617\.\d\) arcsec, 489 arcsec from WFI01's reference "
+        r"point in the SIAF \(1312\.9, -1040\.8\), more than 5 arcsec; that is WFI10's reference "
+        r"point \(0\.0 arcsec away\): the WCS is WFI10's", reason[0])
+    assert moved[0] == 0.0  # the refused image keeps its WCS
+    assert errors[1:].max() < 1.0  # the others are right
+
+
+def test_aperture_of_another_detector_is_refused(refcat_2028):
+    def rename(models):
+        models[1].meta.wcsinfo.aperture_name = "WFI10_FULL"
+
+    status, reason, errors, moved = _align_damaged(refcat_2028, rename)
+    assert status == ["COMPLETE", "SKIPPED"] + ["COMPLETE"] * 4
+    assert reason[1] == ("meta.instrument.detector is WFI02 but meta.wcsinfo.aperture_name is "
+                         "WFI10_FULL (detector WFI10): the file mixes two detectors")
+    assert moved[1] == 0.0
+    assert np.delete(errors, 1).max() < 1.0
+
+
+@pytest.mark.parametrize(("year", "carried"), [(2200, 184), (9999, 7983), (1990, 26)])
+def test_exposure_epoch_outside_the_mission_is_refused(refcat_2028, year, carried):
+    import warnings
+
+    import erfa
+    from astropy.time import Time
+
+    def date(models):  # 2200: the catalog was carried 184 years and a 700 mas fit accepted
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", erfa.ErfaWarning)  # "dubious year": on purpose
+            start = Time(f"{year}-01-01T00:00:00", scale="utc")
+        for model in models[:3]:
+            model.meta.exposure.start_time = start
+
+    status, reason, errors, moved = _align_damaged(refcat_2028, date)
+    assert status == ["SKIPPED"] * 3 + ["COMPLETE"] * 3
+    assert reason[0] == (
+        f"meta.exposure.start_time {year}-01-01T00:00:00.000 (epoch {year}.00) is outside the "
+        f"epochs of Roman observations accepted, 2000 to 2050: the reference catalog would be "
+        f"carried {carried} years from Gaia's 2016.0")
+    assert moved[:3] == [0.0] * 3
+    assert errors[3:].max() < 1.0
+
+
+@pytest.mark.parametrize("bad", [0, 5])
+def test_one_catalog_with_every_x_infinite_costs_the_others_nothing(refcat_2028, bad):
+    def infinite(models):
+        models[bad].meta["tweakreg_catalog"]["x"] = np.inf
+
+    status, reason, errors, moved = _align_damaged(refcat_2028, infinite)
+    assert status == ["SKIPPED" if i == bad else "COMPLETE" for i in range(6)]
+    assert reason[bad] == "empty source catalog"
+    assert moved[bad] == 0.0
+    # issue 28 saw the others 598 mas off; not reproduced here (in memory, files, the service)
+    assert np.delete(errors, bad).max() < 1.0

@@ -15,12 +15,10 @@ recover the true WCS.
 
 from __future__ import annotations
 
-import csv
 import json
 import warnings
 from dataclasses import dataclass, field
 from functools import lru_cache
-from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -34,6 +32,8 @@ from astropy.table import Table
 from astropy.time import Time
 from gwcs import WCS, geometry
 from gwcs import coordinate_frames as cf
+
+from .._consistency import load_siaf
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -60,22 +60,6 @@ DETECTORS = tuple(f"WFI{i:02d}" for i in range(1, 19))
 #: V2, V3 (arcsec) of the WFI boresight (WFI_CEN aperture).
 BORESIGHT_V2V3 = (1546.3846181708, -892.7916365721)
 _BBOX = ((-0.5, DETECTOR_SHAPE[1] - 0.5), (-0.5, DETECTOR_SHAPE[0] - 0.5))
-
-
-@lru_cache(maxsize=1)
-def load_siaf() -> dict[str, dict[str, float]]:
-    """Read the packaged WFI SIAF table.
-
-    Returns
-    -------
-    dict
-        Detector name -> dict of the SIAF columns (floats).
-    """
-    text = resources.files("roman_tweakreg").joinpath("data/wfi_siaf.csv").read_text()
-    rows = csv.DictReader(line for line in text.splitlines() if not line.startswith("#"))
-    return {
-        row["detector"]: {k: float(v) for k, v in row.items() if k != "detector"} for row in rows
-    }
 
 
 @lru_cache(maxsize=len(DETECTORS))
