@@ -565,6 +565,28 @@ def test_service_answers_of_any_bytes_give_a_catalog_or_a_named_error(answer):
     assert message == "" or message.startswith("svc: ")
 
 
+@pytest.mark.parametrize(("fault", "options", "match"), [
+    ("trickle", {"timeout": 0.5, "retries": 1},
+     r"took longer than the 0\.5 s timeout \(a deadline per try, body included"),
+    ("gzipbomb", {"max_bytes": 500_000},
+     r"larger than the limit abs_refcat_max_bytes=500000 bytes \(Content-Encoding gzip\)"),
+    ("endless", {"max_bytes": 500_000}, r"larger than the limit abs_refcat_max_bytes=500000"),
+])  # fmt: skip
+@pytest.mark.parametrize("where", ["GAIADR3", "/files/field.ecsv"])
+def test_hostile_service_ends_in_a_named_error_within_the_deadline(gaia_service, fault, options,
+                                                                   match, where):
+    # issue 28: these hung (one byte every 2 s) or took all the memory (4 MB -> 4 GB)
+    from roman_tweakreg.refcat import get_reference_catalog
+
+    gaia_service.always, gaia_service.delay = fault, 0.2
+    refcat = where if where == "GAIADR3" else gaia_service.url + where
+    start = time.perf_counter()
+    with pytest.raises(ReferenceCatalogError, match=match):
+        get_reference_catalog(refcat, 150.1, 2.2, 0.1, base_url=gaia_service.url,
+                              use_cache=False, backoff=0.01, **{"timeout": 5.0, **options})
+    assert time.perf_counter() - start < 2 * 0.5 + 1.5
+
+
 # -- the catalog cache --------------------------------------------------------------------------
 SVC = "http://127.0.0.1:9/svc"
 
@@ -870,3 +892,15 @@ def test_one_catalog_with_every_x_infinite_costs_the_others_nothing(refcat_2028,
     assert moved[bad] == 0.0
     # issue 28 saw the others 598 mas off; not reproduced here (in memory, files, the service)
     assert np.delete(errors, bad).max() < 1.0
+
+
+def test_a_thousand_processes_are_capped_at_the_usable_cores(dataset, caplog):
+    # issue 28: processes=1000 started a thousand workers on a 2-core machine
+    from roman_tweakreg._parallel import usable_cores
+
+    with bf.untouched(dataset[0]), caplog.at_level("INFO", logger="roman_tweakreg"):
+        result = TweakRegStep.call(str(dataset[1]), **_step_kw(dataset, processes=1000))
+    assert f"processes=1000 capped at the {usable_cores()} usable cores" in caplog.text
+    from test_step import metas
+
+    assert [m[0] for m in metas(result)] == ["COMPLETE", "COMPLETE"]
