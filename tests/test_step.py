@@ -160,7 +160,7 @@ def test_all_defaults_run_without_a_crash():
     ("pars", "message"),
     [
         ({"minobj": 0}, "minobj=0: expected an integer >= 1"),
-        ({"searchrad": -1.0}, "searchrad=-1.0: expected a number > 0"),
+        ({"searchrad": -1.0}, r"searchrad=-1.0: expected a number in \(0, 176\]"),
         ({"abs_tolerance": 9.0}, "abs_tolerance=9.0 is larger than abs_searchrad=6.0"),
         ({"sigma": 0.0}, "sigma=0.0: expected a number > 0"),
         ({"vo_timeout": 0.0}, "vo_timeout=0.0: expected a number of seconds > 0"),
