@@ -18,10 +18,19 @@ inject faults: ``service.faults`` is a list consumed one per request,
 ``"html"``      a 200 HTML error page
 ``"empty"``     ``No data records``
 ``"nocolumns"`` a CSV without ra/dec columns
+``"trickle"``   send the headers, then one byte of the answer every ``service.delay`` s
+``"gzipbomb"``  a ``Content-Encoding: gzip`` answer of ``service.bomb_size`` bytes of
+                zeros once inflated (about a thousandth of that on the wire)
+``"endless"``   a chunked (HTTP/1.1) CSV answer that never ends: a header, then rows
+                until the client goes away
+
+The faults apply to ``/files/<name>`` too (a catalog URL), except those about the
+service's CSV (``truncate``, ``empty``, ``nocolumns``).
 """
 
 from __future__ import annotations
 
+import gzip
 import socket
 import struct
 import threading
@@ -36,7 +45,7 @@ from astropy.coordinates import angular_separation
 
 from roman_tweakreg.testing import simulate
 
-__all__ = ["FIELD", "GaiaService", "gaia_service", "running_service", "stars", "truth"]
+__all__ = ["FIELD", "GaiaService", "gaia_service", "gzip_bomb", "running_service", "stars", "truth"]
 
 #: Centre (deg), radius (deg) and epoch of the synthetic field.
 FIELD = (150.1, 2.2, 0.3, 2016.0)
@@ -81,6 +90,8 @@ class GaiaService:
         self.faults: list[str] = []
         self.always: str | None = None
         self.delay = 1.0
+        self.bomb_size = 20_000_000
+        self.sent = 0  # bytes of the body sent by "trickle" and "endless"
         self.requests = 0
         self.errors: list[Exception] = []
         self.queries: list[dict[str, str]] = []
@@ -154,6 +165,8 @@ class _Handler(BaseHTTPRequestHandler):
             svc.stop.wait(svc.delay)
         if fault == "503":
             return self._send(503, b"Service Unavailable")
+        if fault in ("trickle", "gzipbomb", "endless"):
+            return getattr(self, f"_{fault}")(svc)
         if fault == "html":
             page = b"<!DOCTYPE html><html><head><title>Runtime Error</title></head></html>"
             return self._send(200, page, "text/html")
@@ -175,6 +188,53 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             return
         self._send(200, body, "text/csv")
+
+
+    def _trickle(self, svc):
+        body = svc.csv_body({"RA": "150.1", "DEC": "2.2", "SR": "0.1", "CAT": "GAIADR3"}, None)
+        self.send_response(200)
+        self.send_header("Content-Type", "text/csv")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.flush()
+        for i in range(len(body)):
+            if svc.stop.wait(svc.delay if i else 0.0):
+                return
+            self.wfile.write(body[i : i + 1])
+            self.wfile.flush()
+            with svc.lock:
+                svc.sent += 1
+
+    def _gzipbomb(self, svc):
+        body = gzip_bomb(svc.bomb_size)
+        self.send_response(200)
+        self.send_header("Content-Type", "text/csv")
+        self.send_header("Content-Encoding", "gzip")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _endless(self, svc):
+        self.protocol_version = "HTTP/1.1"
+        self.send_response(200)
+        self.send_header("Content-Type", "text/csv")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        rows = [b"objID,ra,dec,mag,epoch,pmra,pmdec,parallax\n"]
+        rows += [f"{i},150.1,2.2,18.0,2016.0,,,\n".encode() for i in range(2000)]
+        block = b"".join(rows)
+        self.close_connection = True
+        while not svc.stop.is_set():
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(block), block))
+            with svc.lock:
+                svc.sent += len(block)
+            block = b"".join(rows[1:])
+
+
+@lru_cache(maxsize=2)
+def gzip_bomb(size: int) -> bytes:
+    """``size`` zero bytes, gzip-compressed (about a thousandth of the size)."""
+    return gzip.compress(b"0" * size, compresslevel=9)
 
 
 class _Server(ThreadingHTTPServer):

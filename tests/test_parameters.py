@@ -51,6 +51,7 @@ PREVIOUS_SPEC = {
     "vo_timeout": "float(min=0, default=None)",
     "abs_refcat_retries": "integer(default=3)",
     "abs_refcat_cache": "string(default=None)",
+    "abs_refcat_max_bytes": "integer(min=1, default=500000000)",
     "abs_minobj": "integer(default=15)",
     "abs_searchrad": "float(default=6.0)",
     "abs_use2dhist": "boolean(default=True)",
@@ -101,7 +102,8 @@ def test_romancal_parameter_file_loads_and_is_valid():
     ("name", "value", "message"),
     [
         ("minobj", True, "minobj=True: expected an integer >= 1"),
-        ("abs_searchrad", math.inf, "abs_searchrad=inf: expected a number > 0 (arcsec) (finite)"),
+        ("abs_searchrad", math.inf,
+         "abs_searchrad=inf: expected a number in (0, 176] (arcsec) (finite)"),
         ("use2dhist", "yes", "use2dhist='yes': expected True or False"),
         ("abs_refcat_retries", -1, "abs_refcat_retries=-1: expected an integer >= 0"),
         ("abs_refcat_timeout", None, "abs_refcat_timeout=None: expected a number of seconds > 0"),
@@ -112,6 +114,7 @@ def test_romancal_parameter_file_loads_and_is_valid():
         ("catalog_format", 3, "catalog_format=3: expected a string"),
         ("abs_fitgeometry", None,
          "abs_fitgeometry=None: expected one of shift, rshift, rscale, general"),
+        ("abs_refcat_max_bytes", 0, "abs_refcat_max_bytes=0: expected an integer >= 1 (bytes)"),
     ],
 )  # fmt: skip
 def test_validate_parameters_names_parameter_value_and_expected(name, value, message):
@@ -230,3 +233,34 @@ def test_strun_help_shows_each_parameter_with_its_doc_and_default():
         assert " ".join(p.doc.split()) in text, p.name
         if p.default not in (None, ""):  # stpipe shows no empty default
             assert f"default={p.default!r}]" in text, p.name
+
+
+@pytest.mark.parametrize(("name", "value"), [("searchrad", 1e6), ("abs_searchrad", 1e308),
+                                             ("searchrad", 176.5)])  # fmt: skip
+def test_search_radii_are_bounded_by_the_memory_of_the_offset_search(name, value):
+    # issue 28: searchrad=1e6 made numpy ask for 2.35 PiB, abs_searchrad=1e308 overflowed
+    pars = TweakRegStep().get_pars()
+    pars[name] = value
+    with pytest.raises(
+        InvalidParameterError,
+        match=rf"^{name}={re.escape(repr(value))}: expected a number in \(0, 176\] \(arcsec\): "
+        r"the offset search's 2D histogram .* more than 256 MiB beyond 176 arcsec",
+    ):
+        validate_parameters(pars)
+    assert parameters.MAX_SEARCHRAD == 176.0
+    assert parameters.offset_search_bytes(176.0) <= parameters.OFFSET_SEARCH_MEMORY
+    assert parameters.offset_search_bytes(177.0) > parameters.OFFSET_SEARCH_MEMORY
+    pars[name] = 176.0
+    validate_parameters(pars)  # the largest accepted
+
+
+def test_processes_beyond_the_usable_cores_are_capped_and_logged(caplog):
+    from roman_tweakreg._parallel import Workers, usable_cores
+
+    with Workers(1000) as workers:
+        assert workers.n_workers <= usable_cores() - 1
+    step = TweakRegStep(processes=1000)
+    with caplog.at_level("INFO", logger="roman_tweakreg"):
+        assert len(step.run([])) == 0
+    assert f"processes=1000 capped at the {usable_cores()} usable cores" in caplog.text
+    assert step.processes == 1000  # the parameter itself is never rewritten

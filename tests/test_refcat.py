@@ -19,7 +19,7 @@ from astropy.table import QTable, Table
 from astropy.time import Time
 from astropy_healpix import HEALPix
 
-from gaia_server import FIELD, gaia_service, in_cone, stars, truth  # noqa: F401
+from gaia_server import FIELD, gaia_service, gzip_bomb, in_cone, stars, truth  # noqa: F401
 from roman_tweakreg.errors import ReferenceCatalogError
 from roman_tweakreg.refcat import (
     ConeCache,
@@ -556,3 +556,75 @@ def test_comma_list_falls_back_in_order(service, tmp_path):
         query("GAIADR3,nothere.fits", use_cache=False)
     with pytest.raises(ReferenceCatalogError, match=r"GAIADR2 has \d+ sources .* fewer than"):
         query("GAIADR2", min_sources=10**6)
+
+
+# -- deadlines and size limits (issue 28) ----------------------------------------------------------
+def _peak_mb(fn):
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        fn()
+    finally:
+        peak = tracemalloc.get_traced_memory()[1] / 1e6
+        tracemalloc.stop()
+    return peak
+
+
+@pytest.mark.parametrize("kind", ["service", "url"])
+def test_trickling_answer_ends_within_the_timeout_times_the_tries(service, kind):
+    import time
+
+    # one byte every 0.25 s: each read is quick, but a try may take 1 s in all
+    service.always, service.delay = "trickle", 0.25
+    refcat = "GAIADR3" if kind == "service" else f"{service.url}/files/field.ecsv"
+    start = time.monotonic()
+    with pytest.raises(ReferenceCatalogError,
+                       match=r"took longer than the 1 s timeout \(a deadline per try, body "
+                             r"included; \d+ bytes received\), after up to 1 retries"):
+        query(refcat, timeout=1.0, retries=1, use_cache=False)
+    elapsed = time.monotonic() - start
+    assert service.requests == 2  # one try and one retry, each cut at its deadline
+    assert 2.0 <= elapsed < 2 * 1.0 + 0.01 + 1.5  # tries x timeout (+ backoff, + one read)
+    assert service.sent <= 2 * (1.0 / 0.25 + 2)
+
+
+@pytest.mark.parametrize("kind", ["service", "url"])
+def test_gzip_bomb_is_refused_at_the_size_limit_in_bounded_memory(service, kind):
+    service.always, service.bomb_size = "gzipbomb", 20_000_000  # 20 MB from about 20 kB
+    refcat = "GAIADR3" if kind == "service" else f"{service.url}/files/field.ecsv"
+    what = r"catalog service .*\(CAT=GAIADR3\)" if kind == "service" else r"catalog URL .*field"
+
+    def run():
+        with pytest.raises(ReferenceCatalogError,
+                           match=rf"^{what}.*: the answer is larger than the limit "
+                                 r"abs_refcat_max_bytes=1000000 bytes \(Content-Encoding gzip\) "
+                                 r"\(1000001 bytes after decompression from \d+ received\)"):
+            query(refcat, timeout=5.0, retries=2, use_cache=False, max_bytes=1_000_000)
+
+    assert len(gzip_bomb(service.bomb_size)) < 100_000  # made before measuring (same process)
+    assert _peak_mb(run) < 8.0  # not the 20 MB it inflates to
+    assert service.requests == 1  # a size fault is not retried
+
+
+@pytest.mark.parametrize("kind", ["service", "url"])
+def test_endless_chunked_answer_is_refused_at_the_size_limit(service, kind):
+    import time
+
+    service.always = "endless"
+    refcat = "GAIADR3" if kind == "service" else f"{service.url}/files/endless.ecsv"
+    start = time.monotonic()
+    with pytest.raises(ReferenceCatalogError,
+                       match=r"larger than the limit abs_refcat_max_bytes=3000000 bytes "
+                             r"\(3000001 bytes after decompression"):
+        query(refcat, timeout=5.0, retries=1, use_cache=False, max_bytes=3_000_000)
+    assert time.monotonic() - start < 5.0
+    assert service.requests == 1
+
+
+def test_answer_announcing_more_than_the_limit_is_refused_before_reading(service):
+    with pytest.raises(ReferenceCatalogError,
+                       match=r"CAT=GAIADR3\): the answer announces \d+ bytes, more than the limit "
+                             r"abs_refcat_max_bytes=1000; raise it or ask for a smaller cone"):
+        query(use_cache=False, max_bytes=1000)
+    assert len(query(use_cache=False)) == in_cone(RA, DEC, 0.1).sum()  # the default limit

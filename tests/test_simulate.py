@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+from astropy import coordinates as coord
 
 from roman_tweakreg.testing import simulate
 
@@ -64,3 +65,28 @@ def test_simulated_models_are_calibrated_up_to_tweakreg():
     others = {step: str(cal_step[step]) for step in cal_step if step != "tweakreg"}
     assert len(others) > 10
     assert set(others.values()) == {"COMPLETE"}
+
+
+def _pointing_errors_mas(ra, dec, error):
+    rng = np.random.default_rng(0)
+    stars = simulate.make_star_field(ra, dec, 0.55, 2000.0, rng)
+    exposure = simulate.make_exposure(stars, simulate.Attitude(ra, dec, 60.0),
+                                      pointing_error=error, detectors=("WFI01", "WFI18"), rng=rng)
+    return np.array([simulate.wcs_difference_mas(m.meta.wcs, t)
+                     for m, t in zip(exposure.models, exposure.true_wcs, strict=True)])
+
+
+@pytest.mark.parametrize(("ra", "dec"), [(10.0, 89.9), (10.0, -89.9), (0.0, 89.99), (359.99, 10.0)])
+def test_pointing_errors_are_the_intended_ones_at_any_declination(ra, dec):
+    # issue 28: near the poles the simulator's errors were 4-13" (a roll from keeping the
+    # angle to the local north), beyond abs_searchrad
+    for error in [(0.5, -0.3, 0.0), (-0.6, 0.2, 0.0), (0.0, 0.0, 0.02), (0.4, 0.4, -0.03)]:
+        errors = _pointing_errors_mas(ra, dec, error)
+        # the same as at Dec -30, detector by detector, to 1 mas
+        np.testing.assert_allclose(errors, _pointing_errors_mas(270.0, -30.0, error), atol=1.0)
+        if error[2] == 0.0:  # a pure offset moves every detector by it
+            np.testing.assert_allclose(errors, 1000 * np.hypot(*error[:2]), atol=1.0)
+        att = simulate.Attitude(ra, dec, 60.0)
+        moved = att.mispointed(*error)
+        sep = coord.angular_separation(*np.deg2rad([att.ra, att.dec, moved.ra, moved.dec]))
+        assert np.rad2deg(sep) * 3.6e6 == pytest.approx(1000 * np.hypot(*error[:2]), abs=0.01)

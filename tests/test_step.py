@@ -160,7 +160,7 @@ def test_all_defaults_run_without_a_crash():
     ("pars", "message"),
     [
         ({"minobj": 0}, "minobj=0: expected an integer >= 1"),
-        ({"searchrad": -1.0}, "searchrad=-1.0: expected a number > 0"),
+        ({"searchrad": -1.0}, r"searchrad=-1.0: expected a number in \(0, 176\]"),
         ({"abs_tolerance": 9.0}, "abs_tolerance=9.0 is larger than abs_searchrad=6.0"),
         ({"sigma": 0.0}, "sigma=0.0: expected a number > 0"),
         ({"vo_timeout": 0.0}, "vo_timeout=0.0: expected a number of seconds > 0"),
@@ -580,3 +580,18 @@ def test_update_source_catalog_coordinates(tmp_path):
         ra, dec = model.meta.wcs(table["x_centroid"], table["y_centroid"])
         np.testing.assert_array_equal(table["ra_centroid"], ra)
         assert pq.read_schema(path).equals(schema, check_metadata=True)
+
+
+@pytest.mark.parametrize(("ra", "dec"), [(10.0, 89.9), (10.0, -89.9), (359.995, -30.0)])
+def test_poles_and_ra_zero_are_aligned_to_1_mas(ra, dec, tmp_path):
+    # issue 28: the simulator's pointing errors near the poles were 4-13"; the field at
+    # RA 359.995 is dithered across RA 0/360
+    exposures, stars = make_data(ra=ra, dec=dec, detectors=("WFI01", "WFI10"), density=20000.0)
+    ras = [m.meta.wcsinfo.ra_ref for m in models_of(exposures)]
+    refcat_at(stars, 2028.0).write(tmp_path / "ref.ecsv")
+    result = TweakRegStep.call(models_of(exposures), abs_refcat=str(tmp_path / "ref.ecsv"))
+    assert [m[0] for m in metas(result)] == ["COMPLETE"] * 4
+    assert [m[1]["absolute"]["status"] for m in metas(result)] == ["SUCCESS"] * 4
+    assert errors_mas(result, truths_of(exposures)).max() < 1.0
+    if ra > 359:
+        assert (min(ras) < 1.0, max(ras) > 359.0) == (True, True)  # both sides of RA 0

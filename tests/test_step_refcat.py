@@ -194,3 +194,34 @@ def test_vo_timeout_replaces_abs_refcat_timeout(gaia_service):
     absolute = [o[1]["absolute"] for o in metas(result)]
     assert {a["status"] for a in absolute} == {"SKIPPED"}
     assert "timed out" in absolute[0]["reason"]
+
+
+@pytest.mark.parametrize(
+    ("fault", "options", "reason"),
+    [("trickle", {"abs_refcat_timeout": 1.0, "abs_refcat_retries": 1},
+      r"took longer than the 1 s timeout \(a deadline per try"),
+     ("gzipbomb", {"abs_refcat_max_bytes": 1_000_000},
+      r"larger than the limit abs_refcat_max_bytes=1000000 bytes \(Content-Encoding gzip\)"),
+     ("endless", {"abs_refcat_max_bytes": 2_000_000},
+      r"larger than the limit abs_refcat_max_bytes=2000000 bytes")],
+)  # fmt: skip
+def test_hostile_service_ends_in_the_fallback_within_the_deadline(
+    gaia_service, fault, options, reason
+):
+    import re
+    import time
+
+    # issue 28: these hung or grew without bound; now the relative alignment is kept
+    gaia_service.always, gaia_service.delay = fault, 0.25
+    exposures = field_exposures()
+    start = time.monotonic()
+    result = TweakRegStep.call(
+        models_of(exposures), abs_refcat_url=gaia_service.url, abs_refcat_cache="off", **options
+    )
+    assert time.monotonic() - start < 2 * 1.0 + 3.0  # tries x timeout, plus the alignment
+    outcome = metas(result)
+    assert [o[0] for o in outcome] == ["COMPLETE"] * 4
+    assert [o[1]["relative"]["status"] for o in outcome].count("SUCCESS") >= 2
+    assert {o[1]["absolute"]["status"] for o in outcome} == {"SKIPPED"}
+    assert re.search(reason, outcome[0][1]["absolute"]["reason"])
+    assert gaia_service.url in outcome[0][1]["absolute"]["reason"]

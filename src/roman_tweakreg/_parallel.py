@@ -194,7 +194,8 @@ class Workers:
     Parameters
     ----------
     processes : int
-        Processes in all, this one included: 1 runs every job here; 0 means one per
+        Processes in all, this one included, at most the usable cores
+        (:func:`usable_cores`): 1 runs every job here; 0 means one per
         usable core, at most ``AUTO_MAX`` (the main process opening models is what
         limits the speed; more workers only share the corrected WCSs further), on
         Linux; elsewhere 0 means 1.
@@ -210,7 +211,7 @@ class Workers:
         self.context = context
         self.depth = max(1, depth)
         if processes > 0:
-            wanted = processes
+            wanted = min(processes, usable_cores())  # more would only compete for the cores
         elif sys.platform.startswith("linux"):
             wanted = min(usable_cores(), AUTO_MAX)
         else:  # macOS has fork but its system libraries may not survive one

@@ -79,7 +79,8 @@ def relative_align(
 
     The reference group is the first one (``enforce_user_order``) or the one
     overlapping the others most; the next group is always the one that
-    overlaps the current reference footprint most.
+    overlaps the current reference footprint most.  Among equal overlaps (to 9
+    significant digits) the first in input order comes first.
 
     .. warning:: Successful corrections are composed into ``plane`` in place.
 
@@ -96,7 +97,7 @@ def relative_align(
         overlap = {
             g: sum(hulls[g].intersection(hulls[h]).area for h in order if h != g) for g in order
         }
-        order.sort(key=lambda g: -overlap[g])
+        order.sort(key=lambda g: -_area(overlap[g]))
     ref_group = order.pop(0)
     results = {
         ref_group: FitResult("REFERENCE", "reference for relative alignment", group_id=ref_group)
@@ -105,7 +106,7 @@ def relative_align(
     ref_hull = hulls[ref_group]
     while order:
         if not enforce_user_order:
-            order.sort(key=lambda g: -ref_hull.intersection(hulls[g]).area)
+            order.sort(key=lambda g: -_area(ref_hull.intersection(hulls[g]).area))
         g = order.pop(0)
         members = groups[g]
         img_xy = plane.group_xy(members)
@@ -313,3 +314,11 @@ def rigid_sets(images: Sequence[ImageCatalog], relative: dict[str, FitResult]) -
     sets = [[i for g in together for i in groups[g]]] if together else []
     sets += [groups[g] for g in groups if g not in together]
     return sets
+
+
+def _area(area: float) -> float:
+    """An overlap area to 9 significant digits: equal overlaps (two groups overlap each other
+    by the same area) compare equal whatever the rounding of the polygon intersection, so
+    that ties keep the input order (a stable sort) instead of following floating-point noise.
+    """
+    return float(f"{area:.9g}")

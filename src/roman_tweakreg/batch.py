@@ -928,6 +928,7 @@ def _plan(client, todo, parameters, output_dir, retries, region_radius, token):
         "timeout": parameters["abs_refcat_timeout"],
         "retries": parameters["abs_refcat_retries"],
         "cache_dir": parameters.get("abs_refcat_cache"),
+        "max_bytes": parameters.get("abs_refcat_max_bytes"),
     }
     region_of, futures = {}, {}
     for region in plan:

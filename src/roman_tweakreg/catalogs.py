@@ -31,6 +31,7 @@ from astropy.table import Table
 from roman_datamodels.dqflags import pixel as _dqflags
 
 from ._asdf_check import check_asdf_file
+from ._consistency import detector_mismatch, implausible_epoch
 from ._io import check_regular_file, open_regular, read_parquet, sniff_table
 from ._meta import exposure_epoch, meta_get
 from ._parallel import Workers, gc_refreeze
@@ -654,7 +655,11 @@ def _unusable(model) -> str:
     ]
     if missing:
         return f"meta.wcsinfo has no {', '.join(missing)}"
-    return _absurd_wcsinfo(model.meta.wcsinfo)
+    return (
+        _absurd_wcsinfo(model.meta.wcsinfo)
+        or detector_mismatch(model.meta, meta_get(model.meta, "wcs"))
+        or implausible_epoch(model.meta)
+    )
 
 
 #: Limits of the ``meta.wcsinfo`` values the alignment uses: keyword -> (low, high).

@@ -300,12 +300,18 @@ def check_members(asn: dict, asn_dir: str | Path | None, where: str) -> None:
     MissingInputError
         Naming a member file that does not exist.
     """
+    _check_group_ids(asn["products"][0]["members"], where)
     seen: dict[str, tuple[int, Path]] = {}
     for index, member in enumerate(asn["products"][0]["members"]):
         expname = member["expname"]
         if not isinstance(expname, (str, Path)):
             raise InvalidInputError(
                 f"{where}: member {index} has expname {expname!r}, expected a file name"
+            )
+        if "\x00" in str(expname):
+            raise InvalidInputError(
+                f"{where}: member {index} has expname {str(expname)!r}, which holds a NUL "
+                "byte: no file can have that name"
             )
         path = Path(expname) if asn_dir is None else Path(asn_dir) / expname
         key = path.name.lower()
@@ -323,6 +329,32 @@ def check_members(asn: dict, asn_dir: str | Path | None, where: str) -> None:
         seen[key] = (index, path)
     for _, path in seen.values():
         _check_file(path, "association member file")
+
+
+def _check_group_ids(members: list, where: str) -> None:
+    """Refuse group ids that differ but read alike: ``1`` (a number) and ``"1"`` (a string).
+
+    The step names groups by text (as romancal's associations write them), so two
+    such members would silently share one correction.
+    """
+    seen: dict[str, tuple[int, Any]] = {}
+    for index, entry in enumerate(members):
+        if not isinstance(entry, dict) or entry.get("group_id") in (None, ""):
+            continue
+        value = entry["group_id"]
+        if not isinstance(value, (str, int)) or isinstance(value, bool):
+            raise InvalidInputError(
+                f"{where}: member {index} has group_id {value!r} ({type(value).__name__}), "
+                "expected a string (as romancal writes them) or an integer"
+            )
+        first = seen.setdefault(str(value), (index, value))
+        if type(first[1]) is not type(value):
+            raise InvalidInputError(
+                f"{where}: members {first[0]} and {index} have group_id {first[1]!r} "
+                f"({type(first[1]).__name__}) and {value!r} ({type(value).__name__}), which "
+                "would be taken as one exposure group; write every group_id as a string "
+                "(as romancal does), the same for members of one exposure"
+            )
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -351,6 +383,11 @@ def load_association(filename) -> dict:
         raise InvalidInputError(f"{path}: association file cannot be read: {err}") from err
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise InvalidInputError(f"{path}: not a JSON association file ({err})") from err
+    except RecursionError as err:  # arrays or objects nested thousands deep
+        raise InvalidInputError(
+            f"{path}: not an association: its JSON is nested too deeply to read "
+            "(an association is a few levels deep)"
+        ) from err
     try:
         members = asn["products"][0]["members"]
         names = [m["expname"] for m in members]

@@ -36,6 +36,7 @@ from tweakwcs.linearfit import (
 )
 from tweakwcs.matchutils import MatchSourceConfusionError, XYXYMatch
 
+from . import parameters
 from ._types import FitParameters, FitResult, Matches, Quality, Status
 from .geometry import affine
 from .quality import gates
@@ -64,7 +65,7 @@ log = logging.getLogger(__name__)
 
 #: Minimum matches each fit geometry needs.
 MIN_MATCHES = {"shift": 1, "rshift": 2, "rscale": 2, "general": 3}
-_PIXEL_SCALE = 0.11  # arcsec, WFI; sets the 2D-histogram bin size
+_PIXEL_SCALE = parameters.MATCH_PIXEL_SCALE  # arcsec, WFI; sets the 2D-histogram bin size
 
 
 #: After tweakwcs's matcher runs out of room (source confusion), it is tried once more

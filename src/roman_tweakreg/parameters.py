@@ -39,6 +39,9 @@ from .errors import InvalidParameterError
 
 __all__ = [
     "FIT_NAMES",
+    "MATCH_PIXEL_SCALE",
+    "MAX_SEARCHRAD",
+    "OFFSET_SEARCH_MEMORY",
     "PARAMETERS",
     "SECTIONS",
     "Parameter",
@@ -46,6 +49,7 @@ __all__ = [
     "default",
     "get",
     "names",
+    "offset_search_bytes",
     "spec",
     "table_rst",
     "validate",
@@ -102,6 +106,8 @@ class Parameter:
     in_step : bool
         False for a parameter of :class:`~roman_tweakreg.detection.DetectionParameters`
         that the step does not expose.
+    why_high : str
+        Why the upper bound is what it is, said when a value exceeds it.
     """
 
     name: str
@@ -120,6 +126,7 @@ class Parameter:
     noun: str = ""
     spec_args: str = ""
     in_step: bool = True
+    why_high: str = ""
 
     @property
     def accepts_none(self) -> bool:
@@ -181,7 +188,7 @@ class Parameter:
         if self.low is not None and (value <= self.low if self.low_open else value < self.low):
             return self.expected
         if self.high is not None and (value >= self.high if self.high_open else value > self.high):
-            return self.expected
+            return f"{self.expected}: {self.why_high}" if self.why_high else self.expected
         return ""
 
     def spec_line(self) -> str:
@@ -210,12 +217,48 @@ def _fit_pair(name: str, kind: type, relative: Any, absolute: Any, doc: str, **k
 
 _GEOMETRIES = ("shift", "rshift", "rscale", "general")
 
+#: Pixel scale (arcsec) of the tangent plane in which sources are matched: tweakwcs's
+#: offset search bins its 2D histogram in pixels of this size (WFI's).
+MATCH_PIXEL_SCALE = 0.11
+#: Memory (bytes) the offset search may take: its 2D histogram has
+#: ``(2 ceil(searchrad / MATCH_PIXEL_SCALE) + 1)**2`` bins.
+OFFSET_SEARCH_MEMORY = 256 * 2**20
+#: Peak memory (bytes) of tweakwcs's offset search per histogram bin (measured with
+#: tracemalloc over searchrad 30-120 arcsec: 26.1; the histogram, numpy's bin counts and
+#: the peak search's copies).
+_BYTES_PER_BIN = 26
+
+
+def offset_search_bytes(searchrad: float) -> float:
+    """Peak memory (bytes) of tweakwcs's 2D-histogram offset search over ``searchrad`` arcsec."""
+    bins = 2 * math.ceil(searchrad / MATCH_PIXEL_SCALE) + 1
+    return float(bins) ** 2 * _BYTES_PER_BIN
+
+
+def _max_searchrad() -> float:
+    """The largest whole number of arcsec whose offset search fits OFFSET_SEARCH_MEMORY."""
+    half = (math.isqrt(OFFSET_SEARCH_MEMORY // _BYTES_PER_BIN) - 1) // 2
+    radius = math.floor(half * MATCH_PIXEL_SCALE)
+    while offset_search_bytes(radius) > OFFSET_SEARCH_MEMORY:  # rounding: step back
+        radius -= 1
+    return float(radius)
+
+
+#: The largest search radius accepted (arcsec): 176 with the values above.
+MAX_SEARCHRAD = _max_searchrad()
+_WHY_SEARCHRAD = (
+    f"the offset search's 2D histogram of (2 x searchrad / {MATCH_PIXEL_SCALE} arcsec + 1)^2 "
+    f"bins would need more than {OFFSET_SEARCH_MEMORY // 2**20} MiB beyond {MAX_SEARCHRAD:g} "
+    "arcsec (and the reference catalog cone grows with it); pointing errors of Roman are "
+    "arcseconds"
+)
+
 #: The matching parameters, each as (relative, absolute): the fields of ``FitParameters``.
 _FIT = (
     _fit_pair("minobj", int, 15, 15, "Minimum matches for the {fit} fit", low=1),
     _fit_pair("searchrad", float, 2.0, 6.0,
               "Search radius of the {fit} initial offset; also the largest plausible correction",
-              unit="arcsec", low=0, low_open=True),
+              unit="arcsec", low=0, low_open=True, high=MAX_SEARCHRAD, why_high=_WHY_SEARCHRAD),
     _fit_pair("use2dhist", bool, True, True, "Find the initial {fit} offset with a 2D histogram"),
     _fit_pair("separation", float, 1.0, 0.1,
               "Sources closer than this are not used in {fit} matching",
@@ -284,7 +327,8 @@ PARAMETERS: tuple[Parameter, ...] = (
               "Catalog service base URL; '' means $ASTROMETRIC_CATALOG_URL or "
               "https://gsss.stsci.edu/webservices", "absolute"),
     Parameter("abs_refcat_timeout", float, 30.0,
-              "Seconds to wait for the catalog service, per try", "absolute",
+              "Seconds a try of a catalog service or URL request may take in all (headers "
+              "and body: a deadline, not per read)", "absolute",
               unit="s", low=0, low_open=True, noun="a number of seconds"),
     Parameter("vo_timeout", float, None,
               "romancal's name for abs_refcat_timeout; when set, it is used instead",
@@ -293,6 +337,10 @@ PARAMETERS: tuple[Parameter, ...] = (
     Parameter("abs_refcat_retries", int, 3,
               "Retries of failed catalog service requests (exponential backoff)", "absolute",
               low=0),
+    Parameter("abs_refcat_max_bytes", int, 500_000_000,
+              "Largest answer taken from the catalog service or a catalog URL, before and "
+              "after decompression; a larger one is refused (relative alignment kept)",
+              "absolute", unit="bytes", low=1, spec_args="min=1"),
     Parameter("abs_refcat_cache", str, None,
               "Catalog cache folder; None: $ROMAN_TWEAKREG_CACHE or ~/.cache/roman_tweakreg; "
               "'off' disables", "absolute"),
@@ -303,7 +351,8 @@ PARAMETERS: tuple[Parameter, ...] = (
               "outputs"),
     Parameter("processes", int, 0,
               "Processes for per-image work (catalogs, corrected WCS, saving): 0 one per "
-              "usable core (at most 4), 1 none forked", "outputs", low=0, spec_args="min=0"),
+              "usable core (at most 4), 1 none forked; more than the usable cores are capped "
+              "at their number (logged)", "outputs", low=0, spec_args="min=0"),
     Parameter("report", str, "",
               "Write a JSON fit report to this file (relative to output_dir); '' for none",
               "outputs"),

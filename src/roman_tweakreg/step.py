@@ -14,7 +14,7 @@ from stpipe import Step, config_parser
 from stpipe.library import AbstractModelLibrary
 
 from . import align, catalogs, outputs, parameters, results
-from ._parallel import gc_frozen
+from ._parallel import gc_frozen, usable_cores
 from .errors import InvalidParameterError, ReferenceCatalogError
 from .library import open_library
 from .matching import FitParameters, FitResult
@@ -105,6 +105,12 @@ class TweakRegStep(Step):
         refcat_name = (self.abs_refcat or DEFAULT_REFCAT).strip()
         check_refcat(refcat_name)
         self._check_output_places()
+        if self.processes > usable_cores():
+            log.info(
+                "processes=%d capped at the %d usable cores of this process",
+                self.processes,
+                usable_cores(),
+            )
         if more_inputs:
             input_data = _as_list(input_data) + [m for i in more_inputs for m in _as_list(i)]
         with gc_frozen(), _tweakwcs_at_debug():
@@ -339,6 +345,7 @@ class TweakRegStep(Step):
                 retries=self.abs_refcat_retries,
                 cache_dir=self.abs_refcat_cache,
                 base_url=self.abs_refcat_url or None,
+                max_bytes=self.abs_refcat_max_bytes,
             )
         except ReferenceCatalogError as err:
             log.warning("Absolute alignment skipped, relative alignment kept: %s", err)
@@ -487,7 +494,7 @@ class TweakRegStep(Step):
                 outputs.save_library(
                     self, model, suffix=suffix, output_file=output_file,
                     components=components, written=written, processes=self.processes,
-                    batch=4 * max(self.processes, 2) if self.on_disk else None,
+                    batch=4 * max(min(self.processes, usable_cores()), 2) if self.on_disk else None,
                     inputs=getattr(self, "_inputs", None),
                 )  # fmt: skip
         finally:

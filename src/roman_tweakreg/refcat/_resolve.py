@@ -119,6 +119,7 @@ def get_reference_catalog(
     backoff: float = 0.5,
     cache_dir: str | os.PathLike | None = None,
     use_cache: bool = True,
+    max_bytes: int | None = None,
 ) -> ReferenceCatalog:
     """Get the reference catalog named ``refcat`` over a cone.
 
@@ -143,8 +144,8 @@ def get_reference_catalog(
         Catalog service base URL; default ``$ASTROMETRIC_CATALOG_URL`` or
         ``https://gsss.stsci.edu/webservices``.
     timeout : float
-        Seconds to wait for the service (or S3, or an HTTP server) to connect or
-        send data, per try.
+        Seconds a try of a request to the service, S3 or a URL may take in all
+        (headers and body: a total deadline, not per read).
     retries : int
         Retries of a failed request (connection error, timeout, 5xx), with
         exponential backoff (for S3: AWS's standard retry policy).
@@ -156,6 +157,9 @@ def get_reference_catalog(
         ``'off'`` (or ``'none'``, ``'0'``, ``'false'``) turns the cache off.
     use_cache : bool
         Whether to read and write the cache.
+    max_bytes : int, optional
+        Largest answer accepted from the service or a URL, before and after
+        decompression; default the ``abs_refcat_max_bytes`` default.
 
     Returns
     -------
@@ -185,6 +189,8 @@ def get_reference_catalog(
         "backoff": float(backoff),
         "cache": cache,
     }
+    if max_bytes is not None:
+        options["max_bytes"] = int(max_bytes)
     entries = split_refcat(refcat)
     faults = []
     for entry in entries:

@@ -23,6 +23,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 
+from .. import parameters
 from .._io import remove_stale_temporaries, temp_prefix
 from ..errors import ReferenceCatalogError
 from ._cache import ConeCache
@@ -49,6 +50,12 @@ _RETRY_STATUS = (500, 502, 503, 504)
 #: Epochs asked of the service are rounded to this many decimals of a year
 #: (under 9 hours), so that re-runs share cache entries; ``positions`` carries the rest.
 EPOCH_DECIMALS = 3
+#: Default largest answer (bytes, before and after decompression) taken from the
+#: catalog service or a catalog URL: the parameter ``abs_refcat_max_bytes``.
+DEFAULT_MAX_BYTES: int = parameters.default("abs_refcat_max_bytes")
+#: Largest piece (bytes, decompressed) read from an answer at a time; the deadline
+#: and the size limit are checked between pieces.
+CHUNK = 1 << 20
 
 
 class NoDataError(ReferenceCatalogError):
@@ -114,46 +121,128 @@ def _describe(err: Exception, timeout: float) -> str:
 
 
 def fetch(
-    url: str, params: dict | None, *, what: str, timeout: float, retries: int, backoff: float
+    url: str,
+    params: dict | None,
+    *,
+    what: str,
+    timeout: float,
+    retries: int,
+    backoff: float,
+    max_bytes: int = DEFAULT_MAX_BYTES,
 ) -> bytes:
     """GET ``url`` with retries; return the body of a 200 answer.
+
+    Each try waits at most ``timeout`` seconds for the headers (each read of them),
+    then has a total deadline of ``timeout`` seconds for the whole body (not per
+    read: a server sending one byte a second cannot hold the request open).  The
+    body is read in pieces of at most :data:`CHUNK` bytes after decompression, so
+    that an answer larger than ``max_bytes`` before or after decompression (a
+    ``Content-Encoding: gzip`` bomb, an endless answer) is refused without
+    holding more than that in memory.  A try over its deadline, or cut short in
+    transfer, is tried again, up to ``retries`` times; a request ends within
+    ``2 * (retries + 1) * timeout`` seconds plus the backoff waits (about
+    ``(retries + 1) * timeout`` when the headers come at once).
 
     Raises
     ------
     ReferenceCatalogError
-        Any fault: network, timeout, non-200 status after retries.
+        Any fault: network, deadline, an answer larger than ``max_bytes``,
+        non-200 status after retries; naming ``what`` and the limit.
     """
     import requests
+    import urllib3
 
+    start = time.monotonic()
+    waits = sum(min(backoff * 2**k, max(backoff, 10.0)) for k in range(retries))
+    overall = start + 2 * (retries + 1) * timeout + waits
     try:
         with _session(retries, backoff) as session:
             for attempt in range(retries + 1):
                 try:
-                    response = session.get(url, params=params, timeout=timeout)
-                    break
+                    with session.get(url, params=params, timeout=timeout, stream=True) as response:
+                        deadline = min(time.monotonic() + timeout, overall)
+                        if response.status_code != 200:
+                            body = _read_body(response, what, deadline, 4096, timeout, cap=False)
+                            break
+                        body = _read_body(response, what, deadline, max_bytes, timeout)
+                        break
                 except (
                     requests.exceptions.ChunkedEncodingError,
                     requests.exceptions.ConnectionError,
+                    urllib3.exceptions.HTTPError,
+                    _DeadlineError,
                 ) as err:
                     # urllib3 retries faults before the body; retry a body cut short here
                     exhausted = type(err.args[0] if err.args else None).__name__ == "MaxRetryError"
-                    if exhausted or attempt == retries:
+                    wait = backoff * 2**attempt
+                    if exhausted or attempt == retries or time.monotonic() + wait >= overall:
                         raise
                     log.info("%s: %s; retrying", what, _describe(err, timeout))
-                    time.sleep(backoff * 2**attempt)
-    except requests.RequestException as err:
+                    time.sleep(wait)
+    except _DeadlineError as err:
+        raise ReferenceCatalogError(
+            f"{what}: {err}, after up to {retries} retries ({time.monotonic() - start:.1f} s)"
+        ) from err
+    except (requests.RequestException, urllib3.exceptions.HTTPError) as err:
         raise ReferenceCatalogError(
             f"{what}: {_describe(err, timeout)}, after up to {retries} retries"
         ) from err
+    except ReferenceCatalogError:
+        raise
     except Exception as err:  # anything else from the network stack is still a catalog fault
         raise ReferenceCatalogError(f"{what}: unexpected fault: {err!r}") from err
     if response.status_code != 200:
         tries = f" after {retries} retries" if response.status_code in _RETRY_STATUS else ""
         raise ReferenceCatalogError(
-            f"{what}: HTTP {response.status_code} {response.reason}{tries}: "
-            f"{_snippet(response.content)}"
+            f"{what}: HTTP {response.status_code} {response.reason}{tries}: {_snippet(body)}"
         )
-    return response.content
+    return body
+
+
+class _DeadlineError(Exception):
+    """A try of a request went past its deadline (retried by :func:`fetch`)."""
+
+
+def _read_body(
+    response, what: str, deadline: float, max_bytes: int, timeout: float, *, cap: bool = True
+) -> bytes:
+    """Read ``response``'s body, decompressed, within ``deadline`` and ``max_bytes``.
+
+    With ``cap`` False the first ``max_bytes`` are returned (an error page's start);
+    otherwise a larger answer raises :class:`ReferenceCatalogError`.
+    """
+    raw = response.raw
+    encoding = response.headers.get("Content-Encoding", "").strip()
+    coded = f" (Content-Encoding {encoding})" if encoding and encoding != "identity" else ""
+    length = response.headers.get("Content-Length", "")
+    if cap and length.isdigit() and int(length) > max_bytes:
+        raise ReferenceCatalogError(
+            f"{what}: the answer announces {int(length)} bytes{coded}, more than the limit "
+            f"abs_refcat_max_bytes={max_bytes}; raise it or ask for a smaller cone"
+        )
+    parts: list[bytes] = []
+    size = 0
+    while True:
+        if time.monotonic() > deadline:
+            raise _DeadlineError(
+                f"the answer took longer than the {timeout:g} s timeout (a deadline per try, "
+                f"body included; {size} bytes received)"
+            )
+        chunk = raw.read1(min(CHUNK, max_bytes + 1 - size), decode_content=True)
+        if not chunk:
+            break
+        parts.append(chunk)
+        size += len(chunk)
+        if size > max_bytes:
+            if not cap:
+                break
+            wire = raw.tell()
+            raise ReferenceCatalogError(
+                f"{what}: the answer is larger than the limit abs_refcat_max_bytes={max_bytes} "
+                f"bytes{coded} ({size} bytes after decompression from {wire} received); "
+                "raise it or ask for a smaller cone"
+            )
+    return b"".join(parts)[:max_bytes] if not cap else b"".join(parts)
 
 
 def _snippet(body: bytes | str, size: int = 120) -> str:
@@ -299,6 +388,7 @@ def query_service(
     retries: int = 3,
     backoff: float = 0.5,
     cache: ConeCache | None = None,
+    max_bytes: int = DEFAULT_MAX_BYTES,
 ) -> ReferenceCatalog:
     """Ask the catalog service for ``catalog`` over a cone, through the cache.
 
@@ -309,7 +399,9 @@ def query_service(
     Raises
     ------
     ReferenceCatalogError
-        The service cannot be reached or its answer is not a usable catalog.
+        The service cannot be reached, does not answer within the deadline
+        (see :func:`fetch`), answers more than ``max_bytes`` or its answer is
+        not a usable catalog.
     """
     base = service_base(base_url)
     url = f"{base}/vo/CatalogSearch.aspx"
@@ -334,7 +426,8 @@ def query_service(
             log.warning("Discarding a bad cache entry: %s", err)
             cache.discard(entry.path)
     if columns is None:
-        body = fetch(url, params, what=what, timeout=timeout, retries=retries, backoff=backoff)
+        body = fetch(url, params, what=what, timeout=timeout, retries=retries, backoff=backoff,
+                     max_bytes=max_bytes)
         columns = parse_service_csv(body, what)
         if cache:
             cache.put(base, catalog, ra, dec, radius, asked, body)
@@ -354,10 +447,12 @@ def read_url_catalog(
     retries: int = 3,
     backoff: float = 0.5,
     cache: ConeCache | None = None,
+    max_bytes: int = DEFAULT_MAX_BYTES,
 ) -> ReferenceCatalog:
     """Download a catalog file (any local format, by its name) and read the cone from it.
 
     The file is kept in the cache, checksummed, and read from there next time.
+    The download has the deadline and the size limit ``max_bytes`` of :func:`fetch`.
     """
     name = Path(urlparse(url).path).name or "catalog.ecsv"
     what = f"catalog URL {url}"
@@ -368,7 +463,8 @@ def read_url_catalog(
         except ReferenceCatalogError as err:
             log.warning("Discarding a bad cached file: %s", err)
             cache.discard(path)
-    body = fetch(url, None, what=what, timeout=timeout, retries=retries, backoff=backoff)
+    body = fetch(url, None, what=what, timeout=timeout, retries=retries, backoff=backoff,
+                     max_bytes=max_bytes)
     if _is_html(body[:512].decode("latin-1")) and not name.lower().endswith((".html", ".htm")):
         raise ReferenceCatalogError(
             f"{what}: answered an HTML page, not a catalog file: {_snippet(body)}"

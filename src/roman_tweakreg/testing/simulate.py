@@ -15,12 +15,10 @@ recover the true WCS.
 
 from __future__ import annotations
 
-import csv
 import json
 import warnings
 from dataclasses import dataclass, field
 from functools import lru_cache
-from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -34,6 +32,8 @@ from astropy.table import Table
 from astropy.time import Time
 from gwcs import WCS, geometry
 from gwcs import coordinate_frames as cf
+
+from .._consistency import load_siaf
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -62,20 +62,10 @@ BORESIGHT_V2V3 = (1546.3846181708, -892.7916365721)
 _BBOX = ((-0.5, DETECTOR_SHAPE[1] - 0.5), (-0.5, DETECTOR_SHAPE[0] - 0.5))
 
 
-@lru_cache(maxsize=1)
-def load_siaf() -> dict[str, dict[str, float]]:
-    """Read the packaged WFI SIAF table.
-
-    Returns
-    -------
-    dict
-        Detector name -> dict of the SIAF columns (floats).
-    """
-    text = resources.files("roman_tweakreg").joinpath("data/wfi_siaf.csv").read_text()
-    rows = csv.DictReader(line for line in text.splitlines() if not line.startswith("#"))
-    return {
-        row["detector"]: {k: float(v) for k, v in row.items() if k != "detector"} for row in rows
-    }
+@lru_cache(maxsize=len(DETECTORS))
+def _detector_distortion(detector: str):
+    """:func:`_distortion` of ``detector``, fitted once (callers take a copy)."""
+    return _distortion(load_siaf()[detector])
 
 
 def _distortion(siaf: dict[str, float]):
@@ -163,6 +153,50 @@ class Attitude:
         moved = c.directional_offset_by(pa, sep)
         return Attitude(float(moved.ra.deg), float(moved.dec.deg), self.pa_v3 + droll)
 
+    def mispointed(self, dx: float, dy: float, droll: float) -> Attitude:
+        """Return this attitude with a pointing error, as the telescope would have it.
+
+        The whole frame is turned rigidly: about the axis that moves the boresight by
+        ``hypot(dx, dy)`` arcsec (towards position angle ``atan2(dx, dy)``), then by
+        ``droll`` about the boresight.  Unlike :meth:`perturbed`, which keeps the
+        position angle to the local north, every detector then moves by the intended
+        amount at any declination (near a pole, the north turns quickly with the
+        boresight: keeping the angle to it added a roll of ``dx / cos(dec)`` arcsec
+        times ``sin(dec)``, 4 to 13 arcsec of error at the detectors' edges at
+        Dec 89.9).
+
+        Parameters
+        ----------
+        dx, dy : float
+            Offsets (arcsec) of the boresight towards the local east and north.
+        droll : float
+            Roll error (deg) about the boresight.
+        """
+        model = self.model()
+        v2, v3 = BORESIGHT_V2V3
+        ra0, dec0 = model(v2, v3)
+        ra1, dec1 = model(v2, v3 + 60.0)  # a point up +V3, carried along rigidly
+        c0 = coord.SkyCoord(ra0 * u.deg, dec0 * u.deg)
+        moved = c0.directional_offset_by(np.arctan2(dx, dy) * u.rad, np.hypot(dx, dy) * u.arcsec)
+        p0, p1, q0 = (
+            coord.SkyCoord(a * u.deg, d * u.deg).cartesian.xyz.value
+            for a, d in ((ra0, dec0), (ra1, dec1), (moved.ra.deg, moved.dec.deg))
+        )
+        axis = np.cross(p0, q0)
+        norm = np.linalg.norm(axis)
+        if norm > 0:  # Rodrigues: the rotation taking p0 to q0 applied to p1
+            k, angle = axis / norm, np.arctan2(norm, np.dot(p0, q0))
+            p1 = (
+                p1 * np.cos(angle)
+                + np.cross(k, p1) * np.sin(angle)
+                + k * np.dot(k, p1) * (1 - np.cos(angle))
+            )
+        q1 = coord.SkyCoord(*p1, representation_type="cartesian").spherical
+        pa = moved.position_angle(coord.SkyCoord(q1.lon, q1.lat)).deg
+        pa0 = c0.position_angle(coord.SkyCoord(ra1 * u.deg, dec1 * u.deg)).deg
+        # pa_v3 and the position angle of +V3 at the boresight differ by a constant
+        return Attitude(float(moved.ra.deg), float(moved.dec.deg), self.pa_v3 + pa - pa0 + droll)
+
     def wcsinfo(self, detector: str) -> dict[str, float]:
         """Return the ``meta.wcsinfo`` values of ``detector`` under this attitude."""
         siaf = load_siaf()[detector]
@@ -204,7 +238,7 @@ def detector_wcs(detector: str, wcsinfo: dict[str, float]) -> WCS:
         name="v2v3", axes_order=(0, 1), axes_names=("v2", "v3"), unit=(u.arcsec, u.arcsec)
     )
     world = cf.CelestialFrame(reference_frame=coord.ICRS(), name="world")
-    distortion = _distortion(load_siaf()[detector])
+    distortion = _detector_distortion(detector).copy()
     sky = _v2v3_to_sky(
         wcsinfo["v2_ref"],
         wcsinfo["v3_ref"],
@@ -366,7 +400,8 @@ def make_exposure(
     epoch : float
         Decimal year of the exposure; stars are carried to it with their motions.
     pointing_error : (dx, dy, droll)
-        Injected error of the assumed attitude: arcsec, arcsec, deg.
+        Injected error of the assumed attitude: arcsec, arcsec, deg (see
+        :meth:`Attitude.mispointed`: the same at any declination).
     detectors : sequence of str
         Which detectors to simulate.
     centroid_noise : float
@@ -385,7 +420,7 @@ def make_exposure(
     SimulatedExposure
         Models carry their catalogs in memory as ``meta.tweakreg_catalog``.
     """
-    assumed = attitude.perturbed(*pointing_error)
+    assumed = attitude.mispointed(*pointing_error)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", erfa.ErfaWarning)  # far-future UTC is "dubious"
         start_time = Time(Time(epoch, format="decimalyear", scale="utc").isot, scale="utc")
