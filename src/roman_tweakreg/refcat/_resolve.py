@@ -229,7 +229,7 @@ def _cache(cache_dir, use_cache: bool) -> ConeCache | None:
 
 def _get_one(entry: str, ra, dec, radius, epoch, base_url, options) -> ReferenceCatalog:
     if is_hats_url(entry):
-        return read_remote_hats(entry, ra, dec, radius, **options)
+        return read_remote_hats(entry, ra, dec, radius, **_hats_options(options))
     if re.match(r"^https?://", entry, re.IGNORECASE):
         return read_url_catalog(entry, ra, dec, radius, **options)
     path = Path(entry).expanduser()
@@ -244,5 +244,17 @@ def _get_one(entry: str, ra, dec, radius, epoch, base_url, options) -> Reference
         )
     name = entry.upper()
     if name in ROMANCAL_CATALOGS:
-        return read_remote_hats(ROMANCAL_CATALOGS[name], ra, dec, radius, name=name, **options)
+        return read_remote_hats(
+            ROMANCAL_CATALOGS[name], ra, dec, radius, name=name, **_hats_options(options)
+        )
     return query_service(name, ra, dec, radius, epoch, base_url=base_url, **options)
+
+
+def _hats_options(options: dict) -> dict:
+    """The request options of a remote HATS read: all but the answer size limit.
+
+    ``max_bytes`` bounds a service or URL answer, whose size the server decides; a HATS
+    read asks only for the needed columns of the partitions that touch the cone, whose
+    sizes the catalog's partitioning bounds.
+    """
+    return {k: v for k, v in options.items() if k != "max_bytes"}
