@@ -478,7 +478,17 @@ def _detect(
     arrays = None
     if image_file is None:
         arrays = (model.data, model.dq, getattr(model, "err", None))
-    job = DetectionJob(name, path, catalog_format, params, image_file, arrays)
+    instrument = model.meta.get("instrument", {})
+    job = DetectionJob(
+        name,
+        path,
+        catalog_format,
+        params,
+        image_file,
+        arrays,
+        str(instrument.get("detector", "") or ""),
+        str(instrument.get("optical_element", "") or ""),
+    )
     return CatalogSource(job, "detection", ())
 
 
