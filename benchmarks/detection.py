@@ -83,7 +83,7 @@ def _epsf_file(folder: Path, filter_name: str, oversample: int = 4, half: int = 
             okx, oky = (mx >= 0) & (mx < n), (my >= 0) & (my < n)
             stamp[np.ix_(my[oky], mx[okx])] = prf[np.ix_(oky, okx)]
     model = rdm.EpsfRefModel.create_fake_data(shape=(1, 1, 1, n, n))
-    model.psf = (stamp * oversample**2)[None, None, None].astype(np.float32)
+    model.psf = stamp[None, None, None].astype(np.float32)  # one pixel lattice sums to ~1
     model.meta["oversample"] = oversample
     model.meta.pixel_x, model.meta.pixel_y = [2043.5], [2043.5]
     model.save(path)

@@ -372,11 +372,16 @@ def find_epsf(psf_model: str | os.PathLike, detector: str, optical_element: str)
     want = (str(detector).upper(), str(optical_element).upper())
     found, seen = [], []
     for candidate in sorted(path.glob("*.asdf")):
-        opened = _open(candidate)
+        try:
+            opened = _open(candidate)
+        except PSFModelError as err:
+            log.debug("psf_model folder: %s skipped: %s", candidate, err)
+            continue
         try:
             tree = opened if hasattr(opened, "meta") else opened.tree
             ident = _identity(tree, str(candidate))
-        except PSFModelError:
+        except PSFModelError as err:
+            log.debug("psf_model folder: %s skipped: %s", candidate, err)
             continue
         finally:
             opened.close()

@@ -21,7 +21,7 @@ from scipy.special import erf
 if TYPE_CHECKING:
     import os
 
-__all__ = ["coma_epsf", "render_epsf_stars", "write_epsf_file"]
+__all__ = ["coma_epsf", "epsf_exposures", "render_epsf_stars", "write_epsf_file"]
 
 #: (flux fraction, sigma px) of the core and of the lobe.
 _CORE = (0.6, 0.65)
@@ -76,7 +76,7 @@ def write_epsf_file(
         [coma_epsf(d[None, :], d[:, None], x, y, shape) for x, y in zip(gx, gy, strict=True)]
     )
     model = rdm.EpsfRefModel.create_fake_data(shape=(1, 1, *stamps.shape))
-    model.psf = (stamps * oversample**2)[None, None].astype(np.float32)
+    model.psf = stamps[None, None].astype(np.float32)  # samples of one pixel lattice sum to 1
     model.meta.instrument.detector = detector
     model.meta.instrument.optical_element = optical_element
     model.meta["oversample"] = oversample
@@ -115,3 +115,76 @@ def render_epsf_stars(
         model[np.ix_(rows[keep_r], cols[keep_c])] += stamp[np.ix_(keep_r, keep_c)]
     data = rng.poisson(model) + rng.normal(0.0, read_noise, shape)
     return data.astype(np.float32), np.sqrt(model + read_noise**2).astype(np.float32)
+
+
+def epsf_exposures(
+    shape: tuple[int, int] = (256, 256),
+    *,
+    detector: str = "WFI01",
+    optical_element: str = "F158",
+    n_exposures: int = 2,
+    density: float = 2.5e6,
+    flux: tuple[float, float] = (2e4, 1e5),
+    seed: int = 11,
+):
+    """Exposures of one detector whose first ``shape`` pixels hold stars of :func:`coma_epsf`.
+
+    Like :func:`roman_tweakreg.testing.pixels.write_pixel_association`, in memory:
+    dithered exposures (2 arcsec along RA and 1.5 along Dec each) with pointing
+    errors, each image's stars rendered at their true positions with noise, no
+    catalog (the step detects the sources), ``meta.instrument.optical_element``
+    set.
+
+    Returns
+    -------
+    models : list
+        The ImageModels.
+    truths : list of astropy.table.Table
+        Each image's true star positions ``x``, ``y``.
+    true_wcs : list
+        Each image's true WCS.
+    refcat : astropy.table.Table
+        The star field at the exposures' epoch (``RA``, ``DEC``).
+    """
+    from astropy.table import Table
+
+    from . import simulate
+
+    rng = np.random.default_rng(seed)
+    attitude = simulate.Attitude(270.0, -30.0, 60.0)
+    wcs = simulate.detector_wcs(detector, attitude.wcsinfo(detector))
+    ra, dec = wcs(shape[1] / 2, shape[0] / 2)
+    radius = 0.75 * max(shape) * 0.11 / 3600.0 + 0.003
+    stars = simulate.make_star_field(float(ra), float(dec), radius, density, rng)
+    brightness = dict(
+        zip(np.asarray(stars["objID"]), 10 ** rng.uniform(*np.log10(flux), len(stars)))
+    )
+    box = ((-0.5, shape[1] - 0.5), (-0.5, shape[0] - 0.5))
+    models, truths, true_wcs = [], [], []
+    for k in range(n_exposures):
+        error = (rng.uniform(-0.5, 0.5), rng.uniform(-0.5, 0.5), rng.uniform(-0.01, 0.01))
+        exposure = simulate.make_exposure(
+            stars,
+            attitude.perturbed(2.0 * k, 1.5 * k, 0.0),
+            exposure=k + 1,
+            pointing_error=error,
+            detectors=(detector,),
+            centroid_noise=0.0,
+            rng=rng,
+            data_shape=shape,
+        )
+        model = exposure.models[0]
+        catalog = model.meta["tweakreg_catalog"]
+        x, y = np.asarray(catalog["x"]), np.asarray(catalog["y"])
+        inside = (x > box[0][0]) & (x < box[0][1]) & (y > box[1][0]) & (y < box[1][1])
+        fluxes = np.array([brightness[i] for i in np.asarray(catalog["objID"])[inside]])
+        data, err = render_epsf_stars(shape, x[inside], y[inside], fluxes, rng)
+        model.data[:], model.err[:], model.dq[:] = data, err, 0
+        model.meta.wcs.bounding_box = box
+        model.meta.instrument.optical_element = optical_element
+        del model.meta["tweakreg_catalog"]
+        models.append(model)
+        truths.append(Table({"x": x[inside], "y": y[inside]}))
+        true_wcs.append(exposure.true_wcs[0])
+    ra_now, dec_now = simulate.propagate(stars, 2028.0)
+    return models, truths, true_wcs, Table({"RA": ra_now, "DEC": dec_now})
