@@ -119,7 +119,11 @@ def render(workdir: Path, seed: int) -> None:
     exposures, stars = _dataset(seed)
     rng = np.random.default_rng(seed + 1)
     counts_of = dict(
-        zip(np.asarray(stars["objID"]), 10 ** rng.uniform(np.log10(2e3), 5.3, len(stars)))
+        zip(
+            np.asarray(stars["objID"]),
+            10 ** rng.uniform(np.log10(2e3), 5.3, len(stars)),
+            strict=True,
+        )
     )
     psfs = {}
     (workdir / "epsf").mkdir(parents=True, exist_ok=True)
@@ -185,7 +189,7 @@ def measure(workdir: Path, seed: int, psf_model: str) -> list[dict]:
         for k in range(len(result)):
             model = result.borrow(k)
             with np.load(workdir / f"image_{k}.npz") as npz:
-                tx, ty, counts = npz["x"], npz["y"], npz["counts"]
+                tx, ty = npz["x"], npz["y"]
             name = Path(model.meta.filename).name.removesuffix(".asdf")
             cat = Table.read(out_dir / f"{name}_cat.ecsv")
             d, i = cKDTree(np.column_stack([tx, ty])).query(np.column_stack([cat["x"], cat["y"]]))

@@ -75,9 +75,11 @@ def test_epsf_fit_puts_positions_on_the_psf_origin(epsf_file):
     dx1, dy1 = offsets_mpx(fitted["x"], fitted["y"], x, y)
     assert dx0.size == dx1.size == x.size == 225
     # the symmetric PRF centres the coma-like PSF 0.1-0.15 px off its origin
-    assert dx0.mean() > 100 and dy0.mean() < -60
+    assert dx0.mean() > 100
+    assert dy0.mean() < -60
     # the ePSF fit: within the noise (about 0.5 mpx per axis here) of the true positions
-    assert abs(dx1.mean()) < 1.5 and abs(dy1.mean()) < 1.5
+    assert abs(dx1.mean()) < 1.5
+    assert abs(dy1.mean()) < 1.5
     assert np.hypot(dx1, dy1).max() < 30
 
 
@@ -141,7 +143,8 @@ def test_step_without_psf_model_logs_the_convention_offset_once(coma_field, tmp_
     for status, dx, dy, error in images:
         assert status == "COMPLETE"
         assert dx.size > 60
-        assert dx.mean() > 100 and dy.mean() < -60  # the convention offset
+        assert dx.mean() > 100  # the convention offset
+        assert dy.mean() < -60
         assert error > 8  # mas: the offset, carried into the WCS
 
 
@@ -160,7 +163,8 @@ def test_step_with_an_epsf_aligns_on_the_psf_origin(coma_field, epsf_file, tmp_p
     for status, dx, dy, error in images:
         assert status == "COMPLETE"
         assert dx.size > 60
-        assert abs(dx.mean()) < 12 and abs(dy.mean()) < 12  # noise: 2-4 mpx per axis here
+        assert abs(dx.mean()) < 12  # noise: 2-4 mpx per axis here
+        assert abs(dy.mean()) < 12
         assert error < 4  # mas
 
 

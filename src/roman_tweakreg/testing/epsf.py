@@ -157,7 +157,11 @@ def epsf_exposures(
     radius = 0.75 * max(shape) * 0.11 / 3600.0 + 0.003
     stars = simulate.make_star_field(float(ra), float(dec), radius, density, rng)
     brightness = dict(
-        zip(np.asarray(stars["objID"]), 10 ** rng.uniform(*np.log10(flux), len(stars)))
+        zip(
+            np.asarray(stars["objID"]),
+            10 ** rng.uniform(*np.log10(flux), len(stars)),
+            strict=True,
+        )
     )
     box = ((-0.5, shape[1] - 0.5), (-0.5, shape[0] - 0.5))
     models, truths, true_wcs = [], [], []
