@@ -218,3 +218,20 @@ def test_crds_epsf_used_when_configured_and_unreachable_crds_falls_back(
         "CRDS epsf reference not available (CrdsError: server not reachable): empirical PRF used"
     ]
     assert all(s == "COMPLETE" and dx.mean() > 100 for s, dx, *_ in images)
+
+
+# stpipe's CRDS client calls crds's deprecated cache lock (a DeprecationWarning of crds 14)
+@pytest.mark.filterwarnings("ignore:'get_cache_lock' is deprecated:DeprecationWarning")
+def test_crds_without_server_or_cache_falls_back_in_one_line(
+    coma_field, tmp_path, monkeypatch, caplog
+):
+    # the real CRDS client: a closed local port, an empty cache (CRDS then calls sys.exit)
+    monkeypatch.setenv("CRDS_SERVER_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("CRDS_PATH", str(tmp_path / "crds_cache"))
+    with caplog.at_level(logging.INFO, logger="roman_tweakreg"):
+        images = run_step(coma_field, tmp_path / "run")
+    ours = [r.getMessage() for r in caplog.records if r.name.startswith("roman_tweakreg")]
+    assert [m for m in ours if "CRDS" in m] == [
+        "CRDS epsf reference not available (SystemExit: -1): empirical PRF used"
+    ]
+    assert [s for s, *_ in images] == ["COMPLETE", "COMPLETE"]

@@ -206,7 +206,9 @@ class TweakRegStep(Step):
                 return None
             try:
                 path = self.get_reference_file(model, "epsf")
-            except Exception as err:  # CRDS, its network and its cache: any failure
+            # CRDS, its network and its cache: any failure; CRDS ends with sys.exit(-1)
+            # when it has neither a server nor a cached context
+            except (Exception, SystemExit) as err:
                 failed.append(err)
                 log.warning(
                     "CRDS epsf reference not available (%s: %s): empirical PRF used",
