@@ -36,7 +36,11 @@ Algorithm (see ``docs/detection.rst`` for the measured accuracy and speed):
    of photutils ``PSFPhotometry`` with ``CircularGaussianPRF``).  Fits that
    do not converge, end at the 1.5 px position bound or at a FWHM bound are
    dropped, as is the less significant of two centroids closer than
-   ``min_separation``.  Crowded pairs: a companion 1.5-5 px from a fitted
+   ``min_separation``.  With the image's Roman ePSF (``psf``: ``psf_model``,
+   ``override_epsf`` or CRDS, see :mod:`roman_tweakreg.psf`) no shape is
+   measured: :func:`fit_epsf` fits every source with it instead, with the
+   same square, weights and rules, and positions lie on the ePSF's origin.
+   Crowded pairs: a companion 1.5-5 px from a fitted
    source (or from a saturated star, fitted on its unsaturated pixels and
    never kept) is found in the source's residual, against the residual the
    PRF leaves around the bright stars (``_residual_profile``), and
