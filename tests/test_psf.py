@@ -250,7 +250,7 @@ def test_fit_epsf_agrees_with_photutils_gridded_psf_model(epsf_file):
     x, y = (v.ravel() + rng.uniform(-0.5, 0.5, v.size) for v in np.meshgrid(g, g))
     image, box = np.zeros(SHAPE), np.arange(-8, 9)
     for x0, y0 in zip(x, y, strict=True):  # noise-free stars of the asymmetric PSF
-        cols, rows = int(round(x0)) + box, int(round(y0)) + box
+        cols, rows = round(x0) + box, round(y0) + box
         image[np.ix_(rows, cols)] += 1e4 * coma_epsf(
             cols[None, :] - x0, rows[:, None] - y0, x0, y0, SHAPE
         )
