@@ -173,6 +173,13 @@ def test_missing_psf_model_or_override_is_a_clear_error(coma_field, tmp_path):
         TweakRegStep.call(coma_field[0][:1], psf_model="/nonexistent/epsf")
     with pytest.raises(PSFModelError, match=r"^override_epsf='.*/missing\.asdf': no such file$"):
         TweakRegStep.call(coma_field[0][:1], override_epsf=str(tmp_path / "missing.asdf"))
+    other = write_epsf_file(tmp_path / "wfi02.asdf", SHAPE, detector="WFI02")
+    with pytest.raises(
+        PSFModelError,
+        match=r"wfi02\.asdf: ePSF for detector WFI02 and optical element F158, but the image "
+        r"is WFI01 F158$",
+    ):
+        run_step(coma_field, tmp_path / "run", psf_model=str(other))
 
 
 def test_no_crds_configured_never_asks_crds(coma_field, tmp_path, monkeypatch):

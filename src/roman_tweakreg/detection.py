@@ -1172,9 +1172,7 @@ class DetectionJob:
             return None
         from .psf import find_epsf
 
-        psf = find_epsf(self.params.psf_model, self.detector, self.optical_element)
-        log.debug("%s: positions fitted with the ePSF %s", self.image, psf.source)
-        return psf
+        return find_epsf(self.params.psf_model, self.detector, self.optical_element)
 
     def run(self) -> Table:
         """Detect the sources, write the catalog and return it."""
@@ -1196,9 +1194,10 @@ class DetectionJob:
                 f"{type(err).__name__}: {err}"
             ) from err
         log.info(
-            "%s: %d sources detected, catalog written to %s",
+            "%s: %d sources detected (positions fitted with %s), catalog written to %s",
             self.image,
             len(table),
+            f"the ePSF {psf.source}" if psf is not None else "the empirical PRF",
             self.catalog_file,
         )
         return table
