@@ -271,3 +271,24 @@ def test_fit_epsf_agrees_with_photutils_gridded_psf_model(epsf_file):
     assert apart.max() < 0.001  # px (0.16 mpx measured)
     assert np.abs(ours["x_fit"] - x).max() < 0.002  # the truth: interpolation of 4x samples
     assert np.abs(ours["y_fit"] - y).max() < 0.002
+
+
+def test_grid_that_is_not_rectangular_or_does_not_match_the_stamps(tmp_path, epsf_file):
+    from roman_datamodels import datamodels as rdm
+
+    with rdm.open(epsf_file) as model:
+        model.meta.pixel_x = [*model.meta.pixel_x[:8], 17.0]  # one position off the grid
+        model.save(tmp_path / "skewed.asdf")
+        model.meta.pixel_x, model.meta.pixel_y = [0.0, 255.0], [0.0, 255.0]
+        model.save(tmp_path / "short.asdf")
+    with pytest.raises(
+        PSFModelError,
+        match=r"skewed\.asdf: the grid positions \(meta.pixel_x, meta.pixel_y\) do not form a "
+        r"rectangular grid \(9 positions, 4 x values, 3 y values\)$",
+    ):
+        read_epsf(tmp_path / "skewed.asdf")
+    with pytest.raises(
+        PSFModelError,
+        match=r"short\.asdf: stamps of shape \(9, 49, 49\) do not match 2 x and 2 y grid",
+    ):
+        read_epsf(tmp_path / "short.asdf")

@@ -85,10 +85,11 @@ class EPSFModel:
         from scipy.ndimage import spline_filter
 
         stamps = np.asarray(self.stamps, float)
-        if stamps.ndim != 3 or stamps.shape[0] != np.size(self.grid_x) != 0:
+        n_grid = np.size(self.grid_x)
+        if stamps.ndim != 3 or not stamps.shape[0] == n_grid == np.size(self.grid_y) > 0:
             raise PSFModelError(
                 f"{self.source or 'ePSF'}: stamps of shape {stamps.shape} do not match "
-                f"{np.size(self.grid_x)} grid positions"
+                f"{n_grid} x and {np.size(self.grid_y)} y grid positions"
             )
         coeffs = np.stack([spline_filter(s, order=3, mode="grid-constant") for s in stamps])
         object.__setattr__(self, "_coeffs", coeffs)
