@@ -125,7 +125,7 @@ class EPSFModel:
 
         Returns a :class:`SourceEPSF` holding, per source, the B-spline
         coefficients of its interpolated ePSF over ``[-reach, reach]`` pixels around
-        its centre (float32, about ``(8 reach oversample)**2`` bytes a source).
+        its centre (float32, about ``16 (reach oversample)**2`` bytes a source).
         """
         grid, weight = self.corners(x, y)
         os_ = self.oversample
