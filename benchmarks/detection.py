@@ -11,6 +11,11 @@ saturated or flagged stars in the catalog).
 
     python benchmarks/detection.py --stars 2000 --repeat 3
     python benchmarks/detection.py --filter F213 --stars 3000 --json-out det.json
+    python benchmarks/detection.py --psf-model --repeat 3
+
+``--psf-model`` writes the scene's PSF as an ePSF reference file (one grid point,
+oversampled 4 times) and gives it to ``detect_sources`` (``psf=``): the fit with a
+PSF model instead of the empirical PRF.
 """
 
 from __future__ import annotations
@@ -56,17 +61,48 @@ def _scene(args, folder: Path):
     return arrays, Table.read(truth)
 
 
-def _worker(arrays: str, out: str) -> None:
+def _epsf_file(folder: Path, filter_name: str, oversample: int = 4, half: int = 12) -> Path:
+    """The scene's PSF as an ``EpsfRefModel`` file: ePSF samples ``1/oversample`` px apart."""
+    from roman_datamodels import datamodels as rdm
+
+    from roman_tweakreg.testing import wfi_psf
+
+    path = folder / f"epsf_{filter_name}_{oversample}.asdf"
+    if path.exists():
+        return path
+    psf = wfi_psf(filter_name)
+    n = 2 * half * oversample + 1
+    stamp = np.zeros((n, n))
+    for ky in range(oversample):
+        for kx in range(oversample):
+            # pixel j of a star at offset k / oversample: the ePSF at j - k / oversample
+            prf = psf.prf(kx / oversample, ky / oversample, half + 1)[0]
+            j = np.arange(-half - 1, half + 2)
+            mx = (j + half) * oversample - kx
+            my = (j + half) * oversample - ky
+            okx, oky = (mx >= 0) & (mx < n), (my >= 0) & (my < n)
+            stamp[np.ix_(my[oky], mx[okx])] = prf[np.ix_(oky, okx)]
+    model = rdm.EpsfRefModel.create_fake_data(shape=(1, 1, 1, n, n))
+    model.psf = stamp[None, None, None].astype(np.float32)  # one pixel lattice sums to ~1
+    model.meta["oversample"] = oversample
+    model.meta.pixel_x, model.meta.pixel_y = [2043.5], [2043.5]
+    model.save(path)
+    return path
+
+
+def _worker(arrays: str, out: str, psf_model: str = "") -> None:
     sys.path.insert(0, str(Path(__file__).parent))
     from _rss import peak_rss_mb
 
     with np.load(arrays) as npz:
         data, dq, err = npz["data"], npz["dq"], npz["err"]
     from roman_tweakreg.detection import detect_sources
+    from roman_tweakreg.psf import read_epsf
 
+    psf = read_epsf(psf_model) if psf_model else None
     base = peak_rss_mb()
     cpu, wall = time.process_time(), time.perf_counter()
-    catalog = detect_sources(data, dq, err)
+    catalog = detect_sources(data, dq, err, psf=psf)
     cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
     catalog.write(out, overwrite=True)
     arrays_mb = (data.nbytes + dq.nbytes + err.nbytes) / 2**20
@@ -136,7 +172,10 @@ def main(argv=None) -> int:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--workdir", default="/tmp/roman_tweakreg_detection_bench")
     parser.add_argument("--json-out", default="")
-    parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--psf-model", action="store_true", help="fit with an ePSF file of the scene's PSF"
+    )
+    parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         _worker(*args.worker)
@@ -145,12 +184,13 @@ def main(argv=None) -> int:
 
     folder = Path(args.workdir)
     arrays, truth = _scene(args, folder)
+    psf_model = str(_epsf_file(folder, args.filter)) if args.psf_model else ""
     runs = []
     for k in range(args.repeat):
         load = os.getloadavg()[0]
         out = folder / f"catalog_{k}.ecsv"
         proc = subprocess.run(
-            [sys.executable, __file__, "--worker", str(arrays), str(out)],
+            [sys.executable, __file__, "--worker", str(arrays), str(out), psf_model],
             capture_output=True,
             text=True,
             check=True,
@@ -163,6 +203,7 @@ def main(argv=None) -> int:
         "shape": SHAPE,
         "filter": args.filter,
         "stars": args.stars,
+        "psf_model": bool(psf_model),
         "median_wall_s": float(np.median([r["wall_s"] for r in runs])),
         "median_cpu_s": float(np.median([r["cpu_s"] for r in runs])),
         "peak_ratio": max(r["peak_ratio"] for r in runs),

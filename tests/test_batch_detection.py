@@ -158,3 +158,22 @@ def test_plan_follows_the_steps_catalog_choice_with_a_users_catfile(pixels, tmp_
     catfile.write_text("".join(f"{n} {tmp_path / own.name}\n" for n in names))
     pars["use_custom_catalogs"] = True
     assert plan_detection(AssociationJob("px", str(pixels), str(folder), pars, "x")) is None
+
+
+def test_plan_detects_with_the_steps_epsf(pixels, tmp_path):
+    from roman_tweakreg.batch import AssociationJob, _step_parameters, plan_detection
+    from roman_tweakreg.testing.epsf import write_epsf_file
+
+    epsf = write_epsf_file(tmp_path / "epsf.asdf", (256, 256), detector="WFI01")
+    folder = tmp_path / "out"
+    for given, used in (
+        ({"override_epsf": str(epsf)}, str(epsf)),
+        ({"psf_model": str(tmp_path)}, str(tmp_path)),
+        ({}, None),
+    ):
+        pars = _step_parameters(given)  # as align_associations makes them
+        plan = plan_detection(AssociationJob("px", str(pixels), str(folder), pars, "x"))
+        assert len(plan.jobs) == 3
+        assert {j.params.psf_model for j in plan.jobs} == {used}
+        assert [j.detector for j in plan.jobs] == ["WFI02", "WFI01", "WFI02"]
+        assert {j.optical_element for j in plan.jobs} == {"F062"}  # the simulated files

@@ -45,7 +45,7 @@ def test_parameter_tables_in_the_built_docs_agree_with_the_step_spec(built):
         rows.setdefault(name, default)
     spec = TweakRegStep.load_spec_file()
     ours = [p for p in PARAMETERS if p.in_step]
-    assert len(ours) == 42  # 41, and abs_refcat_max_bytes (issue 28)
+    assert len(ours) == 43  # 41, abs_refcat_max_bytes (issue 28) and psf_model (issue 24)
     for p in ours:
         assert p.name in spec, p.name
         default = TweakRegStep().get_pars()[p.name]

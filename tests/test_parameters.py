@@ -35,6 +35,7 @@ PREVIOUS_SPEC = {
     "bkg_boxsize": "integer(default=128)",
     "brightest": "integer(default=None)",
     "peakmax": "float(default=None)",
+    "psf_model": "string(default=None)",
     "expand_refcat": "boolean(default=False)",
     "enforce_user_order": "boolean(default=False)",
     "minobj": "integer(default=15)",

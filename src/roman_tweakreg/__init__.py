@@ -19,6 +19,7 @@ from .errors import (
     MissingCatalogError,
     MissingInputError,
     OutputError,
+    PSFModelError,
     ReferenceCatalogError,
     TweakRegError,
 )
@@ -34,6 +35,7 @@ __all__ = [
     "MissingInputError",
     "ModelLibrary",
     "OutputError",
+    "PSFModelError",
     "ReferenceCatalogError",
     "TweakRegError",
     "TweakRegStep",

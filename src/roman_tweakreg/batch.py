@@ -28,7 +28,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -206,6 +206,8 @@ def _step_parameters(step_parameters: dict) -> dict:
         raise InvalidParameterError(f"step parameters: {err}") from err
     pars = step.get_pars()
     validate_parameters(pars)
+    if isinstance(step.override_epsf, str) and step.override_epsf:  # not in get_pars()
+        pars["override_epsf"] = step.override_epsf
     if "processes" not in step_parameters:
         pars["processes"] = 1  # the cluster owns the cores: one process per task
     return {k: v for k, v in pars.items() if k not in RESERVED}
@@ -359,6 +361,9 @@ def plan_detection(job: AssociationJob) -> DetectionPlan | None:
         detection = DetectionParameters(
             **{name: pars[name] for name in parameters.names("detection")}
         ).validate()
+        override = pars.get("override_epsf")  # the step's own choice (TweakRegStep._psf_model)
+        if not detection.psf_model and isinstance(override, str) and override not in ("", "N/A"):
+            detection = replace(detection, psf_model=override)
         library = open_library(job.path, on_disk=False)
         images = members(
             library,

@@ -22,7 +22,7 @@ the more accurate positions, preferred like romancal does), ``xcentroid``/``ycen
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -462,7 +462,17 @@ def _detect(
     arrays = None
     if image_file is None:
         arrays = (model.data, model.dq, getattr(model, "err", None))
-    job = DetectionJob(name, path, catalog_format, params, image_file, arrays)
+    instrument = model.meta.get("instrument", {})
+    job = DetectionJob(
+        name,
+        path,
+        catalog_format,
+        params,
+        image_file,
+        arrays,
+        str(instrument.get("detector", "") or ""),
+        str(instrument.get("optical_element", "") or ""),
+    )
     return CatalogSource(job, "detection", ())
 
 
@@ -560,14 +570,19 @@ def members(
     catalog_format: str = "ascii.ecsv",
     detection=None,
     catalog_path: str = "",
+    psf_lookup=None,
 ) -> Iterator[tuple[int, ImageCatalog | None, CatalogSource | str]]:
     """Each image of ``library`` with its catalog source, its catalog not yet read.
 
     Yields ``(index, image, source)``, where ``image`` is an :class:`ImageCatalog`
     whose ``catalog`` is None and ``source`` the :class:`CatalogSource` to read it
     from (see :func:`load_catalog`), or ``(index, None, reason)`` for an image left
-    out.  Parameters and errors are those of :func:`collect`.
+    out.  Parameters and errors are those of :func:`collect`; ``psf_lookup``, when
+    given and ``detection.psf_model`` is None, is called with the model of each image
+    to detect and returns its ePSF file or None (the step's CRDS lookup).  When an
+    image is detected without an ePSF, one line says so (once a call).
     """
+    said_no_psf = False
     entries = read_catfile(catfile) if (use_custom_catalogs and catfile) else None
     asn_members = library.asn["products"][0]["members"]  # read once: stpipe copies it per read
     if (
@@ -605,10 +620,21 @@ def members(
                             raise MissingCatalogError(
                                 f"{name}: no source catalog ({where} gives none)"
                             )
+                        params = detection
+                        if params.psf_model is None and psf_lookup is not None:
+                            found = psf_lookup(model)
+                            params = replace(params, psf_model=found) if found else params
+                        if params.psf_model is None and not said_no_psf:
+                            said_no_psf = True
+                            log.info(
+                                "No PSF model (psf_model, override_epsf): detected positions "
+                                "are fitted with an empirical symmetric PRF and may carry a "
+                                "PSF-convention offset of a few milli-pixels"
+                            )
                         source = _detect(
                             model,
                             name,
-                            detection,
+                            params,
                             catalog_path,
                             catalog_format,
                             _image_file(library, index, asn_members[index]),

@@ -36,7 +36,11 @@ Algorithm (see ``docs/detection.rst`` for the measured accuracy and speed):
    of photutils ``PSFPhotometry`` with ``CircularGaussianPRF``).  Fits that
    do not converge, end at the 1.5 px position bound or at a FWHM bound are
    dropped, as is the less significant of two centroids closer than
-   ``min_separation``.  Crowded pairs: a companion 1.5-5 px from a fitted
+   ``min_separation``.  With the image's Roman ePSF (``psf``: ``psf_model``,
+   ``override_epsf`` or CRDS, see :mod:`roman_tweakreg.psf`) no shape is
+   measured: :func:`fit_epsf` fits every source with it instead, with the
+   same square, weights and rules, and positions lie on the ePSF's origin.
+   Crowded pairs: a companion 1.5-5 px from a fitted
    source (or from a saturated star, fitted on its unsaturated pixels and
    never kept) is found in the source's residual, against the residual the
    PRF leaves around the bright stars (``_residual_profile``), and
@@ -65,12 +69,15 @@ from .errors import OutputError
 if TYPE_CHECKING:
     from numpy.typing import ArrayLike
 
+    from .psf import EPSFModel
+
 __all__ = [
     "DO_NOT_USE",
     "DetectionJob",
     "DetectionParameters",
     "catalog_filename",
     "detect_sources",
+    "fit_epsf",
     "fit_gaussian_prf",
     "fit_prf",
     "measure_prf_shape",
@@ -133,6 +140,11 @@ class DetectionParameters:
     peakmax : float or None
         Drop sources whose brightest background-subtracted pixel exceeds
         this (e.g. saturated stars); ``None`` disables.
+    psf_model : str or None
+        An ePSF reference file (romancal's ``EpsfRefModel``) or a folder of them,
+        chosen per image by detector and optical element
+        (:func:`roman_tweakreg.psf.find_epsf`, in :meth:`DetectionJob.run`);
+        ``None``: the empirical PRF.
     """
 
     kernel_fwhm: float = parameters.default("kernel_fwhm")
@@ -144,6 +156,7 @@ class DetectionParameters:
     aperture_radius: float = parameters.default("aperture_radius")
     brightest: int | None = parameters.default("brightest")
     peakmax: float | None = parameters.default("peakmax")
+    psf_model: str | None = parameters.default("psf_model")
 
     def validate(self) -> DetectionParameters:
         """Check every field against its definition in :mod:`roman_tweakreg.parameters`.
@@ -285,10 +298,11 @@ def _cutouts(image, error, mask, x_init, y_init, half):
 def _levenberg_marquardt(model_and_jac, data, weight, params, lo, hi, max_iter, positions=(1, 2)):
     """Weighted least squares of every source at once; ``positions``: the columns of x, y.
 
-    ``model_and_jac(params)`` returns the models ``(N, n, n)`` and their
-    derivatives ``(N, n, n, P)``.  Each source has its own damping and stops
-    when its position moves by less than 1e-6 px.  Returns the parameters and
-    a ``converged`` flag per source.
+    ``model_and_jac(params, rows)`` returns the models ``(M, n, n)`` and their
+    derivatives ``(M, n, n, P)`` of the sources ``rows`` (an index array or
+    ``slice(None)``), whose parameters ``params`` are ``(M, P)``.  Each source
+    has its own damping and stops when its position moves by less than 1e-6 px.
+    Returns the parameters and a ``converged`` flag per source.
     """
     n_src, n_par = params.shape
     params = np.clip(params, lo, hi)
@@ -296,7 +310,7 @@ def _levenberg_marquardt(model_and_jac, data, weight, params, lo, hi, max_iter, 
     converged = np.zeros(n_src, bool)
 
     def chi2(p, rows):
-        model, jac = model_and_jac(p)
+        model, jac = model_and_jac(p, rows)
         return np.sum(((data[rows] - model) * weight[rows]) ** 2, axis=(1, 2)), model, jac
 
     cost, model, jac = chi2(params, slice(None))
@@ -404,7 +418,7 @@ def fit_gaussian_prf(
         ]
     )
     params, converged = _levenberg_marquardt(
-        lambda p: _prf_and_jacobian(p, fit_shape, half), data, weight, start, lo, hi, max_iter
+        lambda p, _: _prf_and_jacobian(p, fit_shape, half), data, weight, start, lo, hi, max_iter
     )
     flux, dx, dy, sigma = params.T
     fwhm_fit = sigma / _FWHM_TO_SIGMA
@@ -473,7 +487,7 @@ def fit_prf(
     start = np.column_stack([np.maximum(data.sum(axis=(1, 2)), 1.0), x_init - px, y_init - py])
     shape = tuple(float(v) for v in prf_shape)
     params, converged = _levenberg_marquardt(
-        lambda p: _two_gaussian_prf(p, shape, fit_shape, half),
+        lambda p, _: _two_gaussian_prf(p, shape, fit_shape, half),
         data,
         weight,
         start,
@@ -491,6 +505,77 @@ def fit_prf(
             "converged": converged,
             "at_bound": at_bound,
         }
+    )
+
+
+_FIT_COLUMNS = (("x_fit", float), ("y_fit", float), ("flux_fit", float), ("converged", bool),
+                ("at_bound", bool))  # fmt: skip
+_EPSF_CHUNK = 1024  # sources whose ePSFs are held together (about 25 kB each while fitted)
+
+
+def fit_epsf(
+    image: np.ndarray,
+    error: np.ndarray | None,
+    mask: np.ndarray | None,
+    x_init: ArrayLike,
+    y_init: ArrayLike,
+    epsf: EPSFModel,
+    fit_shape: int,
+    *,
+    max_shift: float = _MAX_SHIFT,
+    max_iter: int = 100,
+) -> Table:
+    """Fit flux and position of every source at once with a Roman ePSF model.
+
+    Each source's ePSF is ``epsf`` interpolated to its detector position
+    (bilinearly between the grid's stamps, as photutils' ``GriddedPSFModel``;
+    :meth:`~roman_tweakreg.psf.EPSFModel.for_sources`), evaluated by cubic
+    B-splines; the fit is that of :func:`fit_prf` (weighted least squares of
+    the ``fit_shape`` square, free flux, x and y, vectorised Levenberg-Marquardt
+    with the analytic Jacobian), in blocks of 1024 sources.  The fitted position
+    is the ePSF's origin: the point the image's WCS maps.
+
+    Parameters
+    ----------
+    image, error, mask, x_init, y_init, fit_shape, max_shift, max_iter
+        As for :func:`fit_gaussian_prf`.
+    epsf : roman_tweakreg.psf.EPSFModel
+        The image's ePSF (:func:`roman_tweakreg.psf.find_epsf`).
+
+    Returns
+    -------
+    astropy.table.Table
+        As :func:`fit_prf`.
+    """
+    x_init = np.atleast_1d(np.asarray(x_init, float))
+    y_init = np.atleast_1d(np.asarray(y_init, float))
+    half = fit_shape // 2
+    lo = np.array([1e-30, -max_shift, -max_shift])
+    hi = np.array([np.inf, max_shift, max_shift])
+    parts = []
+    if x_init.size == 0:
+        return Table({name: np.zeros(0, t) for name, t in _FIT_COLUMNS})
+    for start_row in range(0, x_init.size, _EPSF_CHUNK):
+        rows = slice(start_row, start_row + _EPSF_CHUNK)
+        px, py, data, weight = _cutouts(image, error, mask, x_init[rows], y_init[rows], half)
+        start = np.column_stack(
+            [np.maximum(data.sum(axis=(1, 2)), 1.0), x_init[rows] - px, y_init[rows] - py]
+        )
+        sources = epsf.for_sources(px, py, half + max_shift)
+        params, converged = _levenberg_marquardt(
+            lambda p, r, s=sources: s.model(p, r, fit_shape, half),
+            data,
+            weight,
+            start,
+            lo,
+            hi,
+            max_iter,
+        )
+        parts.append((px + params[:, 1], py + params[:, 2], params[:, 0], converged, params))
+    x, y, flux, converged, params = (np.concatenate(v) for v in zip(*parts, strict=True))
+    at_bound = np.any(np.abs(params[:, 1:]) >= max_shift - 0.01, axis=1)
+    return Table(
+        {"x_fit": x, "y_fit": y, "flux_fit": flux, "converged": converged, "at_bound": at_bound}
     )
 
 
@@ -588,6 +673,8 @@ def detect_sources(
     dq: ArrayLike | None = None,
     err: ArrayLike | None = None,
     params: DetectionParameters | None = None,
+    *,
+    psf: EPSFModel | None = None,
 ) -> Table:
     """Find point sources in a 2-D image and measure their centroids.
 
@@ -603,7 +690,14 @@ def detect_sources(
         Per-pixel 1-sigma uncertainty, in the units of ``data``: the noise of
         each pixel where finite and positive (elsewhere the background rms).
     params : DetectionParameters, optional
-        Detection settings; the defaults when omitted.
+        Detection settings; the defaults when omitted (``params.psf_model`` is
+        not read here: the caller gives the image's ePSF as ``psf``).
+    psf : roman_tweakreg.psf.EPSFModel, optional
+        The image's ePSF: positions are fitted with it (:func:`fit_epsf`) and lie
+        on the ePSF's origin, the point the WCS maps; without it, with the PRF
+        shape measured on the image's bright stars (:func:`fit_prf`), whose
+        centre may differ from that point by a few milli-pixels for an
+        asymmetric PSF.
 
     Returns
     -------
@@ -703,7 +797,9 @@ def detect_sources(
 
     # 5: positions
     fit_mask = masked if saturated is None else masked | saturated
-    fit = _fit_positions(work, err, fit_mask, saturated, px, py, keep, significance, params, hosts)
+    fit = _fit_positions(
+        work, err, fit_mask, saturated, px, py, keep, significance, params, hosts, psf
+    )
     del fit_mask
     n_alone = int(keep.sum())
     if len(fit) > n_alone:  # companions found in the residuals (crowded pairs)
@@ -747,8 +843,11 @@ def detect_sources(
     return table
 
 
-def _fit_positions(work, err, fit_mask, saturated, px, py, keep, significance, params, hosts):
-    """Step 5: the PRF shape from bright isolated stars, then every kept source's position.
+def _fit_positions(
+    work, err, fit_mask, saturated, px, py, keep, significance, params, hosts, psf=None
+):
+    """Step 5: every kept source's position, with the image's ePSF ``psf`` when given,
+    else with the PRF shape measured on bright isolated stars.
 
     ``hosts`` (saturated stars, never kept) are fitted on their unsaturated
     pixels only to search their residuals for companions.
@@ -756,6 +855,11 @@ def _fit_positions(work, err, fit_mask, saturated, px, py, keep, significance, p
     from scipy.spatial import cKDTree
 
     fit_shape = 2 * params.fit_half + 1
+    if psf is not None:
+        fit = fit_epsf(work, err, fit_mask, px[keep | hosts], py[keep | hosts], psf, fit_shape)
+        return _with_companions(
+            work, err, fit_mask, saturated, fit, hosts[keep | hosts], _epsf_models(psf), params
+        )
     neighbours = cKDTree(np.column_stack([px, py])).query(np.column_stack([px, py]), k=2)[0]
     isolated = neighbours[:, 1] > fit_shape if px.size > 1 else np.ones(px.size, bool)
     bright = np.flatnonzero(keep & isolated & (significance >= _SHAPE_MIN_SNR))
@@ -782,11 +886,16 @@ def _fit_positions(work, err, fit_mask, saturated, px, py, keep, significance, p
             fit = fit_prf(
                 work, err, fit_mask, px[keep | hosts], py[keep | hosts], prf_shape, fit_shape
             )
-            fit["host"] = hosts[keep | hosts]
-            fit = _add_companions(work, err, fit_mask, saturated, fit, prf_shape, params)
-            fit = fit[~np.asarray(fit["host"])]
-            del fit["host"]
-            return fit
+            return _with_companions(
+                work,
+                err,
+                fit_mask,
+                saturated,
+                fit,
+                hosts[keep | hosts],
+                _two_gaussian_models(prf_shape),
+                params,
+            )
     log.debug(
         "%d bright isolated stars (S/N >= %s): too few for a PRF shape, Gaussian fits",
         bright.size,
@@ -795,7 +904,52 @@ def _fit_positions(work, err, fit_mask, saturated, px, py, keep, significance, p
     return fit_gaussian_prf(work, None, fit_mask, px[keep], py[keep], params.kernel_fwhm, fit_shape)
 
 
-def _add_companions(work, err, fit_mask, saturated, fit, prf_shape, params):
+def _with_companions(work, err, fit_mask, saturated, fit, host, models, params):
+    """The fit's rows with the crowded pairs refitted and their companions added
+    (:func:`_add_companions`), the saturated ``host`` rows left out."""
+    fit["host"] = host
+    fit = _add_companions(work, err, fit_mask, saturated, fit, models, params)
+    fit = fit[~np.asarray(fit["host"])]
+    del fit["host"]
+    return fit
+
+
+def _two_gaussian_models(prf_shape):
+    """The PRF model of :func:`fit_prf`, as ``models(px, py, n, half, reach)`` gives it:
+    a ``model_and_jac(params, rows)`` of those sources (see :func:`_add_companions`)."""
+    shape = tuple(float(v) for v in prf_shape)
+
+    def models(px, py, n, half, reach):
+        return lambda p, rows: _two_gaussian_prf(p, shape, n, half)
+
+    return models
+
+
+def _epsf_models(psf):
+    """The ePSF model of :func:`fit_epsf`, as ``models(px, py, n, half, reach)`` gives it."""
+
+    def models(px, py, n, half, reach):
+        px, py = np.asarray(px), np.asarray(py)
+        if px.size <= _EPSF_CHUNK:  # held while fitted (the pairs)
+            sources = psf.for_sources(px, py, reach)
+            return lambda p, rows: sources.model(p, rows, n, half)
+
+        def evaluate(p, rows):  # many sources (the residuals): made block by block
+            index = np.arange(px.size)[rows]
+            parts = [
+                psf.for_sources(px[index[b]], py[index[b]], reach).model(
+                    p[b], slice(None), n, half
+                )
+                for b in (slice(i, i + _EPSF_CHUNK) for i in range(0, index.size, _EPSF_CHUNK))
+            ]
+            return tuple(np.concatenate(v) for v in zip(*parts, strict=True))
+
+        return evaluate
+
+    return models
+
+
+def _add_companions(work, err, fit_mask, saturated, fit, models, params):
     """Crowded pairs: a star hidden in a brighter one's peak, found in its fit's residual.
 
     Around each fitted source the residual (data minus its model) is
@@ -806,7 +960,10 @@ def _add_companions(work, err, fit_mask, saturated, fit, prf_shape, params):
     ``fit half + 2`` px from the source (no masked pixel in the 3x3 around
     it; no saturated pixel in the 3x3 nor, but around a saturated ``host``,
     within twice that box), a companion is fitted jointly with it (two PRFs,
-    6 parameters, a square 4 px wider).  Rows of ``fit`` with ``host`` true
+    6 parameters, a square 4 px wider).  ``models(px, py, n, half, reach)``
+    gives the PSF model of the sources at pixels ``(px, py)`` on ``n x n``
+    squares (offsets up to ``reach`` px), as ``model_and_jac(params, rows)``
+    (see :func:`_levenberg_marquardt`).  Rows of ``fit`` with ``host`` true
     are saturated stars fitted on their unsaturated pixels: searched, never
     kept.  Returns ``fit`` with the pairs' rows replaced and the companions
     appended (``companion_snr`` column: the companion's, NaN for the
@@ -824,7 +981,7 @@ def _add_companions(work, err, fit_mask, saturated, fit, prf_shape, params):
     x, y = np.asarray(fit["x_fit"])[ok], np.asarray(fit["y_fit"])[ok]
     px, py, data, weight = _cutouts(work, err, fit_mask, x, y, half)
     unit = np.column_stack([np.asarray(fit["flux_fit"])[ok], x - px, y - py])
-    model, _ = _two_gaussian_prf(unit, prf_shape, n, half)
+    model, _ = models(px, py, n, half, half + 1.0)(unit, slice(None))
     kernel = _gaussian_kernel_1d(params.kernel_fwhm)
     resid = np.where(weight > 0, data - model, 0.0)
     filtered = correlate1d(
@@ -882,9 +1039,11 @@ def _add_companions(work, err, fit_mask, saturated, fit, prf_shape, params):
     hi = -lo
     hi[[0, 3]] = np.inf
 
-    def pair_model(p):
-        m1, j1 = _two_gaussian_prf(p[:, :3], prf_shape, n, half)
-        m2, j2 = _two_gaussian_prf(p[:, 3:], prf_shape, n, half)
+    one = models(px[has], py[has], n, half, 2.0 * half + 1.0)  # the pair's own PSF
+
+    def pair_model(p, rows):
+        m1, j1 = one(p[:, :3], rows)
+        m2, j2 = one(p[:, 3:], rows)
         return m1 + m2, np.concatenate([j1, j2], axis=-1)
 
     pars, conv = _levenberg_marquardt(
@@ -986,6 +1145,9 @@ class DetectionJob:
         ASDF file holding ``data``, ``dq`` and ``err``.
     arrays : tuple or None
         ``(data, dq, err)`` when there is no ``image_file``.
+    detector, optical_element : str
+        The image's ``meta.instrument.detector`` and ``optical_element``: they
+        choose its ePSF when ``params.psf_model`` is a folder.
     """
 
     image: str
@@ -994,18 +1156,36 @@ class DetectionJob:
     params: DetectionParameters
     image_file: str | None = None
     arrays: tuple | None = None
+    detector: str = ""
+    optical_element: str = ""
+
+    def psf(self) -> EPSFModel | None:
+        """The image's ePSF (:func:`roman_tweakreg.psf.find_epsf`), or None without
+        ``params.psf_model``.
+
+        Raises
+        ------
+        PSFModelError
+            No ePSF for the image's detector and optical element, or unreadable.
+        """
+        if not self.params.psf_model:
+            return None
+        from .psf import find_epsf
+
+        return find_epsf(self.params.psf_model, self.detector, self.optical_element)
 
     def run(self) -> Table:
         """Detect the sources, write the catalog and return it."""
+        psf = self.psf()
         if self.arrays is not None:
             data, dq, err = self.arrays
-            table = detect_sources(data, dq, err, self.params)
+            table = detect_sources(data, dq, err, self.params, psf=psf)
         else:
             import roman_datamodels as rdm
 
             with rdm.open(self.image_file) as model:
                 err = getattr(model, "err", None)
-                table = detect_sources(model.data, model.dq, err, self.params)
+                table = detect_sources(model.data, model.dq, err, self.params, psf=psf)
         try:
             write_catalog(table, self.catalog_file, self.catalog_format)
         except (OSError, MemoryError) as err:
@@ -1014,9 +1194,10 @@ class DetectionJob:
                 f"{type(err).__name__}: {err}"
             ) from err
         log.info(
-            "%s: %d sources detected, catalog written to %s",
+            "%s: %d sources detected (positions fitted with %s), catalog written to %s",
             self.image,
             len(table),
+            f"the ePSF {psf.source}" if psf is not None else "the empirical PRF",
             self.catalog_file,
         )
         return table

@@ -13,6 +13,7 @@ __all__ = [
     "MissingCatalogError",
     "MissingInputError",
     "OutputError",
+    "PSFModelError",
     "ReferenceCatalogError",
     "TweakRegError",
 ]
@@ -48,3 +49,7 @@ class MissingInputError(TweakRegError, FileNotFoundError):
 
 class ReferenceCatalogError(TweakRegError, RuntimeError):
     """The absolute reference catalog cannot be had or is unusable."""
+
+
+class PSFModelError(TweakRegError, ValueError):
+    """A PSF model (``psf_model``, ``override_epsf``) cannot be read or is not the image's."""

@@ -303,6 +303,11 @@ PARAMETERS: tuple[Parameter, ...] = (
     Parameter("peakmax", float, None,
               "Drop sources whose brightest background-subtracted pixel exceeds this",
               "detection"),
+    Parameter("psf_model", str, None,
+              "ePSF reference file (romancal's EpsfRefModel, CRDS type epsf) or folder of "
+              "them, chosen per image by detector and optical element; None: override_epsf, "
+              "else CRDS's epsf when CRDS_SERVER_URL or CRDS_PATH is set, else an empirical "
+              "PRF", "detection"),
     Parameter("bkg_filter_size", int, 3, "Median-filter size of the background mesh (boxes)",
               "detection", low=1, odd=True, in_step=False),
     Parameter("min_separation", float, 2.0, "Minimum distance between two detections",

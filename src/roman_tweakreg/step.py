@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
@@ -15,7 +16,7 @@ from stpipe.library import AbstractModelLibrary
 
 from . import align, catalogs, outputs, parameters, results
 from ._parallel import gc_frozen, usable_cores
-from .errors import InvalidParameterError, ReferenceCatalogError
+from .errors import InvalidParameterError, PSFModelError, ReferenceCatalogError
 from .library import open_library
 from .matching import FitParameters, FitResult
 from .outputs import check_writable
@@ -72,18 +73,23 @@ class TweakRegStep(Step):
 
     # Not romancal's "tweakreg": both registered, `strun tweakreg` would fail for romancal users.
     class_alias = "roman_tweakreg"
-    reference_file_types: ClassVar = []
+    #: The ePSF of source detection: stpipe makes the ``override_epsf`` parameter.
+    reference_file_types: ClassVar = ["epsf"]
+    #: A pipeline never fetches it ahead: CRDS is asked only as :meth:`_crds_epsf` says.
+    prefetch_references: ClassVar = False
 
     #: Generated from :data:`roman_tweakreg.parameters.PARAMETERS` (see docs/parameters.rst).
     spec = parameters.spec()
 
-    # -- stpipe hooks: this step uses no reference files and never asks CRDS --
+    # -- stpipe hooks: no CRDS parameter file; CRDS reference files only as _crds_epsf says --
     @classmethod
     def _datamodels_open(cls, init, **kwargs):
         return rdm.open(init, **kwargs)
 
     @classmethod
     def _get_crds_parameters(cls, dataset):
+        if isinstance(dataset, rdm.DataModel):  # an image's (the epsf lookup)
+            return dataset.get_crds_parameters(), "roman"
         return {}, "roman"
 
     @classmethod
@@ -102,6 +108,7 @@ class TweakRegStep(Step):
         pars = self.get_pars()
         validate_parameters(pars)
         detection = _detection_parameters(pars)
+        detection = replace(detection, psf_model=self._psf_model())
         refcat_name = (self.abs_refcat or DEFAULT_REFCAT).strip()
         check_refcat(refcat_name)
         self._check_output_places()
@@ -160,6 +167,67 @@ class TweakRegStep(Step):
             self._write_report(library, outputs=None)
         return library
 
+    # -- the ePSF of source detection -------------------------------------------------------
+    def _psf_model(self) -> str | None:
+        """``psf_model``, else the ``override_epsf`` file, else None (checked here).
+
+        Raises
+        ------
+        PSFModelError
+            The file or folder does not exist, or ``override_epsf`` is a model in
+            memory (a file name is needed: detection may run in other processes).
+        """
+        if self.psf_model:
+            if not Path(self.psf_model).exists():
+                raise PSFModelError(f"psf_model={self.psf_model!r}: no such file or folder")
+            return self.psf_model
+        override = self.get_ref_override("epsf")
+        if override is None or (isinstance(override, str) and override.strip() in ("", "N/A")):
+            return None
+        if not isinstance(override, str):
+            raise PSFModelError(
+                f"override_epsf: a {type(override).__name__} in memory; give the ePSF file's name"
+            )
+        if not Path(override).is_file():
+            raise PSFModelError(f"override_epsf={override!r}: no such file")
+        return self.get_reference_file(None, "epsf")  # recorded as stpipe records overrides
+
+    def _crds_epsf(self):
+        """The CRDS lookup of each image's ``epsf`` when CRDS is configured, else None.
+
+        Only without ``psf_model`` and ``override_epsf``, and when ``CRDS_SERVER_URL``
+        or ``CRDS_PATH`` is set (CRDS can then be reached): the returned callable
+        asks CRDS (stpipe's :meth:`get_reference_file`) for a model's ``epsf``; the
+        first failure is logged in one line and no image asks again (the empirical
+        PRF is used).
+        """
+        import os
+
+        if self.psf_model or self.get_ref_override("epsf") is not None:
+            return None
+        if not (os.environ.get("CRDS_SERVER_URL") or os.environ.get("CRDS_PATH")):
+            return None
+        failed = []
+
+        def lookup(model) -> str | None:
+            if failed:
+                return None
+            try:
+                path = self.get_reference_file(model, "epsf")
+            # CRDS, its network and its cache: any failure; CRDS ends with sys.exit(-1)
+            # when it has neither a server nor a cached context
+            except (Exception, SystemExit) as err:
+                failed.append(err)
+                log.warning(
+                    "CRDS epsf reference not available (%s: %s): empirical PRF used",
+                    type(err).__name__,
+                    err,
+                )
+                return None
+            return path if path and path != "N/A" else None
+
+        return lookup
+
     def _prepare(self, library, detection):
         """Read every catalog and project it into the alignment plane
         (:func:`~roman_tweakreg.catalogs.collect` with the step's parameters).
@@ -175,6 +243,7 @@ class TweakRegStep(Step):
             catalog_format=self.catalog_format,
             detection=detection,
             catalog_path=self._catalog_folder(),
+            psf_lookup=self._crds_epsf(),
         )
 
     def _write_report(self, library, outputs: list | None) -> None:
