@@ -38,6 +38,7 @@ from . import parameters
 from ._types import FitParameters, FitResult, Matches, Quality, Status
 from .geometry import affine
 from .quality import gates
+from .uncertainty import common_image_sigma, filled_sigma, fit_uncertainty, pair_weights
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -57,6 +58,7 @@ log = logging.getLogger(__name__)
 #: Minimum matches each fit geometry needs.
 MIN_MATCHES = {"shift": 1, "rshift": 2, "rscale": 2, "general": 3}
 _PIXEL_SCALE = 0.11  # arcsec, WFI; sets the 2D-histogram bin size
+_N_PARAMETERS = {"shift": 2, "rshift": 3, "rscale": 4, "general": 6}
 
 
 def unique_pairs(ref_idx: np.ndarray, img_idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -120,7 +122,10 @@ class Pairs(NamedTuple):
     image positions (N x 2 each, in the fit's order), the image weights of the pairs
     (None: unweighted), ``(label, reference positions, image positions, footprint)``
     of the search, the matched image sources' indices into its image positions, and the
-    plane index of the image of each of them.
+    plane index of the image of each of them.  ``sigmas`` (absolute fits of a reference
+    catalog with position errors) holds the pairs' ``(reference errors, image errors or
+    None)`` (arcsec) of each search: the fit then weighs them by
+    :func:`~roman_tweakreg.uncertainty.pair_weights` instead of ``weights``.
     """
 
     ref: list[np.ndarray]
@@ -129,6 +134,7 @@ class Pairs(NamedTuple):
     searches: list[tuple]
     img_idx: list[np.ndarray]
     image: list[np.ndarray]
+    sigmas: list[tuple] | None = None
 
 
 def match_and_fit(
@@ -174,14 +180,16 @@ def match_and_fit(
     pairs = find_pairs(match, None)
     if not pairs.img:
         return FitResult("FAILED", nothing_to_match), pairs
-    result = _fit(*_stack(pairs), all_xy, pars)
+    ref_m, img_m, weight, sigmas = _stack(pairs)
+    result = _fit(ref_m, img_m, weight, all_xy, pars, sigmas)
     if result.applied and _match_again(result.fit, np.vstack(pairs.img), all_xy, pars):
         try:
             again = find_pairs(_rematcher(match, pars), result.fit)
         except MatchSourceConfusionError:
             again = None
         if again is not None and sum(map(len, again.img)) > result.nmatches:
-            second = _fit(*_stack(again), all_xy, pars)
+            ref_m, img_m, weight, sigmas = _stack(again)
+            second = _fit(ref_m, img_m, weight, all_xy, pars, sigmas)
             result, pairs = (second, again) if second.applied else (result, pairs)
     parts = (pairs.ref, pairs.img, pairs.img_idx, pairs.image)
     result.matches = Matches(*(np.concatenate(part) for part in parts))
@@ -190,7 +198,14 @@ def match_and_fit(
 
 def _stack(pairs: Pairs):
     weight = None if any(w is None for w in pairs.weights) else np.concatenate(pairs.weights)
-    return np.vstack(pairs.ref), np.vstack(pairs.img), weight
+    sigmas = None
+    if pairs.sigmas and all(ref is not None for ref, _ in pairs.sigmas):
+        img = [i for _, i in pairs.sigmas]
+        sigmas = (
+            np.concatenate([ref for ref, _ in pairs.sigmas]),
+            None if any(i is None for i in img) else np.concatenate(img),
+        )
+    return np.vstack(pairs.ref), np.vstack(pairs.img), weight, sigmas
 
 
 def _match_and_fit(
@@ -256,8 +271,17 @@ def _fit(
     weight: np.ndarray | None,
     all_xy: np.ndarray,
     pars: FitParameters,
+    sigmas: tuple | None = None,
 ) -> FitResult:
-    """Fit matched pairs with tweakwcs and check the correction on ``all_xy`` (nothing applied)."""
+    """Fit matched pairs with tweakwcs and check the correction on ``all_xy`` (nothing applied).
+
+    With ``sigmas`` (the pairs' reference and image position errors, arcsec; image
+    errors None when unknown) the pairs are weighed by
+    :func:`~roman_tweakreg.uncertainty.pair_weights` (``weight`` is not used); unknown
+    image errors are one common error found from the residuals of an unweighted fit
+    (:func:`~roman_tweakreg.uncertainty.common_image_sigma`).  The fit records its
+    uncertainties (:func:`~roman_tweakreg.uncertainty.fit_uncertainty`).
+    """
     nmatches = len(img_m)
     minobj = max(pars.minobj, MIN_MATCHES[pars.fitgeometry])
     if nmatches < minobj:
@@ -266,16 +290,31 @@ def _fit(
             f"not enough matches: {nmatches} found, minobj is {minobj}",
             nmatches=nmatches,
         )
-    try:
-        fit = iter_linear_fit(
+
+    def tweakwcs_fit(w):
+        return iter_linear_fit(
             ref_m,
             img_m,
-            wuv=weight,
+            wuv=w,
             fitgeom=pars.fitgeometry,
             nclip=pars.nclip,
             sigma=(pars.sigma, "rmse"),
             clip_accum=True,
         )
+
+    try:
+        if sigmas is not None:
+            ref_sigma, img_sigma = sigmas
+            if img_sigma is None:
+                first = tweakwcs_fit(None)
+                kept = np.asarray(first["fitmask"], bool)
+                img_sigma = common_image_sigma(
+                    np.asarray(first["resids"], float),
+                    filled_sigma(ref_sigma)[kept],
+                    n_par=_N_PARAMETERS[pars.fitgeometry],
+                )
+            weight = pair_weights(ref_sigma, img_sigma)
+        fit = tweakwcs_fit(weight)
     except (NotEnoughPointsError, SingularMatrixError) as err:
         return FitResult("FAILED", f"fit failed: {err}", nmatches=nmatches)
     # express the correction about the tangent plane's origin
@@ -283,6 +322,8 @@ def _fit(
     center = np.asarray(fit["center"], dtype=float)
     fit["shift"] = np.asarray(fit["shift"], dtype=float) + center - matrix @ center
     fit["nmatches"] = int(np.count_nonzero(fit["fitmask"]))
+    fit["weighting"] = "errors" if sigmas is not None else ("weight" if weight is not None else "")
+    fit.update(fit_uncertainty(ref_m, img_m, fit, weight))
     reason = _implausible(fit, img_m, all_xy, pars.searchrad)
     if reason:
         return FitResult("FAILED", reason, fit=fit, nmatches=nmatches)

@@ -85,6 +85,14 @@ _REPORT_FIT_KEYS = (
     Key("rotation_deg", "Mean rotation ``<rot>`` (degrees).",
         get=lambda fit: _number(meta_get(fit, "<rot>", meta_get(fit, "proper_rot")))),
     Key("scale", "Mean scale ``<scale>``.", get=lambda fit: _number(meta_get(fit, "<scale>"))),
+    Key("shift_sigma_mas", "1-sigma uncertainty of the shift ``[x, y]`` (milliarcseconds; "
+        "null where not recorded).", get=lambda fit: _pair(meta_get(fit, "shift_sigma_mas"))),
+    Key("rotation_sigma_arcsec", "1-sigma uncertainty of the rotation (arcseconds).",
+        get=lambda fit: _number(meta_get(fit, "rot_sigma_arcsec"))),
+    Key("scale_sigma", "1-sigma uncertainty of the scale.",
+        get=lambda fit: _number(meta_get(fit, "scale_sigma"))),
+    Key("skew_sigma_arcsec", "1-sigma uncertainty of the skew (arcseconds).",
+        get=lambda fit: _number(meta_get(fit, "skew_sigma_arcsec"))),
     Key("quality", "The fit's quality figures as in ``wcs_fit_results`` (null where no fit "
         "was made).", get=lambda fit: _quality(meta_get(fit, "quality"))),
 )  # fmt: skip
@@ -757,7 +765,8 @@ def fit_results_table(library_or_models: Any):
         that set the final WCS: ``fit_status``,
         ``refcat``, ``nmatches`` (the group's), ``image_nmatches`` (of those, the pairs of
         the image's own sources; 0 when not recorded), ``shift_x``, ``shift_y`` (mas),
-        ``rotation`` (deg),
+        their 1-sigma uncertainties ``shift_x_sigma``, ``shift_y_sigma`` (mas),
+        ``rotation`` (deg), its uncertainty ``rotation_sigma`` (arcsec),
         ``rmse``, ``mae`` (mas) and ``reason``; then the same fit columns of each phase
         prefixed ``relative_`` and ``absolute_``.  Missing numbers are NaN.
     """
@@ -780,6 +789,11 @@ def fit_results_table(library_or_models: Any):
             for axis, name in enumerate(("shift_x", "shift_y")):
                 value = _shift_mas(fit, axis)
                 row[prefix + name] = np.nan if value is None else value
+            sigma = fit.get("shift_sigma_mas") or [None, None]
+            for axis, name in enumerate(("shift_x_sigma", "shift_y_sigma")):
+                row[prefix + name] = np.nan if sigma[axis] is None else sigma[axis]
+            rot_sigma = fit.get("rotation_sigma_arcsec")
+            row[prefix + "rotation_sigma"] = np.nan if rot_sigma is None else rot_sigma
             for name, key in _TABLE_NUMBERS:
                 row[prefix + name] = np.nan if fit.get(key) is None else fit[key]
             row[prefix + "reason"] = fit.get("reason") or ""
@@ -788,8 +802,10 @@ def fit_results_table(library_or_models: Any):
     table = Table(columns) if entries else Table()
     for name in table.colnames:
         base = name.removeprefix("relative_").removeprefix("absolute_")
-        if base in ("shift_x", "shift_y", "rmse", "mae"):
+        if base in ("shift_x", "shift_y", "rmse", "mae", "shift_x_sigma", "shift_y_sigma"):
             table[name].unit = u.mas
         elif base == "rotation":
             table[name].unit = u.deg
+        elif base == "rotation_sigma":
+            table[name].unit = u.arcsec
     return table
