@@ -472,7 +472,8 @@ def _log_fit(phase: str, result: FitResult, images: list, refcat: str = "") -> N
         "rms %.2f mas, mae %.2f mas: %s%s",
         phase, target, what, len(images), result.nmatches, _pm(shift[0], sx), _pm(shift[1], sy),
         _pm(rotation, None if rot_sigma is None else rot_sigma / 3600.0, ".6f"),
-        1000.0 * float(fit["rmse"]), 1000.0 * float(fit["mae"]), result.status, f" ({result.reason})" if result.reason else "",
+        1000.0 * float(fit["rmse"]), 1000.0 * float(fit["mae"]), result.status,
+        f" ({result.reason})" if result.reason else "",
     )  # fmt: skip
 
 

@@ -135,7 +135,11 @@ def place(
         pco = erfa.pmpx(np.deg2rad(ra), rad_dec, pr, pd, plx / 1000.0, 0.0,
                         np.where(moving, step, 0.0), pob)  # fmt: skip
     new_ra, new_dec = erfa.c2s(pco)
-    return np.rad2deg(new_ra) % 360.0, np.rad2deg(new_dec)
+    changed = moving | ((plx > 0) & (observer is not None))  # the others exactly as given
+    return (
+        np.where(changed, np.rad2deg(new_ra) % 360.0, ra),
+        np.where(changed, np.rad2deg(new_dec), dec),
+    )
 
 
 def sigma_at(errors: dict[str, np.ndarray], dt: np.ndarray | float, n: int) -> np.ndarray:

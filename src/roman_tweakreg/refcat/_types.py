@@ -110,7 +110,7 @@ class ReferenceCatalog:
         dt = float(epoch) - row_epochs
         if not self.has_motions or not np.isfinite(row_epochs).any():
             self._warn_unmoved(float(epoch), row_epochs)
-            dt = np.zeros_like(row_epochs)
+            dt = np.full_like(row_epochs, np.nan)  # not moved
         parallax = self._column("parallax")
         if observer is None or parallax is None:
             if not self.has_motions:
