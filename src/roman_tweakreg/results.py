@@ -110,9 +110,11 @@ FIT_KEYS = (
         "covariance of the (weighted) least-squares solution scaled by the residuals "
         "(docs/algorithm.rst); of the shared fit."),
     Key("rot_sigma_arcsec", "1-sigma uncertainty of the rotation ``<rot>`` (arcsec; "
-        "``rshift``, ``rscale``, ``general``)."),
-    Key("scale_sigma", "1-sigma uncertainty of ``<scale>`` (``rscale``, ``general``)."),
-    Key("skew_sigma_arcsec", "1-sigma uncertainty of ``skew`` (arcsec; ``general``)."),
+        "``rshift``, ``rscale``, ``general``; null where not fitted)."),
+    Key("scale_sigma", "1-sigma uncertainty of ``<scale>`` (``rscale``, ``general``; null "
+        "where not fitted)."),
+    Key("skew_sigma_arcsec", "1-sigma uncertainty of ``skew`` (arcsec; ``general``; null "
+        "where not fitted)."),
     Key("weighting", "How the pairs were weighed: ``errors`` (the reference catalog's "
         "position errors at the epoch and the sources' own), ``weight`` (the image "
         "catalogs' ``weight`` column) or empty (equally)."),

@@ -95,7 +95,7 @@ def fit_uncertainty(
         ``shift_sigma_mas`` ``[x, y]`` (mas, the shift about the plane's origin);
         ``rot_sigma_arcsec`` where the rotation was fitted; ``scale_sigma`` (of
         ``<scale>``) for ``rscale`` and ``general``; ``skew_sigma_arcsec`` for
-        ``general``.  Empty when there are no more pairs than parameters or the
+        ``general``; each None where its term was not fitted.  Empty when there are no more pairs than parameters or the
         design is singular.
     """
     ref, img = np.asarray(ref, float), np.asarray(img, float)
@@ -116,7 +116,8 @@ def fit_uncertainty(
     except np.linalg.LinAlgError:
         return {}
     sigma = np.sqrt(np.clip(np.diag(cov), 0.0, None))
-    out = {"shift_sigma_mas": [1000.0 * float(sigma[0]), 1000.0 * float(sigma[1])]}
+    out = {"shift_sigma_mas": [1000.0 * float(sigma[0]), 1000.0 * float(sigma[1])],
+           "rot_sigma_arcsec": None, "scale_sigma": None, "skew_sigma_arcsec": None}
     geometry = fit.get("fitgeom", "general")
     if geometry in ("rshift", "rscale"):
         out["rot_sigma_arcsec"] = float(sigma[names.index("rot")]) * _ARCSEC_PER_RAD
