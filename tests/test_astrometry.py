@@ -192,7 +192,7 @@ def test_weighted_fit_beats_unweighted_at_an_11_year_gap():
             fit = _fit(ref, img, None, img, pars, sigmas).fit
             errors[label].append(1000.0 * np.hypot(*fit["shift"]))
     rms = {k: float(np.sqrt(np.mean(np.square(v)))) for k, v in errors.items()}
-    # 0.45 vs 0.68 mas here: the faint stars' 11-year proper-motion errors weigh little
+    # 0.44 vs 0.68 mas here: the faint stars' 11-year proper-motion errors weigh little
     assert rms["weighted"] < 0.75 * rms["unweighted"], rms
 
 
@@ -223,6 +223,7 @@ def test_weighted_absolute_fit_is_closer_to_the_truth_on_a_simulated_field():
                 for i, t in enumerate(exposure.true_wcs)
             ))  # fmt: skip
     rms = {k: float(np.sqrt(np.mean(np.square(v)))) for k, v in worst.items()}
+    print(f"worst WCS error (mas), rms of 5 catalogs: {rms}")
     assert rms["weighted"] < 0.8 * rms["unweighted"], worst
 
 

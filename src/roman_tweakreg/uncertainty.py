@@ -95,8 +95,8 @@ def fit_uncertainty(
         ``shift_sigma_mas`` ``[x, y]`` (mas, the shift about the plane's origin);
         ``rot_sigma_arcsec`` where the rotation was fitted; ``scale_sigma`` (of
         ``<scale>``) for ``rscale`` and ``general``; ``skew_sigma_arcsec`` for
-        ``general``; each None where its term was not fitted.  Empty when there are no more pairs than parameters or the
-        design is singular.
+        ``general``; each None where its term was not fitted.  Empty when there are no
+        more pairs than parameters or the design is singular.
     """
     ref, img = np.asarray(ref, float), np.asarray(img, float)
     keep = np.asarray(fit.get("fitmask", np.ones(len(img), bool)), bool)
