@@ -8,7 +8,7 @@ import pytest
 from astropy.table import Table
 
 from conftest import models_of
-from roman_tweakreg import TweakRegStep, fit_results_table
+from roman_tweakreg import TweakRegStep, fit_results_table, report
 from roman_tweakreg._meta import observer_position
 from roman_tweakreg.align import absolute_align
 from roman_tweakreg.catalogs import ImageCatalog, normalize_catalog
@@ -274,5 +274,12 @@ def test_step_records_plausible_uncertainties(two_exposures, tmp_path, caplog):
         assert 0 < own["rot_sigma_arcsec"] < 0.1
         assert table[f"{phase}_shift_x_sigma"][0] == pytest.approx(sx)
         assert table[f"{phase}_shift_y_sigma"][0] == pytest.approx(sy)
+    entries = report.build_report(result, parameters={})["images"]
+    rows = [r for r in report.group_rows(entries) if r["phase"] == "absolute"]
+    assert rows[0]["shift_x_sigma_mas"] == pytest.approx(fit["absolute"]["shift_sigma_mas"][0])
+    assert rows[0]["rotation_sigma_arcsec"] == pytest.approx(fit["absolute"]["rot_sigma_arcsec"])
+    text = report.format_report(entries, "table")
+    assert "± x [mas]" in text
+    assert f"{rows[0]['shift_y_sigma_mas']:.2f}" in text
     lines = [r.getMessage() for r in caplog.records if "fit" in r.getMessage()]
     assert any(" ± " in m and m.startswith("Absolute fit") for m in lines), lines

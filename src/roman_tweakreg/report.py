@@ -522,6 +522,14 @@ def _shift_mas(row: dict, axis: int) -> float | None:
     return None if not shift or shift[axis] is None else 1000.0 * shift[axis]
 
 
+def _sigma(row: dict, key: str, axis: int | None = None) -> float | None:
+    """An uncertainty of a fit row (one axis of a pair), or None."""
+    value = row.get(key)
+    if axis is not None:
+        value = None if not value else value[axis]
+    return _number(value)
+
+
 #: Columns of the fit rows: one per exposure group and phase (groups aligned to the
 #: reference catalog by one fit share a row).
 GROUP_FIELDS = (
@@ -547,8 +555,16 @@ GROUP_FIELDS = (
           lambda r: _shift_mas(r, 0)),
     Field("shift_y_mas", "shift y", "mas", "+.2f", "Tangent-plane shift along y.",
           lambda r: _shift_mas(r, 1)),
+    Field("shift_x_sigma_mas", "± x", "mas", ".2f",
+          "1-sigma uncertainty of the shift along x (``shift_sigma_mas``).",
+          lambda r: _sigma(r, "shift_sigma_mas", 0)),
+    Field("shift_y_sigma_mas", "± y", "mas", ".2f", "The same along y.",
+          lambda r: _sigma(r, "shift_sigma_mas", 1)),
     Field("rotation_deg", "rotation", "deg", "+.6f", "Mean rotation ``<rot>``.",
           lambda r: r["rotation_deg"]),
+    Field("rotation_sigma_arcsec", "± rot", "arcsec", ".4f",
+          "1-sigma uncertainty of the rotation (``rotation_sigma_arcsec``).",
+          lambda r: _sigma(r, "rotation_sigma_arcsec")),
     Field("rmse_mas", "rms", "mas", ".2f", "RMS residual of the fit.",
           lambda r: r["rmse_mas"]),
     Field("mae_mas", "mae", "mas", ".2f", "Mean absolute residual of the fit.",
@@ -602,7 +618,7 @@ IMAGE_FIELDS = (
 )  # fmt: skip
 
 _FIT_KEYS_OF_ROW = ("status", "refcat", "nmatches", "shift_arcsec", "rotation_deg", "rmse_mas",
-                    "mae_mas", "reason")  # fmt: skip
+                    "mae_mas", "reason", "shift_sigma_mas", "rotation_sigma_arcsec")  # fmt: skip
 
 
 def schema_rst(name: str) -> str:
