@@ -283,3 +283,22 @@ def test_step_records_plausible_uncertainties(two_exposures, tmp_path, caplog):
     assert f"{rows[0]['shift_y_sigma_mas']:.2f}" in text
     lines = [r.getMessage() for r in caplog.records if "fit" in r.getMessage()]
     assert any(" ± " in m and m.startswith("Absolute fit") for m in lines), lines
+
+
+def test_hats_catalog_gives_the_same_placed_stars_as_a_file(tmp_path, rng):
+    from test_refcat import write_hats
+
+    stars = simulate.make_star_field(150.0, 2.0, 0.3, 20000, rng)
+    gaia = simulate.gaia_like_catalog(stars, rng)
+    write_hats(tmp_path / "hats", gaia, order=6)
+    gaia.write(tmp_path / "gaia.ecsv")
+    observer = simulate.l2_observer(2027.0)
+    placed = []
+    for where in ("hats", "gaia.ecsv"):
+        cat = read_local_catalog(tmp_path / where, 150.0, 2.0, 0.2)
+        order = np.argsort(np.asarray(cat.table["objID"]))
+        placed.append([np.asarray(v)[order] for v in cat.placed(2027.0, observer)])
+    hats, ecsv = placed
+    assert len(hats[0]) > 500
+    assert all(np.array_equal(a, b) for a, b in zip(hats, ecsv, strict=True))
+    assert np.nanmax(hats[2]) > 5.0  # the faint stars' errors, carried 11 years
