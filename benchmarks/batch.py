@@ -69,7 +69,7 @@ def prepare(work: Path, n_asn: int, n_exp: int, n_det: int, sources: int) -> tup
         )
         asn = simulate.write_dataset(exposures, stars, data)
         epoch = exposures[0].epoch
-        ra, dec = simulate.propagate(stars, epoch)
+        ra, dec = simulate.propagate(stars, epoch, simulate.l2_observer(epoch))
         Table({"RA": ra, "DEC": dec}).write(data / "ref_at_epoch.ecsv", overwrite=True)
         asn.rename(data / "members.json")
         marker.write_text(json.dumps(spec))

@@ -60,7 +60,8 @@ def main(argv=None) -> int:
             dither=4.0,
             max_sources=args.sources,
         )
-        ra, dec = simulate.propagate(stars, exposures[0].epoch)
+        epoch = exposures[0].epoch
+        ra, dec = simulate.propagate(stars, epoch, simulate.l2_observer(epoch))
         Table({"RA": ra, "DEC": dec}).write(ref, overwrite=True)
         models = [m for e in exposures for m in e.models]
         truths = [w for e in exposures for w in e.true_wcs]

@@ -232,7 +232,8 @@ def prepare(work: Path, n_exp: int, n_det: int, sources: int, full: bool,
         t0 = time.perf_counter()
         simulate.write_dataset(exposures, stars, inputs)
         write_s = time.perf_counter() - t0
-        ra, dec = simulate.propagate(stars, exposures[0].epoch)
+        epoch = exposures[0].epoch
+        ra, dec = simulate.propagate(stars, epoch, simulate.l2_observer(epoch))
         Table({"RA": np.asarray(ra), "DEC": np.asarray(dec)}).write(
             inputs / "ref_at_epoch.ecsv", overwrite=True)
         manifest.write_text(json.dumps({"params": params, "sources_total": n_sources,

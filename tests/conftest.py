@@ -19,8 +19,9 @@ def make_data(n_exposures=2, detectors=SMALL, seed=3, **kwargs):
 
 
 def refcat_at(stars: Table, epoch: float) -> Table:
-    """The star field carried to ``epoch`` (RA/DEC only): a reference without motions."""
-    ra, dec = simulate.propagate(stars, epoch)
+    """The star field carried to ``epoch`` and seen from L2 (RA/DEC only): a reference
+    without motions."""
+    ra, dec = simulate.propagate(stars, epoch, simulate.l2_observer(epoch))
     return Table({"RA": ra, "DEC": dec})
 
 

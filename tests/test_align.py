@@ -45,7 +45,7 @@ def errors_mas(plane, truths):
 
 
 def truth_positions(stars, epoch=2028.0):
-    ra, dec = simulate.propagate(stars, epoch)
+    ra, dec = simulate.propagate(stars, epoch, simulate.l2_observer(epoch))
     return lambda _epoch: (ra, dec)
 
 
@@ -121,7 +121,7 @@ def test_absolute_guard_uses_abs_searchrad(two_exposures):
     images = images_of(exposures[:1])
     plane = TangentPlane(images)
     # a reference shifted by 5" matched with a 10" search is implausible under a 2" radius
-    ra, dec = simulate.propagate(stars, 2028.0)
+    ra, dec = simulate.propagate(stars, 2028.0, simulate.l2_observer(2028.0))
     shifted = lambda _e: (ra + 5 / 3600 / np.cos(np.deg2rad(dec)), dec)  # noqa: E731
     wide = FitParameters(searchrad=10.0, separation=0.1).matcher()
     result = absolute_align(
@@ -223,7 +223,7 @@ def test_agrees_with_tweakwcs_align_wcs(two_exposures):
 
     exposures, stars = two_exposures
     images = images_of(exposures[:1])
-    ra, dec = simulate.propagate(stars, 2028.0)
+    ra, dec = simulate.propagate(stars, 2028.0, simulate.l2_observer(2028.0))
     pars = FitParameters(searchrad=6.0, separation=0.1, tolerance=0.7)
 
     plane = TangentPlane(images)

@@ -91,7 +91,7 @@ def _check(plane, exposures, statuses):
 
 
 def _positions(stars):
-    ra, dec = simulate.propagate(stars, 2028.0)
+    ra, dec = simulate.propagate(stars, 2028.0, simulate.l2_observer(2028.0))
     return lambda _epoch: (ra, dec)
 
 

@@ -69,8 +69,10 @@ def test_one_info_line_per_fit_and_for_the_reference_catalog(aligned):
     rel = table[table["relative_status"] == "SUCCESS"][0]
     pattern = (
         rf"Relative fit, group {rel['group_id']} \(3 images\): {rel['relative_nmatches']} "
-        rf"matches, shift \({rel['relative_shift_x']:.2f}, {rel['relative_shift_y']:.2f}\) mas, "
-        rf"rotation {rel['relative_rotation']:.6f} deg, rms {rel['relative_rmse']:.2f} mas, "
+        rf"matches, shift \({rel['relative_shift_x']:.2f} ± {rel['relative_shift_x_sigma']:.2f}, "
+        rf"{rel['relative_shift_y']:.2f} ± {rel['relative_shift_y_sigma']:.2f}\) mas, "
+        rf"rotation {rel['relative_rotation']:.6f} ± {rel['relative_rotation_sigma'] / 3600:.6f} "
+        rf"deg, rms {rel['relative_rmse']:.2f} mas, "
         rf"mae {rel['relative_mae']:.2f} mas: SUCCESS$"
     )
     assert sum(bool(re.match(pattern, m)) for m in fits) == 1, fits

@@ -144,6 +144,10 @@ class ImageCatalog:
         detection), to be recorded in ``meta.tweakreg_catalog``; '' otherwise.
     catalog_file : str
         The catalog file read, whatever named it; '' for an in-memory catalog.
+    observer : numpy.ndarray or None
+        Roman's barycentric position (AU, ICRS axes) from ``meta.ephemeris`` when
+        usable (:func:`roman_tweakreg._meta.observer_position`), else None (the
+        absolute phase then uses the Sun-Earth L2 point at ``epoch``).
     """
 
     index: int
@@ -155,6 +159,7 @@ class ImageCatalog:
     epoch: float | None
     catalog_name: str = ""
     catalog_file: str = ""
+    observer: np.ndarray | None = None
 
 
 @dataclass(frozen=True)

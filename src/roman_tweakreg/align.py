@@ -45,7 +45,7 @@ from .matching import (
 from .quality import quality
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Sequence
+    from collections.abc import Callable, Mapping, Sequence
 
     from ._types import ImageCatalog
     from .plane import TangentPlane
@@ -153,6 +153,7 @@ def absolute_align(
     match: Callable | None = None,
     refcat_name: str = "",
     searchrad_name: str = "abs_searchrad",
+    observers: Mapping[str, np.ndarray | None] | None = None,
 ) -> FitResult:
     """Align images, as one rigid set, to a reference catalog.
 
@@ -162,8 +163,13 @@ def absolute_align(
         The images and the corrections found so far.
     ref_positions : callable
         ``ref_positions(epoch) -> (ra, dec)`` in degrees: the reference catalog
-        at an image's epoch.  Each exposure group is matched separately, at its
-        own epoch, then all matches are fitted together.
+        at an image's epoch; with ``observers``, ``ref_positions(epoch, observer)``,
+        seen from the group's observer.  It may return ``(ra, dec, sigma)``, sigma the
+        stars' position errors (mas, NaN where unknown; None for none): the fit then
+        weighs each pair by them and the image sources' own errors (see
+        :func:`~roman_tweakreg.matching._fit`).  Each exposure group is matched
+        separately, at its own epoch and from its own observer, then all matches are
+        fitted together.
     pars : FitParameters
     members : sequence of int, optional
         Indices of the images of the rigid set (default: all).
@@ -173,6 +179,9 @@ def absolute_align(
         For the result and messages.
     searchrad_name : str
         The parameter a failed quality gate's reason suggests widening.
+    observers : mapping, optional
+        Group id -> barycentric position of the observer (AU) when the group was
+        exposed (None: the barycentre).
 
     Returns
     -------
@@ -188,7 +197,9 @@ def absolute_align(
     cache: dict = {}
 
     def find_pairs(matcher, fit):
-        return _reference_pairs(plane, members, ref_positions, matcher, pars, cache, fit)
+        return _reference_pairs(
+            plane, members, ref_positions, matcher, pars, cache, fit, observers
+        )
 
     try:
         result, pairs = match_and_fit(
@@ -208,11 +219,21 @@ def absolute_align(
     return result
 
 
-def _reference_pairs(plane, members, ref_positions, match, pars, cache, fit=None):
+def _place(ref_positions, image, observers):
+    """The reference catalog for ``image``'s group: ``(ra, dec, sigma or None)``."""
+    if observers is None:
+        placed = ref_positions(image.epoch)
+    else:
+        placed = ref_positions(image.epoch, observers.get(image.group_id))
+    return (*placed[:2], placed[2] if len(placed) > 2 else None)
+
+
+def _reference_pairs(plane, members, ref_positions, match, pars, cache, fit=None, observers=None):
     """Matched reference and image positions of ``members``: lists, one entry per group.
 
     Each exposure group is matched on its own (a star seen by two exposures must
-    match the same reference star twice), at its own epoch.  With ``fit``, the
+    match the same reference star twice), at its own epoch and from its own
+    observer (``observers``: group id -> position).  With ``fit``, the
     sources are matched where ``fit`` moves them; the pairs are of their positions
     before it.  ``cache`` keeps each group's reference positions in the plane
     between calls.  Returns their :class:`~roman_tweakreg.matching.Pairs`, whose
@@ -221,17 +242,20 @@ def _reference_pairs(plane, members, ref_positions, match, pars, cache, fit=None
     """
     images = plane.images
     ref_all, img_all, weights, searches, img_idx, image = [], [], [], [], [], []
+    sigmas = []
     for group in _groups([images[i] for i in members]).values():
         group = [members[i] for i in group]
         img_xy = plane.group_xy(group)
         if group[0] not in cache:  # the reference in the plane, once per group
-            ra, dec = ref_positions(images[group[0]].epoch)
+            ra, dec, sigma = _place(ref_positions, images[group[0]], observers)
             cache[group[0]] = (
-                np.column_stack(plane.ref.world_to_tanp(ra, dec)) if len(ra) else np.empty((0, 2))
+                np.column_stack(plane.ref.world_to_tanp(ra, dec)) if len(ra) else np.empty((0, 2)),
+                None if sigma is None else np.asarray(sigma, float) / 1000.0,  # arcsec
             )
-        ref_xy = cache[group[0]]
+        ref_xy, ref_sigma = cache[group[0]]
         moved = img_xy if fit is None else affine(img_xy, fit)
-        ref_xy = _near(ref_xy, moved, pars.searchrad + pars.tolerance)
+        near = _near(ref_xy, moved, pars.searchrad + pars.tolerance)
+        ref_xy = ref_xy[near]
         if len(img_xy) == 0 or len(ref_xy) == 0:
             continue
         ridx, iidx = _match(ref_xy, moved, match, pars)
@@ -239,10 +263,15 @@ def _reference_pairs(plane, members, ref_positions, match, pars, cache, fit=None
         img_all.append(img_xy[iidx])
         group_weight = plane.group_weights(group)
         weights.append(None if group_weight is None else group_weight[iidx])
+        img_sigma = plane.group_sigma(group)
+        sigmas.append((
+            None if ref_sigma is None else ref_sigma[near][ridx],
+            None if img_sigma is None else img_sigma[iidx],
+        ))  # fmt: skip
         searches.append((images[group[0]].group_id, ref_xy, img_xy, plane.group_hull(group)))
         img_idx.append(iidx)
         image.append(plane.group_owner(group)[iidx])
-    return Pairs(ref_all, img_all, weights, searches, img_idx, image)
+    return Pairs(ref_all, img_all, weights, searches, img_idx, image, sigmas)
 
 
 def _judge_set(plane, members, result: FitResult, pairs, pars, searchrad_name: str) -> None:
@@ -291,13 +320,13 @@ def group_results(result: FitResult) -> dict[str, FitResult]:
 
 
 def _near(ref_xy: np.ndarray, img_xy: np.ndarray, margin: float) -> np.ndarray:
-    """Reference sources inside the images' bounding rectangle grown by ``margin``."""
+    """Which reference sources (a mask) are inside the images' bounding rectangle grown
+    by ``margin``."""
     if len(img_xy) == 0 or len(ref_xy) == 0:
-        return ref_xy
+        return np.ones(len(ref_xy), bool)
     lo = img_xy.min(axis=0) - margin
     hi = img_xy.max(axis=0) + margin
-    keep = np.all((ref_xy >= lo) & (ref_xy <= hi), axis=1)
-    return ref_xy[keep]
+    return np.all((ref_xy >= lo) & (ref_xy <= hi), axis=1)
 
 
 def rigid_sets(images: Sequence[ImageCatalog], relative: dict[str, FitResult]) -> list[list[int]]:

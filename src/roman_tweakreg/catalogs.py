@@ -33,7 +33,7 @@ from roman_datamodels.dqflags import pixel as _dqflags
 from ._asdf_check import check_asdf_file
 from ._consistency import detector_mismatch, implausible_epoch
 from ._io import check_regular_file, open_regular, read_parquet, sniff_table
-from ._meta import exposure_epoch, meta_get
+from ._meta import exposure_epoch, meta_get, observer_position
 from ._parallel import Workers, gc_refreeze
 from ._types import ImageCatalog
 from .detection import DetectionJob
@@ -46,6 +46,7 @@ if TYPE_CHECKING:
     from collections.abc import Iterator
 
 __all__ = [
+    "ERROR_COLUMNS",
     "PIXEL_COLUMNS",
     "SKY_COLUMNS",
     "CatalogSource",
@@ -69,6 +70,15 @@ PIXEL_COLUMNS = (
     ("x_psf", "y_psf"),
     ("xcentroid", "ycentroid"),
     ("x_centroid", "y_centroid"),
+)
+#: Accepted pairs of position error columns (pixels, 1 sigma), first found wins: kept as
+#: ``pos_err`` (their quadratic mean), they weigh the source in the absolute fit.
+ERROR_COLUMNS = (
+    ("x_err", "y_err"),
+    ("xerr", "yerr"),
+    ("x_psf_err", "y_psf_err"),
+    ("xcentroid_err", "ycentroid_err"),
+    ("x_centroid_err", "y_centroid_err"),
 )
 #: ``warning_flags`` bit of sources not to use (the DQ flag of the same name).
 _DO_NOT_USE = int(_dqflags.DO_NOT_USE)
@@ -299,7 +309,9 @@ def _walk(node):
 def normalize_catalog(catalog: Table, image: str, where: str = "catalog") -> Table:
     """Return a new table with float ``x``, ``y`` columns taken from the accepted pixel columns.
 
-    Sources flagged DO_NOT_USE in a ``warning_flags`` column are dropped.
+    Sources flagged DO_NOT_USE in a ``warning_flags`` column are dropped.  A ``weight``
+    column is kept, and a pair of position error columns (:data:`ERROR_COLUMNS`) as
+    ``pos_err`` (pixels).
     ``where`` names the catalog in messages (e.g. ``catalog /data/a_cat.ecsv``).
 
     Raises
@@ -325,6 +337,12 @@ def normalize_catalog(catalog: Table, image: str, where: str = "catalog") -> Tab
     )
     if "weight" in catalog.colnames:
         out["weight"] = _numeric(catalog, "weight", float, image, where)
+    for xerr, yerr in ERROR_COLUMNS:
+        if xerr in catalog.colnames and yerr in catalog.colnames:
+            ex = _numeric(catalog, xerr, float, image, where)
+            ey = _numeric(catalog, yerr, float, image, where)
+            out["pos_err"] = np.sqrt(0.5 * (ex**2 + ey**2))
+            break
     if "warning_flags" in catalog.colnames:
         flags = _numeric(catalog, "warning_flags", np.int64, image, where)
         bad = (flags & _DO_NOT_USE) != 0
@@ -649,7 +667,8 @@ def members(
                             k: float(model.meta.wcsinfo[k])
                             for k in ("v2_ref", "v3_ref", "roll_ref")
                         },
-                        epoch=exposure_epoch(model.meta),
+                        epoch=(epoch := exposure_epoch(model.meta)),
+                        observer=observer_position(model.meta, epoch),
                         catalog_name=str(source.resolve()) if source.assigned else "",
                         catalog_file=(
                             str(source.resolve() or "")

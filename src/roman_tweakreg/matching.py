@@ -40,6 +40,7 @@ from . import parameters
 from ._types import FitParameters, FitResult, Matches, Quality, Status
 from .geometry import affine
 from .quality import gates
+from .uncertainty import common_image_sigma, filled_sigma, fit_uncertainty, pair_weights
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -66,6 +67,7 @@ log = logging.getLogger(__name__)
 #: Minimum matches each fit geometry needs.
 MIN_MATCHES = {"shift": 1, "rshift": 2, "rscale": 2, "general": 3}
 _PIXEL_SCALE = parameters.MATCH_PIXEL_SCALE  # arcsec, WFI; sets the 2D-histogram bin size
+_N_PARAMETERS = {"shift": 2, "rshift": 3, "rscale": 4, "general": 6}
 
 
 #: After tweakwcs's matcher runs out of room (source confusion), it is tried once more
@@ -193,7 +195,10 @@ class Pairs(NamedTuple):
     image positions (N x 2 each, in the fit's order), the image weights of the pairs
     (None: unweighted), ``(label, reference positions, image positions, footprint)``
     of the search, the matched image sources' indices into its image positions, and the
-    plane index of the image of each of them.
+    plane index of the image of each of them.  ``sigmas`` (absolute fits of a reference
+    catalog with position errors) holds the pairs' ``(reference errors, image errors or
+    None)`` (arcsec) of each search: the fit then weighs them by
+    :func:`~roman_tweakreg.uncertainty.pair_weights` instead of ``weights``.
     """
 
     ref: list[np.ndarray]
@@ -202,6 +207,7 @@ class Pairs(NamedTuple):
     searches: list[tuple]
     img_idx: list[np.ndarray]
     image: list[np.ndarray]
+    sigmas: list[tuple] | None = None
 
 
 def match_and_fit(
@@ -247,14 +253,16 @@ def match_and_fit(
     pairs = find_pairs(match, None)
     if not pairs.img:
         return FitResult("FAILED", nothing_to_match), pairs
-    result = _fit(*_stack(pairs), all_xy, pars)
+    ref_m, img_m, weight, sigmas = _stack(pairs)
+    result = _fit(ref_m, img_m, weight, all_xy, pars, sigmas)
     if result.applied and _match_again(result.fit, np.vstack(pairs.img), all_xy, pars):
         try:
             again = find_pairs(_rematcher(match, pars), result.fit)
         except MatchSourceConfusionError:
             again = None
         if again is not None and sum(map(len, again.img)) > result.nmatches:
-            second = _fit(*_stack(again), all_xy, pars)
+            ref_m, img_m, weight, sigmas = _stack(again)
+            second = _fit(ref_m, img_m, weight, all_xy, pars, sigmas)
             result, pairs = (second, again) if second.applied else (result, pairs)
     parts = (pairs.ref, pairs.img, pairs.img_idx, pairs.image)
     result.matches = Matches(*(np.concatenate(part) for part in parts))
@@ -263,7 +271,14 @@ def match_and_fit(
 
 def _stack(pairs: Pairs):
     weight = None if any(w is None for w in pairs.weights) else np.concatenate(pairs.weights)
-    return np.vstack(pairs.ref), np.vstack(pairs.img), weight
+    sigmas = None
+    if pairs.sigmas and all(ref is not None for ref, _ in pairs.sigmas):
+        img = [i for _, i in pairs.sigmas]
+        sigmas = (
+            np.concatenate([ref for ref, _ in pairs.sigmas]),
+            None if any(i is None for i in img) else np.concatenate(img),
+        )
+    return np.vstack(pairs.ref), np.vstack(pairs.img), weight, sigmas
 
 
 def _match_and_fit(
@@ -329,8 +344,17 @@ def _fit(
     weight: np.ndarray | None,
     all_xy: np.ndarray,
     pars: FitParameters,
+    sigmas: tuple | None = None,
 ) -> FitResult:
-    """Fit matched pairs with tweakwcs and check the correction on ``all_xy`` (nothing applied)."""
+    """Fit matched pairs with tweakwcs and check the correction on ``all_xy`` (nothing applied).
+
+    With ``sigmas`` (the pairs' reference and image position errors, arcsec; image
+    errors None when unknown) the pairs are weighed by
+    :func:`~roman_tweakreg.uncertainty.pair_weights` (``weight`` is not used); unknown
+    image errors are one common error found from the residuals of an unweighted fit
+    (:func:`~roman_tweakreg.uncertainty.common_image_sigma`).  The fit records its
+    uncertainties (:func:`~roman_tweakreg.uncertainty.fit_uncertainty`).
+    """
     nmatches = len(img_m)
     minobj = max(pars.minobj, MIN_MATCHES[pars.fitgeometry])
     if nmatches < minobj:
@@ -339,16 +363,33 @@ def _fit(
             f"not enough matches: {nmatches} found, minobj is {minobj}",
             nmatches=nmatches,
         )
-    try:
-        fit = iter_linear_fit(
+
+    def tweakwcs_fit(w):
+        if sigmas is not None and w is not None:
+            return _normalised_clipping_fit(ref_m, img_m, w, pars)
+        return iter_linear_fit(
             ref_m,
             img_m,
-            wuv=weight,
+            wuv=w,
             fitgeom=pars.fitgeometry,
             nclip=pars.nclip,
             sigma=(pars.sigma, "rmse"),
             clip_accum=True,
         )
+
+    try:
+        if sigmas is not None:
+            ref_sigma, img_sigma = sigmas
+            if img_sigma is None:
+                first = tweakwcs_fit(None)
+                kept = np.asarray(first["fitmask"], bool)
+                img_sigma = common_image_sigma(
+                    np.asarray(first["resids"], float),
+                    filled_sigma(ref_sigma)[kept],
+                    n_par=_N_PARAMETERS[pars.fitgeometry],
+                )
+            weight = pair_weights(ref_sigma, img_sigma)
+        fit = tweakwcs_fit(weight)
     except (NotEnoughPointsError, SingularMatrixError) as err:
         return FitResult("FAILED", f"fit failed: {err}", nmatches=nmatches)
     # express the correction about the tangent plane's origin
@@ -356,10 +397,43 @@ def _fit(
     center = np.asarray(fit["center"], dtype=float)
     fit["shift"] = np.asarray(fit["shift"], dtype=float) + center - matrix @ center
     fit["nmatches"] = int(np.count_nonzero(fit["fitmask"]))
+    fit["weighting"] = "errors" if sigmas is not None else ("weight" if weight is not None else "")
+    fit.update(fit_uncertainty(ref_m, img_m, fit, weight))
     reason = _implausible(fit, img_m, all_xy, pars.searchrad)
     if reason:
         return FitResult("FAILED", reason, fit=fit, nmatches=nmatches)
     return FitResult("SUCCESS", fit=fit, nmatches=nmatches)
+
+
+def _normalised_clipping_fit(ref_m, img_m, weight, pars: FitParameters) -> dict:
+    """tweakwcs's ``iter_linear_fit`` of pairs weighed by their errors, clipped on the
+    residuals in units of each pair's error.
+
+    tweakwcs clips a weighted fit on the plain residuals against the *weighted* rmse,
+    which the precise pairs set: pairs of large but honest errors (faint stars carried
+    over years) are clipped as outliers (a fifth of them with errors of 1 to 10 mas).
+    Here each round fits the kept pairs (tweakwcs, no clipping) and drops the pairs
+    whose normalised residual ``|r| sqrt(w)`` exceeds ``sigma`` times its rms, at most
+    ``nclip`` times, never below the geometry's minimum number of pairs; the fit's
+    ``fitmask`` is over all pairs.
+    """
+    center = img_m.mean(axis=0)
+    mask = np.ones(len(img_m), bool)
+    rounds = 0
+    while True:
+        fit = iter_linear_fit(ref_m[mask], img_m[mask], wuv=weight[mask],
+                              fitgeom=pars.fitgeometry, nclip=0, center=center)  # fmt: skip
+        if rounds == pars.nclip:
+            break
+        matrix = np.asarray(fit["matrix"], float)
+        shift = np.asarray(fit["shift"], float) + center - matrix @ center
+        norm = np.hypot(*(ref_m - img_m @ matrix.T - shift).T) * np.sqrt(weight)
+        keep = mask & (norm < pars.sigma * np.sqrt(np.mean(norm[mask] ** 2)))
+        if keep.sum() < MIN_MATCHES[pars.fitgeometry] or keep.sum() == mask.sum():
+            break
+        mask, rounds = keep, rounds + 1
+    fit["fitmask"], fit["eff_nclip"] = mask, rounds
+    return fit
 
 
 def _judge(result: FitResult, q: Quality, pars: FitParameters, searchrad_name: str) -> None:

@@ -85,6 +85,14 @@ _REPORT_FIT_KEYS = (
     Key("rotation_deg", "Mean rotation ``<rot>`` (degrees).",
         get=lambda fit: _number(meta_get(fit, "<rot>", meta_get(fit, "proper_rot")))),
     Key("scale", "Mean scale ``<scale>``.", get=lambda fit: _number(meta_get(fit, "<scale>"))),
+    Key("shift_sigma_mas", "1-sigma uncertainty of the shift ``[x, y]`` (milliarcseconds; "
+        "null where not recorded).", get=lambda fit: _pair(meta_get(fit, "shift_sigma_mas"))),
+    Key("rotation_sigma_arcsec", "1-sigma uncertainty of the rotation (arcseconds).",
+        get=lambda fit: _number(meta_get(fit, "rot_sigma_arcsec"))),
+    Key("scale_sigma", "1-sigma uncertainty of the scale.",
+        get=lambda fit: _number(meta_get(fit, "scale_sigma"))),
+    Key("skew_sigma_arcsec", "1-sigma uncertainty of the skew (arcseconds).",
+        get=lambda fit: _number(meta_get(fit, "skew_sigma_arcsec"))),
     Key("quality", "The fit's quality figures as in ``wcs_fit_results`` (null where no fit "
         "was made).", get=lambda fit: _quality(meta_get(fit, "quality"))),
 )  # fmt: skip
@@ -514,6 +522,14 @@ def _shift_mas(row: dict, axis: int) -> float | None:
     return None if not shift or shift[axis] is None else 1000.0 * shift[axis]
 
 
+def _sigma(row: dict, key: str, axis: int | None = None) -> float | None:
+    """An uncertainty of a fit row (one axis of a pair), or None."""
+    value = row.get(key)
+    if axis is not None:
+        value = None if not value else value[axis]
+    return _number(value)
+
+
 #: Columns of the fit rows: one per exposure group and phase (groups aligned to the
 #: reference catalog by one fit share a row).
 GROUP_FIELDS = (
@@ -539,8 +555,16 @@ GROUP_FIELDS = (
           lambda r: _shift_mas(r, 0)),
     Field("shift_y_mas", "shift y", "mas", "+.2f", "Tangent-plane shift along y.",
           lambda r: _shift_mas(r, 1)),
+    Field("shift_x_sigma_mas", "± x", "mas", ".2f",
+          "1-sigma uncertainty of the shift along x (``shift_sigma_mas``).",
+          lambda r: _sigma(r, "shift_sigma_mas", 0)),
+    Field("shift_y_sigma_mas", "± y", "mas", ".2f", "The same along y.",
+          lambda r: _sigma(r, "shift_sigma_mas", 1)),
     Field("rotation_deg", "rotation", "deg", "+.6f", "Mean rotation ``<rot>``.",
           lambda r: r["rotation_deg"]),
+    Field("rotation_sigma_arcsec", "± rot", "arcsec", ".4f",
+          "1-sigma uncertainty of the rotation (``rotation_sigma_arcsec``).",
+          lambda r: _sigma(r, "rotation_sigma_arcsec")),
     Field("rmse_mas", "rms", "mas", ".2f", "RMS residual of the fit.",
           lambda r: r["rmse_mas"]),
     Field("mae_mas", "mae", "mas", ".2f", "Mean absolute residual of the fit.",
@@ -594,7 +618,7 @@ IMAGE_FIELDS = (
 )  # fmt: skip
 
 _FIT_KEYS_OF_ROW = ("status", "refcat", "nmatches", "shift_arcsec", "rotation_deg", "rmse_mas",
-                    "mae_mas", "reason")  # fmt: skip
+                    "mae_mas", "reason", "shift_sigma_mas", "rotation_sigma_arcsec")  # fmt: skip
 
 
 def schema_rst(name: str) -> str:
@@ -757,7 +781,8 @@ def fit_results_table(library_or_models: Any):
         that set the final WCS: ``fit_status``,
         ``refcat``, ``nmatches`` (the group's), ``image_nmatches`` (of those, the pairs of
         the image's own sources; 0 when not recorded), ``shift_x``, ``shift_y`` (mas),
-        ``rotation`` (deg),
+        their 1-sigma uncertainties ``shift_x_sigma``, ``shift_y_sigma`` (mas),
+        ``rotation`` (deg), its uncertainty ``rotation_sigma`` (arcsec),
         ``rmse``, ``mae`` (mas) and ``reason``; then the same fit columns of each phase
         prefixed ``relative_`` and ``absolute_``.  Missing numbers are NaN.
     """
@@ -780,6 +805,11 @@ def fit_results_table(library_or_models: Any):
             for axis, name in enumerate(("shift_x", "shift_y")):
                 value = _shift_mas(fit, axis)
                 row[prefix + name] = np.nan if value is None else value
+            sigma = fit.get("shift_sigma_mas") or [None, None]
+            for axis, name in enumerate(("shift_x_sigma", "shift_y_sigma")):
+                row[prefix + name] = np.nan if sigma[axis] is None else sigma[axis]
+            rot_sigma = fit.get("rotation_sigma_arcsec")
+            row[prefix + "rotation_sigma"] = np.nan if rot_sigma is None else rot_sigma
             for name, key in _TABLE_NUMBERS:
                 row[prefix + name] = np.nan if fit.get(key) is None else fit[key]
             row[prefix + "reason"] = fit.get("reason") or ""
@@ -788,8 +818,10 @@ def fit_results_table(library_or_models: Any):
     table = Table(columns) if entries else Table()
     for name in table.colnames:
         base = name.removeprefix("relative_").removeprefix("absolute_")
-        if base in ("shift_x", "shift_y", "rmse", "mae"):
+        if base in ("shift_x", "shift_y", "rmse", "mae", "shift_x_sigma", "shift_y_sigma"):
             table[name].unit = u.mas
         elif base == "rotation":
             table[name].unit = u.deg
+        elif base == "rotation_sigma":
+            table[name].unit = u.arcsec
     return table

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ._types import Status
+from .uncertainty import SIGMA_KEYS
 
 if TYPE_CHECKING:
     from ._types import FitResult
@@ -105,6 +106,18 @@ FIT_KEYS = (
     Key("rmse", "RMS residual of the pairs the fit kept (arcsec; this group's own).",
         tweakwcs=True),
     Key("mae", "Mean absolute residual (arcsec; this group's own).", tweakwcs=True),
+    Key("shift_sigma_mas", "1-sigma uncertainty of ``shift`` ``[x, y]`` (mas), from the "
+        "covariance of the (weighted) least-squares solution scaled by the residuals "
+        "(docs/algorithm.rst); of the shared fit."),
+    Key("rot_sigma_arcsec", "1-sigma uncertainty of the rotation ``<rot>`` (arcsec; "
+        "``rshift``, ``rscale``, ``general``; null where not fitted)."),
+    Key("scale_sigma", "1-sigma uncertainty of ``<scale>`` (``rscale``, ``general``; null "
+        "where not fitted)."),
+    Key("skew_sigma_arcsec", "1-sigma uncertainty of ``skew`` (arcsec; ``general``; null "
+        "where not fitted)."),
+    Key("weighting", "How the pairs were weighed: ``errors`` (the reference catalog's "
+        "position errors at the epoch and the sources' own), ``weight`` (the image "
+        "catalogs' ``weight`` column) or empty (equally)."),
     Key("quality", "How sure the fit is: the keys below (where a fit was made)."),
 )  # fmt: skip
 
@@ -146,6 +159,8 @@ SCHEMA = {
 }
 
 _TWEAKWCS_KEYS = tuple(k.name for k in FIT_KEYS if k.tweakwcs)
+# copied from a fit's dict: tweakwcs's keys and those the fit adds (uncertainties, weighting)
+_FIT_COPIED = (*_TWEAKWCS_KEYS, *SIGMA_KEYS, "weighting")
 
 
 def keys_rst(table: tuple[Key, ...]) -> str:
@@ -206,7 +221,7 @@ def _phase_dict(result: FitResult | None, image: int) -> dict:
     if result.refcat:
         out["refcat"] = result.refcat
     if result.fit:
-        out.update({k: plain(result.fit[k]) for k in _TWEAKWCS_KEYS if k in result.fit})
+        out.update({k: plain(result.fit[k]) for k in _FIT_COPIED if k in result.fit})
     if result.quality is not None:
         out["quality"] = result.quality.as_dict()
     return out

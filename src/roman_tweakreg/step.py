@@ -436,11 +436,13 @@ class TweakRegStep(Step):
             log.warning("%s", message)
         if self.save_abs_catalog:
             self._save_refcat(refcat, min(epochs) if epochs else None)
+        observers = _observers(images)
         out = {}
         for members in align.rigid_sets(images, relative):
             result = align.absolute_align(
-                plane, refcat.positions, abs_pars, members=members, refcat_name=refcat.name
-            )
+                plane, refcat.placed, abs_pars, members=members, refcat_name=refcat.name,
+                observers=observers,
+            )  # fmt: skip
             if not result.applied:
                 log.warning(
                     "Absolute alignment to %s failed, relative alignment kept: %s",
@@ -599,6 +601,43 @@ def _as_list(item) -> list:
     return [item]
 
 
+def _observers(images) -> dict:
+    """Group id -> Roman's barycentric position (AU) when the group was exposed.
+
+    From the group's first image's ``meta.ephemeris`` when usable, else the Sun-Earth
+    L2 point at its epoch (:func:`roman_tweakreg.refcat._motion.l2_position`), said
+    once in the log; None for a group without epoch (no parallax displacement).
+    """
+    from .refcat._motion import l2_position
+
+    out, fallback = {}, []
+    for image in images:
+        if image.group_id in out:
+            continue
+        if image.observer is not None:
+            out[image.group_id] = np.asarray(image.observer, float)
+        elif image.epoch is not None:
+            out[image.group_id] = l2_position(image.epoch)
+            fallback.append(image.group_id)
+        else:
+            out[image.group_id] = None
+    if fallback:
+        log.info(
+            "No usable meta.ephemeris (Roman's barycentric position) in %d of %d exposure "
+            "groups (%s): reference stars' parallaxes are seen from the Sun-Earth L2 point "
+            "(the Earth's position plus 0.01 AU away from the Sun) at their exposure times",
+            len(fallback), len(out),
+            ", ".join(fallback[:5]) + (" ..." if len(fallback) > 5 else ""),
+        )  # fmt: skip
+    return out
+
+
+def _pm(value: float, sigma: float | None, fmt: str = ".2f") -> str:
+    """``value ± sigma`` (or the value alone when the uncertainty is unknown)."""
+    text = format(value, fmt)
+    return text if sigma is None or not np.isfinite(sigma) else f"{text} ± {sigma:{fmt}}"
+
+
 def _log_fit(phase: str, result: FitResult, images: list, refcat: str = "") -> None:
     """Log one line summarising a group's (or a rigid set's) fit of one phase."""
     groups = sorted({i.group_id for i in images})
@@ -615,12 +654,16 @@ def _log_fit(phase: str, result: FitResult, images: list, refcat: str = "") -> N
         )  # fmt: skip
         return
     shift = 1000.0 * np.asarray(fit["shift"], float)
+    sx, sy = fit.get("shift_sigma_mas", (None, None))
+    rotation = float(fit.get("<rot>", fit.get("proper_rot", 0.0)))
+    rot_sigma = fit.get("rot_sigma_arcsec")
     log.info(
-        "%s fit%s, %s (%d images): %d matches, shift (%.2f, %.2f) mas, rotation %.6f deg, "
+        "%s fit%s, %s (%d images): %d matches, shift (%s, %s) mas, rotation %s deg, "
         "rms %.2f mas, mae %.2f mas: %s%s",
-        phase, target, what, len(images), result.nmatches, shift[0], shift[1],
-        float(fit.get("<rot>", fit.get("proper_rot", 0.0))), 1000.0 * float(fit["rmse"]),
-        1000.0 * float(fit["mae"]), result.status, f" ({result.reason})" if result.reason else "",
+        phase, target, what, len(images), result.nmatches, _pm(shift[0], sx), _pm(shift[1], sy),
+        _pm(rotation, None if rot_sigma is None else rot_sigma / 3600.0, ".6f"),
+        1000.0 * float(fit["rmse"]), 1000.0 * float(fit["mae"]), result.status,
+        f" ({result.reason})" if result.reason else "",
     )  # fmt: skip
 
 

@@ -2,7 +2,8 @@
 
 Sky columns are ``RA``/``DEC`` in any case, or a ``sky_centroid`` SkyCoord
 column; ``pmra``, ``pmdec``, ``parallax``, ``ref_epoch`` (or ``epoch``),
-``mag`` (or ``phot_g_mean_mag``) and ``objID`` (or ``source_id``) are kept when
+``mag`` (or ``phot_g_mean_mag``), ``objID`` (or ``source_id``) and Gaia's errors
+(``ra_error``, ``pmra_error``, ``ra_pmra_corr``...) are kept when
 present.  A HATS catalog is a folder of HEALPix-partitioned Parquet files laid
 out ``Norder=K/Dir=D/Npix=N.parquet`` (optionally under ``dataset/``); only the
 partitions that overlap the cone are read.  The HATS reader works over any pyarrow
@@ -23,6 +24,7 @@ from astropy.table import Table
 
 from .._io import TABLE_FORMATS, check_regular_file, read_parquet, sniff_table, table_format
 from ..errors import ReferenceCatalogError
+from ._motion import ERROR_COLUMNS
 from ._types import ReferenceCatalog, standard_table
 
 __all__ = [
@@ -50,8 +52,11 @@ _ALIASES = {
     "ref_epoch": ("ref_epoch", "epoch"),
     "mag": ("mag", "phot_g_mean_mag"),
     "objID": ("objid", "source_id"),
+    **{name: (name,) for name in ERROR_COLUMNS},  # Gaia's names
 }
-_UNITS = {"RA": u.deg, "DEC": u.deg, "pmra": u.mas / u.yr, "pmdec": u.mas / u.yr, "parallax": u.mas}
+_UNITS = {"RA": u.deg, "DEC": u.deg, "pmra": u.mas / u.yr, "pmdec": u.mas / u.yr, "parallax": u.mas,
+          "ra_error": u.mas, "dec_error": u.mas, "pmra_error": u.mas / u.yr,
+          "pmdec_error": u.mas / u.yr}  # fmt: skip
 _HATS_FILE = re.compile(r"Norder=(\d+)/Dir=\d+/Npix=(\d+)(\.parquet)?$")
 
 

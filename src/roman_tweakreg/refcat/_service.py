@@ -432,6 +432,8 @@ def query_service(
         if cache:
             cache.put(base, catalog, ra, dec, radius, asked, body)
     if asked is not None:  # the service placed every row at the asked epoch
+        if "ref_epoch" in columns:  # its errors stay those of the catalog's own epoch
+            columns["err_epoch"] = columns["ref_epoch"]
         columns["ref_epoch"] = np.full(len(columns["RA"]), asked)
     source = f"{url}?CAT={catalog}" + (f"&EPOCH={params['EPOCH']}" if asked is not None else "")
     return _in_cone(columns, ra, dec, radius, catalog, source)

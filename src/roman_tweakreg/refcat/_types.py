@@ -11,7 +11,7 @@ import numpy as np
 from astropy.table import Table
 
 from .._io import write_atomically
-from ._motion import carry
+from ._motion import ERROR_COLUMNS, place, sigma_at
 
 __all__ = ["COLUMNS", "DEFAULT_REFCAT", "ReferenceCatalog", "standard_table"]
 
@@ -20,7 +20,10 @@ log = logging.getLogger(__name__)
 DEFAULT_REFCAT = "GAIADR3"
 
 #: The columns a ReferenceCatalog table may have, in this order; only RA and DEC are required.
-COLUMNS = ("RA", "DEC", "pmra", "pmdec", "parallax", "ref_epoch", "mag", "objID")
+#: ``err_epoch`` is the epoch of the errors where it differs from ``ref_epoch`` (a service
+#: answer carried to an asked epoch keeps the errors of the catalog's own epoch).
+COLUMNS = ("RA", "DEC", "pmra", "pmdec", "parallax", "ref_epoch", "mag", "objID",
+           *ERROR_COLUMNS, "err_epoch")  # fmt: skip
 
 
 @dataclass
@@ -32,7 +35,9 @@ class ReferenceCatalog:
     table : Table
         ``RA``, ``DEC`` (deg) and optionally ``pmra``, ``pmdec`` (mas/yr,
         ``pmra`` includes ``cos(Dec)``), ``parallax`` (mas), ``ref_epoch``
-        (decimal year of each row's position), ``mag``, ``objID``.
+        (decimal year of each row's position), ``mag``, ``objID``, and Gaia's
+        errors and correlations (:data:`~roman_tweakreg.refcat._motion.ERROR_COLUMNS`,
+        mas and mas/yr; ``err_epoch`` their epoch when not ``ref_epoch``).
     name : str
         Name recorded in the WCS name and ``wcs_fit_results``: the service
         catalog (``GAIADR3``) or the file or directory name.
@@ -67,30 +72,77 @@ class ReferenceCatalog:
         epochs = np.asarray(self.table["ref_epoch"], float)
         return np.where(np.isfinite(epochs), epochs, fill)
 
-    def positions(self, epoch: float | None) -> tuple[np.ndarray, np.ndarray]:
-        """Return ``(ra, dec)`` in degrees carried to ``epoch``.
+    @property
+    def has_errors(self) -> bool:
+        """Whether the table gives position errors (``ra_error`` and ``dec_error``)."""
+        return "ra_error" in self.table.colnames and "dec_error" in self.table.colnames
 
-        Rows with proper motions and a known epoch are moved (see
-        :func:`roman_tweakreg.refcat._motion.carry`); rows without motions or
-        without a known epoch stay as stored.  With ``epoch=None`` positions
-        are returned as stored.  A catalog without motion columns, or without
-        any epoch, is used as stored with a warning (logged once per epoch and
-        kept in :attr:`warnings`) naming the epoch gap.
+    def _column(self, name: str) -> np.ndarray | None:
+        return np.asarray(self.table[name], float) if name in self.table.colnames else None
+
+    def positions(
+        self, epoch: float | None, observer: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Return ``(ra, dec)`` in degrees carried to ``epoch`` and seen from ``observer``.
+
+        Rows with proper motions and a known epoch are moved, and rows with a
+        parallax are displaced by it as seen from ``observer`` (see
+        :func:`roman_tweakreg.refcat._motion.place`, ERFA ``pmpx``); rows without
+        motions or without a known epoch are not moved, rows without parallax not
+        displaced.  With ``epoch=None`` positions are returned as stored.  A
+        catalog without motion columns, or without any epoch, is not moved, with
+        a warning (logged once per epoch and kept in :attr:`warnings`) naming the
+        epoch gap.
 
         Parameters
         ----------
         epoch : float or None
-            Decimal year, e.g. the mean epoch of one exposure group.
+            Decimal year, e.g. the epoch of one exposure group.
+        observer : numpy.ndarray or None
+            Barycentric position of the observer (AU, 3 values, ICRS axes); None:
+            the barycentre, as the catalog gives positions (no parallax displacement).
         """
         ra = np.asarray(self.table["RA"], float)
         dec = np.asarray(self.table["DEC"], float)
         if epoch is None or len(self.table) == 0:
             return ra, dec
         row_epochs = self._row_epochs()
+        dt = float(epoch) - row_epochs
         if not self.has_motions or not np.isfinite(row_epochs).any():
             self._warn_unmoved(float(epoch), row_epochs)
-            return ra, dec
-        return carry(ra, dec, self.table["pmra"], self.table["pmdec"], float(epoch) - row_epochs)
+            dt = np.full_like(row_epochs, np.nan)  # not moved
+        parallax = self._column("parallax")
+        if observer is None or parallax is None:
+            if not self.has_motions:
+                return ra, dec
+            parallax = None
+        return place(
+            ra, dec, self._column("pmra"), self._column("pmdec"), parallax, dt, observer
+        )
+
+    def sigmas(self, epoch: float | None) -> np.ndarray | None:
+        """Isotropic 1-sigma position error (mas) of each star at ``epoch``, or None.
+
+        From the catalog's errors and correlations carried over the gap between
+        ``epoch`` and the errors' epoch (``err_epoch``, else ``ref_epoch``, else
+        :attr:`epoch`); see :func:`roman_tweakreg.refcat._motion.sigma_at`.  None
+        when the catalog gives no position errors; NaN for rows without them.
+        """
+        if not self.has_errors:
+            return None
+        errors = {c: self.table[c] for c in ERROR_COLUMNS if c in self.table.colnames}
+        base = self._row_epochs()
+        if "err_epoch" in self.table.colnames:
+            own = np.asarray(self.table["err_epoch"], float)
+            base = np.where(np.isfinite(own), own, base)
+        gap = np.zeros(len(self.table)) if epoch is None else float(epoch) - base
+        return sigma_at(errors, gap, len(self.table))
+
+    def placed(
+        self, epoch: float | None, observer: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """``(ra, dec, sigma)``: :meth:`positions` and :meth:`sigmas` at once."""
+        return (*self.positions(epoch, observer), self.sigmas(epoch))
 
     def _warn_unmoved(self, epoch: float, row_epochs: np.ndarray) -> None:
         known = row_epochs[np.isfinite(row_epochs)]

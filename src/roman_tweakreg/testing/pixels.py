@@ -152,7 +152,7 @@ def write_pixel_association(
                 model.meta["source_catalog"] = {"tweakreg_catalog_name": name}
             model.save(directory / model.meta.filename)
             members.append({"expname": model.meta.filename, "exptype": "science"})
-    ra, dec = simulate.propagate(stars, 2028.0)
+    ra, dec = simulate.propagate(stars, 2028.0, simulate.l2_observer(2028.0))
     Table({"RA": ra, "DEC": dec}).write(directory / "gaia.ecsv", overwrite=True)
     asn = directory / f"{directory.name}.json"
     products = [{"name": directory.name, "members": members}]

@@ -10,7 +10,12 @@ convention).  Each detector gets a GWCS whose frames run
 A simulated exposure has a *true* attitude, used to place stars on the
 detectors, and an *assumed* attitude (the true one plus an injected pointing
 error), used for the WCS stored in the model.  Aligning the catalogs must
-recover the true WCS.
+recover the true WCS.  Stars are placed where Roman sees them: carried to the
+exposure epoch by astropy (``SkyCoord.apply_space_motion``) and looked at from
+Roman's barycentric position, the Sun-Earth L2 point (the Earth's position from
+astropy's built-in ephemeris plus 0.01 AU away from the Sun), which each model
+records in ``meta.ephemeris`` as an L2 product does.  :func:`gaia_like_catalog`
+makes the catalog a survey would give of them (errors growing with magnitude).
 """
 
 from __future__ import annotations
@@ -47,6 +52,8 @@ __all__ = [
     "Attitude",
     "SimulatedExposure",
     "detector_wcs",
+    "gaia_like_catalog",
+    "l2_observer",
     "load_siaf",
     "make_dataset",
     "make_exposure",
@@ -307,8 +314,91 @@ def make_star_field(
     )
 
 
-def propagate(stars: Table, epoch: float) -> tuple[np.ndarray, np.ndarray]:
+def l2_observer(epoch: float) -> np.ndarray:
+    """Roman's barycentric position (AU, ICRS axes) at ``epoch``: the Sun-Earth L2 point.
+
+    The Earth's barycentric position from astropy's built-in ephemeris plus 0.01 AU
+    along the Sun -> Earth direction.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", erfa.ErfaWarning)
+        time = Time(float(epoch), format="decimalyear", scale="tdb")
+        earth = coord.get_body_barycentric("earth", time, ephemeris="builtin").xyz.to_value(u.au)
+        sun = coord.get_body_barycentric("sun", time, ephemeris="builtin").xyz.to_value(u.au)
+    away = earth - sun
+    return earth + 0.01 * away / np.linalg.norm(away)
+
+
+def _ephemeris(epoch: float, observer: np.ndarray) -> dict:
+    """``meta.ephemeris`` of an L2 model exposed at ``epoch`` from ``observer`` (AU)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", erfa.ErfaWarning)
+        mjd = float(Time(float(epoch), format="decimalyear", scale="utc").mjd)
+    km = np.asarray(observer, float) * u.au.to(u.km)
+    return {
+        "ephemeris_reference_frame": "EME2000",
+        "type": "DEFINITIVE",
+        "time": mjd,
+        **{f"spatial_{a}": float(v) for a, v in zip("xyz", km, strict=True)},
+        **{f"velocity_{a}": 0.0 for a in "xyz"},
+    }
+
+
+def gaia_like_catalog(stars: Table, rng: np.random.Generator) -> Table:
+    """The catalog a Gaia-like survey gives of ``stars``: measured, with its errors.
+
+    Position and proper-motion errors grow with magnitude as Gaia DR3's do with G
+    (about 0.02 mas and 0.02 mas/yr at 15, 0.6 mas and 0.7 mas/yr at 20, times 2 per
+    mag above):
+    ``ra_error = dec_error = 0.02 * 10**(0.3 (mag - 15))`` mas,
+    ``pmra_error = pmdec_error = 1.1`` times that in mas/yr; ``ra``, ``dec``,
+    ``pmra``, ``pmdec`` are the true values plus Gaussian errors of these sizes
+    (the parallax is kept true).  A correlation ``ra_pmra_corr = dec_pmdec_corr =
+    -0.2`` is given, and drawn with.
+
+    Returns
+    -------
+    astropy.table.Table
+        ``stars``' columns (measured) and ``ra_error``, ``dec_error``,
+        ``pmra_error``, ``pmdec_error`` (mas, mas/yr), ``ra_pmra_corr``,
+        ``dec_pmdec_corr``.
+    """
+    out = stars.copy()
+    n = len(stars)
+    pos = 0.02 * 10 ** (0.3 * (np.asarray(stars["mag"], float) - 15.0))
+    pm = 1.1 * pos
+    corr = -0.2
+    for axis, pm_axis in (("ra", "pmra"), ("dec", "pmdec")):
+        a = rng.standard_normal(n)
+        b = corr * a + np.sqrt(1 - corr**2) * rng.standard_normal(n)
+        offset = pos * a  # mas
+        if axis == "ra":
+            cos_dec = np.cos(np.deg2rad(np.asarray(stars["dec"], float)))
+            out["ra"] = np.asarray(stars["ra"], float) + offset / 3.6e6 / cos_dec
+        else:
+            out["dec"] = np.asarray(stars["dec"], float) + offset / 3.6e6
+        out[pm_axis] = np.asarray(stars[pm_axis], float) + pm * b
+        out[f"{axis}_error"] = pos
+        out[f"{pm_axis}_error"] = pm
+        out[f"{axis}_{pm_axis}_corr"] = np.full(n, corr)
+    return out
+
+
+def propagate(
+    stars: Table, epoch: float, observer: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Carry ``stars`` positions to ``epoch`` with astropy (the simulation's truth).
+
+    Parameters
+    ----------
+    stars : astropy.table.Table
+        ``ra``, ``dec``, ``pmra``, ``pmdec``, ``parallax``, ``epoch``.
+    epoch : float
+        Decimal year.
+    observer : numpy.ndarray or None
+        Barycentric position (AU) the stars are seen from: each star's direction is
+        that of its barycentric position at ``epoch`` (distance ``1 / parallax``)
+        minus ``observer``; None: the barycentre.
 
     Returns
     -------
@@ -334,7 +424,13 @@ def propagate(stars: Table, epoch: float) -> tuple[np.ndarray, np.ndarray]:
         # ERFA flags far-future UTC dates and tiny parallaxes; neither matters here.
         warnings.simplefilter("ignore", erfa.ErfaWarning)
         moved = c.apply_space_motion(new_obstime=Time(epoch, format="decimalyear"))
-    return moved.ra.deg, moved.dec.deg
+    if observer is None:
+        return moved.ra.deg, moved.dec.deg
+    seen = moved.cartesian.xyz.to_value(u.au).T - np.asarray(observer, float)
+    sky = coord.CartesianRepresentation(seen.T * u.au).represent_as(
+        coord.UnitSphericalRepresentation
+    )
+    return sky.lon.deg, sky.lat.deg
 
 
 @dataclass
@@ -398,7 +494,9 @@ def make_exposure(
         Exposure number (``meta.observation.exposure``): all detectors of one
         exposure share it and form one alignment group.
     epoch : float
-        Decimal year of the exposure; stars are carried to it with their motions.
+        Decimal year of the exposure; stars are carried to it with their motions and
+        seen from the Sun-Earth L2 point then (:func:`l2_observer`), which
+        ``meta.ephemeris`` records.
     pointing_error : (dx, dy, droll)
         Injected error of the assumed attitude: arcsec, arcsec, deg (see
         :meth:`Attitude.mispointed`: the same at any declination).
@@ -424,7 +522,8 @@ def make_exposure(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", erfa.ErfaWarning)  # far-future UTC is "dubious"
         start_time = Time(Time(epoch, format="decimalyear", scale="utc").isot, scale="utc")
-    ra_now, dec_now = propagate(stars, epoch)
+    observer = l2_observer(epoch)
+    ra_now, dec_now = propagate(stars, epoch, observer)
     models, true_wcs, catalogs = [], [], []
     for det in detectors:
         twcs = detector_wcs(det, attitude.wcsinfo(det))
@@ -463,6 +562,7 @@ def make_exposure(
         model.meta.instrument.detector = det
         model.meta.exposure.type = "WFI_IMAGE"
         model.meta.exposure.start_time = start_time
+        model.meta.ephemeris = _ephemeris(epoch, observer)
         model.meta.observation.exposure = exposure
         model.meta.observation.visit_id = visit_id
         model.meta.observation.observation_id = visit_id[:13]
