@@ -227,12 +227,19 @@ def _verbosity(args) -> int:
 
 
 def _report(args) -> int:
+    from .results import plain
+    import json
+
     from .report import format_report, read_results, summarize, write_report
 
     entries = read_results(args.paths)
-    print(format_report(entries, args.format))
+    built = summarize(entries)  # one report for --format json and --json FILE
+    if args.format == "json":
+        print(json.dumps(plain(built, nan_as_none=True), indent=2, allow_nan=False))
+    else:
+        print(format_report(entries, args.format))
     if args.json:
-        path = write_report(summarize(entries), args.json)
+        path = write_report(built, args.json)
         if not args.quiet:
             print(f"Wrote {path}", file=sys.stderr)
     return 0
