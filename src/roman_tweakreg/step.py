@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
@@ -25,7 +26,7 @@ from .refcat import DEFAULT_REFCAT, check_refcat, get_reference_catalog
 if TYPE_CHECKING:
     from .library import ModelLibrary
 
-__all__ = ["TweakRegStep", "validate_parameters"]
+__all__ = ["TweakRegStep", "result_line", "validate_parameters"]
 
 log = logging.getLogger(__name__)
 
@@ -146,11 +147,22 @@ class TweakRegStep(Step):
                 self._write(library, outcomes)
                 if self.update_source_catalog_coordinates:
                     self._update_catalog_files(plane, outcomes)
+        self._result_line = result_line(
+            [outcome[2] for _, outcome in sorted(outcomes.items())], absolute, refcat_name
+        )
         # the report is written last: after the outputs when stpipe saves them (save_model)
         self._report_args = (pars, clock.timings) if self.report else None
         if self.report and not self._saves_outputs():
             self._write_report(library, outputs=None)
+        if not self._saves_outputs():
+            self._log_result()
         return library
+
+    def _log_result(self) -> None:
+        """Log the run's one-line result (:func:`result_line`), last (after saving)."""
+        line, self._result_line = getattr(self, "_result_line", None), None
+        if line:
+            log.info("%s", line)
 
     def _prepare(self, library, detection):
         """Read every catalog and project it into the alignment plane
@@ -277,9 +289,8 @@ class TweakRegStep(Step):
                 )
             out.update(dict.fromkeys({images[i].group_id for i in members}, result))
             out.update(align.group_results(result))  # each group's own figures
-            for group in dict.fromkeys(images[i].group_id for i in members):
-                own = [images[i] for i in members if images[i].group_id == group]
-                _log_fit("Absolute", out[group], own, refcat.name)
+            # one line per fit: the groups of a rigid set are moved by one correction
+            _log_fit("Absolute", result, [images[i] for i in members], refcat.name)
         return out
 
     def _save_refcat(self, refcat, epoch) -> None:
@@ -392,6 +403,7 @@ class TweakRegStep(Step):
         finally:
             self.timings = clock.timings
             self._write_report(model, outputs=[None if p is None else str(p) for p in written])
+        self._log_result()
         return written
 
 
@@ -410,28 +422,91 @@ def _as_list(item) -> list:
 
 
 def _log_fit(phase: str, result: FitResult, images: list, refcat: str = "") -> None:
-    """Log one line summarising a group's (or a rigid set's) fit of one phase."""
-    groups = sorted({i.group_id for i in images})
-    what = f"group {groups[0]}" if len(groups) == 1 else f"groups {', '.join(groups)}"
+    """Log one line summarising a group's (or a rigid set's) fit of one phase.
+
+    The line names the fit geometry, and for ``rscale`` the scale, for ``general`` the
+    scales of both axes and the skew.
+    """
+    groups = list(dict.fromkeys(i.group_id for i in images))
+    if len(groups) == 1:
+        what = f"group {groups[0]}"
+    elif len(groups) <= 3:
+        what = f"groups {', '.join(groups)}"
+    else:
+        what = f"{len(groups)} groups ({groups[0]} ... {groups[-1]})"
     target = f" to {refcat}" if refcat else ""
     if result.status == "REFERENCE":
         log.info("%s fit, %s (%d images): reference of the others", phase, what, len(images))
         return
     fit = result.fit or {}
+    geometry = f" ({fit['fitgeom']})" if fit.get("fitgeom") else ""
     if "shift" not in fit:
         log.info(
-            "%s fit%s, %s (%d images): %d matches, %s: %s",
-            phase, target, what, len(images), result.nmatches, result.status, result.reason,
+            "%s fit%s%s, %s (%d images): %d matches, %s: %s",
+            phase, geometry, target, what, len(images), result.nmatches, result.status,
+            result.reason,
         )  # fmt: skip
         return
     shift = 1000.0 * np.asarray(fit["shift"], float)
     log.info(
-        "%s fit%s, %s (%d images): %d matches, shift (%.2f, %.2f) mas, rotation %.6f deg, "
+        "%s fit%s%s, %s (%d images): %d matches, shift (%.2f, %.2f) mas, rotation %.6f deg%s, "
         "rms %.2f mas, mae %.2f mas: %s%s",
-        phase, target, what, len(images), result.nmatches, shift[0], shift[1],
-        float(fit.get("<rot>", fit.get("proper_rot", 0.0))), 1000.0 * float(fit["rmse"]),
-        1000.0 * float(fit["mae"]), result.status, f" ({result.reason})" if result.reason else "",
+        phase, geometry, target, what, len(images), result.nmatches, shift[0], shift[1],
+        float(fit.get("<rot>", fit.get("proper_rot", 0.0))), _scale_text(fit),
+        1000.0 * float(fit["rmse"]), 1000.0 * float(fit["mae"]), result.status,
+        f" ({result.reason})" if result.reason else "",
     )  # fmt: skip
+
+
+def _scale_text(fit: dict) -> str:
+    """``, scale s`` (rscale) or ``, scale (sx, sy), skew k deg`` (general); '' otherwise."""
+    geometry = fit.get("fitgeom")
+    if geometry == "rscale" and fit.get("<scale>") is not None:
+        return f", scale {float(fit['<scale>']):.9f}"
+    if geometry == "general" and fit.get("scale") is not None:
+        sx, sy = (float(v) for v in fit["scale"])
+        return f", scale ({sx:.9f}, {sy:.9f}), skew {float(fit.get('skew', 0.0)):.6f} deg"
+    return ""
+
+
+def result_line(statuses, absolute: dict, refcat: str) -> str:
+    """The run's one-line result: images by status, then the absolute fit's rms.
+
+    Parameters
+    ----------
+    statuses : iterable of str
+        Each image's ``meta.cal_step.tweakreg``.
+    absolute : dict
+        Exposure group -> its absolute :class:`~roman_tweakreg.matching.FitResult`
+        (each group's own figures).
+    refcat : str
+        The reference catalog asked for.
+
+    Returns
+    -------
+    str
+        e.g. ``36/36 COMPLETE, absolute rms 3.05 mas to gaia.ecsv`` or ``30 COMPLETE,
+        4 FAILED, 2 SKIPPED of 36, absolute fit SKIPPED: <reason>``; every status
+        that occurs is counted, in the order of first appearance.
+    """
+    counts = Counter(str(s) for s in statuses)
+    total = sum(counts.values())
+    if len(counts) == 1:
+        (status, n), = counts.items()
+        line = f"{n}/{total} {status}"
+    else:
+        line = ", ".join(f"{n} {status}" for status, n in counts.items()) + f" of {total}"
+    applied = [r for r in absolute.values() if r.applied and "rmse" in (r.fit or {})]
+    pairs = sum(r.nmatches for r in applied)
+    if applied and pairs:
+        rms = np.sqrt(sum(r.nmatches * float(r.fit["rmse"]) ** 2 for r in applied) / pairs)
+        names = ", ".join(dict.fromkeys(r.refcat or refcat for r in applied))
+        return f"{line}, absolute rms {1000.0 * rms:.2f} mas to {names}"
+    if absolute:
+        first = next(iter(absolute.values()))
+        why = f": {first.reason}" if first.reason else ""
+        return f"{line}, absolute fit to {first.refcat or refcat} {first.status}{why}"
+    return line
 
 
 class _DemoteToDebug(logging.Filter):
