@@ -20,6 +20,7 @@ from .errors import (
     MissingInputError,
     OutputError,
     ReferenceCatalogError,
+    StepParameterError,
     TweakRegError,
 )
 from .library import ModelLibrary
@@ -35,6 +36,7 @@ __all__ = [
     "ModelLibrary",
     "OutputError",
     "ReferenceCatalogError",
+    "StepParameterError",
     "TweakRegError",
     "TweakRegStep",
     "__version__",

@@ -16,7 +16,7 @@ from stpipe.library import AbstractModelLibrary
 
 from . import align, catalogs, outputs, parameters, results
 from ._parallel import gc_frozen
-from .errors import InvalidParameterError, ReferenceCatalogError
+from .errors import InvalidParameterError, ReferenceCatalogError, StepParameterError
 from .geometry import footprint_cone
 from .library import open_library
 from .matching import FitParameters, FitResult
@@ -61,15 +61,17 @@ def _fit_parameters(pars: dict, prefix: str) -> FitParameters:
 class TweakRegStep(Step):
     """Align Roman WFI images: each exposure to the others, then all to a reference catalog.
 
-    See the package documentation for inputs, parameters and outputs.
-
-    Attributes
-    ----------
-    timings : dict
-        After a run: seconds per phase of the step's clock (``catalogs``,
-        ``relative``, ``absolute``, ``update``, ``save`` when outputs are saved, and
-        ``total``), as logged and written in the report.
+    Input: an association, ASDF files or models with source catalogs; outputs:
+    <name>_tweakregstep.asdf and <name>_wcs.asdf. Each parameter below gives its
+    unit; the package documentation (docs/parameters.rst) has every parameter,
+    input and output. After a run, the step's timings attribute gives the seconds
+    per phase.
     """
+
+    #: After a run: seconds per phase of the step's clock (``catalogs``, ``relative``,
+    #: ``absolute``, ``update``, ``save`` when outputs are saved, and ``total``), as
+    #: logged and written in the report.
+    timings: dict
 
     # Not romancal's "tweakreg": both registered, `strun tweakreg` would fail for romancal users.
     class_alias = "roman_tweakreg"
@@ -77,6 +79,18 @@ class TweakRegStep(Step):
 
     #: Generated from :data:`roman_tweakreg.parameters.PARAMETERS` (see docs/parameters.rst).
     spec = parameters.spec()
+
+    def __init__(self, *args, **kwargs):
+        """Make the step (as :class:`stpipe.Step` does), then check its parameters.
+
+        Raises
+        ------
+        StepParameterError
+            For a parameter outside what it accepts (logged as one ERROR line, which
+            is all ``strun`` shows).
+        """
+        super().__init__(*args, **kwargs)
+        _checked(validate_parameters, self.get_pars())
 
     # -- stpipe hooks: this step uses no reference files and never asks CRDS --
     @classmethod
@@ -101,10 +115,10 @@ class TweakRegStep(Step):
         models given as input are updated in place; files are never written to.
         """
         pars = self.get_pars()
-        validate_parameters(pars)
+        _checked(validate_parameters, pars)
         detection = _detection_parameters(pars)
         refcat_name = (self.abs_refcat or DEFAULT_REFCAT).strip()
-        check_refcat(refcat_name)
+        _checked(check_refcat, refcat_name)
         self._check_output_places()
         if more_inputs:
             input_data = _as_list(input_data) + [m for i in more_inputs for m in _as_list(i)]
@@ -405,6 +419,21 @@ class TweakRegStep(Step):
             self._write_report(model, outputs=[None if p is None else str(p) for p in written])
         self._log_result()
         return written
+
+
+def _checked(check, value) -> None:
+    """Run a parameter check; an error is logged once and raised as :class:`StepParameterError`.
+
+    ``strun`` shows that one line and exits with status 1, without stpipe's traceback
+    (the error is also stpipe's public ``StpipeExitException``).
+    """
+    try:
+        check(value)
+    except StepParameterError:
+        raise
+    except InvalidParameterError as err:
+        log.error("%s", err)
+        raise StepParameterError(str(err)) from None
 
 
 def _as_list(item) -> list:
