@@ -42,6 +42,7 @@ __all__ = [
     "IMAGE_FIELDS",
     "REPORT_KEYS",
     "REPORT_SCHEMA",
+    "TABLE_DECIMALS",
     "TABLE_WIDTH",
     "Field",
     "build_report",
@@ -936,6 +937,9 @@ def format_report(entries: list[dict], fmt: str = "table", *, legend: bool = Tru
 
 
 _TABLE_NUMBERS = (("rotation", "rotation_deg"), ("rmse", "rmse_mas"), ("mae", "mae_mas"))
+#: Decimals of :func:`fit_results_table`: mas to 0.001 (1 microarcsecond, far below any
+#: fit's noise); degrees to 1e-8 (0.04 mas across 0.4 deg, the WFI field's half width).
+TABLE_DECIMALS = {"mas": 3, "deg": 8}
 
 
 def fit_results_table(library_or_models: Any):
@@ -961,12 +965,15 @@ def fit_results_table(library_or_models: Any):
         the image's own sources; 0 when not recorded), ``shift_x``, ``shift_y`` (mas),
         ``rotation`` (deg),
         ``rmse``, ``mae`` (mas) and ``reason``; then the same fit columns of each phase
-        prefixed ``relative_`` and ``absolute_``.  Missing numbers are NaN.
+        prefixed ``relative_`` and ``absolute_``.  Missing numbers are NaN.  Numbers
+        are rounded (:data:`TABLE_DECIMALS`): mas to 0.001, degrees to 1e-8; the full
+        values are in each model's ``meta.wcs_fit_results``.
     """
     import astropy.units as u
     from astropy.table import Table
 
     entries = [image_entry(meta, name) for name, meta in iter_metas(library_or_models)]
+    mas, deg = TABLE_DECIMALS["mas"], TABLE_DECIMALS["deg"]
     columns: dict[str, list] = {}
     for entry in entries:
         keys = ("file", "group_id", "status", "wcs_name", "catalog", "n_sources")
@@ -981,9 +988,10 @@ def fit_results_table(library_or_models: Any):
             row[prefix + "image_nmatches"] = int(fit.get("image_nmatches") or 0)
             for axis, name in enumerate(("shift_x", "shift_y")):
                 value = _shift_mas(fit, axis)
-                row[prefix + name] = np.nan if value is None else value
+                row[prefix + name] = np.nan if value is None else round(value, mas)
             for name, key in _TABLE_NUMBERS:
-                row[prefix + name] = np.nan if fit.get(key) is None else fit[key]
+                digits = deg if name == "rotation" else mas
+                row[prefix + name] = np.nan if fit.get(key) is None else round(fit[key], digits)
             row[prefix + "reason"] = fit.get("reason") or ""
         for key, value in row.items():
             columns.setdefault(key, []).append("" if value is None else value)
