@@ -235,3 +235,42 @@ def test_command_help_lists_each_command_once_and_plot_describes(capsys):
         main(["plot", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "Write residual figures of aligned output files (focal_plane.png" in text
+
+
+def test_plots_say_what_they_count(saved, tmp_path):
+    """Figures from files: each panel counts the pairs of its own sources and quotes the
+    step's fit of the same kind; histogram ranges follow the data; outliers are counted."""
+    from roman_tweakreg import plots
+
+    root, _ = saved
+    images = plots.load_images(root / "out", [root / "in"])
+    residuals = plots.compute_residuals(images, None, match_radius=0.5)
+    groups = list(dict.fromkeys(i.group_id for i in images))
+    first, second = ([i for i in images if i.group_id == g] for g in groups)
+    paired = sum(r.after.shape[0] for r in residuals)
+    n_sources = sum(i.ra.size for i in second)
+    text = plots._sky_counts(images, groups[1], paired, n_sources, residuals, 0.5, False)
+    if second[0].relative_status == "REFERENCE":
+        assert "the relative fit's reference" in text, text
+    else:  # without a catalog: the relative fit's matches, not the absolute one's
+        relative = sum(i.relative_nmatches for i in second)
+        assert text.endswith(f"the step's relative fit: {relative} matches"), text
+        assert relative != sum(i.fit_nmatches for i in second)
+    assert text.startswith(f"{paired} of {n_sources} sources paired within 0.5″, "
+                           f"{n_sources - paired} not")  # fmt: skip
+    first_text = plots._sky_counts(images, groups[0], 0, 0, [], 0.5, False)
+    if first[0].relative_status == "REFERENCE":
+        assert first_text.startswith("the others' reference"), first_text
+    else:
+        assert first_text == "the first group: the others are paired with it"
+    note = plots._unmatched_note(images, residuals, 0.5)
+    assert note.startswith(f"{paired} of {n_sources} sources paired within 0.5″, "
+                           f"{n_sources - paired} unmatched")  # fmt: skip
+    # a narrow "before" distribution far from 0 gets a range of its own, not one bin
+    rng = np.random.default_rng(1)
+    lo, hi = plots._robust_range(rng.normal(-709.0, 3.0, 15000))
+    assert -730 < lo < -715
+    assert -703 < hi < -690
+    written = plots.make_plots(root / "out", inputs=[root / "in"], out_dir=tmp_path)
+    assert [p.name for p in written] == ["focal_plane.png", "residual_histograms.png",
+                                         "matched_sky.png"]  # fmt: skip

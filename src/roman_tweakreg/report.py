@@ -50,6 +50,7 @@ __all__ = [
     "fit_results_table",
     "format_report",
     "format_table",
+    "group_prefix",
     "group_rows",
     "image_entry",
     "image_rows",
@@ -783,8 +784,12 @@ def image_rows(entries: list[dict]) -> list[dict]:
 
 
 # -- the text table -----------------------------------------------------------------------------
-def _group_prefix(ids: Iterable[str]) -> str:
-    """The common beginning of exposure group ids, up to a ``_``, leaving each id a part."""
+def group_prefix(ids: Iterable[str]) -> str:
+    """The common beginning of exposure group ids, up to a ``_``, leaving each id a part.
+
+    The report's text table and the figures show the ids without it (``0001`` for
+    ``0000101001001001001_0001``); '' when the ids share no such beginning.
+    """
     ids = [i for i in ids if i and i != "None"]
     if not ids:
         return ""
@@ -911,7 +916,7 @@ def format_report(entries: list[dict], fmt: str = "table", *, legend: bool = Tru
         return json.dumps(_plain(summarize(entries)), indent=2, allow_nan=False)
     fits, images = group_rows(entries), image_rows(entries)
     if fmt == "table":
-        prefix = _group_prefix(str(e.get("group_id")) for e in entries)
+        prefix = group_prefix(str(e.get("group_id")) for e in entries)
         lines = _fits_text(fits, prefix)
         lines += ["Images:", "", *_text_table(IMAGE_FIELDS, images, prefix)]
         if legend:
