@@ -411,9 +411,11 @@ def _focal_plane(images, residuals, out_dir, max_vectors, rng, title_ref):
     phases = [("after", "after alignment (output WCS)")]
     if any(r.before is not None for r in residuals):
         phases.insert(0, ("before", "before alignment (input WCS)"))
-    fig = Figure(figsize=(7.5 * len(phases), 9), layout="constrained")
-    axes = fig.subplots(1, len(phases), squeeze=False)[0]
     fx, fy = _tangent(all_ra, all_dec, ra0, dec0)
+    # panels shaped like the field (with room for the vectors): no blank bands
+    shape = min(max((np.ptp(fy) + 0.2 * np.ptp(fx)) / (1.2 * max(np.ptp(fx), 1e-9)), 0.5), 1.5)
+    fig = Figure(figsize=(7.5 * len(phases), 7.5 * shape + 2.6), layout="constrained")
+    axes = fig.subplots(1, len(phases), squeeze=False)[0]
     span = max(np.ptp(fx), np.ptp(fy)) / 60.0  # arcmin
     total = sum(r.after.shape[0] for r in residuals)
     keep_fraction = min(1.0, max_vectors / total) if total else 1.0
