@@ -137,8 +137,10 @@ def test_batch_equals_the_step_alone_and_a_bad_association_fails(
     out, table = first_batch
     assert list(table["association"]) == ["a1", "a2", "bad"]
     assert list(table["status"]) == ["COMPLETE", "COMPLETE", "FAILED"]
-    assert list(table["n_images"]) == [4, 4, 0]
+    assert list(table["n_images"]) == [4, 4, 1]  # the failed one: the images it lists
     assert list(table["n_complete"]) == [4, 4, 0]
+    for name, decimals in (("abs_rms", 3), ("seconds", 2)):  # rounded, as documented
+        assert np.all(table[name][:2] == np.round(table[name][:2], decimals)), name
     assert np.all(table["abs_nmatches"][:2] >= 15)
     assert np.all((table["abs_rms"][:2] > 0) & (table["abs_rms"][:2] < 10.0))  # mas
     assert "MissingInputError" in table["error"][2]
@@ -194,12 +196,45 @@ def test_resume_skips_what_is_done_and_redoes_the_rest(data, client, first_batch
     assert again["n_complete"][0] == 4  # the skipped row keeps what was done
     assert again["abs_rms"][0] == pytest.approx(first["abs_rms"][0])
     assert again["abs_nmatches"][0] == first["abs_nmatches"][0]
+    # ... and the run that did it: its status, time and worker
+    assert again["done_status"][0] == "COMPLETE"
+    assert again["seconds"][0] == pytest.approx(first["seconds"][0], abs=0.2)
+    assert again["worker"][0] == first["worker"][0]
     assert {p: p.stat().st_mtime_ns for p in (out / "a1").iterdir()} == stamps
     assert list(Table.read(out / SUMMARY_NAME)["status"]) == list(again["status"])
     # other parameters: redone
     changed = align_associations([data["asns"]["a1"]], out, resume=True, abs_nclip=2, **pars)
     assert list(changed["status"]) == ["COMPLETE"]
     assert {p: p.stat().st_mtime_ns for p in (out / "a1").iterdir()} != stamps
+
+
+def test_resume_with_nothing_to_do_starts_no_cluster_and_keeps_the_rows(
+    data, first_batch, tmp_path, monkeypatch
+):
+    import roman_tweakreg.batch as batch
+
+    out = tmp_path / "out"
+    shutil.copytree(first_batch[0], out)
+    first = first_batch[1]
+
+    def no_cluster(*args, **kwargs):
+        raise AssertionError("a cluster was started with nothing to do")
+
+    monkeypatch.setattr(batch, "local_cluster", no_cluster)
+    asns = [data["asns"]["a1"], data["asns"]["a2"]]
+    t = time.perf_counter()
+    again = align_associations(asns, out, resume=True, abs_refcat=str(data["gaia"]),
+                               progress=False)  # fmt: skip
+    assert time.perf_counter() - t < 10
+    assert list(again["status"]) == ["SKIPPED", "SKIPPED"]
+    assert list(again["done_status"]) == ["COMPLETE", "COMPLETE"]
+    for column in ("n_images", "n_complete", "abs_nmatches", "worker"):
+        assert list(again[column]) == list(first[column][:2]), column
+    np.testing.assert_allclose(again["abs_rms"], first["abs_rms"][:2])
+    np.testing.assert_allclose(again["seconds"], first["seconds"][:2], atol=0.2)
+    on_disk = Table.read(out / SUMMARY_NAME)  # rewritten with the earlier figures kept
+    assert list(on_disk["done_status"]) == ["COMPLETE", "COMPLETE"]
+    np.testing.assert_allclose(on_disk["seconds"], first["seconds"][:2], atol=0.2)
 
 
 def test_regions_fetched_once_with_motions_and_a_timeout_retried(

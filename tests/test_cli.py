@@ -101,13 +101,31 @@ def test_report_reads_an_association(example, capsys):
     from roman_tweakreg.cli import main
 
     out, _ = example
-    assert main(["report", str(out / "inputs" / "asn.json")]) == 0
-    stdout = capsys.readouterr().out
-    names = json.loads((out / "inputs" / "asn.json").read_text())["products"][0]["members"]
+    asn = out / "inputs" / f"{out.name}_asn.json"  # named after the example's folder
+    assert main(["report", str(asn)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    names = json.loads(asn.read_text())["products"][0]["members"]
     for member in names:
-        line = next(r for r in stdout.splitlines() if r.startswith(member["expname"]))
-        assert "INCOMPLETE" in line, line
-        assert "tweakreg has not run" in line, line
+        k = next(i for i, r in enumerate(lines) if r.startswith(member["expname"]))
+        assert "INCOMPLETE" in lines[k], lines[k]
+        assert "tweakreg has not run" in lines[k + 1], lines[k + 1]  # the reason, under it
+
+
+def test_example_says_where_its_files_are_in_few_lines(example):
+    out, stdout = example
+    before_table = stdout.split("exposure detector")[0].splitlines()
+    assert len(before_table) <= 12, before_table
+    assert ".partial-" not in stdout  # the temporary folder is never named
+    assert f"strun roman_tweakreg {out}/inputs/{out.name}_asn.json" in stdout
+    assert f"--output_dir={out}/outputs" in stdout
+    assert f"Outputs: {out}/outputs ({N_FILES} *_tweakregstep.asdf" in stdout
+    assert any(
+        line.strip().startswith(f"{N_FILES}/{N_FILES} COMPLETE, absolute rms ")
+        and line.endswith(" mas to gaia.ecsv")
+        for line in before_table
+    ), before_table
+    assert sum(line.strip().startswith("Absolute fit (rshift) to gaia.ecsv, groups ")
+               for line in before_table) == 1  # fmt: skip
 
 
 def _assert_figure(path: Path) -> None:

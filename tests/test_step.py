@@ -336,7 +336,8 @@ def test_romancal_defaults_parameter_file():
         "general",
     )
     assert (step.abs_separation, step.abs_refcat, step.vo_timeout) == (1.0, "GAIADR3_S3", 1200.0)
-    assert step.use_custom_catalogs is True
+    # romancal 1.1.0 has no use_custom_catalogs: the file leaves ours (it warned when True)
+    assert step.use_custom_catalogs is False
 
 
 def test_strun_with_class_path_and_bad_parameter(on_disk, tmp_path):

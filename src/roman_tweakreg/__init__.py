@@ -21,6 +21,7 @@ from .errors import (
     OutputError,
     PSFModelError,
     ReferenceCatalogError,
+    StepParameterError,
     TweakRegError,
 )
 from .library import ModelLibrary
@@ -37,6 +38,7 @@ __all__ = [
     "OutputError",
     "PSFModelError",
     "ReferenceCatalogError",
+    "StepParameterError",
     "TweakRegError",
     "TweakRegStep",
     "__version__",

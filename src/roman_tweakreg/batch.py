@@ -84,18 +84,26 @@ _REGION_SLACK = 0.005
 SUMMARY_COLUMNS: tuple[tuple[str, type, str | None, str], ...] = (
     ("association", str, None, "association name, also its output folder"),
     ("status", str, None, "COMPLETE, PARTIAL, FAILED or SKIPPED (done before, --resume)"),
-    ("n_images", int, None, "images in the association"),
+    ("done_status", str, None, "of a SKIPPED row: the status of the run that made its "
+     "outputs (whose seconds, detect_seconds and worker the row keeps)"),
+    ("n_images", int, None, "images in the association (also of one that FAILED)"),
     ("n_complete", int, None, "images whose cal_step.tweakreg is COMPLETE"),
-    ("abs_rms", float, "mas", "rms of the absolute fit (worst of its fits); NaN without one"),
+    ("abs_rms", float, "mas", "rms of the absolute fit (worst of its fits; to 0.001 mas); "
+     "NaN without one"),
     ("abs_nmatches", int, None, "matches of the absolute fit (fewest of its fits); 0 without"),
-    ("seconds", float, "s", "wall time of the task"),
-    ("detect_seconds", float, "s", "summed wall time of its detection tasks (not in seconds)"),
+    ("seconds", float, "s", "wall time of the task (to 0.01 s)"),
+    ("detect_seconds", float, "s", "summed wall time of its detection tasks (not in seconds; "
+     "to 0.01 s)"),
     ("worker", str, None, "address of the Dask worker that ran it"),
     ("error", str, None, "why it failed, or why some images are not COMPLETE"),
     ("file", str, None, "the association file"),
 )
 _STATUSES = ("COMPLETE", "PARTIAL", "FAILED", "SKIPPED")
 _KEPT = ("n_images", "n_complete", "abs_rms", "abs_nmatches", "error")  # in a SKIPPED row
+#: Of the run that made the outputs, also kept in a SKIPPED row (from the manifest).
+_KEPT_RUN = ("seconds", "detect_seconds", "worker")
+#: Decimals the summary gives (mas to 0.001, seconds to 0.01: finer is noise).
+_DECIMALS = {"abs_rms": 3, "seconds": 2, "detect_seconds": 2}
 
 
 @dataclass(frozen=True)
@@ -283,7 +291,19 @@ def check_done(job: AssociationJob) -> dict | None:
         log.info("%s: manifest %s unusable (%s); redone", job.name, manifest, err)
         return None
     kept = {k: v for k, v in done["summary"].items() if k in _KEPT}
-    return _row(job, "SKIPPED", worker=_worker_address(), **kept)
+    kept.update({k: v for k, v in (done.get("run") or {}).items() if k in _KEPT_RUN})
+    kept.setdefault("worker", _worker_address())
+    return _row(job, "SKIPPED", done_status=done["summary"].get("status", ""), **kept)
+
+
+def _association_size(path: str) -> int:
+    """The members an association file lists (0 when it cannot be read as one)."""
+    from .library import load_association
+
+    try:
+        return len(load_association(path)["products"][0]["members"])
+    except (TweakRegError, OSError):
+        return 0
 
 
 def _summarise(library) -> dict:
@@ -511,7 +531,8 @@ def align_one(
         message = f"detection of {failed[0]['image']} failed: {failed[0]['error']}"
         log.warning("%s: FAILED: %s", job.name, message)
         return _row(job, "FAILED", seconds=time.perf_counter() - start, worker=worker,
-                    detect_seconds=detect_seconds, error=message)  # fmt: skip
+                    detect_seconds=detect_seconds, error=message,
+                    n_images=_association_size(job.path))  # fmt: skip
     produced = set()  # written by the detection tasks, before this task: outputs too
     if plan is not None:
         catfile = folder / CATFILE_NAME
@@ -533,6 +554,7 @@ def align_one(
             worker=worker,
             detect_seconds=detect_seconds,
             error=f"{type(err).__name__}: {err}",
+            n_images=_association_size(job.path),
         )
     after = _listing(folder)
     outputs = [
@@ -546,6 +568,11 @@ def align_one(
         "fingerprint": job.fingerprint,
         "parameters": job.parameters,
         "summary": summary,
+        "run": {  # kept in the summary row when a resumed batch skips the association
+            "seconds": time.perf_counter() - start,
+            "detect_seconds": detect_seconds,
+            "worker": worker,
+        },
         "outputs": outputs,
     }
     text = json.dumps(manifest, indent=1, sort_keys=True, default=str)
@@ -598,6 +625,8 @@ class _Summary:
         columns = {}
         for name, kind, _, _ in SUMMARY_COLUMNS:
             values = [kind(r.get(name, defaults[kind])) for r in rows]
+            if name in _DECIMALS:
+                values = [round(v, _DECIMALS[name]) for v in values]
             columns[name] = np.array(values, dtype=kind if kind is not str else str)
             if kind is str and not rows:
                 columns[name] = np.array([], dtype="U1")
@@ -713,10 +742,45 @@ def align_associations(
         raise InvalidParameterError(f"region_radius={region_radius!r}: expected a number > 0")
     if client is not None:
         return _run(client, paths, output_dir, parameters, resume, retries, region_radius, progress)
+    if resume and (table := _all_done(paths, output_dir, parameters)) is not None:
+        return table  # nothing to do: no cluster started
     from distributed import Client
 
     with local_cluster(workers) as cluster, Client(cluster) as local:
         return _run(local, paths, output_dir, parameters, resume, retries, region_radius, progress)
+
+
+def _all_done(paths: list[Path], output_dir: Path, parameters: dict) -> Table | None:
+    """With ``--resume`` and no cluster given: the summary when every association was done
+    before (checked here, as a local cluster's workers would), else None (work to do).
+
+    Each row keeps the figures of the run that made the outputs (:func:`check_done`);
+    the summary is written as the batch writes it.
+    """
+    jobs, unreadable = _jobs(paths, output_dir, parameters)
+    if unreadable:
+        return None
+    rows = []
+    for job in jobs:
+        row = check_done(job)
+        if row is None:
+            return None
+        rows.append(row)
+    summary = _Summary(
+        output_dir / SUMMARY_NAME,
+        [j.name for j in jobs],
+        {"parameters": {k: str(v) for k, v in sorted(parameters.items())}},
+    )
+    for row in rows:
+        summary.rows[row["association"]] = row
+    table = summary.write()
+    log.info(
+        "Resume: all %d associations done before, nothing to do (no cluster started); "
+        "summary in %s",
+        len(jobs),
+        summary.path,
+    )
+    return table
 
 
 def local_cluster(workers: int | None = None, **options: Any):
@@ -888,7 +952,7 @@ def _outcome(future, job, region, regions, detections=()) -> dict:
     if failed:
         message = f"detection of {failed[0].image_file or failed[0].image} failed: {message}"
     log.warning("%s: FAILED for good: %s", job.name, message)
-    return _row(job, "FAILED", error=message)
+    return _row(job, "FAILED", error=message, n_images=_association_size(job.path))
 
 
 def _plans(client, todo, retries, token):

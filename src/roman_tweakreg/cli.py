@@ -1,14 +1,8 @@
 """The roman-tweakreg command: align Roman WFI images and look at the results.
 
-commands:
-  example   simulate a dithered WFI exposure pair, align it, print residuals
-  report    print the fit results stored in output files (a row per fit, then per file)
-  plot      write residual figures (PNG) and print their paths
-  asn       write an association (JSON) listing input files, to give to the step
-  batch     align many associations as tasks on a Dask cluster (see docs/batch.rst)
-
-Align files with: strun roman_tweakreg.TweakRegStep asn.json
-(or python -m roman_tweakreg COMMAND ...). 'roman-tweakreg COMMAND --help' tells more.
+Its commands (example, report, plot, asn, batch) are listed by ``roman-tweakreg --help``
+from their declarations in :func:`_parser`, once.  Files are aligned with ``strun
+roman_tweakreg asn.json``.
 """
 
 from __future__ import annotations
@@ -61,12 +55,16 @@ def _parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="roman-tweakreg",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Align Roman WFI images and look at the results.",
+        epilog="Align files with: strun roman_tweakreg asn.json (an association made by "
+        "'roman-tweakreg asn'). 'roman-tweakreg COMMAND --help' tells more about a command; "
+        "python -m roman_tweakreg COMMAND ... does the same.",
     )
     _loudness(parser)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", title="commands"
+    )
 
     ex = sub.add_parser(
         "example",
@@ -84,6 +82,13 @@ def _parser() -> argparse.ArgumentParser:
         "(default: tweakreg_example)",
     )
     ex.add_argument("--detectors", type=_detectors, default=18, help="detectors per exposure, 1-18")
+    ex.add_argument(
+        "--seed",
+        type=int,
+        default=2028,
+        help="seed of the simulation (default: 2028); another seed gives other pointing "
+        "errors and stars",
+    )
 
     rep = sub.add_parser(
         "report",
@@ -121,7 +126,16 @@ def _parser() -> argparse.ArgumentParser:
     asn.add_argument("--product", default=None, help="product name (default: the ASN stem)")
     asn.add_argument("--force", action="store_true", help="replace an existing ASN file")
 
-    plot = sub.add_parser("plot", help="write residual figures (PNG) of aligned output files")
+    plot = sub.add_parser(
+        "plot",
+        help="write residual figures (PNG) of aligned output files",
+        description="Write residual figures of aligned output files (focal_plane.png, "
+        "residual_histograms.png, matched_sky.png) and print their paths. Each image's "
+        "sources are paired by nearest neighbour with the reference catalog (--refcat) or, "
+        "without one, with the other exposure groups' sources; the same pairs are shown "
+        "through the input WCS ('before') and the output WCS ('after'). See the report page "
+        "of the docs for how to read them.",
+    )
     _loudness(plot, argparse.SUPPRESS)
     plot.set_defaults(run=_plot)
     plot.add_argument("paths", nargs="+", metavar="PATH", help=_PATHS_HELP)
@@ -219,7 +233,9 @@ def _add_batch_parser(sub) -> None:
 def _example(args) -> int:
     from .example import run_example
 
-    return run_example(args.out, n_detectors=args.detectors, verbosity=_verbosity(args))
+    return run_example(
+        args.out, n_detectors=args.detectors, seed=args.seed, verbosity=_verbosity(args)
+    )
 
 
 def _verbosity(args) -> int:
@@ -227,12 +243,19 @@ def _verbosity(args) -> int:
 
 
 def _report(args) -> int:
+    import json
+
     from .report import format_report, read_results, summarize, write_report
+    from .results import plain
 
     entries = read_results(args.paths)
-    print(format_report(entries, args.format))
+    built = summarize(entries)  # one report for --format json and --json FILE
+    if args.format == "json":
+        print(json.dumps(plain(built, nan_as_none=True), indent=2, allow_nan=False))
+    else:
+        print(format_report(entries, args.format))
     if args.json:
-        path = write_report(summarize(entries), args.json)
+        path = write_report(built, args.json)
         if not args.quiet:
             print(f"Wrote {path}", file=sys.stderr)
     return 0

@@ -6,6 +6,8 @@ A fit that fails raises none of them: the image keeps its input WCS and its
 
 from __future__ import annotations
 
+from stpipe.exceptions import StpipeExitException
+
 __all__ = [
     "CatalogError",
     "InvalidInputError",
@@ -15,6 +17,8 @@ __all__ = [
     "OutputError",
     "PSFModelError",
     "ReferenceCatalogError",
+    "RomancalMissingError",
+    "StepParameterError",
     "TweakRegError",
 ]
 
@@ -25,6 +29,39 @@ class TweakRegError(Exception):
 
 class InvalidParameterError(TweakRegError, ValueError):
     """A step parameter has a value outside what it accepts."""
+
+
+class StepParameterError(InvalidParameterError, StpipeExitException):
+    """An :class:`InvalidParameterError` of the step's parameters, raised by the step.
+
+    It is also stpipe's public ``StpipeExitException`` (exit status 1), which
+    ``strun`` turns into its exit status without a traceback: the step has logged
+    the message as one ERROR line before raising it.
+    """
+
+    def __init__(self, message: str):
+        Exception.__init__(self, message)
+
+    @property
+    def exit_status(self) -> int:
+        """The exit status of ``strun``: 1."""
+        return 1
+
+
+class RomancalMissingError(TweakRegError, ImportError, StpipeExitException):
+    """romancal is needed (``strun roman_tweakreg_elp``) and is not installed.
+
+    Also stpipe's ``StpipeExitException`` (exit status 1): ``strun`` shows the one
+    logged line and no traceback.
+    """
+
+    def __init__(self, message: str):
+        Exception.__init__(self, message)
+
+    @property
+    def exit_status(self) -> int:
+        """The exit status of ``strun``: 1."""
+        return 1
 
 
 class InvalidInputError(TweakRegError, ValueError):

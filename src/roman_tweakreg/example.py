@@ -8,9 +8,13 @@ Gaia-like reference catalog.
 from __future__ import annotations
 
 import json
+import logging
+import re
 import shutil
+import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +48,57 @@ def _claim(out: Path) -> None:
     (out / MARKER).write_text(json.dumps({"made_by": "roman-tweakreg example"}) + "\n")
 
 
+def _safe_name(text: str) -> str:
+    """A file-name part made of ``text`` (letters, digits, ``-``, ``_``, ``.``)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or "example"
+
+
+def _final(text: str, final: dict) -> str:
+    """``text`` with the temporary folder's path replaced by the example's."""
+    for tmp, out in final.items():
+        text = text.replace(tmp, out)
+    return text
+
+
+def _log_args(verbosity: int) -> list[str]:
+    """strun's logging options: -v shows the step's whole log (DEBUG) as strun would."""
+    if verbosity > 0:
+        return ["--log-level=DEBUG"]
+    return ["--log-level=INFO", "--log-stream=null"]  # the lines kept by _step_lines
+
+
+#: The step's lines the example shows: each fit, and the run's result (the last line).
+_SHOWN = re.compile(r"^(Relative fit|Absolute fit|Reference catalog|\d+(/\d+)? [A-Z]+)")
+
+
+@contextmanager
+def _step_lines(verbosity: int):
+    """Collect the step's warnings, fit lines and result line (not with -v: strun shows all).
+
+    A handler is added to the ``roman_tweakreg`` logger for the block and removed after.
+    """
+    lines: list[str] = []
+    if verbosity > 0:
+        yield lines
+        return
+
+    class _Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            text = record.getMessage()
+            if record.levelno >= logging.WARNING:
+                lines.append(f"{record.levelname}: {text}")
+            elif verbosity == 0 and _SHOWN.match(text):
+                lines.append(text)
+
+    keep = _Keep(logging.INFO)
+    logger = logging.getLogger("roman_tweakreg")
+    logger.addHandler(keep)
+    try:
+        yield lines
+    finally:
+        logger.removeHandler(keep)
+
+
 def run_example(
     out: str | Path = "tweakreg_example",
     *,
@@ -56,7 +111,9 @@ def run_example(
     ``out`` must be new, empty, or the folder of an earlier example, whose ``inputs``
     and ``outputs`` are replaced (nothing else in it is touched).  Files are made in
     a temporary folder inside ``out`` and moved into place once the step has run, so
-    an interrupted run leaves the earlier example as it was.
+    an interrupted run leaves the earlier example as it was.  The association is
+    ``inputs/<folder name>_asn.json``, so that several examples can be given to
+    ``roman-tweakreg batch`` as they are (its output folders are named after it).
 
     Parameters
     ----------
@@ -67,8 +124,11 @@ def run_example(
     seed : int
         Seed of the simulation.
     verbosity : int
-        -1: the step logs warnings only and the progress lines are not printed;
-        0: the step logs as strun does (INFO); 1: DEBUG (tweakwcs's own lines too).
+        -1: only the step's warnings (on stderr) and the table; 0: a short account
+        (the simulation, the command run, the step's fit lines and result, the final
+        folders; the paths are those of the files after they were moved into place);
+        1: the step's whole log as ``strun --log-level=DEBUG`` shows it (its paths are
+        those of the temporary folder the example runs in).
 
     Returns
     -------
@@ -95,35 +155,42 @@ def run_example(
     out = Path(out)
     _claim(out)
     say = print if verbosity >= 0 else (lambda *a, **k: None)
-    level = {-1: "WARNING", 0: "INFO", 1: "DEBUG"}[max(-1, min(1, verbosity))]
     detectors = simulate.DETECTORS[:n_detectors]
+    asn_name = f"{_safe_name(out.resolve().name)}_asn.json"
     with tempfile.TemporaryDirectory(dir=out, prefix=".partial-") as tmp:
         work = Path(tmp)
         t0 = time.perf_counter()
         exposures, stars = simulate.make_dataset(2, detectors=detectors, seed=seed)
-        asn = simulate.write_dataset(exposures, stars, work / "inputs")
+        asn = simulate.write_dataset(exposures, stars, work / "inputs", asn_name=asn_name)
         say(
             f"Simulated 2 exposures x {len(detectors)} detectors (8 x 8 pixel stand-in "
-            f"images with catalogs), {sum(len(c) for e in exposures for c in e.catalogs)} "
-            f"sources, Gaia-like catalog of {len(stars)} stars at epoch 2016.0 "
-            f"in {time.perf_counter() - t0:.1f} s"
+            f"images with catalogs, seed {seed}), "
+            f"{sum(len(c) for e in exposures for c in e.catalogs)} sources, Gaia-like "
+            f"catalog of {len(stars)} stars at epoch 2016.0, in {time.perf_counter() - t0:.1f} s"
         )
+        final = {str(work): str(out)}  # the files are moved there once the step has run
+        args = [  # exactly what `strun roman_tweakreg ...` does
+            "roman_tweakreg.TweakRegStep",
+            str(asn),
+            f"--abs_refcat={work / 'inputs' / 'gaia.ecsv'}",
+            f"--output_dir={work / 'outputs'}",
+        ]
+        say("Aligning with: strun roman_tweakreg " + _final(" ".join(args[1:]), final))
         t0 = time.perf_counter()
-        Step.from_cmdline(
-            [  # exactly what `strun roman_tweakreg.TweakRegStep ...` does
-                "roman_tweakreg.TweakRegStep",
-                str(asn),
-                f"--abs_refcat={work / 'inputs' / 'gaia.ecsv'}",
-                f"--output_dir={work / 'outputs'}",
-                f"--log-level={level}",
-            ]
-        )
+        with _step_lines(verbosity) as lines:
+            Step.from_cmdline(args + _log_args(verbosity))
         for part in _PARTS:  # the earlier example's files, replaced whole
             shutil.rmtree(out / part, ignore_errors=True)
             (work / part).rename(out / part)
+    for line in lines:
+        print("  " + _final(line, final), file=sys.stderr if verbosity < 0 else sys.stdout)
+    n_images = sum(len(e.models) for e in exposures)
     say(
-        f"TweakRegStep ran in {time.perf_counter() - t0:.1f} s; inputs in {out / 'inputs'}, "
-        f"outputs in {out / 'outputs'}"
+        f"TweakRegStep ran in {time.perf_counter() - t0:.1f} s.\n"
+        f"Inputs: {out / 'inputs'} ({n_images} images, their catalogs, gaia.ecsv, {asn_name})\n"
+        f"Outputs: {out / 'outputs'} ({n_images} *_tweakregstep.asdf, {n_images} *_wcs.asdf)\n"
+        f"Look at them: roman-tweakreg report {out / 'outputs'}; roman-tweakreg plot "
+        f"{out / 'outputs'} --refcat {out / 'inputs' / 'gaia.ecsv'}"
     )
     header = (
         f"{'exposure':>8} {'detector':>8} {'before [mas]':>12} {'after [mas]':>11} "

@@ -206,8 +206,11 @@ def _name_max(folder: Path) -> int:
     return 255
 
 
-def save_model(model, path: str | os.PathLike) -> str | os.PathLike:
+def save_model(model, path: str | os.PathLike, *, announce: bool = True) -> str | os.PathLike:
     """Write ``model`` to ``path`` atomically; return ``path``.
+
+    ``announce``: log ``Saved model in <path>`` (as stpipe does); :func:`save_library`
+    logs its files itself, in library order, whichever process wrote them.
 
     Raises
     ------
@@ -220,7 +223,8 @@ def save_model(model, path: str | os.PathLike) -> str | os.PathLike:
     except (OSError, MemoryError) as err:
         model.meta.filename = name  # the save may have renamed it to the output
         raise OutputError(f"{path}: output not written: {describe_write_error(err)}") from err
-    log.info("Saved model in %s", path)
+    if announce:
+        log.info("Saved model in %s", path)
     return path
 
 
@@ -343,16 +347,20 @@ def _save_batch(models: dict, jobs: list, processes: int, written: list, errors:
         try:
             for k, job in enumerate(jobs):
                 future = workers.submit(_save_one, *job, left=len(jobs) - 1 - k)
-                submitted.append((job[0], future))
+                submitted.append((job, future))
                 if _succeeded(future) and future.result()[1]:
                     break  # failed here: no more files after an error (the others may run)
-            for index, future in submitted:
+            for (index, _, wcs_path), future in submitted:  # logged in library order
                 written[index], error = future.result()
+                if written[index] is not None:
+                    log.info("Saved model in %s", written[index])
+                    if wcs_path is not None and not error:
+                        log.info("Saved model in %s", wcs_path)
                 if error:
                     errors.append(error)
         except BaseException:
             workers.close()  # running jobs end (their files whole); waiting ones are dropped
-            for index, future in submitted:
+            for (index, *_), future in submitted:
                 if written[index] is None and _succeeded(future):
                     written[index] = future.result()[0]
             raise
@@ -384,11 +392,11 @@ def _save_one(models: dict, index: int, path: str, wcs_path: str | None):
         log.info("%s: no WCS, no _wcs product", model.meta.filename)
     else:
         try:
-            save_model(wcs_product(model), wcs_path)
+            save_model(wcs_product(model), wcs_path, announce=False)
         except OutputError as err:
             return None, str(err)
     try:
-        save_model(model, path)
+        save_model(model, path, announce=False)
     except BaseException as err:  # an error or an interrupt: no product without its model
         if wcs_path is not None:
             with contextlib.suppress(OSError):

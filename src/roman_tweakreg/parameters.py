@@ -195,7 +195,14 @@ class Parameter:
         """The parameter's line of the stpipe spec."""
         args = f"{self.spec_args}, " if self.spec_args else ""
         value = "None" if self.default is None else repr(self.default)
-        return f"{self.name} = {_SPEC_TYPES[self.kind]}({args}default={value}) # {self.doc}"
+        return f"{self.name} = {_SPEC_TYPES[self.kind]}({args}default={value}) # {self.help}"
+
+    @property
+    def help(self) -> str:
+        """The one-line doc with the unit of a number (``... (arcsec)``): the spec comment,
+        which ``strun --help`` shows."""
+        unit = {**_UNIT_WORDS, "s": "seconds"}.get(self.unit, self.unit)
+        return f"{self.doc} ({unit})" if unit and unit not in self.doc.lower() else self.doc
 
 
 def _number(value: float | None) -> str | None:

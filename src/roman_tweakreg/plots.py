@@ -83,6 +83,11 @@ class ImageSources:
     fit_nmatches : int or None
         The step's own matches of this image in the fit that set its WCS
         (``wcs_fit_results.image_nmatches``), where recorded.
+    relative_nmatches : int or None
+        Its own matches in its group's relative fit
+        (``wcs_fit_results.relative.image_nmatches``); None where not recorded.
+    relative_status : str or None
+        That fit's status (``REFERENCE`` for the group the others were aligned to).
     """
 
     file: str
@@ -95,6 +100,8 @@ class ImageSources:
     footprint: np.ndarray
     input_path: Path | None = None
     fit_nmatches: int | None = None
+    relative_nmatches: int | None = None
+    relative_status: str | None = None
 
 
 def _read_sources(meta, path: Path, search_dirs: Sequence[Path]) -> tuple[np.ndarray, np.ndarray]:
@@ -166,6 +173,8 @@ def load_images(
                 group = path.name
             epoch = exposure_epoch(meta)
             fit_nmatches = fit.get("image_nmatches")
+            relative = fit.get("relative") or {}
+            rel_nmatches, rel_status = relative.get("image_nmatches"), relative.get("status")
             ra, dec = (np.asarray(v, float) for v in wcs(x, y, with_bounding_box=False))
             footprint = np.asarray(wcs.footprint(center=False), float)
         ra_b = dec_b = None
@@ -185,6 +194,8 @@ def load_images(
             ImageSources(
                 path.name, group, epoch, ra, dec, ra_b, dec_b, footprint, input_path,
                 None if fit_nmatches is None else int(fit_nmatches),
+                None if rel_nmatches is None else int(rel_nmatches),
+                None if rel_status is None else str(rel_status),
             )
         )  # fmt: skip
         log.info(
@@ -400,9 +411,11 @@ def _focal_plane(images, residuals, out_dir, max_vectors, rng, title_ref):
     phases = [("after", "after alignment (output WCS)")]
     if any(r.before is not None for r in residuals):
         phases.insert(0, ("before", "before alignment (input WCS)"))
-    fig = Figure(figsize=(7.5 * len(phases), 9), layout="constrained")
-    axes = fig.subplots(1, len(phases), squeeze=False)[0]
     fx, fy = _tangent(all_ra, all_dec, ra0, dec0)
+    # panels shaped like the field (with room for the vectors): no blank bands
+    shape = min(max((np.ptp(fy) + 0.2 * np.ptp(fx)) / (1.2 * max(np.ptp(fx), 1e-9)), 0.5), 1.5)
+    fig = Figure(figsize=(7.5 * len(phases), 7.5 * shape + 2.6), layout="constrained")
+    axes = fig.subplots(1, len(phases), squeeze=False)[0]
     span = max(np.ptp(fx), np.ptp(fy)) / 60.0  # arcmin
     total = sum(r.after.shape[0] for r in residuals)
     keep_fraction = min(1.0, max_vectors / total) if total else 1.0
@@ -492,98 +505,170 @@ def _focal_plane(images, residuals, out_dir, max_vectors, rng, title_ref):
     return _savefig(fig, out_dir / "focal_plane.png")
 
 
-def _histograms(residuals, out_dir, title_ref):
+def _robust_range(values: np.ndarray) -> tuple[float, float]:
+    """A range holding the bulk of ``values`` (0.5 to 99.5 percentiles, widened by a tenth,
+    at least 1 mas wide), so that a narrow distribution is not squeezed into a bin or two."""
+    if not values.size:
+        return -1.0, 1.0
+    lo, hi = (float(v) for v in np.percentile(values, [0.5, 99.5]))
+    pad = max(0.1 * (hi - lo), 0.5)
+    return lo - pad, hi + pad
+
+
+def _pair_counts(images, residuals) -> tuple[int, int]:
+    """(sources paired, sources that could be): images with residuals, or whose group
+    was compared (the first group is the others' reference without a catalog)."""
+    compared = {r.group_id for r in residuals}
+    total = sum(i.ra.size for i in images if i.group_id in compared)
+    return sum(r.after.shape[0] for r in residuals), total
+
+
+def _unmatched_note(images, residuals, match_radius: float) -> str:
+    paired, total = _pair_counts(images, residuals)
+    unmatched = total - paired
+    return (
+        f"{paired} of {total} sources paired within {match_radius:g}\u2033, {unmatched} "
+        f"unmatched ({100.0 * unmatched / total if total else 0.0:.1f} %)\n(a misalignment "
+        "beyond the radius shows as unmatched sources, not as residuals: see --match-radius)"
+    )
+
+
+def _histograms(images, residuals, out_dir, title_ref, match_radius):
     from matplotlib.figure import Figure
 
     phases = [("after", "after alignment")]
     if any(r.before is not None for r in residuals):
         phases.insert(0, ("before", "before alignment"))
-    fig = Figure(figsize=(6.5 * len(phases), 5), layout="constrained")
-    axes = fig.subplots(1, len(phases), squeeze=False)[0]
-    for ax, (phase, label) in zip(axes, phases, strict=False):
+    components = (("ΔRA cos Dec", "tab:blue"), ("ΔDec", "tab:orange"))
+    fig = Figure(figsize=(13, 4.2 * len(phases) + 0.8), layout="constrained")
+    axes = fig.subplots(len(phases), 2, squeeze=False)
+    for row, (phase, label) in zip(axes, phases, strict=True):
         vecs = [getattr(r, phase) for r in residuals if getattr(r, phase) is not None]
         vec = np.concatenate(vecs) if vecs else np.empty((0, 2))
         finite = vec[np.all(np.isfinite(vec), axis=1)]
-        lim = float(np.percentile(np.abs(finite), 99.5)) * 1.1 if finite.size else 1.0
-        bins = np.linspace(-lim, lim, 61)
-        for k, (name, colour) in enumerate((("ΔRA cos Dec", "tab:blue"), ("ΔDec", "tab:orange"))):
+        for k, (ax, (name, colour)) in enumerate(zip(row, components, strict=True)):
             v = finite[:, k]
-            ax.hist(
-                np.clip(v, -lim, lim),
-                bins=bins,
-                histtype="step",
-                lw=1.5,
-                color=colour,
-                label=f"{name}: mean {np.mean(v) if v.size else np.nan:+.3g}, "
-                f"rms {_rms(v):.3g} mas",
+            lo, hi = _robust_range(v)  # each panel its own range: no collapse into a bar
+            inside = v[(v >= lo) & (v <= hi)]
+            outside = v.size - inside.size
+            ax.hist(inside, bins=np.linspace(lo, hi, 61), histtype="stepfilled", alpha=0.35,
+                    color=colour, edgecolor=colour, lw=1.2)  # fmt: skip
+            text = (
+                f"{v.size} pairs\nmean {np.mean(v) if v.size else np.nan:+.3g} mas\n"
+                f"rms {_rms(v):.3g} mas"
             )
-        ax.set_xlabel("residual (source - reference) [mas]")
-        ax.set_ylabel("number of matched sources")
-        ax.set_title(f"{label}: {finite.shape[0]} nearest-neighbour pairs")
-        # headroom above the highest bin, so that the legend never covers a peak
-        ax.set_ylim(0, ax.get_ylim()[1] * 1.45)
-        ax.legend(loc="upper right", fontsize="small")
-    fig.suptitle(f"Residuals against {title_ref}")
+            if outside:  # outliers are left out, not piled into the end bins
+                text += f"\n{outside} beyond [{lo:.3g}, {hi:.3g}] not drawn"
+            ax.text(0.02, 0.97, text, transform=ax.transAxes, va="top", ha="left",
+                    fontsize="small", bbox={"fc": "white", "ec": "0.8", "alpha": 0.85})  # fmt: skip
+            ax.set_ylim(0, ax.get_ylim()[1] * 1.3)  # room for the box above the peak
+            ax.set_xlabel(f"{name} residual (source - reference) [mas]")
+            ax.set_ylabel("matched sources per bin")
+            ax.set_title(f"{label}: {name}")
+    fig.suptitle(
+        f"Residuals against {title_ref}\n{_unmatched_note(images, residuals, match_radius)}",
+        fontsize="medium",
+    )
     return _savefig(fig, out_dir / "residual_histograms.png")
 
 
-def _sky(images, residuals, reference_xy, out_dir, rng, title_ref):
+def _short_groups(groups: Sequence[str]) -> dict[str, str]:
+    """Each group id without the ids' common beginning (up to a ``_``), for titles."""
+    from .report import group_prefix
+
+    prefix = group_prefix(groups)
+    return {g: (f"...{g.removeprefix(prefix)}" if prefix else g) for g in groups}
+
+
+def _sky(images, residuals, reference_xy, out_dir, rng, title_ref, match_radius):
     from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
 
     groups = list(dict.fromkeys(i.group_id for i in images))
+    short = _short_groups(groups)
     colours = _colours(groups)
     ncol = min(len(groups), 3)
     nrow = -(-len(groups) // ncol)
-    fig = Figure(figsize=(6 * ncol, 6.2 * nrow + 0.6), layout="constrained")
+    corners = np.vstack([i.footprint for i in images])
+    cos_dec = np.cos(np.deg2rad(np.mean(corners[:, 1])))
+    has_ref = reference_xy is not None and reference_xy[0].size
+    if has_ref:  # the reference stars near the footprints only: no empty bands around them
+        pad = 0.08 * max(np.ptp(corners[:, 0]) * cos_dec, np.ptp(corners[:, 1]))
+        lo, hi = corners.min(axis=0), corners.max(axis=0)
+        near = (
+            (reference_xy[0] > lo[0] - pad / cos_dec) & (reference_xy[0] < hi[0] + pad / cos_dec)
+            & (reference_xy[1] > lo[1] - pad) & (reference_xy[1] < hi[1] + pad)
+        )  # fmt: skip
+        ref_x, ref_y = reference_xy[0][near], reference_xy[1][near]
+        ref_pick = rng.random(ref_x.size) < min(1.0, 20000 / max(ref_x.size, 1))
+    # panels shaped like the field (RA scaled by cos Dec): no blank bands above and below
+    aspect = np.ptp(corners[:, 1]) / max(np.ptp(corners[:, 0]) * cos_dec, 1e-9)
+    width = 5.5
+    fig = Figure(
+        figsize=(width * ncol, nrow * (width * min(max(aspect, 0.4), 2.0) + 0.8) + 0.9),
+        layout="constrained",
+    )
     axes = fig.subplots(nrow, ncol, squeeze=False, sharex=True, sharey=True).ravel()
-    all_dec = np.concatenate([i.footprint[:, 1] for i in images])
-    if reference_xy is not None and reference_xy[0].size:
-        ref_pick = rng.random(reference_xy[0].size) < min(1.0, 20000 / reference_xy[0].size)
     for ax, group in zip(axes, groups, strict=False):
-        if reference_xy is not None and reference_xy[0].size:
-            ax.scatter(
-                reference_xy[0][ref_pick],
-                reference_xy[1][ref_pick],
-                s=1,
-                color="0.8",
-                label=f"reference ({title_ref})",
-                rasterized=True,
-            )
-        labelled = set()
+        if has_ref:
+            ax.scatter(ref_x[ref_pick], ref_y[ref_pick], s=1, color="0.8", rasterized=True)
         for img in images:
-            corners = np.vstack([img.footprint, img.footprint[:1]])
+            outline = np.vstack([img.footprint, img.footprint[:1]])
             mine = img.group_id == group
-            label = "detector footprints of this group" if mine else "other groups' footprints"
-            ax.plot(
-                corners[:, 0],
-                corners[:, 1],
-                color=colours[group] if mine else "0.6",
-                lw=1.2 if mine else 0.6,
-                ls="-" if mine else ":",
-                label=None if label in labelled else label,
-            )
-            labelled.add(label)
+            ax.plot(outline[:, 0], outline[:, 1], color=colours[group] if mine else "0.6",
+                    lw=1.2 if mine else 0.6, ls="-" if mine else ":")  # fmt: skip
         rs = [r for r in residuals if r.group_id == group]
-        n = 0
+        n = sum(r.ra.size for r in rs)
+        n_sources = sum(i.ra.size for i in images if i.group_id == group)
         if rs:
-            ra = np.concatenate([r.ra for r in rs])
-            dec = np.concatenate([r.dec for r in rs])
-            n = ra.size
-            ax.scatter(
-                ra, dec, s=2, color=colours[group], rasterized=True, label=f"matched sources ({n})"
-            )
-        fitted = [i.fit_nmatches for i in images if i.group_id == group]
-        fit_text = "" if None in fitted else f" (the fit: {sum(fitted)} matches)"
-        ax.set_title(f"group {group}: {n} nearest-neighbour pairs{fit_text}")
+            ax.scatter(np.concatenate([r.ra for r in rs]), np.concatenate([r.dec for r in rs]),
+                       s=2, color=colours[group], rasterized=True)  # fmt: skip
+        counts = _sky_counts(images, group, n, n_sources, rs, match_radius, has_ref)
+        ax.set_title(f"group {short[group]}\n{counts}", fontsize="small")
         ax.set_xlabel("RA [deg]")
         ax.set_ylabel("Dec [deg]")
-        ax.legend(loc="upper right", fontsize="small", markerscale=4)
-        ax.set_aspect(1 / np.cos(np.deg2rad(np.mean(all_dec))), adjustable="box")
+        ax.set_aspect(1 / cos_dec, adjustable="box")
     axes[0].invert_xaxis()  # shared: RA increases to the left on every panel
     for ax in axes[len(groups) :]:
         ax.set_visible(False)
-    fig.suptitle(f"Matched sources on the sky per exposure group (matched to {title_ref})")
+    handles = [
+        Line2D([], [], color="0.3", lw=1.2, label="detector footprints of the panel's group"),
+        Line2D([], [], color="0.6", lw=0.6, ls=":", label="other groups' footprints"),
+        Line2D([], [], color="0.3", marker="o", ls="", ms=4,
+               label=f"its sources paired within {match_radius:g}\u2033"),
+    ]  # fmt: skip
+    if has_ref:
+        handles.insert(0, Line2D([], [], color="0.8", marker="o", ls="", ms=4,
+                                 label=f"reference ({title_ref})"))  # fmt: skip
+    fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize="small",
+               frameon=False)  # fmt: skip
+    names = ", ".join(f"{v} = {k}" for k, v in short.items() if v != k)
+    fig.suptitle(
+        f"Matched sources on the sky per exposure group (paired with {title_ref})"
+        + (f"\n{names}" if names else ""),
+        fontsize="medium",
+    )
     return _savefig(fig, out_dir / "matched_sky.png")
+
+
+def _sky_counts(images, group, n, n_sources, rs, match_radius, has_ref) -> str:
+    """A panel's counts: its sources paired, unmatched, and the step's fit's matches."""
+    if not rs and not has_ref:
+        own = [i for i in images if i.group_id == group]
+        if own and own[0].relative_status == "REFERENCE":
+            return "the others' reference: paired with it here, aligned to it by the relative fit"
+        return "the first group: the others are paired with it"
+    text = f"{n} of {n_sources} sources paired within {match_radius:g}\u2033, {n_sources - n} not"
+    own = [i for i in images if i.group_id == group]
+    if has_ref:  # the final (absolute) fit's own matches of these images
+        fitted, what = [i.fit_nmatches for i in own], "absolute fit"
+    else:  # compared with the other groups: the relative fit's
+        fitted, what = [i.relative_nmatches for i in own], "relative fit"
+        if own and own[0].relative_status == "REFERENCE":
+            return text + f"\n(the {what}'s reference)"
+    if None in fitted:
+        return text
+    return text + f"\nthe step's {what}: {sum(fitted)} matches"
 
 
 def make_plots(
@@ -671,6 +756,6 @@ def make_plots(
     out_dir = Path(out_dir)
     return [
         _focal_plane(images, residuals, out_dir, max_vectors, rng, title_ref),
-        _histograms(residuals, out_dir, title_ref),
-        _sky(images, residuals, ref_xy, out_dir, rng, title_ref),
+        _histograms(images, residuals, out_dir, title_ref, match_radius),
+        _sky(images, residuals, ref_xy, out_dir, rng, title_ref, match_radius),
     ]

@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import os
+import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -41,12 +42,15 @@ __all__ = [
     "IMAGE_FIELDS",
     "REPORT_KEYS",
     "REPORT_SCHEMA",
+    "TABLE_DECIMALS",
+    "TABLE_WIDTH",
     "Field",
     "build_report",
     "fields_rst",
     "fit_results_table",
     "format_report",
     "format_table",
+    "group_prefix",
     "group_rows",
     "image_entry",
     "image_rows",
@@ -59,7 +63,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 #: Identifier stored in every report under ``schema``; bumped when keys change meaning.
-REPORT_SCHEMA = "roman_tweakreg.report/1"
+REPORT_SCHEMA = "roman_tweakreg.report/2"
 
 _PHASES = ("relative", "absolute")
 
@@ -104,8 +108,13 @@ REPORT_KEYS = {
         Key("schema", f"``{REPORT_SCHEMA}``."),
         Key("created", "UTC time the report was made (ISO 8601)."),
         Key("version", "roman_tweakreg version."),
-        Key("parameters", "The step parameters as run."),
-        Key("timings", "Seconds per phase, as given by the caller. The step gives its own "
+        Key("made_from", "``run``: written by the step (or :func:`build_report`) from the "
+            "models it aligned; ``files``: made from output files (``roman-tweakreg report``, "
+            ":func:`summarize`), which do not record the parameters and timings."),
+        Key("parameters", "The step parameters as run; null when made from files (the "
+            "outputs do not record them)."),
+        Key("timings", "Seconds per phase (null when made from files), as given by the "
+            "caller. The step gives its own "
             "clock's: ``catalogs``, ``relative`` (when there are several groups), "
             "``absolute``, ``update``, ``save`` (when it saves its outputs; the report itself "
             "is written after) and ``total``; the same figures are kept on the step as "
@@ -116,6 +125,9 @@ REPORT_KEYS = {
         Key("outputs", "Which outputs exist (the keys below); null when the step saved no "
             "files."),
         Key("groups", "One entry per exposure group (the keys below)."),
+        Key("fits", "The rows of the report's fit table, one per exposure group and phase "
+            "(groups moved by one absolute fit share a row): the columns of "
+            ":data:`GROUP_FIELDS`, by their CSV and JSON names (see above)."),
     ),
     "report.image": (
         Key("file", "The image's file name."),
@@ -312,17 +324,17 @@ def build_report(
     Returns
     -------
     dict
-        ``schema``, ``created`` (UTC ISO time), ``version``, ``parameters``, ``outputs``
-        (``expected``, ``written``, ``complete`` and ``missing``; null when no files
-        were to be saved; each image entry then has its ``output`` file or null),
-        ``timings`` (s), ``statuses`` (counts of ``meta.cal_step.tweakreg`` values and
-        of each phase's status), ``images`` (:func:`image_entry` per image) and
-        ``groups`` (per exposure group: ``group_id``, ``n_images``, ``files``,
-        ``statuses``, ``wcs_names``, ``relative`` and ``absolute`` fit summaries).
+        The report (``made_from`` ``run``): ``schema``, ``created`` (UTC ISO time),
+        ``version``, ``parameters``, ``outputs`` (``expected``, ``written``,
+        ``complete`` and ``missing``; null when no files were to be saved; each image
+        entry then has its ``output`` file or null), ``timings`` (s), ``statuses``
+        (counts of ``meta.cal_step.tweakreg`` values and of each phase's status),
+        ``images`` (:func:`image_entry` per image), ``groups`` (per exposure group:
+        ``group_id``, ``n_images``, ``files``, ``statuses``, ``wcs_names``,
+        ``relative`` and ``absolute`` fit summaries) and ``fits`` (:func:`group_rows`).
     """
     images = [image_entry(meta, name) for name, meta in iter_metas(library_or_models)]
-    report = summarize(images, parameters=parameters, timings=timings)
-    report["outputs"] = None
+    report = summarize(images, parameters=parameters, timings=timings or {})
     if outputs is not None:
         for image, path in zip(images, outputs, strict=False):
             image["output"] = path
@@ -339,22 +351,32 @@ def build_report(
 def summarize(
     images: list[dict], *, parameters: dict | None = None, timings: dict | None = None
 ) -> dict:
-    """Assemble a report from :func:`image_entry` dicts (see :func:`build_report`).
+    """Assemble a report from :func:`image_entry` dicts (the layout of :func:`build_report`).
 
-    ``roman-tweakreg report --json`` uses it on :func:`read_results` entries, with
-    empty ``parameters`` and ``timings``.
+    ``roman-tweakreg report`` uses it on :func:`read_results` entries, for both
+    ``--format json`` and ``--json FILE``.  Without ``parameters`` the report is one
+    made from files (``made_from`` ``files``): output files do not record the step
+    parameters and timings, so both are null, not empty.
     """
     from . import __version__
 
+    from_files = parameters is None
     return {
         "schema": REPORT_SCHEMA,
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "version": __version__,
-        "parameters": _plain(dict(parameters or {})),
-        "timings": {str(k): _number(v) for k, v in (timings or {}).items()},
+        "made_from": "files" if from_files else "run",
+        "parameters": None if from_files else _plain(dict(parameters)),
+        "timings": (
+            None
+            if from_files and not timings
+            else {str(k): _number(v) for k, v in (timings or {}).items()}
+        ),
         "statuses": _statuses(images),
+        "outputs": None,
         "images": images,
         "groups": _group_entries(images),
+        "fits": group_rows(images),
     }
 
 
@@ -469,28 +491,36 @@ def format_table(entries: list[dict]) -> str:
 
 
 # -- the report an astronomer reads: one declaration per column -------------------------------
+#: Width the text table of ``roman-tweakreg report`` is made to fit (a terminal's 120 columns).
+TABLE_WIDTH = 120
+
+
 @dataclass(frozen=True)
 class Field:
     """One column of ``roman-tweakreg report``, declared once for every view.
 
-    The text table, CSV, JSON and the column table of ``docs/report.rst`` are all made
-    from these declarations (a test checks the docs), so a new column is one line in
-    :data:`GROUP_FIELDS` or :data:`IMAGE_FIELDS`.
+    The text table and its legend, CSV, JSON and the column table of
+    ``docs/report.rst`` are all made from these declarations (a test checks the docs),
+    so a new column is one line in :data:`GROUP_FIELDS` or :data:`IMAGE_FIELDS`.
 
     Attributes
     ----------
     name : str
         Key in CSV and JSON rows.
     header : str
-        Column heading in the text table (the unit is added in brackets).
+        Column heading in the text table (the unit goes on a line below it).
     unit : str
         Unit of the value (``mas``, ``deg``) or ``''``.
     fmt : str
-        Format specification of the value in the text table and CSV.
+        Format specification of the value in the text table.
     doc : str
-        One-line meaning, for the documentation.
+        One-line meaning, for the documentation and the table's legend.
     get : callable
         ``get(row)`` -> value, from a :func:`group_rows` / :func:`image_rows` source dict.
+    column : bool
+        Shown as a column of the text table; otherwise on a line of its own under the
+        row (the reason), in the heading (the reference catalog) or only in CSV and
+        JSON (the catalog file name), so that the table fits :data:`TABLE_WIDTH`.
     """
 
     name: str
@@ -499,6 +529,7 @@ class Field:
     fmt: str
     doc: str
     get: Callable[[dict], Any]
+    column: bool = True
 
     @property
     def title(self) -> str:
@@ -528,6 +559,10 @@ def _sigma(row: dict, key: str, axis: int | None = None) -> float | None:
     if axis is not None:
         value = None if not value else value[axis]
     return _number(value)
+def _own_relative(entry: dict) -> int | None:
+    """An image's pairs in its group's relative fit; None for the reference group (not fitted)."""
+    relative = entry.get("relative") or {}
+    return None if relative.get("status") == "REFERENCE" else relative.get("image_nmatches")
 
 
 #: Columns of the fit rows: one per exposure group and phase (groups aligned to the
@@ -535,21 +570,27 @@ def _sigma(row: dict, key: str, axis: int | None = None) -> float | None:
 GROUP_FIELDS = (
     Field("group", "group", "", "s",
           "Exposure group(s) the fit moved; groups moved by one absolute fit share a row "
-          "(ids joined by ``+``).",
+          "(ids joined by ``+``; in the text table shortened to what follows the ids' "
+          "common beginning, which the table's heading gives).",
           lambda r: r["group"]),
     Field("phase", "phase", "", "s",
-          "``relative`` (to the other exposures) or ``absolute`` (to the reference catalog).",
-          lambda r: r["phase"]),
+          "``relative`` (to the other exposures) or ``absolute`` (to the reference catalog); "
+          "in the text table, the part of the table the row is in.",
+          lambda r: r["phase"], column=False),
     Field("n_images", "images", "", "d", "Images moved by this fit.", lambda r: r["n_images"]),
     Field("status", "status", "", "s",
           "The phase's status: SUCCESS, REFERENCE (the group the others were aligned to), "
           "FAILED or SKIPPED.",
           lambda r: r["status"]),
-    Field("refcat", "refcat", "", "s", "Reference catalog of an absolute fit.",
-          lambda r: r["refcat"]),
+    Field("refcat", "refcat", "", "s",
+          "Reference catalog of an absolute fit (in the text table, in the heading of the "
+          "absolute fits).",
+          lambda r: r["refcat"], column=False),
     Field("nmatches", "matches", "", "d",
-          "Matched pairs the fit used (``nmatches`` of the phase in ``meta.wcs_fit_results``).",
-          lambda r: r["nmatches"]),
+          "Matched pairs the fit used (``nmatches`` of the phase in ``meta.wcs_fit_results``; "
+          "summed over the groups of a shared row; ``-`` (null) for the reference group, "
+          "which is not fitted).",
+          lambda r: None if r["status"] == "REFERENCE" else r["nmatches"]),
     Field("shift_x_mas", "shift x", "mas", "+.2f",
           "The fit's own correction: tangent-plane shift along x.",
           lambda r: _shift_mas(r, 0)),
@@ -566,30 +607,40 @@ GROUP_FIELDS = (
           "1-sigma uncertainty of the rotation (``rotation_sigma_arcsec``).",
           lambda r: _sigma(r, "rotation_sigma_arcsec")),
     Field("rmse_mas", "rms", "mas", ".2f", "RMS residual of the fit.",
+    Field("rmse_mas", "rms", "mas", ".2f",
+          "RMS residual of the fit (of all its pairs in a shared row).",
           lambda r: r["rmse_mas"]),
     Field("mae_mas", "mae", "mas", ".2f", "Mean absolute residual of the fit.",
           lambda r: r["mae_mas"]),
     Field("expected_chance", "chance", "", ".1f",
-          "Pairs chance alone would give (``quality.expected_chance``).",
+          "Pairs chance alone would give for these source densities "
+          "(``quality.expected_chance``); far below ``matches`` for a true match.",
           lambda r: _q(r, "expected_chance")),
     Field("significance", "signif.", "sigma", ".1f",
-          "How far the matches stand above chance (``quality.significance``).",
+          "How far the matches stand above chance, in Gaussian sigma; 5 or more needed "
+          "(``quality.significance``; the lowest of the groups' in a shared row).",
           lambda r: _q(r, "significance")),
     Field("rmse_over_noise", "rms/noise", "", ".2f",
-          "RMS residual over the residuals' robust core (``quality.rmse_over_noise``).",
+          "RMS residual over the residuals' robust core, near 1 when the residuals are "
+          "noise, far above with mismatches (``quality.rmse_over_noise``; the highest of "
+          "the groups' in a shared row).",
           lambda r: _q(r, "rmse_over_noise")),
     Field("matched_fraction", "matched", "", ".2f",
-          "Pairs over the smaller source count in the overlap (``quality.matched_fraction``).",
+          "Pairs over the smaller source count in the overlap, 0 to 1 "
+          "(``quality.matched_fraction``).",
           lambda r: _q(r, "matched_fraction")),
     Field("reason", "reason", "", "s",
-          "Why the fit failed or was skipped (see :doc:`troubleshooting`).",
-          lambda r: r["reason"]),
+          "Why the fit failed or was skipped (see :doc:`troubleshooting`; in the text table "
+          "on a line of its own under the row).",
+          lambda r: r["reason"], column=False),
 )  # fmt: skip
 
 #: Columns of the image rows: only what is the image's own.
 IMAGE_FIELDS = (
     Field("file", "file", "", "s", "The output file.", lambda r: r["file"]),
-    Field("group", "group", "", "s", "Its exposure group (``wcs_fit_results.group_id``).",
+    Field("group", "group", "", "s",
+          "Its exposure group (``wcs_fit_results.group_id``; shortened in the text table as "
+          "in the fits).",
           lambda r: r.get("group_id")),
     Field("status", "status", "", "s",
           "``meta.cal_step.tweakreg``: COMPLETE, FAILED, SKIPPED (INCOMPLETE: tweakreg has "
@@ -599,26 +650,32 @@ IMAGE_FIELDS = (
           "``meta.wcs.name``: ``FIT-LVL2-<refcat>`` or ``FIT-LVL2-RELATIVE``; unchanged "
           "when no fit applied.",
           lambda r: r.get("wcs_name")),
-    Field("catalog", "catalog", "", "s", "The source catalog the image was aligned with.",
-          lambda r: r.get("catalog")),
+    Field("catalog", "catalog", "", "s",
+          "The source catalog the image was aligned with (CSV and JSON only).",
+          lambda r: r.get("catalog"), column=False),
     Field("n_sources", "sources", "", "d",
           "Its usable catalog sources (``wcs_fit_results.n_sources``).",
           lambda r: r.get("n_sources")),
     Field("relative_nmatches", "rel. matches", "", "d",
           "Pairs of its own sources in its group's relative fit "
-          "(``wcs_fit_results.relative.image_nmatches``).",
-          lambda r: (r.get("relative") or {}).get("image_nmatches")),
+          "(``wcs_fit_results.relative.image_nmatches``); ``-`` (null) in the reference "
+          "group, whose sources are the reference and were not fitted.",
+          _own_relative),
     Field("absolute_nmatches", "abs. matches", "", "d",
           "Pairs of its own sources in its group's absolute fit "
           "(``wcs_fit_results.absolute.image_nmatches``); a group's images sum to its "
           "``matches``.",
           lambda r: (r.get("absolute") or {}).get("image_nmatches")),
-    Field("reason", "reason", "", "s", "Why the image was not aligned, or its fits failed.",
-          lambda r: r.get("reason")),
+    Field("reason", "reason", "", "s",
+          "Why the image was not aligned, or its fits failed (in the text table on a line "
+          "of its own under the row).",
+          lambda r: r.get("reason"), column=False),
 )  # fmt: skip
 
 _FIT_KEYS_OF_ROW = ("status", "refcat", "nmatches", "shift_arcsec", "rotation_deg", "rmse_mas",
                     "mae_mas", "reason", "shift_sigma_mas", "rotation_sigma_arcsec")  # fmt: skip
+#: What one absolute fit of several groups gives each of them alike (the rest is each one's).
+_SHARED_KEYS = ("status", "refcat", "fitgeom", "shift_arcsec", "rotation_deg", "scale")
 
 
 def schema_rst(name: str) -> str:
@@ -656,12 +713,58 @@ def fields_rst(kind: str) -> str:
     return "\n".join(lines)
 
 
+def _combine(rows: list[dict]) -> dict:
+    """One row of several groups moved by one absolute fit, from each group's own figures.
+
+    The correction is shared; pairs add up, the rms is that of all pairs
+    (``sqrt(sum(n rms^2) / sum(n))``), the mae their mean, the chance pairs add up, the
+    matched fraction is all pairs over all sources that could pair, and of the figures
+    that do not add up the least favourable is given: the lowest significance, the
+    highest rms/noise.
+    """
+    out = dict(rows[0])
+    out["group"] = "+".join(r["group"] for r in rows)
+    out["n_images"] = sum(r["n_images"] for r in rows)
+    counts = [int(r.get("nmatches") or 0) for r in rows]
+    total = sum(counts)
+    out["nmatches"] = total
+
+    def pooled(key: str, power: int) -> float | None:
+        values = [(n, r.get(key)) for n, r in zip(counts, rows, strict=True)]
+        if total == 0 or any(v is None for n, v in values if n):
+            return None
+        return (sum(n * v**power for n, v in values if n) / total) ** (1.0 / power)
+
+    out["rmse_mas"] = pooled("rmse_mas", 2)
+    out["mae_mas"] = pooled("mae_mas", 1)
+    qualities = [r.get("quality") or {} for r in rows]
+    if all(qualities):
+        smaller = sum(
+            n / q["matched_fraction"] if q.get("matched_fraction") else 0.0
+            for n, q in zip(counts, qualities, strict=True)
+        )
+        chance = [q.get("expected_chance") for q in qualities]
+        signif = [q.get("significance") for q in qualities]
+        noise = [q.get("rmse_over_noise") for q in qualities]
+        out["quality"] = {
+            "expected_chance": None if None in chance else sum(chance),
+            "significance": None if None in signif else min(signif),
+            "rmse_over_noise": None if None in noise else max(noise),
+            "matched_fraction": min(1.0, total / smaller) if smaller else None,
+        }
+    else:
+        out["quality"] = None
+    return out
+
+
 def group_rows(entries: list[dict]) -> list[dict]:
     """One row per exposure group and phase, from :func:`image_entry` dicts.
 
     A phase that was not run for any image of the group (SKIPPED, ``not run``) has no
-    row; groups sharing one absolute fit (same result in every field) share one row.
-    Values are those of :data:`GROUP_FIELDS`, keyed by their ``name``.
+    row.  Groups moved by one absolute fit (the same correction, status and reference
+    catalog) share one row, whose figures are those of all their pairs (see
+    :data:`GROUP_FIELDS`); groups whose absolute fit failed or was skipped alike share
+    one row too.  Values are those of :data:`GROUP_FIELDS`, keyed by their ``name``.
     """
     groups: dict[str, list[dict]] = {}
     for entry in entries:
@@ -669,7 +772,7 @@ def group_rows(entries: list[dict]) -> list[dict]:
             groups.setdefault(str(entry.get("group_id")), []).append(entry)
     rows: list[dict] = []
     for phase in _PHASES:
-        merged: dict[tuple, dict] = {}
+        merged: dict[tuple, list[dict]] = {}
         for group, members in groups.items():
             fit = members[0][phase]
             if fit.get("status") in (None, "SKIPPED") and fit.get("reason") == "not run":
@@ -677,14 +780,25 @@ def group_rows(entries: list[dict]) -> list[dict]:
             source = {"group": group, "phase": phase, "n_images": len(members),
                       "quality": fit.get("quality"),
                       **{k: fit.get(k) for k in _FIT_KEYS_OF_ROW}}  # fmt: skip
-            key = (phase, *(json.dumps(_plain(fit.get(k))) for k in _FIT_KEYS_OF_ROW))
-            if phase == "absolute" and fit.get("status") == "SUCCESS" and key in merged:
-                merged[key]["group"] += "+" + group
-                merged[key]["n_images"] += len(members)
-                continue
-            merged[key] = source
-            rows.append(source)
+            keys = _SHARED_KEYS if fit.get("status") == "SUCCESS" else _FIT_KEYS_OF_ROW
+            key = tuple(json.dumps(_plain(fit.get(k))) for k in keys)
+            if phase == "relative":  # each group's own fit
+                key = (group, *key)
+            merged.setdefault(key, []).append(source)
+        for alike in merged.values():
+            shared = len(alike) > 1 and alike[0]["status"] == "SUCCESS"
+            rows.append(_combine(alike) if shared else _combine_alike(alike))
     return [{f.name: _plain(f.get(r)) for f in GROUP_FIELDS} for r in rows]
+
+
+def _combine_alike(rows: list[dict]) -> dict:
+    """One row of groups whose absolute fit failed or was skipped alike (same figures)."""
+    if len(rows) == 1:
+        return rows[0]
+    out = dict(rows[0])
+    out["group"] = "+".join(r["group"] for r in rows)
+    out["n_images"] = sum(r["n_images"] for r in rows)
+    return out
 
 
 def image_rows(entries: list[dict]) -> list[dict]:
@@ -692,23 +806,113 @@ def image_rows(entries: list[dict]) -> list[dict]:
     return [{f.name: _plain(f.get(e)) for f in IMAGE_FIELDS} for e in entries]
 
 
-def _text_table(fields: tuple[Field, ...], rows: list[dict]) -> list[str]:
-    cells = [[f.title for f in fields]]
-    cells += [[f.text(r[f.name]) for f in fields] for r in rows]
-    widths = [max(len(c[i]) for c in cells) for i in range(len(fields))]
-    lines = []
-    for k, row in enumerate(cells):
+# -- the text table -----------------------------------------------------------------------------
+def group_prefix(ids: Iterable[str]) -> str:
+    """The common beginning of exposure group ids, up to a ``_``, leaving each id a part.
+
+    The report's text table and the figures show the ids without it (``0001`` for
+    ``0000101001001001001_0001``); '' when the ids share no such beginning.
+    """
+    ids = [i for i in ids if i and i != "None"]
+    if not ids:
+        return ""
+    common = min(ids)
+    for other in ids:  # the common beginning of the strings (not of path components)
+        while not other.startswith(common):
+            common = common[:-1]
+    cut = common.rfind("_") + 1
+    if cut and all(len(i) > cut for i in ids):
+        return common[:cut]
+    return ""
+
+
+def _short_group(group: Any, prefix: str, most: int = 3) -> str:
+    if group is None:
+        return ""
+    parts = [p.removeprefix(prefix) for p in str(group).split("+")]
+    if len(parts) > most:
+        return f"{parts[0]}+...+{parts[-1]} ({len(parts)})"
+    return "+".join(parts)
+
+
+def _plain_text(doc: str) -> str:
+    """A field's reST doc as plain text (``code`` and :role:`x` markup removed)."""
+    text = re.sub(r":\w+:`([^`<]*?)(?:\s*<[^>]*>)?`", r"\1", doc)
+    return text.replace("``", "")
+
+
+def _text_table(fields: tuple[Field, ...], rows: list[dict], prefix: str) -> list[str]:
+    """Fixed-width rows of the table columns; each note (reason) on a line under its row."""
+    shown = [f for f in fields if f.column]
+    cells = []
+    for r in rows:
+        values = dict(r)
+        values["group"] = _short_group(r.get("group"), prefix)
+        cells.append([f.text(values[f.name]) for f in shown])
+    heads = [[f.header, f"[{f.unit}]" if f.unit else ""] for f in shown]
+    for i, head in enumerate(heads):  # a two-word heading on two lines to narrow its column
+        words = head[0].split(" ")
+        data = max((len(c[i]) for c in cells), default=0)
+        if not head[1] and len(words) == 2 and data < len(head[0]):
+            head[:] = words
+    widths = [
+        max([len(h) for h in head] + [len(c[i]) for c in cells])
+        for i, head in enumerate(heads)
+    ]
+
+    def line(texts: list[str]) -> str:
         parts = [
-            c.ljust(w) if f.fmt == "s" else c.rjust(w)
-            for f, c, w in zip(fields, row, widths, strict=True)
+            t.ljust(w) if f.fmt == "s" else t.rjust(w)
+            for f, t, w in zip(shown, texts, widths, strict=True)
         ]
-        lines.append("  ".join(parts).rstrip())
-        if k == 0:
-            lines.append("-" * len(lines[0]))
+        return "  ".join(parts).rstrip()
+
+    lines = [line([h[0] for h in heads])]
+    if any(h[1] for h in heads):
+        lines.append(line([h[1] for h in heads]))
+    lines.append("-" * max(len(x) for x in lines))
+    for r, texts in zip(rows, cells, strict=True):
+        lines.append(line(texts))
+        notes = [str(r.get(f.name)) for f in fields if not f.column and f.name == "reason"
+                 and r.get(f.name)]  # fmt: skip
+        lines += [f"    ^ {note}" for note in notes]
     return lines
 
 
-def format_report(entries: list[dict], fmt: str = "table") -> str:
+def _legend(fields: tuple[Field, ...]) -> list[str]:
+    import textwrap
+
+    width = max(len(f.header) for f in fields if f.column)
+    out = []
+    for f in fields:
+        if not f.column:
+            continue
+        text = _plain_text(f.doc)
+        out += textwrap.wrap(
+            text,
+            TABLE_WIDTH,
+            initial_indent=f"  {f.title.ljust(width + 6)}  "[: width + 10],
+            subsequent_indent=" " * (width + 10),
+        )
+    return out
+
+
+def _fits_text(fits: list[dict], prefix: str) -> list[str]:
+    lines: list[str] = []
+    for phase, heading in (
+        ("relative", "Relative fits (each exposure group to the reference group)"),
+        ("absolute", "Absolute fits (groups moved by one fit share a row)"),
+    ):
+        rows = [r for r in fits if r["phase"] == phase]
+        if not rows:
+            continue
+        refcats = sorted({r["refcat"] for r in rows if r.get("refcat")})
+        target = f", to {', '.join(refcats)}" if refcats else ""
+        lines += [f"{heading}{target}:", "", *_text_table(GROUP_FIELDS, rows, prefix), ""]
+    return lines or ["(no fit recorded)", ""]
+
+
+def format_report(entries: list[dict], fmt: str = "table", *, legend: bool = True) -> str:
     """Format :func:`read_results` entries as ``roman-tweakreg report`` prints them.
 
     Parameters
@@ -716,23 +920,35 @@ def format_report(entries: list[dict], fmt: str = "table") -> str:
     entries : list of dict
         :func:`image_entry` dicts.
     fmt : {"table", "csv", "json"}
-        ``table``: the fit rows (:data:`GROUP_FIELDS`), then the image rows
-        (:data:`IMAGE_FIELDS`), as fixed-width text.  ``csv``: one table, a ``kind``
-        column (``fit`` or ``image``) then every field of both (empty where a field
-        does not apply); numbers unrounded.  ``json``: ``{"fields": {"fits": [...],
-        "images": [...]}, "fits": [...], "images": [...]}`` with each field's name,
-        header, unit and meaning.
+        ``table``: the fit rows (:data:`GROUP_FIELDS`; relative, then absolute), then
+        the image rows (:data:`IMAGE_FIELDS`), as fixed-width text that fits
+        :data:`TABLE_WIDTH` columns for WFI file names, with a legend of the columns
+        (``legend``); a row's reason is on a line of its own under it.  ``csv``: one
+        table, a ``kind`` column (``fit`` or ``image``) then every field of both (empty
+        where a field does not apply); numbers unrounded.  ``json``: the report of
+        :func:`summarize` (the layout the step writes), as ``--json FILE`` writes it.
+    legend : bool
+        For ``table``: end with the meaning of each column.
 
     Raises
     ------
     ValueError
         For another ``fmt``.
     """
+    if fmt == "json":
+        return json.dumps(_plain(summarize(entries)), indent=2, allow_nan=False)
     fits, images = group_rows(entries), image_rows(entries)
     if fmt == "table":
-        lines = ["Fits (one row per exposure group and phase):", ""]
-        lines += _text_table(GROUP_FIELDS, fits) if fits else ["(no fit recorded)"]
-        lines += ["", "Images:", "", *_text_table(IMAGE_FIELDS, images)]
+        prefix = group_prefix(str(e.get("group_id")) for e in entries)
+        lines = _fits_text(fits, prefix)
+        lines += ["Images:", "", *_text_table(IMAGE_FIELDS, images, prefix)]
+        if legend:
+            lines += ["", "Columns of the fits:", *_legend(GROUP_FIELDS), "",
+                      "Columns of the images:", *_legend(IMAGE_FIELDS)]  # fmt: skip
+            if prefix:
+                lines.append(f"Groups are shown without the common beginning {prefix!r}.")
+            lines.append("More columns (catalog, phase, reference catalog) in --format csv "
+                         "or json.")  # fmt: skip
         return "\n".join(lines)
     if fmt == "csv":
         names = ["kind", *dict.fromkeys(f.name for f in GROUP_FIELDS + IMAGE_FIELDS)]
@@ -745,19 +961,13 @@ def format_report(entries: list[dict], fmt: str = "table") -> str:
                     {"kind": kind, **{k: "" if v is None else v for k, v in row.items()}}
                 )
         return buffer.getvalue().rstrip("\n")
-    if fmt == "json":
-        declared = {
-            kind: [
-                {"name": f.name, "header": f.header, "unit": f.unit, "doc": f.doc} for f in fields
-            ]
-            for kind, fields in (("fits", GROUP_FIELDS), ("images", IMAGE_FIELDS))
-        }
-        return json.dumps({"schema": REPORT_SCHEMA, "fields": declared, "fits": fits,
-                           "images": images}, indent=2, allow_nan=False)  # fmt: skip
     raise ValueError(f"format={fmt!r}: expected table, csv or json")
 
 
 _TABLE_NUMBERS = (("rotation", "rotation_deg"), ("rmse", "rmse_mas"), ("mae", "mae_mas"))
+#: Decimals of :func:`fit_results_table`: mas to 0.001 (1 microarcsecond, far below any
+#: fit's noise); degrees to 1e-8 (0.04 mas across 0.4 deg, the WFI field's half width).
+TABLE_DECIMALS = {"mas": 3, "deg": 8}
 
 
 def fit_results_table(library_or_models: Any):
@@ -784,12 +994,15 @@ def fit_results_table(library_or_models: Any):
         their 1-sigma uncertainties ``shift_x_sigma``, ``shift_y_sigma`` (mas),
         ``rotation`` (deg), its uncertainty ``rotation_sigma`` (arcsec),
         ``rmse``, ``mae`` (mas) and ``reason``; then the same fit columns of each phase
-        prefixed ``relative_`` and ``absolute_``.  Missing numbers are NaN.
+        prefixed ``relative_`` and ``absolute_``.  Missing numbers are NaN.  Numbers
+        are rounded (:data:`TABLE_DECIMALS`): mas to 0.001, degrees to 1e-8; the full
+        values are in each model's ``meta.wcs_fit_results``.
     """
     import astropy.units as u
     from astropy.table import Table
 
     entries = [image_entry(meta, name) for name, meta in iter_metas(library_or_models)]
+    mas, deg = TABLE_DECIMALS["mas"], TABLE_DECIMALS["deg"]
     columns: dict[str, list] = {}
     for entry in entries:
         keys = ("file", "group_id", "status", "wcs_name", "catalog", "n_sources")
@@ -804,14 +1017,16 @@ def fit_results_table(library_or_models: Any):
             row[prefix + "image_nmatches"] = int(fit.get("image_nmatches") or 0)
             for axis, name in enumerate(("shift_x", "shift_y")):
                 value = _shift_mas(fit, axis)
-                row[prefix + name] = np.nan if value is None else value
+                row[prefix + name] = np.nan if value is None else round(value, mas)
             sigma = fit.get("shift_sigma_mas") or [None, None]
             for axis, name in enumerate(("shift_x_sigma", "shift_y_sigma")):
-                row[prefix + name] = np.nan if sigma[axis] is None else sigma[axis]
+                row[prefix + name] = np.nan if sigma[axis] is None else round(sigma[axis], mas)
             rot_sigma = fit.get("rotation_sigma_arcsec")
-            row[prefix + "rotation_sigma"] = np.nan if rot_sigma is None else rot_sigma
+            # arcsec, to a microarcsecond as the mas columns
+            row[prefix + "rotation_sigma"] = np.nan if rot_sigma is None else round(rot_sigma, 6)
             for name, key in _TABLE_NUMBERS:
-                row[prefix + name] = np.nan if fit.get(key) is None else fit[key]
+                digits = deg if name == "rotation" else mas
+                row[prefix + name] = np.nan if fit.get(key) is None else round(fit[key], digits)
             row[prefix + "reason"] = fit.get("reason") or ""
         for key, value in row.items():
             columns.setdefault(key, []).append("" if value is None else value)

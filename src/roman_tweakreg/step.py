@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -16,7 +17,12 @@ from stpipe.library import AbstractModelLibrary
 
 from . import align, catalogs, outputs, parameters, results
 from ._parallel import gc_frozen, usable_cores
-from .errors import InvalidParameterError, PSFModelError, ReferenceCatalogError
+from .errors import (
+    InvalidParameterError,
+    PSFModelError,
+    ReferenceCatalogError,
+    StepParameterError,
+)
 from .library import open_library
 from .matching import FitParameters, FitResult
 from .outputs import check_writable
@@ -26,7 +32,7 @@ from .refcat import DEFAULT_REFCAT, check_refcat, get_reference_catalog
 if TYPE_CHECKING:
     from .library import ModelLibrary
 
-__all__ = ["TweakRegStep", "validate_parameters"]
+__all__ = ["TweakRegStep", "result_line", "validate_parameters"]
 
 log = logging.getLogger(__name__)
 
@@ -61,15 +67,17 @@ def _fit_parameters(pars: dict, prefix: str) -> FitParameters:
 class TweakRegStep(Step):
     """Align Roman WFI images: each exposure to the others, then all to a reference catalog.
 
-    See the package documentation for inputs, parameters and outputs.
-
-    Attributes
-    ----------
-    timings : dict
-        After a run: seconds per phase of the step's clock (``catalogs``,
-        ``relative``, ``absolute``, ``update``, ``save`` when outputs are saved, and
-        ``total``), as logged and written in the report.
+    Input: an association, ASDF files or models with source catalogs; outputs:
+    <name>_tweakregstep.asdf and <name>_wcs.asdf. Each parameter below gives its
+    unit; the package documentation (docs/parameters.rst) has every parameter,
+    input and output. After a run, the step's timings attribute gives the seconds
+    per phase.
     """
+
+    #: After a run: seconds per phase of the step's clock (``catalogs``, ``relative``,
+    #: ``absolute``, ``update``, ``save`` when outputs are saved, and ``total``), as
+    #: logged and written in the report.
+    timings: dict
 
     # Not romancal's "tweakreg": both registered, `strun tweakreg` would fail for romancal users.
     class_alias = "roman_tweakreg"
@@ -80,6 +88,18 @@ class TweakRegStep(Step):
 
     #: Generated from :data:`roman_tweakreg.parameters.PARAMETERS` (see docs/parameters.rst).
     spec = parameters.spec()
+
+    def __init__(self, *args, **kwargs):
+        """Make the step (as :class:`stpipe.Step` does), then check its parameters.
+
+        Raises
+        ------
+        StepParameterError
+            For a parameter outside what it accepts (logged as one ERROR line, which
+            is all ``strun`` shows).
+        """
+        super().__init__(*args, **kwargs)
+        _checked(validate_parameters, self.get_pars())
 
     # -- stpipe hooks: no CRDS parameter file; CRDS reference files only as _crds_epsf says --
     @classmethod
@@ -106,11 +126,11 @@ class TweakRegStep(Step):
         models given as input are updated in place; files are never written to.
         """
         pars = self.get_pars()
-        validate_parameters(pars)
+        _checked(validate_parameters, pars)
         detection = _detection_parameters(pars)
         detection = replace(detection, psf_model=self._psf_model())
         refcat_name = (self.abs_refcat or DEFAULT_REFCAT).strip()
-        check_refcat(refcat_name)
+        _checked(check_refcat, refcat_name)
         self._check_output_places()
         if self.processes > usable_cores():
             log.info(
@@ -161,10 +181,15 @@ class TweakRegStep(Step):
                 self._write(library, outcomes)
                 if self.update_source_catalog_coordinates:
                     self._update_catalog_files(plane, outcomes)
+        self._result_line = result_line(
+            [outcome[2] for _, outcome in sorted(outcomes.items())], absolute, refcat_name
+        )
         # the report is written last: after the outputs when stpipe saves them (save_model)
         self._report_args = (pars, clock.timings) if self.report else None
         if self.report and not self._saves_outputs():
             self._write_report(library, outputs=None)
+        if not self._saves_outputs():
+            self._log_result()
         return library
 
     # -- the ePSF of source detection -------------------------------------------------------
@@ -227,6 +252,11 @@ class TweakRegStep(Step):
             return path if path and path != "N/A" else None
 
         return lookup
+    def _log_result(self) -> None:
+        """Log the run's one-line result (:func:`result_line`), last (after saving)."""
+        line, self._result_line = getattr(self, "_result_line", None), None
+        if line:
+            log.info("%s", line)
 
     def _prepare(self, library, detection):
         """Read every catalog and project it into the alignment plane
@@ -451,9 +481,8 @@ class TweakRegStep(Step):
                 )
             out.update(dict.fromkeys({images[i].group_id for i in members}, result))
             out.update(align.group_results(result))  # each group's own figures
-            for group in dict.fromkeys(images[i].group_id for i in members):
-                own = [images[i] for i in members if images[i].group_id == group]
-                _log_fit("Absolute", out[group], own, refcat.name)
+            # one line per fit: the groups of a rigid set are moved by one correction
+            _log_fit("Absolute", result, [images[i] for i in members], refcat.name)
         return out
 
     def _save_refcat(self, refcat, epoch) -> None:
@@ -571,6 +600,7 @@ class TweakRegStep(Step):
         finally:
             self.timings = clock.timings
             self._write_report(model, outputs=[None if p is None else str(p) for p in written])
+        self._log_result()
         return written
 
 
@@ -585,6 +615,19 @@ def _refcat_stems(entries: list[str]) -> list[str]:
             name = Path(entry.split("?", 1)[0].rstrip("/")).name
         stems.append(Path(name).stem.lower())
     return stems
+def _checked(check, value) -> None:
+    """Run a parameter check; an error is logged once and raised as :class:`StepParameterError`.
+
+    ``strun`` shows that one line and exits with status 1, without stpipe's traceback
+    (the error is also stpipe's public ``StpipeExitException``).
+    """
+    try:
+        check(value)
+    except StepParameterError:
+        raise
+    except InvalidParameterError as err:
+        log.error("%s", err)
+        raise StepParameterError(str(err)) from None
 
 
 def _as_list(item) -> list:
@@ -639,18 +682,29 @@ def _pm(value: float, sigma: float | None, fmt: str = ".2f") -> str:
 
 
 def _log_fit(phase: str, result: FitResult, images: list, refcat: str = "") -> None:
-    """Log one line summarising a group's (or a rigid set's) fit of one phase."""
-    groups = sorted({i.group_id for i in images})
-    what = f"group {groups[0]}" if len(groups) == 1 else f"groups {', '.join(groups)}"
+    """Log one line summarising a group's (or a rigid set's) fit of one phase.
+
+    The line names the fit geometry, and for ``rscale`` the scale, for ``general`` the
+    scales of both axes and the skew.
+    """
+    groups = list(dict.fromkeys(i.group_id for i in images))
+    if len(groups) == 1:
+        what = f"group {groups[0]}"
+    elif len(groups) <= 3:
+        what = f"groups {', '.join(groups)}"
+    else:
+        what = f"{len(groups)} groups ({groups[0]} ... {groups[-1]})"
     target = f" to {refcat}" if refcat else ""
     if result.status == "REFERENCE":
         log.info("%s fit, %s (%d images): reference of the others", phase, what, len(images))
         return
     fit = result.fit or {}
+    geometry = f" ({fit['fitgeom']})" if fit.get("fitgeom") else ""
     if "shift" not in fit:
         log.info(
-            "%s fit%s, %s (%d images): %d matches, %s: %s",
-            phase, target, what, len(images), result.nmatches, result.status, result.reason,
+            "%s fit%s%s, %s (%d images): %d matches, %s: %s",
+            phase, geometry, target, what, len(images), result.nmatches, result.status,
+            result.reason,
         )  # fmt: skip
         return
     shift = 1000.0 * np.asarray(fit["shift"], float)
@@ -658,13 +712,65 @@ def _log_fit(phase: str, result: FitResult, images: list, refcat: str = "") -> N
     rotation = float(fit.get("<rot>", fit.get("proper_rot", 0.0)))
     rot_sigma = fit.get("rot_sigma_arcsec")
     log.info(
-        "%s fit%s, %s (%d images): %d matches, shift (%s, %s) mas, rotation %s deg, "
+        "%s fit%s%s, %s (%d images): %d matches, shift (%s, %s) mas, rotation %s deg%s, "
         "rms %.2f mas, mae %.2f mas: %s%s",
-        phase, target, what, len(images), result.nmatches, _pm(shift[0], sx), _pm(shift[1], sy),
-        _pm(rotation, None if rot_sigma is None else rot_sigma / 3600.0, ".6f"),
+        phase, geometry, target, what, len(images), result.nmatches,
+        _pm(shift[0], sx), _pm(shift[1], sy),
+        _pm(rotation, None if rot_sigma is None else rot_sigma / 3600.0, ".6f"), _scale_text(fit),
         1000.0 * float(fit["rmse"]), 1000.0 * float(fit["mae"]), result.status,
         f" ({result.reason})" if result.reason else "",
     )  # fmt: skip
+
+
+def _scale_text(fit: dict) -> str:
+    """``, scale s`` (rscale) or ``, scale (sx, sy), skew k deg`` (general); '' otherwise."""
+    geometry = fit.get("fitgeom")
+    if geometry == "rscale" and fit.get("<scale>") is not None:
+        return f", scale {float(fit['<scale>']):.9f}"
+    if geometry == "general" and fit.get("scale") is not None:
+        sx, sy = (float(v) for v in fit["scale"])
+        return f", scale ({sx:.9f}, {sy:.9f}), skew {float(fit.get('skew', 0.0)):.6f} deg"
+    return ""
+
+
+def result_line(statuses, absolute: dict, refcat: str) -> str:
+    """The run's one-line result: images by status, then the absolute fit's rms.
+
+    Parameters
+    ----------
+    statuses : iterable of str
+        Each image's ``meta.cal_step.tweakreg``.
+    absolute : dict
+        Exposure group -> its absolute :class:`~roman_tweakreg.matching.FitResult`
+        (each group's own figures).
+    refcat : str
+        The reference catalog asked for.
+
+    Returns
+    -------
+    str
+        e.g. ``36/36 COMPLETE, absolute rms 3.05 mas to gaia.ecsv`` or ``30 COMPLETE,
+        4 FAILED, 2 SKIPPED of 36, absolute fit SKIPPED: <reason>``; every status
+        that occurs is counted, in the order of first appearance.
+    """
+    counts = Counter(str(s) for s in statuses)
+    total = sum(counts.values())
+    if len(counts) == 1:
+        (status, n), = counts.items()
+        line = f"{n}/{total} {status}"
+    else:
+        line = ", ".join(f"{n} {status}" for status, n in counts.items()) + f" of {total}"
+    applied = [r for r in absolute.values() if r.applied and "rmse" in (r.fit or {})]
+    pairs = sum(r.nmatches for r in applied)
+    if applied and pairs:
+        rms = np.sqrt(sum(r.nmatches * float(r.fit["rmse"]) ** 2 for r in applied) / pairs)
+        names = ", ".join(dict.fromkeys(r.refcat or refcat for r in applied))
+        return f"{line}, absolute rms {1000.0 * rms:.2f} mas to {names}"
+    if absolute:
+        first = next(iter(absolute.values()))
+        why = f": {first.reason}" if first.reason else ""
+        return f"{line}, absolute fit to {first.refcat or refcat} {first.status}{why}"
+    return line
 
 
 class _DemoteToDebug(logging.Filter):
