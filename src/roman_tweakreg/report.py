@@ -606,7 +606,6 @@ GROUP_FIELDS = (
     Field("rotation_sigma_arcsec", "± rot", "arcsec", ".4f",
           "1-sigma uncertainty of the rotation (``rotation_sigma_arcsec``).",
           lambda r: _sigma(r, "rotation_sigma_arcsec")),
-    Field("rmse_mas", "rms", "mas", ".2f", "RMS residual of the fit.",
     Field("rmse_mas", "rms", "mas", ".2f",
           "RMS residual of the fit (of all its pairs in a shared row).",
           lambda r: r["rmse_mas"]),
