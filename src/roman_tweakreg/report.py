@@ -597,15 +597,16 @@ GROUP_FIELDS = (
     Field("shift_y_mas", "shift y", "mas", "+.2f", "Tangent-plane shift along y.",
           lambda r: _shift_mas(r, 1)),
     Field("shift_x_sigma_mas", "± x", "mas", ".2f",
-          "1-sigma uncertainty of the shift along x (``shift_sigma_mas``).",
-          lambda r: _sigma(r, "shift_sigma_mas", 0)),
+          "1-sigma uncertainty of the shift along x (``shift_sigma_mas``; in the text table "
+          "on a line ``±`` under the row, with the next two).",
+          lambda r: _sigma(r, "shift_sigma_mas", 0), column=False),
     Field("shift_y_sigma_mas", "± y", "mas", ".2f", "The same along y.",
-          lambda r: _sigma(r, "shift_sigma_mas", 1)),
+          lambda r: _sigma(r, "shift_sigma_mas", 1), column=False),
     Field("rotation_deg", "rotation", "deg", "+.6f", "Mean rotation ``<rot>``.",
           lambda r: r["rotation_deg"]),
     Field("rotation_sigma_arcsec", "± rot", "arcsec", ".4f",
           "1-sigma uncertainty of the rotation (``rotation_sigma_arcsec``).",
-          lambda r: _sigma(r, "rotation_sigma_arcsec")),
+          lambda r: _sigma(r, "rotation_sigma_arcsec"), column=False),
     Field("rmse_mas", "rms", "mas", ".2f",
           "RMS residual of the fit (of all its pairs in a shared row).",
           lambda r: r["rmse_mas"]),
@@ -875,7 +876,16 @@ def _text_table(fields: tuple[Field, ...], rows: list[dict], prefix: str) -> lis
         notes = [str(r.get(f.name)) for f in fields if not f.column and f.name == "reason"
                  and r.get(f.name)]  # fmt: skip
         lines += [f"    ^ {note}" for note in notes]
+        sigmas = [(f, r.get(f.name)) for f in fields if f.name in _SIGMA_FIELDS]
+        if any(v is not None for _, v in sigmas):
+            lines.append("    ± " + ", ".join(
+                f"{f.header.removeprefix('± ')} {f.text(v)} {f.unit}" for f, v in sigmas
+            ))  # fmt: skip
     return lines
+
+
+#: Uncertainties of a fit, on a line ``±`` under its row in the text table.
+_SIGMA_FIELDS = ("shift_x_sigma_mas", "shift_y_sigma_mas", "rotation_sigma_arcsec")
 
 
 def _legend(fields: tuple[Field, ...]) -> list[str]:
@@ -891,6 +901,14 @@ def _legend(fields: tuple[Field, ...]) -> list[str]:
             text,
             TABLE_WIDTH,
             initial_indent=f"  {f.title.ljust(width + 6)}  "[: width + 10],
+            subsequent_indent=" " * (width + 10),
+        )
+    if any(f.name in _SIGMA_FIELDS for f in fields):
+        out += textwrap.wrap(
+            "1-sigma uncertainties of the fit's shift (x, y) and rotation, from its weighted "
+            "residuals and the design of the fit, on a line under its row.",
+            TABLE_WIDTH,
+            initial_indent=f"  {'±'.ljust(width + 6)}  "[: width + 10],
             subsequent_indent=" " * (width + 10),
         )
     return out
