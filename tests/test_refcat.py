@@ -628,3 +628,31 @@ def test_answer_announcing_more_than_the_limit_is_refused_before_reading(service
                              r"abs_refcat_max_bytes=1000; raise it or ask for a smaller cone"):
         query(use_cache=False, max_bytes=1000)
     assert len(query(use_cache=False)) == in_cone(RA, DEC, 0.1).sum()  # the default limit
+
+
+def test_each_abs_refcat_entry_is_classified_once(tmp_path, monkeypatch):
+    from roman_tweakreg.refcat._plan import is_service_name
+    from roman_tweakreg.refcat._resolve import Entry, classify
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "gaia.ecsv").write_text("# %ECSV 1.0\n")
+    (tmp_path / "GAIADR3").write_text("a file named like the service's catalog\n")
+    cases = {
+        "s3://stpubdata/gaia/gaia_dr3/public/hats/gaia/": Entry.HATS_URL,
+        "https://example.org/hats/gaia": Entry.HATS_URL,
+        "https://example.org/field.ecsv": Entry.URL,
+        "gaia.ecsv": Entry.PATH,
+        " ./GAIADR3 ": Entry.PATH,  # the file: a path, not the name
+        "missing/gaia.parquet": Entry.MISSING_PATH,
+        "gaiadr3_s3": Entry.S3_NAME,
+        "GAIADR3": Entry.SERVICE,  # the name wins over the file of that name
+        "GSC242": Entry.NAME,
+        "no such thing!": Entry.INVALID,
+    }
+    assert {entry: classify(entry) for entry in cases} == cases
+    # the step's check, the reader and the batch planner follow the one classification
+    assert [is_service_name(e) for e in ("GAIADR3", "gaiadr3_s3", "GSC242", "./GAIADR3")] == [
+        True, True, True, False,
+    ]  # fmt: skip
+    with pytest.raises(ReferenceCatalogError, match=r"missing/gaia.parquet does not exist"):
+        get_reference_catalog("missing/gaia.parquet", 10.0, 20.0, 0.1, cache_dir="off")

@@ -49,9 +49,15 @@ def test_gaiadr3_s3_gives_the_same_stars_as_the_local_hats_folder(s3_server, loc
     assert (s3.name, s3.source, s3.epoch) == ("GAIADR3_S3", URL, 2016.0)
     assert len(s3) == len(local) > 500
     assert np.array_equal(objids(s3), objids(local))
-    # only the reference columns are read, under the package's names
-    assert s3.table.colnames == ["RA", "DEC", "pmra", "pmdec", "parallax", "ref_epoch", "mag",
-                                 "objID"]
+    # only the reference columns are read, under the package's names, with Gaia's errors
+    # (and correlations) that the file has, for the fit's weights
+    from roman_tweakreg.refcat._motion import ERROR_COLUMNS
+
+    assert s3.table.colnames[:8] == ["RA", "DEC", "pmra", "pmdec", "parallax", "ref_epoch",
+                                     "mag", "objID"]  # fmt: skip
+    assert set(s3.table.colnames[8:]) <= set(ERROR_COLUMNS)
+    assert {"ra_error", "dec_error", "pmra_error", "pmdec_error"} <= set(s3.table.colnames)
+    assert s3.table.colnames == local.table.colnames
     ra_s3, dec_s3 = s3.positions(EPOCH)
     ra_local, dec_local = local.positions(EPOCH)
     order_s3, order_local = np.argsort(s3.table["objID"]), np.argsort(local.table["objID"])

@@ -23,8 +23,7 @@ from astropy.coordinates import angular_separation
 
 from .._io import write_atomically, write_parquet
 from ..errors import ReferenceCatalogError, TweakRegError
-from ._local import FILE_SUFFIXES
-from ._resolve import get_reference_catalog, split_refcat
+from ._resolve import classify, get_reference_catalog, split_refcat
 from ._service import NoDataError
 
 __all__ = [
@@ -43,7 +42,6 @@ log = logging.getLogger(__name__)
 #: rounded up; the footprint of a member without ``s_region`` is this cone around its
 #: reference point.
 DETECTOR_RADIUS = 0.09
-_SERVICE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.+-]*$")
 _POLYGON = re.compile(r"^\s*POLYGON\s+(?:ICRS\s+)?(.*)$", re.IGNORECASE)
 
 
@@ -78,18 +76,10 @@ class Region:
 
 
 def is_service_name(refcat: str | None) -> bool:
-    """Whether ``abs_refcat`` names one catalog of the web service (not a file, folder or URL)."""
+    """Whether ``abs_refcat`` names one catalog (of the web service or romancal's on S3),
+    not a file, folder, URL or list (:func:`~roman_tweakreg.refcat._resolve.classify`)."""
     entries = split_refcat(refcat)
-    if len(entries) != 1:
-        return False
-    entry = entries[0]
-    return not (
-        re.match(r"^https?://", entry, re.IGNORECASE)
-        or Path(entry).expanduser().exists()
-        or any(c in entry for c in "/\\~")
-        or entry.lower().endswith(FILE_SUFFIXES)
-        or not _SERVICE_NAME.match(entry)
-    )
+    return len(entries) == 1 and classify(entries[0]).named
 
 
 def _member_points(path: Path) -> np.ndarray:

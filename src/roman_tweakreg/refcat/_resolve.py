@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import logging
 import os
 import re
@@ -20,7 +21,9 @@ from ._types import DEFAULT_REFCAT, ReferenceCatalog
 __all__ = [
     "ROMANCAL_CATALOGS",
     "SERVICE_CATALOGS",
+    "Entry",
     "check_refcat",
+    "classify",
     "get_reference_catalog",
     "service_name",
     "split_refcat",
@@ -39,14 +42,54 @@ SERVICE_CATALOGS = ("GAIAREFCAT", "GAIADR3", "GAIADR2", "GAIADR1")
 ROMANCAL_CATALOGS = S3_CATALOGS
 
 
+class Entry(enum.Enum):
+    """What one ``abs_refcat`` entry is (:func:`classify`): how it is read, or why not."""
+
+    HATS_URL = "the URL of a HATS catalog folder (s3://, or http(s):// without extension)"
+    URL = "the http(s):// URL of a catalog file"
+    PATH = "an existing local file or folder"
+    MISSING_PATH = "a local path that does not exist"
+    S3_NAME = "a romancal name of a HATS catalog on AWS S3"
+    SERVICE = "a catalog service name"
+    NAME = "a name the catalog service may know"
+    INVALID = "neither a name, nor a path, nor a URL"
+
+    @property
+    def named(self) -> bool:
+        """Whether the entry is a catalog name (fetched per sky region by the batch)."""
+        return self in (Entry.S3_NAME, Entry.SERVICE, Entry.NAME)
+
+
+def classify(entry: str) -> Entry:
+    """Say what one ``abs_refcat`` entry is; the one place where entries are told apart.
+
+    Known catalog names come first (``GAIADR3`` is the service's even beside a file of
+    that name: write ``./GAIADR3`` for the file), then URLs, then local paths; a word
+    that is neither is a name the catalog service is asked for.
+    """
+    text = entry.strip()
+    name = text.upper()
+    if name in ROMANCAL_CATALOGS:
+        return Entry.S3_NAME
+    if name in SERVICE_CATALOGS:
+        return Entry.SERVICE
+    if re.match(r"^(https?|s3)://\S+$", text, re.IGNORECASE):
+        return Entry.HATS_URL if is_hats_url(text) else Entry.URL
+    path = Path(text).expanduser()
+    if path.exists():
+        return Entry.PATH
+    if any(c in text for c in "/\\~") or text.lower().endswith(FILE_SUFFIXES):
+        return Entry.MISSING_PATH
+    return Entry.NAME if _NAME.match(text) else Entry.INVALID
+
+
 def service_name(entry: str) -> str | None:
     """The catalog service name to ask for ``entry`` (a name, any case), or None if not one.
 
     romancal's S3 names (:data:`ROMANCAL_CATALOGS`) are not service names: they are
     read from S3.
     """
-    name = entry.strip().upper()
-    return name if name in SERVICE_CATALOGS else None
+    return entry.strip().upper() if classify(entry) is Entry.SERVICE else None
 
 
 def check_refcat(refcat: str | None) -> None:
@@ -62,14 +105,11 @@ def check_refcat(refcat: str | None) -> None:
         lists what is accepted.
     """
     for entry in split_refcat(refcat):
-        if (
-            re.match(r"^(https?|s3)://\S+$", entry, re.IGNORECASE)
-            or service_name(entry)
-            or entry.strip().upper() in ROMANCAL_CATALOGS
-        ):
+        what = classify(entry)
+        if what in (Entry.HATS_URL, Entry.URL, Entry.S3_NAME, Entry.SERVICE):
             continue
         path = Path(entry).expanduser()
-        if path.exists():
+        if what is Entry.PATH:
             kind = file_kind(path.stat().st_mode)
             if kind is not None and kind != "a folder":
                 raise InvalidParameterError(
@@ -77,8 +117,8 @@ def check_refcat(refcat: str | None) -> None:
                     "file: 'abs_refcat' must name a catalog file or a HATS folder"
                 )
             continue
-        looks_like_path = any(c in entry for c in "/\\~") or entry.lower().endswith(FILE_SUFFIXES)
-        why = f"local path {path} does not exist" if looks_like_path else "unknown catalog name"
+        missing = what is Entry.MISSING_PATH
+        why = f"local path {path} does not exist" if missing else "unknown catalog name"
         names = ", ".join(SERVICE_CATALOGS)
         romancal = ", ".join(ROMANCAL_CATALOGS)
         raise InvalidParameterError(
@@ -228,22 +268,24 @@ def _cache(cache_dir, use_cache: bool) -> ConeCache | None:
 
 
 def _get_one(entry: str, ra, dec, radius, epoch, base_url, options) -> ReferenceCatalog:
-    if is_hats_url(entry):
+    what = classify(entry)
+    entry = entry.strip()
+    if what is Entry.HATS_URL:
         return read_remote_hats(entry, ra, dec, radius, **_hats_options(options))
-    if re.match(r"^https?://", entry, re.IGNORECASE):
+    if what is Entry.URL:
         return read_url_catalog(entry, ra, dec, radius, **options)
     path = Path(entry).expanduser()
-    if path.exists():
+    if what is Entry.PATH:
         return read_local_catalog(path, ra, dec, radius)
-    if any(c in entry for c in "/\\~") or entry.lower().endswith(FILE_SUFFIXES):
+    if what is Entry.MISSING_PATH:
         raise ReferenceCatalogError(f"abs_refcat: local reference catalog {path} does not exist")
-    if not _NAME.match(entry):
+    if what is Entry.INVALID:
         raise ReferenceCatalogError(
             f"abs_refcat: {entry!r} is neither an existing file or folder, nor a URL, nor a "
             "catalog service name (letters, digits, '_.+-')"
         )
     name = entry.upper()
-    if name in ROMANCAL_CATALOGS:
+    if what is Entry.S3_NAME:
         return read_remote_hats(
             ROMANCAL_CATALOGS[name], ra, dec, radius, name=name, **_hats_options(options)
         )
