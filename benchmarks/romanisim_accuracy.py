@@ -164,7 +164,7 @@ def measure(workdir: Path, seed: int, psf_model: str) -> list[dict]:
     from roman_tweakreg.testing import simulate
 
     exposures, stars = _dataset(seed)
-    ra, dec = simulate.propagate(stars, 2028.0)
+    ra, dec = simulate.propagate(stars, 2028.0, simulate.l2_observer(2028.0))
     refcat = workdir / "refcat.ecsv"
     Table({"RA": ra, "DEC": dec}).write(refcat, overwrite=True)
     models, truths = [], []

@@ -165,7 +165,9 @@ def test_step_with_an_epsf_aligns_on_the_psf_origin(coma_field, epsf_file, tmp_p
         assert dx.size > 60
         assert abs(dx.mean()) < 12  # noise: 2-4 mpx per axis here
         assert abs(dy.mean()) < 12
-        assert error < 4  # mas
+        # mas: the fit's noise with ~70 stars on 256 x 256 px (0.7-4.3 mas seen over
+        # variants of the simulated field); > 8 mas without the ePSF (the test above)
+        assert error < 5
 
 
 def test_missing_psf_model_or_override_is_a_clear_error(coma_field, tmp_path):
@@ -209,7 +211,7 @@ def test_crds_epsf_used_when_configured_and_unreachable_crds_falls_back(
     monkeypatch.setattr(crds_client, "get_reference_file", crds_answers)
     images = run_step(coma_field, tmp_path / "reachable")
     assert asked == [("WFI01", "epsf", "roman")] * 2
-    assert all(abs(dx.mean()) < 12 and error < 4 for _, dx, _, error in images)
+    assert all(abs(dx.mean()) < 12 and error < 5 for _, dx, _, error in images)
 
     def crds_down(parameters, reftype, observatory):
         asked.append("down")

@@ -713,10 +713,57 @@ def detect_sources(
     InvalidParameterError
         If ``params`` fails :meth:`DetectionParameters.validate`.
     """
-    import sep
-    from scipy.ndimage import correlate1d
-
     params = (params or DetectionParameters()).validate()
+    image, err, masked, saturated = _checked_arrays(data, dq, err)
+    if masked.all():
+        log.warning("No usable pixel: every pixel is non-finite or flagged")
+        return _empty()
+    work, global_rms, noise_floor = _subtract_background(image, err, masked, saturated, params)
+    if not global_rms > 0:
+        log.info("The background has no noise: no significance can be measured")
+        return _empty()
+    peaks = _candidates(work, err, masked, global_rms, noise_floor, params)
+    if peaks.x.size == 0:
+        log.info("No source above S/N %s", params.snr_threshold)
+        return _empty()
+    screen = _screen(work, masked, saturated, peaks, params)
+    x, y, peak, significance = _positions(work, err, masked, saturated, peaks, screen, params, psf)
+    if x.size == 0:
+        return _empty()
+    table = _measure(work, masked, x, y, peak, significance, params)
+    log.info(
+        "Detected %d sources (%d peaks above S/N %s)",
+        len(table),
+        peaks.x.size,
+        params.snr_threshold,
+    )
+    return table
+
+
+@dataclass
+class _Peaks:
+    """Step 3's candidates: peak pixels (x, y) and their matched-filter significance."""
+
+    x: np.ndarray
+    y: np.ndarray
+    significance: np.ndarray
+
+
+@dataclass
+class _Screen:
+    """Step 4's verdicts per peak: kept, and why others are not (or are searched for
+    companions: ``hosts``, saturated stars); ``peak`` is each one's brightest pixel."""
+
+    keep: np.ndarray
+    sharp_ok: np.ndarray
+    core_masked: np.ndarray
+    near_saturated: np.ndarray
+    hosts: np.ndarray
+    peak: np.ndarray
+
+
+def _checked_arrays(data, dq, err):
+    """The image, its error array (or None) and its masks (unusable, saturated), checked."""
     image = np.asarray(getattr(data, "value", data))
     if image.ndim != 2:
         raise ValueError(f"detect_sources needs a 2-D image, got shape {image.shape}")
@@ -725,11 +772,14 @@ def detect_sources(
         err = np.asarray(getattr(err, "value", err))
         if err.shape != image.shape:
             raise ValueError(f"err shape {err.shape} differs from data shape {image.shape}")
-    if masked.all():
-        log.warning("No usable pixel: every pixel is non-finite or flagged")
-        return _empty()
+    return image, err, masked, saturated
 
-    # 1-2: a float32 copy with masked pixels 0, background subtracted
+
+def _subtract_background(image, err, masked, saturated, params):
+    """Steps 1-2: a float32 copy, masked pixels 0, SEP's background subtracted; with the
+    background's global rms and the noise floor of the thresholds."""
+    import sep
+
     work = np.array(image, dtype=np.float32, order="C")
     work[masked] = 0.0
     box = min(int(params.bkg_boxsize), *image.shape)
@@ -739,20 +789,19 @@ def detect_sources(
     )
     background.subfrom(work)
     work[masked] = 0.0
-    del no_bkg
     global_rms = float(background.globalrms)
-    if err is not None:
-        good_err = ~masked & np.isfinite(err) & (err > 0)
-        noise_floor = float(np.min(err, where=good_err, initial=np.inf))
-        noise_floor = min(max(noise_floor, 0.5 * global_rms), global_rms)
-        del good_err
-    else:
-        noise_floor = global_rms
-    if not global_rms > 0:
-        log.info("The background has no noise: no significance can be measured")
-        return _empty()
+    if err is None:
+        return work, global_rms, global_rms
+    good_err = ~masked & np.isfinite(err) & (err > 0)
+    noise_floor = float(np.min(err, where=good_err, initial=np.inf))
+    return work, global_rms, min(max(noise_floor, 0.5 * global_rms), global_rms)
 
-    # 3: matched filter; candidates above a lower bound of the threshold, then exact
+
+def _candidates(work, err, masked, global_rms, noise_floor, params) -> _Peaks:
+    """Step 3: matched filter; local maxima above a lower bound of the threshold, then
+    the exact significance of each against its own pixels' noise."""
+    from scipy.ndimage import correlate1d
+
     kernel = _gaussian_kernel_1d(params.kernel_fwhm).astype(np.float32)
     signal = correlate1d(work, kernel, axis=1, mode="constant")
     signal = correlate1d(signal, kernel, axis=0, mode="constant", output=signal)
@@ -760,7 +809,7 @@ def detect_sources(
     bound = _NOISE_MARGIN * params.snr_threshold * k_norm * noise_floor
     index = np.flatnonzero(signal > bound)
     index = _local_maxima(signal, index, params.min_separation)
-    py, px = np.divmod(index, image.shape[1])
+    py, px = np.divmod(index, work.shape[1])
     khalf = kernel.size // 2
     k2 = np.outer(kernel, kernel).astype(float) ** 2
     if err is None:
@@ -773,59 +822,62 @@ def detect_sources(
     with np.errstate(divide="ignore", invalid="ignore"):
         significance = signal[py, px] / noise
     above = significance >= params.snr_threshold
-    px, py, significance = px[above], py[above], significance[above]
-    n_found = px.size
-    if n_found == 0:
-        log.info("No source above S/N %s", params.snr_threshold)
-        return _empty()
+    return _Peaks(px[above], py[above], significance[above])
 
-    # 4: sharp peaks, masked cores, saturation
-    core = _windows(work, px, py, 1).reshape(n_found, 9)
+
+def _screen(work, masked, saturated, peaks: _Peaks, params) -> _Screen:
+    """Step 4: sharp peaks (hot pixels, cosmic rays), masked cores and saturation out;
+    saturated stars are never kept but searched for companions (crowded pairs)."""
+    px, py, n = peaks.x, peaks.y, peaks.x.size
+    core = _windows(work, px, py, 1).reshape(n, 9)
     peak = core.max(axis=1).astype(float)
     total = core.sum(axis=1, dtype=float)
     with np.errstate(invalid="ignore", divide="ignore"):
         sharp_ok = (total > 0) & (peak <= params.max_peak_fraction * total)
-    core_masked = _windows(masked, px, py, 1, True).reshape(n_found, 9).any(axis=1)
-    near_saturated = np.zeros(n_found, bool)
+    core_masked = _windows(masked, px, py, 1, True).reshape(n, 9).any(axis=1)
+    near_saturated = np.zeros(n, bool)
+    hosts = np.zeros(n, bool)
     if saturated is not None:
         near_saturated = _windows(saturated, px, py, params.fit_half + 2, False).any(axis=(1, 2))
-    keep = sharp_ok & ~core_masked & ~near_saturated
-    # saturated stars: never kept, but searched for companions (crowded pairs)
-    hosts = np.zeros(n_found, bool)
-    if saturated is not None:
         hosts = ~core_masked & _windows(saturated, px, py, 1, False).any(axis=(1, 2))
+    keep = sharp_ok & ~core_masked & ~near_saturated
+    return _Screen(keep, sharp_ok, core_masked, near_saturated, hosts, peak)
 
-    # 5: positions
+
+def _positions(work, err, masked, saturated, peaks: _Peaks, screen: _Screen, params, psf):
+    """Step 5: the kept sources' (and companions') fitted positions, their peaks and
+    significances; failed fits and duplicates dropped."""
+    keep = screen.keep
     fit_mask = masked if saturated is None else masked | saturated
     fit = _fit_positions(
-        work, err, fit_mask, saturated, px, py, keep, significance, params, hosts, psf
-    )
-    del fit_mask
+        work, err, fit_mask, saturated, peaks.x, peaks.y, keep, peaks.significance, params,
+        screen.hosts, psf,
+    )  # fmt: skip
     n_alone = int(keep.sum())
+    peak, significance = screen.peak[keep], peaks.significance[keep]
     if len(fit) > n_alone:  # companions found in the residuals (crowded pairs)
         cx = np.rint(np.asarray(fit["x_fit"][n_alone:])).astype(int)
         cy = np.rint(np.asarray(fit["y_fit"][n_alone:])).astype(int)
-        peak = np.concatenate([peak[keep], _windows(work, cx, cy, 1).max(axis=(1, 2))])
-        significance = np.concatenate([significance[keep], fit["companion_snr"][n_alone:]])
-    else:
-        peak, significance = peak[keep], significance[keep]
+        peak = np.concatenate([peak, _windows(work, cx, cy, 1).max(axis=(1, 2))])
+        significance = np.concatenate([significance, fit["companion_snr"][n_alone:]])
     usable = np.asarray(fit["converged"]) & ~np.asarray(fit["at_bound"])
     x, y = np.asarray(fit["x_fit"])[usable], np.asarray(fit["y_fit"])[usable]
-    peak, significance = peak[usable], significance[usable]
     log.debug(
         "%d peaks; dropped %d sharp (hot pixel / cosmic ray), %d near masked pixels, "
         "%d near saturated pixels, %d failed fits",
-        n_found,
-        int((~sharp_ok).sum()),
-        int((sharp_ok & core_masked).sum()),
-        int((sharp_ok & ~core_masked & near_saturated).sum()),
+        peaks.x.size,
+        int((~screen.sharp_ok).sum()),
+        int((screen.sharp_ok & screen.core_masked).sum()),
+        int((screen.sharp_ok & ~screen.core_masked & screen.near_saturated).sum()),
         int((~usable).sum()),
     )
-    x, y, peak, significance = _drop_duplicates(x, y, peak, significance, params.min_separation)
-    if x.size == 0:
-        return _empty()
+    return _drop_duplicates(x, y, peak[usable], significance[usable], params.min_separation)
 
-    # 6: fluxes, peakmax, brightest
+
+def _measure(work, masked, x, y, peak, significance, params) -> Table:
+    """Step 6: aperture fluxes; ``peakmax`` and ``brightest`` applied, brightest first."""
+    import sep
+
     flux, _, _ = sep.sum_circle(
         work, x, y, params.aperture_radius * params.kernel_fwhm, mask=masked, subpix=5
     )
@@ -837,9 +889,6 @@ def detect_sources(
     table.sort("flux", reverse=True)
     if params.brightest is not None:
         table = table[: int(params.brightest)]
-    log.info(
-        "Detected %d sources (%d peaks above S/N %s)", len(table), n_found, params.snr_threshold
-    )
     return table
 
 

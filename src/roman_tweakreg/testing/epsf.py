@@ -190,5 +190,5 @@ def epsf_exposures(
         models.append(model)
         truths.append(Table({"x": x[inside], "y": y[inside]}))
         true_wcs.append(exposure.true_wcs[0])
-    ra_now, dec_now = simulate.propagate(stars, 2028.0)
+    ra_now, dec_now = simulate.propagate(stars, 2028.0, simulate.l2_observer(2028.0))
     return models, truths, true_wcs, Table({"RA": ra_now, "DEC": dec_now})
