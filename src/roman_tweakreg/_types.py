@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
-from tweakwcs.matchutils import XYXYMatch
 
 from . import parameters
+from .search import OffsetMatch
 
 if TYPE_CHECKING:
     from astropy.table import Table
@@ -174,9 +174,10 @@ class FitParameters:
     nclip: int = parameters.default("nclip")
     sigma: float = parameters.default("sigma")
 
-    def matcher(self) -> XYXYMatch:
-        """Return tweakwcs's matcher configured with these parameters."""
-        return XYXYMatch(
+    def matcher(self) -> OffsetMatch:
+        """Return the matcher configured with these parameters: tweakwcs's ``XYXYMatch``
+        started at the offset :func:`~roman_tweakreg.search.offset_search` finds."""
+        return OffsetMatch(
             searchrad=self.searchrad,
             separation=self.separation,
             use2dhist=self.use2dhist,
