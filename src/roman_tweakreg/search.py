@@ -7,12 +7,32 @@ pixel-sized bins (see docs/algorithm.rst).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 from scipy import ndimage
 from scipy.spatial import cKDTree
 from tweakwcs.matchutils import XYXYMatch
 
-__all__ = ["SEARCH_SOURCES", "OffsetMatch", "offset_search"]
+__all__ = ["SEARCH_SOURCES", "Offset", "OffsetMatch", "count_at", "offset_search"]
+
+
+class Offset(NamedTuple):
+    """What :func:`offset_search` found (lengths in the plane's units).
+
+    Attributes
+    ----------
+    offset : numpy.ndarray
+        Reference minus image positions (2,).
+    count : int
+        Pairs within the tolerance of ``offset`` (one per image and reference source).
+    scatter : float
+        RMS distance of those pairs' differences from ``offset`` (nan without pairs).
+    """
+
+    offset: np.ndarray
+    count: int
+    scatter: float
 
 #: Image sources the offset search uses at most (an even subsample of crowded fields).
 SEARCH_SOURCES = 20000
@@ -22,7 +42,7 @@ _CANDIDATES = 8
 
 def offset_search(
     ref_xy: np.ndarray, img_xy: np.ndarray, searchrad: float, tolerance: float
-) -> tuple[np.ndarray, int]:
+) -> Offset:
     """The offset (reference minus image, within ``searchrad``) that pairs the most sources
     within ``tolerance``, and that number of pairs.
 
@@ -34,10 +54,10 @@ def offset_search(
     exactly, one pair per image and per reference source.  Unlike a histogram of
     pixel-sized bins (tweakwcs's 2D histogram), this finds the offset of a sparse
     field whose positions scatter over several pixels (19 sources with 0.5 pixel
-    errors), at the resolution of the matching itself.  ``(0, 0), 0`` when no pair is
-    possible.
+    errors), at the resolution of the matching itself.  The answer is an :class:`Offset`
+    (``(0, 0)``, no pairs when no pair is possible).
     """
-    zero = (np.zeros(2), 0)
+    zero = Offset(np.zeros(2), 0, float("nan"))
     if len(ref_xy) == 0 or len(img_xy) == 0:
         return zero
     if len(img_xy) > SEARCH_SOURCES:
@@ -72,10 +92,22 @@ def offset_search(
             centre = diff[close].mean(axis=0)
         close = np.hypot(*(diff - centre).T) <= tolerance
         count = min(np.unique(img_idx[close]).size, np.unique(ref_idx[close]).size)
-        better = count > best[1] or (count == best[1] and np.hypot(*centre) < np.hypot(*best[0]))
+        better = count > best.count or (
+            count == best.count and np.hypot(*centre) < np.hypot(*best.offset)
+        )
         if np.hypot(*centre) <= searchrad and better:
-            best = (centre, count)
+            scatter = float(np.sqrt(np.mean(np.sum((diff[close] - centre) ** 2, axis=1))))
+            best = Offset(centre, int(count), scatter)
     return best
+
+
+def count_at(ref_xy: np.ndarray, img_xy: np.ndarray, tolerance: float) -> int:
+    """Pairs within ``tolerance`` with no offset: image sources whose nearest reference
+    source is within it, each reference source counted once."""
+    if len(ref_xy) == 0 or len(img_xy) == 0:
+        return 0
+    dist, nearest = cKDTree(ref_xy).query(img_xy, distance_upper_bound=tolerance)
+    return int(np.unique(nearest[np.isfinite(dist)]).size)
 
 
 class OffsetMatch(XYXYMatch):
@@ -110,7 +142,7 @@ class OffsetMatch(XYXYMatch):
         if self.use2dhist:
             ref_xy = np.column_stack([refcat["TPx"], refcat["TPy"]]).astype(float)
             img_xy = np.column_stack([imcat["TPx"], imcat["TPy"]]).astype(float)
-            found, _ = offset_search(ref_xy, img_xy, self.searchrad, self.tolerance)
+            found = offset_search(ref_xy, img_xy, self.searchrad, self.tolerance).offset
             offset = (-float(found[0]), -float(found[1]))  # xyxymatch's: image - reference
         started = XYXYMatch(
             searchrad=self.searchrad, separation=self.separation, use2dhist=False,

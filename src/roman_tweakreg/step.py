@@ -128,6 +128,12 @@ class TweakRegStep(Step):
                 len({i.group_id for i in images}),
                 len(skipped),
             )
+            for group, exposures in align.mixed_groups(images).items():
+                log.warning(
+                    "Group %s holds %d exposures (%s): they get one correction; where their "
+                    "pointings differ, give each exposure its own group (group_id)",
+                    group, len(exposures), ", ".join(exposures),
+                )  # fmt: skip
             relative = {}
             if len({i.group_id for i in images}) > 1:
                 with clock.phase("relative"):
@@ -224,7 +230,8 @@ class TweakRegStep(Step):
         return Path(self.output_dir or self.catalog_path or ".")
 
     def _absolute(self, plane, pars, refcat_name, relative) -> dict:
-        """Absolute alignment of each rigid set of groups; group id -> result."""
+        """Absolute alignment of each rigid set of groups; plane index -> the fit as the
+        image's group sees it (:func:`~roman_tweakreg.align.group_results`)."""
         abs_pars = _fit_parameters(pars, "abs_")
         images = plane.images
         ra, dec, radius = footprint_cone(plane)
@@ -247,7 +254,7 @@ class TweakRegStep(Step):
         except ReferenceCatalogError as err:
             log.warning("Absolute alignment skipped, relative alignment kept: %s", err)
             skipped = FitResult("SKIPPED", str(err), refcat=refcat_name)
-            return dict.fromkeys({i.group_id for i in images}, skipped)
+            return dict.fromkeys(range(len(images)), skipped)
         log.info(
             "Reference catalog %s (%s, epoch %s): %d stars in the cone of %.4f deg "
             "around (%.6f, %.6f), obtained in %.2f s",
@@ -264,7 +271,7 @@ class TweakRegStep(Step):
             log.warning("%s", message)
         if self.save_abs_catalog:
             self._save_refcat(refcat, min(epochs) if epochs else None)
-        out = {}
+        out: dict = {}
         for members in align.rigid_sets(images, relative):
             result = align.absolute_align(
                 plane, refcat.positions, abs_pars, members=members, refcat_name=refcat.name
@@ -275,11 +282,14 @@ class TweakRegStep(Step):
                     refcat.name,
                     result.reason,
                 )
-            out.update(dict.fromkeys({images[i].group_id for i in members}, result))
-            out.update(align.group_results(result))  # each group's own figures
+            own = align.group_results(result)  # each group's own figures
             for group in dict.fromkeys(images[i].group_id for i in members):
-                own = [images[i] for i in members if images[i].group_id == group]
-                _log_fit("Absolute", out[group], own, refcat.name)
+                mine = [i for i in members if images[i].group_id == group]
+                view = own.get(group, result)
+                view.refused = result.refused
+                # keyed by image: a group split by the relative per-image gates has two
+                out.update(dict.fromkeys(mine, view))
+                _log_fit("Absolute", view, [images[i] for i in mine], refcat.name)
         return out
 
     def _save_refcat(self, refcat, epoch) -> None:
@@ -313,7 +323,8 @@ class TweakRegStep(Step):
         """Rewrite the sky columns of each aligned image's catalog file (opt-in parameter)."""
         for image in plane.images:
             wcs, _, status, _, _ = outcomes[image.index]
-            if status is not results.Status.COMPLETE or wcs is None:
+            aligned = (results.Status.COMPLETE, results.Status.INCOMPLETE)
+            if status not in aligned or wcs is None:
                 continue
             if not image.catalog_file:
                 log.info("%s: in-memory catalog, no catalog file to update", image.name)
