@@ -176,7 +176,7 @@ def _image_gates(plane, members, fit, reference_of, pars, phase: str):
             k: image_check(reference_of(k), affine(plane.xy[k], result.fit), pars)
             for k in current
         }
-        new = refusals(checks)
+        new = refusals(checks, {k: plane.images[k].exposure for k in current})
         if not new:
             break
         for k, numbers in new.items():

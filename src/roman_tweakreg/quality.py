@@ -247,7 +247,9 @@ def _disagrees(check: ImageCheck, offset=(0.0, 0.0), error: float = 0.0) -> bool
     return bool(distance > OWN_OFFSET_SIGMA * sigma + OWN_OFFSET_FLOOR)
 
 
-def refusals(checks: dict[int, ImageCheck]) -> dict[int, str]:
+def refusals(
+    checks: dict[int, ImageCheck], exposures: dict[int, str] | None = None
+) -> dict[int, str]:
     """The images (keys of ``checks``) that do not share their group's solution, and why.
 
     Per-image gates (see docs/algorithm.rst):
@@ -255,9 +257,12 @@ def refusals(checks: dict[int, ImageCheck]) -> dict[int, str]:
     1. *own offset*: an image whose own sources say where it belongs
        (``significant``) and whose own offset is more than :data:`OWN_OFFSET_SIGMA`
        standard errors plus :data:`OWN_OFFSET_FLOOR` from the solution does not share
-       it.  When several do, the images agreeing with each other and holding the most
-       own matches are taken as the solution's and the others are refused (the caller
-       fits again without them);
+       it.  When the group holds several exposures (``exposures``: image -> exposure),
+       the exposure whose images match the solution most is the solution's, and the
+       disagreeing images of the others are refused; otherwise the images agreeing with
+       each other and holding the most own matches are taken as the solution's and the
+       others are refused.  The caller fits again without the refused images (a fit
+       pulled between two exposures agrees with neither);
     2. *too few matches*: an image matching fewer than :data:`LOW_MATCH_FRACTION` of
        the pairs the group's match rate predicts for its ``possible`` pairs, where a
        binomial count at that rate would be so low with probability below
@@ -267,23 +272,34 @@ def refusals(checks: dict[int, ImageCheck]) -> dict[int, str]:
     """
     out: dict[int, str] = {}
     sure = {k: c for k, c in checks.items() if c.significant}
-    if any(_disagrees(c) for c in sure.values()):
+    off = {k for k, c in sure.items() if _disagrees(c)}
+    labels = exposures or {}
+    several = len({labels.get(k, "") for k in checks}) > 1
+    if off and several:
+        matched: dict[str, int] = {}
+        for k, c in checks.items():
+            matched[labels.get(k, "")] = matched.get(labels.get(k, ""), 0) + c.matched
+        chosen = max(matched, key=matched.__getitem__)
+        refuse = {k for k in off if labels.get(k, "") != chosen}
+    elif off:
         best: list[int] = []
         for seed in sure.values():  # the largest set of images agreeing with each other
             agree = [
                 k for k, c in sure.items() if not _disagrees(c, seed.own_offset, seed.own_error)
             ]
-            weight = sum(sure[k].own_matches for k in agree)
-            if weight > sum(sure[k].own_matches for k in best):
+            if sum(sure[k].own_matches for k in agree) > sum(sure[k].own_matches for k in best):
                 best = agree
-        for k, c in sure.items():
-            if k not in best:
-                out[k] = (
-                    f"its own {c.own_matches} matches put it {1000 * c.own_shift:.0f} mas "
-                    f"from the group's solution (offset ({1000 * c.own_offset[0]:.0f}, "
-                    f"{1000 * c.own_offset[1]:.0f}) mas), where {c.matched} of its "
-                    f"{c.possible} possible pairs match"
-                )
+        refuse = set(sure) - set(best)
+    else:
+        refuse = set()
+    for k in sorted(refuse):
+        c = sure[k]
+        out[k] = (
+            f"its own {c.own_matches} matches put it {1000 * c.own_shift:.0f} mas "
+            f"from the group's solution (offset ({1000 * c.own_offset[0]:.0f}, "
+            f"{1000 * c.own_offset[1]:.0f}) mas), where {c.matched} of its "
+            f"{c.possible} possible pairs match"
+        )
     kept = [c for k, c in checks.items() if k not in out]
     agreeing = [c for c in kept if c.significant] or kept
     possible = sum(c.possible for c in agreeing)

@@ -149,6 +149,7 @@ class TweakRegStep(Step):
                 absolute = self._absolute(plane, pars, refcat_name, relative) if images else {}
             with clock.phase("update"):
                 outcomes = results.outcomes(plane, relative, absolute, skipped, workers)
+                log.info("%s", _status_counts([o[2] for o in outcomes.values()]))
                 self._write(library, outcomes)
                 if self.update_source_catalog_coordinates:
                     self._update_catalog_files(plane, outcomes)
@@ -418,6 +419,18 @@ def _as_list(item) -> list:
             "listing every file, made with: roman-tweakreg asn FILE... -o asn.json"
         )
     return [item]
+
+
+#: The image statuses, in the order the closing line counts them.
+IMAGE_STATUSES = ("COMPLETE", "INCOMPLETE", "FAILED", "SKIPPED")
+
+
+def _status_counts(statuses) -> str:
+    """The closing line: ``"N/M COMPLETE, I INCOMPLETE, F FAILED, S SKIPPED"`` (every
+    image status, counted; M images in all)."""
+    values = [str(getattr(s, "value", s)) for s in statuses]
+    counts = [f"{values.count(name)} {name}" for name in IMAGE_STATUSES]
+    return f"{values.count('COMPLETE')}/{len(values)} COMPLETE, " + ", ".join(counts[1:])
 
 
 def _log_fit(phase: str, result: FitResult, images: list, refcat: str = "") -> None:
