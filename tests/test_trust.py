@@ -176,9 +176,13 @@ def test_refused_absolute_in_the_step_is_incomplete_and_counted(tmp_path, caplog
     models = [m for e in exposures for m in e.models]
     inputs = [m.meta.wcs for m in models]
     caplog.set_level("INFO", logger="roman_tweakreg")
-    result = TweakRegStep.call(models, abs_refcat=str(path), processes=1)
+    result = TweakRegStep.call(
+        models, abs_refcat=str(path), processes=1, report=str(tmp_path / "r.json")
+    )
     out = outcome(result, exposures, inputs)
     assert [o[0] for o in out] == ["INCOMPLETE"] * 4
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["statuses"]["cal_step"] == {"INCOMPLETE": 4}
     assert all(o[3].startswith("aligned to the other exposures only") for o in out)
     assert [o[2] < 1e-3 for o in out] == [True, True, False, False]  # exposure 2 moved
     assert "0/4 COMPLETE, 4 INCOMPLETE, 0 FAILED, 0 SKIPPED" in caplog.text
