@@ -244,3 +244,23 @@ def test_few_sources_never_refused_for_few_matches():
     assert checks[0].matched == 300
     assert checks[1].matched == 5
     assert refusals(checks) == {}
+
+
+def test_no_input_file_left_open(tmp_path):
+    """Models the step's library opened from files are closed with it, never left to the
+    garbage collector (ResourceWarning: unclosed file)."""
+    import gc
+    import warnings
+
+    exposures, stars = exposures_with_errors((0.5, 1.0), seed=7, per_detector=100)
+    asn, refcat = one_group_asn(exposures, stars, tmp_path)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        result = TweakRegStep.call(str(asn), abs_refcat=str(refcat), processes=1)
+        with result:
+            model = result.borrow(0)
+            assert model.meta.cal_step.tweakreg in ("COMPLETE", "FAILED")
+            result.shelve(model, 0, modify=False)
+        del model, result
+        gc.collect()
+    assert [str(w.message) for w in seen if w.category is ResourceWarning] == []
