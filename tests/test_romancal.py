@@ -169,6 +169,10 @@ def test_two_exposures_in_one_romancal_group_not_complete_where_wrong(tmp_path):
 
     exposures, stars = exposures_with_errors((0.8, 3.0), seed=11)
     asn, refcat = one_group_asn(exposures, stars, tmp_path)
+    content = json.loads(asn.read_text())
+    for member in content["products"][0]["members"]:  # romancal's library: absolute names
+        member["tweakreg_catalog"] = str(tmp_path / member["expname"].replace("_cal.", "_cat."))
+    asn.write_text(json.dumps(content).replace("_cat.asdf", "_cat.ecsv"))
     inputs = [m.meta.wcs for e in exposures for m in e.models]
     library = RomancalLibrary(str(asn))
     assert len(library.group_names) == 1
