@@ -24,19 +24,14 @@ from roman_tweakreg import TweakRegStep
 CENTRE = (270.0, 66.0)
 
 
-def romancal_field() -> Table:
-    """32 stars within 95 arcsec of :data:`CENTRE` and 48 from 110 to 300 arcsec, epoch 2016.
+#: The stand-in sky's seed: ``ROMANCAL_SKY_SEED`` in the environment, else 1066 (the
+#: two-ring field of :func:`romancal_field`); any other seed draws a uniform field
+#: (:func:`uniform_field`).
+SKY_SEED = int(os.environ.get("ROMANCAL_SKY_SEED", "1066"))
 
-    romancal's fixture images take the inner stars as their catalog; a quarter of them
-    fall on an image whose WCS is not shifted (fewer than romancal's 10 or our 15
-    matches), all of them on a shifted one.
-    """
-    rng = np.random.default_rng(1066)
-    radius = np.concatenate([95 * np.sqrt(rng.random(32)), rng.uniform(110, 300, 48)]) / 3600
-    angle = rng.uniform(0, 2 * np.pi, radius.size)
-    n = radius.size
-    dec = CENTRE[1] + radius * np.sin(angle)
-    ra = CENTRE[0] + radius * np.cos(angle) / np.cos(np.deg2rad(dec))
+
+def _table(ra, dec, rng) -> Table:
+    n = len(ra)
     return Table(
         {
             "ra": ra,
@@ -51,6 +46,43 @@ def romancal_field() -> Table:
     )
 
 
+def _around_centre(radius_arcsec, rng):
+    radius = np.asarray(radius_arcsec) / 3600
+    angle = rng.uniform(0, 2 * np.pi, radius.size)
+    dec = CENTRE[1] + radius * np.sin(angle)
+    ra = CENTRE[0] + radius * np.cos(angle) / np.cos(np.deg2rad(dec))
+    return ra, dec
+
+
+def romancal_field(seed: int = 1066) -> Table:
+    """32 stars within 95 arcsec of :data:`CENTRE` and 48 from 110 to 300 arcsec, epoch 2016.
+
+    romancal's fixture images take the inner stars as their catalog; a quarter of them
+    fall on an image whose WCS is not shifted (fewer than romancal's 10 or our 15
+    matches), all of them on a shifted one.
+    """
+    rng = np.random.default_rng(seed)
+    radius = np.concatenate([95 * np.sqrt(rng.random(32)), rng.uniform(110, 300, 48)])
+    return _table(*_around_centre(radius, rng), rng)
+
+
+def uniform_field(seed: int) -> Table:
+    """Stars spread uniformly within 400 arcsec of :data:`CENTRE`, epoch 2016, at Gaia
+    DR3's density near romancal's test pointing: 19 in romancal's 100 arcsec cone (its
+    images' catalogs; fixed, so that every sky allows the default ``minobj``) and 285
+    from 100 to 400 arcsec."""
+    rng = np.random.default_rng(seed)
+    radius = np.concatenate(
+        [100 * np.sqrt(rng.random(19)), np.sqrt(rng.uniform(100**2, 400**2, 285))]
+    )
+    return _table(*_around_centre(radius, rng), rng)
+
+
+def sky(seed: int = SKY_SEED) -> Table:
+    """The stand-in sky of ``seed`` (see :data:`SKY_SEED`)."""
+    return romancal_field() if seed == 1066 else uniform_field(seed)
+
+
 _running = []
 
 
@@ -60,7 +92,7 @@ def pytest_configure(config):
     service = gaia_server.running_service()
     svc = service.__enter__()
     _running.append(service)
-    svc.field = romancal_field()
+    svc.field = sky()
     svc.catalogs.add("GAIADR3_S3")
     # romancal's gaia_coords fixture: stcal's client, S3 catalog asked from the service
     stcal_catalogs.SERVICELOCATION = svc.url

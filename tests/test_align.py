@@ -29,6 +29,7 @@ def images_of(exposures):
                     m.meta.wcs,
                     dict(m.meta.wcsinfo),
                     exp.epoch,
+                    exposure=str(m.meta.observation.exposure),
                 )
             )
     return out

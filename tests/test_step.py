@@ -103,7 +103,10 @@ def test_relative_only_when_gaia_service_unavailable(caplog):
     exposures, _ = make_data()
     result = TweakRegStep.call(models_of(exposures), abs_refcat_retries=0)  # no service here
     outcome = metas(result)
-    assert [o[0] for o in outcome] == ["COMPLETE"] * 6
+    # aligned to each other only: a partial result, not COMPLETE (issue 27)
+    assert [o[0] for o in outcome] == ["INCOMPLETE"] * 6
+    assert all(o[1]["status"] == "INCOMPLETE" for o in outcome)
+    assert all(o[1]["reason"].startswith("aligned to the other exposures only") for o in outcome)
     assert all(o[1]["absolute"]["status"] == "SKIPPED" for o in outcome)
     assert all(o[2] == "FIT-LVL2-RELATIVE" for o in outcome[3:])
     assert "Absolute alignment skipped, relative alignment kept" in caplog.text

@@ -113,14 +113,14 @@ def test_result_line_counts_whatever_statuses_occur():
     statuses = ["COMPLETE"] * 30 + ["INCOMPLETE"] * 4 + ["SKIPPED"] * 2
     rms = np.sqrt((300 * 3.0**2 + 100 * 4.0**2) / 400)
     assert result_line(statuses, absolute, "x") == (
-        f"30 COMPLETE, 4 INCOMPLETE, 2 SKIPPED of 36, absolute rms {rms:.2f} mas to gaia.ecsv"
+        f"30/36 COMPLETE, 4 INCOMPLETE, 2 SKIPPED, absolute rms {rms:.2f} mas to gaia.ecsv"
     )
     assert result_line(["COMPLETE"] * 36, absolute, "x").startswith("36/36 COMPLETE, ")
     skipped = {"g1": FitResult("SKIPPED", "no stars in the cone", refcat="GAIADR3")}
     assert result_line(["COMPLETE"] * 4, skipped, "GAIADR3") == (
         "4/4 COMPLETE, absolute fit to GAIADR3 SKIPPED: no stars in the cone"
     )
-    assert result_line(["SKIPPED"] * 2, {}, "GAIADR3") == "2/2 SKIPPED"
+    assert result_line(["SKIPPED"] * 2, {}, "GAIADR3") == "0/2 COMPLETE, 2 SKIPPED"
 
 
 def test_report_table_fits_120_columns_with_a_legend(saved, capsys):

@@ -11,19 +11,27 @@ the module that makes it, where it was documented before.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
-from tweakwcs.matchutils import XYXYMatch
 
 from . import parameters
+from .search import OffsetMatch
 
 if TYPE_CHECKING:
     from astropy.table import Table
     from gwcs import WCS
 
-__all__ = ["FitParameters", "FitResult", "ImageCatalog", "Matches", "Quality", "Status"]
+__all__ = [
+    "FitParameters",
+    "FitResult",
+    "ImageCatalog",
+    "ImageCheck",
+    "Matches",
+    "Quality",
+    "Status",
+]
 
 
 class Status(enum.StrEnum):
@@ -32,21 +40,24 @@ class Status(enum.StrEnum):
     A fit (:attr:`roman_tweakreg.matching.FitResult.status`, ``status`` of each phase in
     ``meta.wcs_fit_results``) is ``SUCCESS`` (its correction was applied),
     ``REFERENCE`` (the group the others were aligned to), ``FAILED`` or ``SKIPPED``.
-    An image (``meta.cal_step.tweakreg``, see the module description) is ``COMPLETE``,
-    ``FAILED`` or ``SKIPPED``; the top-level ``status`` of its ``wcs_fit_results``
-    says the same as a fit status (:attr:`as_fit`: ``COMPLETE`` is ``SUCCESS``, as
-    romancal writes it).
+    An image (``meta.cal_step.tweakreg``, see :mod:`roman_tweakreg.results`) is
+    ``COMPLETE``, ``INCOMPLETE`` (relative alignment only: the absolute fit asked for was
+    refused or impossible), ``FAILED`` or ``SKIPPED``; the top-level ``status`` of its
+    ``wcs_fit_results`` says the same as a fit status (:attr:`as_fit`: ``COMPLETE`` is
+    ``SUCCESS``, as romancal writes it).
     """
 
     SUCCESS = "SUCCESS"
     REFERENCE = "REFERENCE"
     COMPLETE = "COMPLETE"
+    INCOMPLETE = "INCOMPLETE"
     FAILED = "FAILED"
     SKIPPED = "SKIPPED"
 
     @property
     def as_fit(self) -> Status:
-        """This image status as the fit status of the top level of ``wcs_fit_results``."""
+        """This image status as the fit status of the top level of ``wcs_fit_results``
+        (``COMPLETE`` is ``SUCCESS``; the others are themselves)."""
         return Status.SUCCESS if self is Status.COMPLETE else self
 
 
@@ -148,6 +159,10 @@ class ImageCatalog:
         Roman's barycentric position (AU, ICRS axes) from ``meta.ephemeris`` when
         usable (:func:`roman_tweakreg._meta.observer_position`), else None (the
         absolute phase then uses the Sun-Earth L2 point at ``epoch``).
+    exposure : str
+        The exposure the image belongs to, for messages: ``<visit_id>_<exposure>`` of
+        ``meta.observation`` (or its ``exposure`` alone), else the pointing
+        (``ra_ref``, ``dec_ref``, ``roll_ref``); '' when unknown.
     """
 
     index: int
@@ -160,6 +175,7 @@ class ImageCatalog:
     catalog_name: str = ""
     catalog_file: str = ""
     observer: np.ndarray | None = None
+    exposure: str = ""
 
 
 @dataclass(frozen=True)
@@ -179,14 +195,66 @@ class FitParameters:
     nclip: int = parameters.default("nclip")
     sigma: float = parameters.default("sigma")
 
-    def matcher(self) -> XYXYMatch:
-        """Return tweakwcs's matcher configured with these parameters."""
-        return XYXYMatch(
+    def matcher(self) -> OffsetMatch:
+        """Return the matcher configured with these parameters: tweakwcs's ``XYXYMatch``
+        started at the offset :func:`~roman_tweakreg.search.offset_search` finds."""
+        return OffsetMatch(
             searchrad=self.searchrad,
             separation=self.separation,
             use2dhist=self.use2dhist,
             tolerance=self.tolerance,
         )
+
+
+@dataclass(frozen=True)
+class ImageCheck:
+    """One image's own view of its group's fit (:func:`~roman_tweakreg.quality.image_check`).
+
+    Lengths are arcsec in the alignment plane, offsets reference minus image where the
+    group's fit puts the image.
+
+    Attributes
+    ----------
+    n_sources : int
+        The image's sources.
+    n_reference : int
+        Reference sources on the image's footprint (grown by the tolerance).
+    possible : int
+        Pairs the image could make: the smaller of the two.
+    matched : int
+        Pairs within the tolerance at the group's solution.
+    own_offset : tuple of float
+        The offset (within the search radius) pairing most of the image's own sources.
+    own_matches : int
+        Pairs within the tolerance at ``own_offset``.
+    own_scatter : float
+        RMS of those pairs' differences about ``own_offset``.
+    expected_chance : float
+        Pairs chance gives at one offset for the image's densities.
+    significant : bool
+        Whether ``own_matches`` is no chance (5 sigma after the search's trials and at
+        least ten times ``expected_chance``): the image alone says where it belongs.
+    """
+
+    n_sources: int
+    n_reference: int
+    possible: int
+    matched: int
+    own_offset: tuple[float, float]
+    own_matches: int
+    own_scatter: float
+    expected_chance: float
+    significant: bool
+
+    @property
+    def own_shift(self) -> float:
+        """Length of ``own_offset``."""
+        return float(np.hypot(*self.own_offset))
+
+    @property
+    def own_error(self) -> float:
+        """Uncertainty of ``own_offset``: ``own_scatter / sqrt(own_matches)``."""
+        return self.own_scatter / np.sqrt(max(self.own_matches, 1))
 
 
 @dataclass
@@ -235,7 +303,10 @@ class FitResult:
     was made of, ``quality`` says how sure the fit is (see
     :func:`~roman_tweakreg.quality.quality`).  An absolute fit of several exposure groups
     (one correction for all) has each group's own view of it in ``groups`` (see
-    :func:`~roman_tweakreg.align.group_results`).
+    :func:`~roman_tweakreg.align.group_results`).  ``refused`` holds the images (plane
+    index -> reason) that do not share the fit's solution (the per-image gates,
+    :func:`~roman_tweakreg.quality.refusals`): the fit was made without them and is not
+    applied to them.
     """
 
     status: Status
@@ -247,6 +318,7 @@ class FitResult:
     quality: Quality | None = None
     matches: Matches | None = field(default=None, repr=False)
     groups: dict[str, FitResult] = field(default_factory=dict, repr=False)
+    refused: dict[int, str] = field(default_factory=dict)
 
     def __post_init__(self):
         self.status = Status(self.status)
@@ -255,6 +327,13 @@ class FitResult:
     def applied(self) -> bool:
         """Whether this fit changed the WCS."""
         return self.status is Status.SUCCESS
+
+    def for_image(self, index: int) -> FitResult:
+        """This fit as image ``index`` (plane index) sees it: ``FAILED`` with its own
+        reason when the image was refused (:attr:`refused`), else the fit itself."""
+        if index not in self.refused:
+            return self
+        return replace(self, status=Status.FAILED, reason=self.refused[index], groups={})
 
     @property
     def image_nmatches(self) -> dict[int, int]:

@@ -29,6 +29,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import numpy as np
+import shapely
 from tweakwcs.matchutils import MatchSourceConfusionError
 
 from .geometry import affine, affine_hull
@@ -42,7 +43,7 @@ from .matching import (
     _match_and_fit,
     match_and_fit,
 )
-from .quality import quality
+from .quality import image_check, quality, refusals
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping, Sequence
@@ -53,9 +54,13 @@ if TYPE_CHECKING:
 __all__ = [
     "absolute_align",
     "group_results",
+    "mixed_groups",
     "relative_align",
     "rigid_sets",
 ]
+
+#: Fits of a group made again without the images refused by the per-image gates, at most.
+REFITS = 3
 
 log = logging.getLogger(__name__)
 
@@ -117,31 +122,111 @@ def relative_align(
             len(img_xy),
             len(ref_xy),
         )
-        result = _match_and_fit(
-            ref_xy, img_xy, pars, match, plane.group_weights(members), plane.group_owner(members)
+        def fit(current, ref_xy=ref_xy, g=g, ref_hull=ref_hull):
+            xy = plane.group_xy(current)
+            result = _match_and_fit(
+                ref_xy, xy, pars, match, plane.group_weights(current), plane.group_owner(current)
+            )
+            result.group_id = g
+            if result.fit:
+                # pairs come from sources up to searchrad + tolerance apart
+                grown = plane.group_hull(current).buffer(pars.searchrad + pars.tolerance)
+                overlap = ref_hull.intersection(grown)
+                pairs = (result.matches.ref_xy, result.matches.img_xy)
+                q = quality([(ref_xy, xy, overlap)], pairs, result.fit, overlap, pars)
+                _judge(result, q, pars, "searchrad")
+            return result
+
+        result, kept = _image_gates(
+            plane, members, fit, lambda _k, ref_xy=ref_xy: ref_xy, pars, "relative"
         )
-        result.group_id = g
-        if result.fit:
-            # pairs come from sources up to searchrad + tolerance apart
-            overlap = ref_hull.intersection(hulls[g].buffer(pars.searchrad + pars.tolerance))
-            pairs = (result.matches.ref_xy, result.matches.img_xy)
-            q = quality([(ref_xy, img_xy, overlap)], pairs, result.fit, overlap, pars)
-            _judge(result, q, pars, "searchrad")
         results[g] = result
         if not result.applied:
             log.warning("Relative alignment of group %s failed: %s", g, result.reason)
             continue
-        plane.apply(members, result.fit)
+        plane.apply(kept, result.fit)
         if expand_refcat:
+            img_xy = plane.group_xy(kept)
             unmatched = np.ones(len(img_xy), bool)
             unmatched[result.matches.source] = False
-            ref_xy = np.vstack([ref_xy, affine(img_xy[unmatched], result.fit)])
-            ref_hull = ref_hull.union(affine_hull(hulls[g], result.fit)).convex_hull
+            ref_xy = np.vstack([ref_xy, img_xy[unmatched]])  # already moved by apply
+            ref_hull = ref_hull.union(plane.group_hull(kept)).convex_hull
     if not any(r.applied for r in results.values()):
         results[ref_group] = FitResult(
             "FAILED", "no other group could be aligned to it", group_id=ref_group
         )
     return results
+
+
+def _image_gates(plane, members, fit, reference_of, pars, phase: str):
+    """Fit ``members`` with ``fit(members) -> FitResult``, then check each image's own view
+    of the solution (:func:`~roman_tweakreg.quality.image_check` with the reference
+    positions ``reference_of(index)``); fit again without the images refused by
+    :func:`~roman_tweakreg.quality.refusals` (at most :data:`REFITS` times).
+
+    Returns the last fit, its ``refused`` images (plane index -> reason naming the image,
+    its numbers and the likely cause) filled in, and the images it was made of.
+    """
+    current = list(members)
+    result = fit(current)
+    refused: dict[int, str] = {}
+    for _ in range(REFITS):
+        if not result.applied or len(current) < 2:
+            break
+        checks = {
+            k: image_check(reference_of(k), affine(plane.xy[k], result.fit), pars)
+            for k in current
+        }
+        new = refusals(checks, {k: plane.images[k].exposure for k in current})
+        if not new:
+            break
+        for k, numbers in new.items():
+            refused[k] = _refusal_reason(plane, members, k, numbers, phase)
+            log.warning("%s", refused[k])
+        current = [k for k in current if k not in new]
+        if not current:
+            result = FitResult("FAILED", "every image was refused", group_id=result.group_id)
+            break
+        result = fit(current)
+    result.refused = refused
+    return result, current
+
+
+def _exposures(plane, members) -> list[str]:
+    return sorted({plane.images[i].exposure for i in members if plane.images[i].exposure})
+
+
+def _refusal_reason(plane, members, k, numbers: str, phase: str) -> str:
+    image = plane.images[k]
+    exposures = _exposures(plane, members)
+    if len(exposures) > 1:
+        own = [
+            i for i in members if plane.images[i].exposure == image.exposure
+        ]
+        cause = (
+            f"group {image.group_id} holds exposures {', '.join(exposures)}; exposure "
+            f"{image.exposure} ({len(own)} images) does not share the others' pointing: "
+            "give each exposure its own group (group_id)"
+        )
+    else:
+        cause = (
+            f"its pointing differs from the rest of group {image.group_id} (an image of "
+            "another pointing given this group_id, or a detector whose WCS is off)"
+        )
+    return (
+        f"{image.name} does not share the {phase} fit of group {image.group_id}: "
+        f"{numbers}; {cause}; its WCS is left as it was before this fit"
+    )
+
+
+def mixed_groups(images: Sequence[ImageCatalog]) -> dict[str, list[str]]:
+    """Exposure groups holding images of several exposures (or pointings): group id ->
+    the exposures (:attr:`~roman_tweakreg.catalogs.ImageCatalog.exposure`)."""
+    out: dict[str, set[str]] = {}
+    for image in images:
+        if image.exposure:
+            out.setdefault(image.group_id, set()).add(image.exposure)
+    return {g: sorted(e) for g, e in out.items() if len(e) > 1}
 
 
 def absolute_align(
@@ -196,26 +281,34 @@ def absolute_align(
     members = list(range(len(plane.images))) if members is None else list(members)
     cache: dict = {}
 
-    def find_pairs(matcher, fit):
-        return _reference_pairs(
-            plane, members, ref_positions, matcher, pars, cache, fit, observers
-        )
+    def fit(current):
+        def find_pairs(matcher, fit):
+            return _reference_pairs(
+                plane, current, ref_positions, matcher, pars, cache, fit, observers
+            )
 
-    try:
-        result, pairs = match_and_fit(
-            find_pairs,
-            plane.group_xy(members),
-            pars,
-            match,
-            nothing_to_match=f"no {refcat_name} sources fall on the images",
-        )
-    except MatchSourceConfusionError as err:
-        return FitResult("FAILED", _confusion(err, refcat_name), refcat=refcat_name)
-    result.refcat = refcat_name
-    if result.fit:
-        _judge_set(plane, members, result, pairs, pars, searchrad_name)
+        try:
+            result, pairs = match_and_fit(
+                find_pairs,
+                plane.group_xy(current),
+                pars,
+                match,
+                nothing_to_match=f"no {refcat_name} sources fall on the images",
+            )
+        except MatchSourceConfusionError as err:
+            return FitResult("FAILED", _confusion(err, refcat_name), refcat=refcat_name)
+        result.refcat = refcat_name
+        if result.fit:
+            _judge_set(plane, current, result, pairs, pars, searchrad_name)
+        return result
+
+    def reference_of(k):
+        group_id = plane.images[k].group_id
+        return _reference_xy(plane, group_id, k, ref_positions, cache, observers)[0]
+
+    result, kept = _image_gates(plane, members, fit, reference_of, pars, "absolute")
     if result.applied:
-        plane.apply(members, result.fit)
+        plane.apply(kept, result.fit)
     return result
 
 
@@ -226,6 +319,19 @@ def _place(ref_positions, image, observers):
     else:
         placed = ref_positions(image.epoch, observers.get(image.group_id))
     return (*placed[:2], placed[2] if len(placed) > 2 else None)
+
+
+def _reference_xy(plane, group_id, first, ref_positions, cache, observers=None):
+    """The reference in the plane for exposure group ``group_id`` at the epoch of its
+    image ``first`` and seen from its observer: ``(positions, position errors in arcsec
+    or None)``, kept in ``cache`` per group."""
+    if group_id not in cache:
+        ra, dec, sigma = _place(ref_positions, plane.images[first], observers)
+        cache[group_id] = (
+            np.column_stack(plane.ref.world_to_tanp(ra, dec)) if len(ra) else np.empty((0, 2)),
+            None if sigma is None else np.asarray(sigma, float) / 1000.0,  # arcsec
+        )
+    return cache[group_id]
 
 
 def _reference_pairs(plane, members, ref_positions, match, pars, cache, fit=None, observers=None):
@@ -246,15 +352,13 @@ def _reference_pairs(plane, members, ref_positions, match, pars, cache, fit=None
     for group in _groups([images[i] for i in members]).values():
         group = [members[i] for i in group]
         img_xy = plane.group_xy(group)
-        if group[0] not in cache:  # the reference in the plane, once per group
-            ra, dec, sigma = _place(ref_positions, images[group[0]], observers)
-            cache[group[0]] = (
-                np.column_stack(plane.ref.world_to_tanp(ra, dec)) if len(ra) else np.empty((0, 2)),
-                None if sigma is None else np.asarray(sigma, float) / 1000.0,  # arcsec
-            )
-        ref_xy, ref_sigma = cache[group[0]]
+        group_id = images[group[0]].group_id
+        ref_xy, ref_sigma = _reference_xy(
+            plane, group_id, group[0], ref_positions, cache, observers
+        )
         moved = img_xy if fit is None else affine(img_xy, fit)
-        near = _near(ref_xy, moved, pars.searchrad + pars.tolerance)
+        hulls = [plane.hulls[i] if fit is None else affine_hull(plane.hulls[i], fit) for i in group]
+        near = _on_footprints(ref_xy, hulls, pars.searchrad + pars.tolerance)
         ref_xy = ref_xy[near]
         if len(img_xy) == 0 or len(ref_xy) == 0:
             continue
@@ -319,14 +423,17 @@ def group_results(result: FitResult) -> dict[str, FitResult]:
     return dict(result.groups)
 
 
-def _near(ref_xy: np.ndarray, img_xy: np.ndarray, margin: float) -> np.ndarray:
-    """Which reference sources (a mask) are inside the images' bounding rectangle grown
-    by ``margin``."""
-    if len(img_xy) == 0 or len(ref_xy) == 0:
+def _on_footprints(ref_xy: np.ndarray, hulls, margin: float) -> np.ndarray:
+    """Which reference sources (a mask) can fall on the images: inside one of their
+    footprints ``hulls`` grown by ``margin`` (the search radius and the tolerance)."""
+    if len(ref_xy) == 0 or not hulls:
         return np.ones(len(ref_xy), bool)
-    lo = img_xy.min(axis=0) - margin
-    hi = img_xy.max(axis=0) + margin
-    return np.all((ref_xy >= lo) & (ref_xy <= hi), axis=1)
+    area = shapely.union_all([h.buffer(margin) for h in hulls])
+    lo, hi = np.asarray(area.bounds[:2]), np.asarray(area.bounds[2:])
+    box = np.all((ref_xy >= lo) & (ref_xy <= hi), axis=1)
+    keep = np.zeros(len(ref_xy), bool)
+    keep[box] = shapely.contains_xy(area, ref_xy[box, 0], ref_xy[box, 1])
+    return keep
 
 
 def rigid_sets(images: Sequence[ImageCatalog], relative: dict[str, FitResult]) -> list[list[int]]:
@@ -334,15 +441,19 @@ def rigid_sets(images: Sequence[ImageCatalog], relative: dict[str, FitResult]) -
 
     Groups aligned to each other (the relative reference and every group whose
     relative fit succeeded) form one set; a group whose relative fit failed is
-    a set of its own, so that it can still be aligned to the reference catalog.
+    a set of its own, so that it can still be aligned to the reference catalog, and so
+    are the images of a group that its relative fit refused (they do not share its
+    solution; see :func:`~roman_tweakreg.quality.refusals`).
     """
     groups = _groups(images)
+    refused = {i for r in relative.values() for i in r.refused}
     together = [
         g for g in groups if g not in relative or relative[g].status in ("REFERENCE", "SUCCESS")
     ]
-    sets = [[i for g in together for i in groups[g]]] if together else []
+    sets = [[i for g in together for i in groups[g] if i not in refused]] if together else []
     sets += [groups[g] for g in groups if g not in together]
-    return sets
+    sets += [[i for i in groups[g] if i in refused] for g in together]
+    return [s for s in sets if s]
 
 
 def _area(area: float) -> float:

@@ -329,7 +329,8 @@ def _summarise(library) -> dict:
     if n_complete == len(statuses):
         status = "COMPLETE"
     else:
-        status = "PARTIAL" if n_complete else "FAILED"
+        # INCOMPLETE images are aligned to each other: a partial result too
+        status = "PARTIAL" if n_complete or "INCOMPLETE" in statuses else "FAILED"
         others = len(statuses) - n_complete
         reasons[0] = f"{others} of {len(statuses)} images not COMPLETE; first: {reasons[0]}"
     return {

@@ -669,6 +669,7 @@ def members(
                         },
                         epoch=(epoch := exposure_epoch(model.meta)),
                         observer=observer_position(model.meta, epoch),
+                        exposure=_exposure_of(model.meta),
                         catalog_name=str(source.resolve()) if source.assigned else "",
                         catalog_file=(
                             str(source.resolve() or "")
@@ -715,6 +716,22 @@ _WCSINFO_LIMITS = {
     "ra_ref": (-360.0, 360.0),
     "dec_ref": (-90.0, 90.0),
 }
+
+
+def _exposure_of(meta) -> str:
+    """The exposure an image belongs to, for messages (``ImageCatalog.exposure``)."""
+    obs = meta_get(meta, "observation") or {}
+    visit, exposure = meta_get(obs, "visit_id"), meta_get(obs, "exposure")
+    if exposure not in (None, "", "?", -999999):
+        return f"{visit}_{exposure}" if visit not in (None, "", "?") else str(exposure)
+    info = meta_get(meta, "wcsinfo") or {}
+    pointing = [meta_get(info, k) for k in ("ra_ref", "dec_ref", "roll_ref")]
+    if any(v is None for v in pointing):
+        return ""
+    try:
+        return "pointing ({:.5f}, {:.5f}, {:.3f})".format(*map(float, pointing))
+    except (TypeError, ValueError):
+        return ""
 
 
 def _absurd_wcsinfo(wcsinfo) -> str:

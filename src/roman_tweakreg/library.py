@@ -108,6 +108,8 @@ class ModelLibrary(AbstractModelLibrary):
     """
 
     def __init__(self, init, *args, on_disk: bool = False, temp_directory=None, **kwargs):
+        # models opened from files stay loaded (not on disk): closed with the library
+        self._closes_models = not on_disk
         remove = None
         if on_disk and temp_directory is None:
             remove_stale_temporaries(tempfile.gettempdir())
@@ -130,7 +132,14 @@ class ModelLibrary(AbstractModelLibrary):
         # romancal's open_dataset sets this on any romancal library it is given;
         # roman_datamodels 1.1 files are read as they are.
         kwargs.pop("update_version", None)
-        return _open_model(filename, **kwargs)
+        model = _open_model(filename, **kwargs)
+        if self._closes_models:
+            # the library keeps the model (and its open file) as long as it lives; when it
+            # is collected, the model is closed first: its file is never left to the
+            # garbage collector, which may finalise the file before the model and warn
+            # (ResourceWarning: unclosed file)
+            weakref.finalize(self, model.close)
+        return model
 
     @classmethod
     def _load_asn(cls, filename):

@@ -11,11 +11,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import shapely
-from scipy.stats import norm, poisson
+from scipy.stats import binom, norm, poisson
 from shapely.geometry import MultiPoint
 
-from ._types import Quality
+from ._types import ImageCheck, Quality
 from .geometry import affine
+from .search import count_at, offset_search
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -25,12 +26,16 @@ if TYPE_CHECKING:
 __all__ = [
     "CHANCE_MARGIN",
     "FALSE_ALARM",
+    "OWN_OFFSET_FLOOR",
+    "OWN_OFFSET_SIGMA",
     "RMSE_OVER_NOISE",
     "RMSE_OVER_TOLERANCE",
     "SPREAD_CAP",
     "Quality",
     "gates",
+    "image_check",
     "quality",
+    "refusals",
 ]
 
 #: False-alarm probability a fit may have of being chance alone: one-sided 5 sigma.
@@ -43,6 +48,14 @@ RMSE_OVER_NOISE = 3.0
 RMSE_OVER_TOLERANCE = 0.25
 #: Largest footprint fraction the matches' hull may be required to cover.
 SPREAD_CAP = 0.25
+#: An image's own offset disagrees with its group's solution beyond this many standard
+#: errors (``own_scatter / sqrt(own_matches)``) ...
+OWN_OFFSET_SIGMA = 5.0
+#: ... plus this floor (arcsec), a margin for systematics between detectors.
+OWN_OFFSET_FLOOR = 0.002
+#: An image matching fewer than this fraction of the pairs its group's match rate
+#: predicts (and improbably few, see :func:`refusals`) does not share the solution.
+LOW_MATCH_FRACTION = 0.25
 
 
 def _inside(polygon, xy: np.ndarray) -> int:
@@ -185,3 +198,120 @@ def gates(q: Quality, pars: FitParameters, searchrad_name: str = "searchrad") ->
             f"less than {need:.3g}; a fit on one corner does not constrain the rest"
         )
     return ""
+
+
+def image_check(ref_xy: np.ndarray, img_xy: np.ndarray, pars: FitParameters) -> ImageCheck:
+    """One image's own view of its group's fit: :class:`~roman_tweakreg.quality.ImageCheck`.
+
+    ``img_xy`` are the image's sources where the group's fit puts them, ``ref_xy`` the
+    reference positions of the fit.  The image's own offset is searched
+    (:func:`~roman_tweakreg.search.offset_search`) among the reference sources within
+    ``searchrad + tolerance`` of its footprint; its significance is that of gate 1 of
+    :func:`gates` for the image alone.
+    """
+    tol, reach = pars.tolerance, pars.searchrad + pars.tolerance
+    n_img = len(img_xy)
+    empty = ImageCheck(n_img, 0, 0, 0, (0.0, 0.0), 0, float("nan"), 0.0, False)
+    if n_img == 0 or len(ref_xy) == 0:
+        return empty
+    hull = MultiPoint(img_xy).convex_hull
+    region = hull.buffer(reach)
+    near = ref_xy[shapely.contains_xy(region, ref_xy[:, 0], ref_xy[:, 1])]
+    if len(near) == 0:
+        return empty
+    n_ref = _inside(hull.buffer(tol), near)
+    own = offset_search(near, img_xy, pars.searchrad, tol)
+    chance = n_img * len(near) * np.pi * tol**2 / region.area
+    trials = (reach / tol) ** 2 if pars.use2dhist else 1.0
+    significant = False
+    if own.count >= 3:
+        log_fa = np.log(trials) + poisson.logsf(own.count - 1, chance)
+        significant = bool(log_fa < np.log(FALSE_ALARM) and own.count >= CHANCE_MARGIN * chance)
+    return ImageCheck(
+        n_sources=n_img,
+        n_reference=n_ref,
+        possible=min(n_img, n_ref),
+        matched=count_at(near, img_xy, tol),
+        own_offset=(float(own.offset[0]), float(own.offset[1])),
+        own_matches=own.count,
+        own_scatter=own.scatter,
+        expected_chance=float(chance),
+        significant=significant,
+    )
+
+
+def _disagrees(check: ImageCheck, offset=(0.0, 0.0), error: float = 0.0) -> bool:
+    """Whether the image's own offset is away from ``offset`` (known to ``error``)."""
+    distance = np.hypot(check.own_offset[0] - offset[0], check.own_offset[1] - offset[1])
+    sigma = np.hypot(check.own_error, error)
+    return bool(distance > OWN_OFFSET_SIGMA * sigma + OWN_OFFSET_FLOOR)
+
+
+def refusals(
+    checks: dict[int, ImageCheck], exposures: dict[int, str] | None = None
+) -> dict[int, str]:
+    """The images (keys of ``checks``) that do not share their group's solution, and why.
+
+    Per-image gates (see docs/algorithm.rst):
+
+    1. *own offset*: an image whose own sources say where it belongs
+       (``significant``) and whose own offset is more than :data:`OWN_OFFSET_SIGMA`
+       standard errors plus :data:`OWN_OFFSET_FLOOR` from the solution does not share
+       it.  When the group holds several exposures (``exposures``: image -> exposure),
+       the exposure whose images match the solution most is the solution's, and the
+       disagreeing images of the others are refused; otherwise the images agreeing with
+       each other and holding the most own matches are taken as the solution's and the
+       others are refused.  The caller fits again without the refused images (a fit
+       pulled between two exposures agrees with neither);
+    2. *too few matches*: an image matching fewer than :data:`LOW_MATCH_FRACTION` of
+       the pairs the group's match rate predicts for its ``possible`` pairs, where a
+       binomial count at that rate would be so low with probability below
+       :data:`FALSE_ALARM`, does not share it either (an image whose own offset lies
+       beyond the search).  An image with few sources is never refused by this: at
+       most ``possible`` misses are improbable only beyond about 15 possible pairs.
+    """
+    out: dict[int, str] = {}
+    sure = {k: c for k, c in checks.items() if c.significant}
+    off = {k for k, c in sure.items() if _disagrees(c)}
+    labels = exposures or {}
+    several = len({labels.get(k, "") for k in checks}) > 1
+    if off and several:
+        matched: dict[str, int] = {}
+        for k, c in checks.items():
+            matched[labels.get(k, "")] = matched.get(labels.get(k, ""), 0) + c.matched
+        chosen = max(matched, key=matched.__getitem__)
+        refuse = {k for k in off if labels.get(k, "") != chosen}
+    elif off:
+        best: list[int] = []
+        for seed in sure.values():  # the largest set of images agreeing with each other
+            agree = [
+                k for k, c in sure.items() if not _disagrees(c, seed.own_offset, seed.own_error)
+            ]
+            if sum(sure[k].own_matches for k in agree) > sum(sure[k].own_matches for k in best):
+                best = agree
+        refuse = set(sure) - set(best)
+    else:
+        refuse = set()
+    for k in sorted(refuse):
+        c = sure[k]
+        out[k] = (
+            f"its own {c.own_matches} matches put it {1000 * c.own_shift:.0f} mas "
+            f"from the group's solution (offset ({1000 * c.own_offset[0]:.0f}, "
+            f"{1000 * c.own_offset[1]:.0f}) mas), where {c.matched} of its "
+            f"{c.possible} possible pairs match"
+        )
+    kept = [c for k, c in checks.items() if k not in out]
+    agreeing = [c for c in kept if c.significant] or kept
+    possible = sum(c.possible for c in agreeing)
+    rate = min(1.0, sum(c.matched for c in agreeing) / possible) if possible else 0.0
+    for k, c in checks.items():
+        expected = rate * c.possible
+        if k in out or c.matched >= LOW_MATCH_FRACTION * expected:
+            continue
+        if binom.cdf(c.matched, c.possible, rate) < FALSE_ALARM:
+            out[k] = (
+                f"{c.matched} of its {c.possible} possible pairs match the group's solution "
+                f"where about {expected:.0f} were expected (the group's match rate "
+                f"{rate:.2f})"
+            )
+    return out

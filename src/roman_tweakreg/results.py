@@ -1,10 +1,18 @@
 """Write the outcome into a model: corrected WCS, WCS name, s_region, wcs_fit_results, cal_step.
 
-Status rule (``meta.cal_step.tweakreg``):
+Status rule (``meta.cal_step.tweakreg``), per image (an image refused by its group's
+per-image gates sees that fit as ``FAILED``, :meth:`FitResult.for_image`):
 
-* ``COMPLETE`` - at least one fit (relative or absolute) succeeded and changed the WCS,
-  or the image belongs to the reference group that other groups were aligned to;
-* ``FAILED`` - no fit changed the WCS and at least one was attempted and failed;
+* ``COMPLETE`` - every fit asked for succeeded for the image: the absolute fit was
+  applied to it (the step always asks for one); without an absolute fit asked for
+  (``absolute`` None, as in the core functions' use), a relative fit applied to it or
+  its group being the relative reference;
+* ``INCOMPLETE`` - the image is aligned to the other exposures (its relative fit was
+  applied, or its group is the relative reference) but the absolute fit asked for was
+  refused or impossible (quality gates, per-image gates, unrelated or empty catalog,
+  service down): the relative correction is kept;
+* ``FAILED`` - no fit changed the WCS and at least one was attempted and failed
+  (romancal's status when its absolute fit fails, its WCS untouched);
 * ``SKIPPED`` - nothing was attempted (no catalog, no other group and no
   reference catalog, non-imaging exposure).
 
@@ -83,9 +91,12 @@ class Key:
 #: set the final WCS, of the top level.
 FIT_KEYS = (
     Key("status", "SUCCESS, REFERENCE, FAILED or SKIPPED (:class:`~roman_tweakreg.results."
-        "Status`); at the top level the image's outcome: SUCCESS, FAILED or SKIPPED."),
+        "Status`); at the top level the image's outcome: SUCCESS, INCOMPLETE (relative "
+        "alignment only), FAILED or SKIPPED."),
     Key("reason", "Why the fit failed or was skipped (at the top level: of every phase, "
-        "joined by ``;``); empty after a success."),
+        "joined by ``;``, or why the absolute fit was not applied to an INCOMPLETE image; "
+        "a refused image's names it, its numbers and the likely cause); empty after a "
+        "success."),
     Key("nmatches", "Matched pairs the fit was made of (one-to-one, within the tolerance; "
         "those of this exposure group when one absolute fit moved several)."),
     Key("image_nmatches", "Of those, the pairs of this image's own sources; the images of "
@@ -172,10 +183,14 @@ def keys_rst(table: tuple[Key, ...]) -> str:
 
 
 def image_status(relative: FitResult | None, absolute: FitResult | None) -> Status:
-    """Combine the two phases' outcomes into the image's status (rule above)."""
+    """Combine the two phases' outcomes (as the image sees them) into its status (rule
+    above)."""
     phases = [r for r in (relative, absolute) if r is not None]
-    if any(r.applied or r.status is Status.REFERENCE for r in phases):
+    aligned = relative is not None and (relative.applied or relative.status is Status.REFERENCE)
+    if (absolute is not None and absolute.applied) or (absolute is None and aligned):
         return Status.COMPLETE
+    if aligned:
+        return Status.INCOMPLETE
     if any(r.status is Status.FAILED for r in phases):
         return Status.FAILED
     return Status.SKIPPED
@@ -250,7 +265,12 @@ def fit_results_dict(
     final = absolute if absolute is not None and absolute.applied else relative
     top = _phase_dict(final if final is not None else absolute, image)
     top["status"] = status.as_fit.value
-    if status is not Status.COMPLETE:
+    if status is Status.INCOMPLETE:
+        top["reason"] = (
+            "aligned to the other exposures only (relative alignment kept); absolute "
+            f"alignment {absolute.status.value.lower()}: {absolute.reason}"
+        )
+    elif status is not Status.COMPLETE:
         reasons = [r.reason for r in (relative, absolute) if r is not None and r.reason]
         top["reason"] = "; ".join(reasons)
     top["group_id"] = str(group_id)
@@ -303,7 +323,9 @@ def outcomes(plane, relative: dict, absolute: dict, skipped: dict[int, str], wor
     n = len(plane.images)
     wcss = plane.corrected_wcss(range(n), workers)
     for k, img in enumerate(plane.images):
-        rel, abs_ = relative.get(img.group_id), absolute.get(img.group_id)
+        rel, abs_ = relative.get(img.group_id), absolute.get(k, absolute.get(img.group_id))
+        rel = None if rel is None else rel.for_image(k)
+        abs_ = None if abs_ is None else abs_.for_image(k)
         status = image_status(rel, abs_)
         fit = fit_results_dict(rel, abs_, group_id=img.group_id, status=status, n_images=n, image=k)
         fit["n_sources"] = 0 if img.catalog is None else len(img.catalog)  # the image's own

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import Counter
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -163,6 +162,12 @@ class TweakRegStep(Step):
                 len({i.group_id for i in images}),
                 len(skipped),
             )
+            for group, exposures in align.mixed_groups(images).items():
+                log.warning(
+                    "Group %s holds %d exposures (%s): they get one correction; where their "
+                    "pointings differ, give each exposure its own group (group_id)",
+                    group, len(exposures), ", ".join(exposures),
+                )  # fmt: skip
             relative = {}
             if len({i.group_id for i in images}) > 1:
                 with clock.phase("relative"):
@@ -425,7 +430,8 @@ class TweakRegStep(Step):
         return Path(self.output_dir or self.catalog_path or ".")
 
     def _absolute(self, plane, pars, refcat_name, relative) -> dict:
-        """Absolute alignment of each rigid set of groups; group id -> result."""
+        """Absolute alignment of each rigid set of groups; plane index -> the fit as the
+        image's group sees it (:func:`~roman_tweakreg.align.group_results`)."""
         abs_pars = _fit_parameters(pars, "abs_")
         images = plane.images
         ra, dec, radius = footprint_cone(plane)
@@ -449,7 +455,7 @@ class TweakRegStep(Step):
         except ReferenceCatalogError as err:
             log.warning("Absolute alignment skipped, relative alignment kept: %s", err)
             skipped = FitResult("SKIPPED", str(err), refcat=refcat_name)
-            return dict.fromkeys({i.group_id for i in images}, skipped)
+            return dict.fromkeys(range(len(images)), skipped)
         log.info(
             "Reference catalog %s (%s, epoch %s): %d stars in the cone of %.4f deg "
             "around (%.6f, %.6f), obtained in %.2f s",
@@ -467,7 +473,7 @@ class TweakRegStep(Step):
         if self.save_abs_catalog:
             self._save_refcat(refcat, min(epochs) if epochs else None)
         observers = _observers(images)
-        out = {}
+        out: dict = {}
         for members in align.rigid_sets(images, relative):
             result = align.absolute_align(
                 plane, refcat.placed, abs_pars, members=members, refcat_name=refcat.name,
@@ -479,8 +485,13 @@ class TweakRegStep(Step):
                     refcat.name,
                     result.reason,
                 )
-            out.update(dict.fromkeys({images[i].group_id for i in members}, result))
-            out.update(align.group_results(result))  # each group's own figures
+            own = align.group_results(result)  # each group's own figures
+            for group in dict.fromkeys(images[i].group_id for i in members):
+                mine = [i for i in members if images[i].group_id == group]
+                view = own.get(group, result)
+                view.refused = result.refused
+                # keyed by image: a group split by the relative per-image gates has two
+                out.update(dict.fromkeys(mine, view))
             # one line per fit: the groups of a rigid set are moved by one correction
             _log_fit("Absolute", result, [images[i] for i in members], refcat.name)
         return out
@@ -520,7 +531,8 @@ class TweakRegStep(Step):
         """Rewrite the sky columns of each aligned image's catalog file (opt-in parameter)."""
         for image in plane.images:
             wcs, _, status, _, _ = outcomes[image.index]
-            if status is not results.Status.COMPLETE or wcs is None:
+            aligned = (results.Status.COMPLETE, results.Status.INCOMPLETE)
+            if status not in aligned or wcs is None:
                 continue
             if not image.catalog_file:
                 log.info("%s: in-memory catalog, no catalog file to update", image.name)
@@ -679,6 +691,16 @@ def _pm(value: float, sigma: float | None, fmt: str = ".2f") -> str:
     """``value ± sigma`` (or the value alone when the uncertainty is unknown)."""
     text = format(value, fmt)
     return text if sigma is None or not np.isfinite(sigma) else f"{text} ± {sigma:{fmt}}"
+#: The image statuses, in the order the closing line counts them.
+IMAGE_STATUSES = ("COMPLETE", "INCOMPLETE", "FAILED", "SKIPPED")
+
+
+def _status_counts(statuses) -> str:
+    """Images by status: ``"N/M COMPLETE"`` (M images in all), then each other status
+    that occurs, in the order of :data:`IMAGE_STATUSES` (``"0/4 COMPLETE, 4 INCOMPLETE"``)."""
+    values = [str(getattr(s, "value", s)) for s in statuses]
+    others = [f"{values.count(name)} {name}" for name in IMAGE_STATUSES[1:] if name in values]
+    return ", ".join([f"{values.count('COMPLETE')}/{len(values)} COMPLETE", *others])
 
 
 def _log_fit(phase: str, result: FitResult, images: list, refcat: str = "") -> None:
@@ -749,17 +771,11 @@ def result_line(statuses, absolute: dict, refcat: str) -> str:
     Returns
     -------
     str
-        e.g. ``36/36 COMPLETE, absolute rms 3.05 mas to gaia.ecsv`` or ``30 COMPLETE,
-        4 FAILED, 2 SKIPPED of 36, absolute fit SKIPPED: <reason>``; every status
-        that occurs is counted, in the order of first appearance.
+        e.g. ``36/36 COMPLETE, absolute rms 3.05 mas to gaia.ecsv`` or ``30/36 COMPLETE,
+        4 INCOMPLETE, 2 SKIPPED, absolute fit to GAIADR3 SKIPPED: <reason>``
+        (:func:`_status_counts`).
     """
-    counts = Counter(str(s) for s in statuses)
-    total = sum(counts.values())
-    if len(counts) == 1:
-        (status, n), = counts.items()
-        line = f"{n}/{total} {status}"
-    else:
-        line = ", ".join(f"{n} {status}" for status, n in counts.items()) + f" of {total}"
+    line = _status_counts(statuses)
     applied = [r for r in absolute.values() if r.applied and "rmse" in (r.fit or {})]
     pairs = sum(r.nmatches for r in applied)
     if applied and pairs:
