@@ -87,15 +87,6 @@ def client(tmp_path_factory):
         # import the step on both workers now, not in the first timed task
         c.run(lambda: __import__("roman_tweakreg.batch") and None)
         yield c
-    # A client leaves distributed's offload thread running in this process, and forking
-    # (tests/test_parallel.py, the step's own workers) needs a process without threads:
-    # stop it and put an idle executor (no thread until used) in its place.
-    from concurrent.futures import ThreadPoolExecutor
-
-    from distributed import utils
-
-    utils._offload_executor.shutdown(wait=True)
-    utils._offload_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="Dask-Offload")
 
 
 def wcs_of(path):

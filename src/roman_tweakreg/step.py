@@ -14,7 +14,6 @@ from stpipe import Step, config_parser
 from stpipe.library import AbstractModelLibrary
 
 from . import align, catalogs, outputs, parameters, results
-from ._parallel import gc_frozen
 from .errors import InvalidParameterError, ReferenceCatalogError
 from .geometry import footprint_cone
 from .library import open_library
@@ -107,8 +106,7 @@ class TweakRegStep(Step):
         self._check_output_places()
         if more_inputs:
             input_data = _as_list(input_data) + [m for i in more_inputs for m in _as_list(i)]
-        with gc_frozen(), _tweakwcs_at_debug():
-            return self._align(input_data, pars, detection, refcat_name)
+        return self._align(input_data, pars, detection, refcat_name)
 
     def _align(self, input_data, pars, detection, refcat_name) -> ModelLibrary:
         self._clock = clock = _Clock()
@@ -432,38 +430,6 @@ def _log_fit(phase: str, result: FitResult, images: list, refcat: str = "") -> N
         float(fit.get("<rot>", fit.get("proper_rot", 0.0))), 1000.0 * float(fit["rmse"]),
         1000.0 * float(fit["mae"]), result.status, f" ({result.reason})" if result.reason else "",
     )  # fmt: skip
-
-
-class _DemoteToDebug(logging.Filter):
-    """Turn INFO records into DEBUG ones: shown only by handlers set to DEBUG."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno == logging.INFO:
-            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
-        return True
-
-
-@contextmanager
-def _tweakwcs_at_debug():
-    """Demote tweakwcs's INFO lines to DEBUG for the duration of the block.
-
-    The filter is added to every ``tweakwcs`` logger and removed afterwards, so no
-    logging state outlives the call; tweakwcs's warnings are kept as they are.
-    """
-    demote = _DemoteToDebug()
-    loggers = [
-        logger
-        for name, logger in logging.Logger.manager.loggerDict.items()
-        if (name == "tweakwcs" or name.startswith("tweakwcs."))
-        and isinstance(logger, logging.Logger)
-    ]
-    for logger in loggers:
-        logger.addFilter(demote)
-    try:
-        yield
-    finally:
-        for logger in loggers:
-            logger.removeFilter(demote)
 
 
 class _Clock:
