@@ -53,6 +53,7 @@ __all__ = [
     "names",
     "rematch",
     "rematch_motion",
+    "service_timeout",
     "spec",
     "table_rst",
     "validate",
@@ -468,6 +469,13 @@ def rematch_motion(tolerance: float) -> float:
 
 
 # -- documentation ------------------------------------------------------------------------------
+def service_timeout(pars: Mapping[str, Any]) -> float:
+    """Seconds to wait for the catalog service per try: ``vo_timeout`` (romancal's name)
+    when set, else ``abs_refcat_timeout``; the step and the batch both ask here."""
+    vo_timeout = pars.get("vo_timeout")
+    return float(pars["abs_refcat_timeout"] if vo_timeout is None else vo_timeout)
+
+
 def _literal(value: Any) -> str:
     return "None" if value is None else f"``{value!r}``"
 

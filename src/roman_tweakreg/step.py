@@ -237,7 +237,7 @@ class TweakRegStep(Step):
                 radius,
                 epoch=min(epochs) if epochs else None,
                 min_sources=abs_pars.minobj,
-                timeout=self.abs_refcat_timeout if self.vo_timeout is None else self.vo_timeout,
+                timeout=parameters.service_timeout(pars),
                 retries=self.abs_refcat_retries,
                 cache_dir=self.abs_refcat_cache,
                 base_url=self.abs_refcat_url or None,
