@@ -312,7 +312,7 @@ PARAMETERS: tuple[Parameter, ...] = (
               "outputs"),
     Parameter("processes", int, 0,
               "Processes for per-image work (catalogs, corrected WCS, saving): 0 one per "
-              "usable core (at most 4), 1 none forked", "outputs", low=0, spec_args="min=0"),
+              "usable core (at most 4), 1 no worker process", "outputs", low=0, spec_args="min=0"),
     Parameter("report", str, "",
               "Write a JSON fit report to this file (relative to output_dir); '' for none",
               "outputs"),
@@ -463,12 +463,6 @@ def rematch(pars: _T) -> _T:
     return replace(pars, searchrad=pars.tolerance, use2dhist=False)
 
 
-def rematch_motion(tolerance: float) -> float:
-    """The motion (arcsec) beyond which a fit's sources are matched again."""
-    return REMATCH_MOTION * tolerance
-
-
-# -- documentation ------------------------------------------------------------------------------
 def service_timeout(pars: Mapping[str, Any]) -> float:
     """Seconds to wait for the catalog service per try: ``vo_timeout`` (romancal's name)
     when set, else ``abs_refcat_timeout``; the step and the batch both ask here."""
@@ -476,6 +470,12 @@ def service_timeout(pars: Mapping[str, Any]) -> float:
     return float(pars["abs_refcat_timeout"] if vo_timeout is None else vo_timeout)
 
 
+def rematch_motion(tolerance: float) -> float:
+    """The motion (arcsec) beyond which a fit's sources are matched again."""
+    return REMATCH_MOTION * tolerance
+
+
+# -- documentation ------------------------------------------------------------------------------
 def _literal(value: Any) -> str:
     return "None" if value is None else f"``{value!r}``"
 
