@@ -131,6 +131,12 @@ def worker(spec_path: Path) -> int:
         profiler.enable()
     import resource
 
+    idle = None
+    if spec.get("idle_thread"):  # a process with another thread (a kernel, an application)
+        import threading
+
+        idle = threading.Event()
+        threading.Thread(target=idle.wait, daemon=True).start()
     load_before = os.getloadavg()[0]
     c0 = time.process_time()
     children0 = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -139,6 +145,8 @@ def worker(spec_path: Path) -> int:
     result = step.run(spec["asn"])
     call_s = time.perf_counter() - t0
     cpu_s = time.process_time() - c0
+    if idle is not None:
+        idle.set()
     children = resource.getrusage(resource.RUSAGE_CHILDREN)  # forked workers, once ended
     cpu_workers_s = (children.ru_utime + children.ru_stime) - (
         children0.ru_utime + children0.ru_stime
@@ -294,6 +302,7 @@ def run_ours(work: Path, asn: Path, refcat: Path, k: int, args) -> dict:
         "wcs_out": str(runs / f"ours_wcs{k}.asdf"), "result": str(runs / f"ours{k}.json"),
         "profile": str(runs / f"ours{k}.prof") if args.profile else None,
         "pars": dict(_key_value(p) for p in args.par),
+        "idle_thread": args.idle_thread,
     }
     spec_path = runs / f"ours_spec{k}.json"
     spec_path.write_text(json.dumps(spec))
@@ -499,6 +508,9 @@ def main(argv=None) -> int:
                         help="no meta.group_id in the files and no group_id in the "
                              "association (as simulate.write_dataset writes them); romancal "
                              "1.1.0 then aligns all exposures of the observation as one group")
+    parser.add_argument("--idle-thread", action="store_true",
+                        help="start an idle thread in our step's process before the call (a "
+                             "process with threads, like a Jupyter kernel or a Dask worker)")
     parser.add_argument("--skip-ours", action="store_true", help="run romancal only")
     parser.add_argument("--keep-outputs", action="store_true",
                         help="keep the output WCS files and saved models")

@@ -57,24 +57,26 @@ def _no_real_catalog_service(monkeypatch, tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def _close_the_models_opened_from_files(monkeypatch):
-    """Close, when a test ends, every model the package opened from a file during it.
+    """Close, when a test ends, every model opened from a file during it.
 
     A library the step returns keeps the models it opened from files open (stpipe's
     libraries do too: the caller owns them); tests that drop such a library would leave
     the files to the garbage collector, whose order of finalisation (Python 3.13) closes
     the file before the model and warns in whichever later test it happens to run.
+    The models are those roman_datamodels' public ``open`` returned.
     """
-    from roman_tweakreg import library
+    from roman_datamodels import datamodels as rdm
 
     opened = []
-    real = library._open_model
+    real = rdm.open
 
-    def tracked(filename, **kwargs):
-        model = real(filename, **kwargs)
-        opened.append(model)
+    def tracked(init, *args, **kwargs):
+        model = real(init, *args, **kwargs)
+        if not isinstance(init, rdm.DataModel):
+            opened.append(model)
         return model
 
-    monkeypatch.setattr(library, "_open_model", tracked)
+    monkeypatch.setattr(rdm, "open", tracked)
     yield
     for model in opened:
         model.close()

@@ -87,15 +87,6 @@ def client(tmp_path_factory):
         # import the step on both workers now, not in the first timed task
         c.run(lambda: __import__("roman_tweakreg.batch") and None)
         yield c
-    # A client leaves distributed's offload thread running in this process, and forking
-    # (tests/test_parallel.py, the step's own workers) needs a process without threads:
-    # stop it and put an idle executor (no thread until used) in its place.
-    from concurrent.futures import ThreadPoolExecutor
-
-    from distributed import utils
-
-    utils._offload_executor.shutdown(wait=True)
-    utils._offload_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="Dask-Offload")
 
 
 def wcs_of(path):
@@ -482,3 +473,28 @@ def test_tasks_run_the_step_in_one_process_unless_asked():
     assert _step_parameters({})["processes"] == 1
     assert _step_parameters({"processes": 2})["processes"] == 2
     assert _step_parameters({"processes": 0})["processes"] == 0
+
+
+def test_regions_are_fetched_with_vo_timeout_like_the_step(gaia_service, tmp_path):
+    """``vo_timeout`` (romancal's name), when set, is the service timeout of the shared
+    region fetches too, as in the step: a slow service is given up after it, not after
+    ``abs_refcat_timeout``."""
+    from roman_tweakreg.batch import _fetch_region, _region_options, _step_parameters
+    from roman_tweakreg.errors import ReferenceCatalogError
+    from roman_tweakreg.refcat._plan import Region
+
+    pars = _step_parameters({
+        "abs_refcat_timeout": 60.0, "vo_timeout": 0.5, "abs_refcat_retries": 0,
+        "abs_refcat_url": gaia_service.url, "abs_refcat_cache": "off",
+    })  # fmt: skip
+    options = _region_options(pars)
+    assert options["timeout"] == 0.5
+    assert _region_options(_step_parameters({"abs_refcat_timeout": 7.0}))["timeout"] == 7.0
+    gaia_service.faults = ["slow"]
+    gaia_service.delay = 10.0
+    region = Region("r0000", FIELD[0], FIELD[1], 0.2, [0])
+    t0 = time.monotonic()
+    with pytest.raises(ReferenceCatalogError, match=r"within the 0\.5 s timeout"):
+        _fetch_region(region, "GAIADR3", str(tmp_path / "r.parquet"), 0.0, options)
+    assert time.monotonic() - t0 < 5.0  # not the 60 s of abs_refcat_timeout
+    assert not (tmp_path / "r.parquet").exists()

@@ -370,10 +370,19 @@ def test_vectorised_fit_equals_photutils_per_source_fit(weighted):
     np.testing.assert_allclose(theirs["fwhm_fit"][ok], reference[ok, 3], rtol=3e-3)  # 1.1e-3
 
 
-def test_detection_in_worker_processes_reads_the_files(tmp_path, monkeypatch):
-    """Images on disk without catalogs: each is detected in a forked worker from its file."""
+def _run_detection(context, job):
+    """A worker's job: the detection job, and the process it ran in."""
+    return os.getpid(), job.run()
+
+
+def test_detection_in_worker_processes_reads_the_files(tmp_path):
+    """Images on disk without catalogs: the step detects each from its file (the same
+    catalogs as a detection here), and a detection job run in a worker process reads
+    the file itself."""
     from conftest import make_data
     from roman_tweakreg import TweakRegStep
+    from roman_tweakreg._parallel import Workers
+    from roman_tweakreg.detection import DetectionJob, DetectionParameters
 
     exposures, _ = make_data(1, detectors=("WFI01", "WFI02"), data_shape=(256, 256))
     files = []
@@ -383,15 +392,6 @@ def test_detection_in_worker_processes_reads_the_files(tmp_path, monkeypatch):
         del model.meta["tweakreg_catalog"]
         files.append(tmp_path / f"{model.meta.filename}")
         model.save(files[-1])
-    pids = tmp_path / "pids"
-    real = detection.detect_sources
-
-    def recording(*args, **kwargs):
-        with pids.open("a") as f:
-            f.write(f"{os.getpid()}\n")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(detection, "detect_sources", recording)
     # the library returned keeps the inputs open; the autouse fixture closes them
     TweakRegStep.call(
         [str(f) for f in files],
@@ -400,15 +400,21 @@ def test_detection_in_worker_processes_reads_the_files(tmp_path, monkeypatch):
         abs_refcat_retries=0,
         processes=2,
     )
-    workers = {int(p) for p in pids.read_text().split()}
-    assert len(pids.read_text().split()) == 2
-    assert os.getpid() not in workers
     for path in files:
         written = Table.read(catalog_filename(path.name, tmp_path / "cats", "ascii.ecsv"))
         with rdm.open(path) as model:
-            here = real(model.data, model.dq, model.err)
+            here = detection.detect_sources(model.data, model.dq, model.err)
         np.testing.assert_allclose(written["x"], here["x"])
         assert len(written) >= 35
+    job = DetectionJob(files[0].name, tmp_path / "w_cat.ecsv", "ascii.ecsv",
+                       DetectionParameters().validate(), str(files[0]))  # fmt: skip
+    with Workers(2) as workers:
+        assert workers.wait_ready(120)
+        pid, table = workers.submit(_run_detection, job).result()
+    assert pid != os.getpid()  # read from the file by the worker
+    first = Table.read(catalog_filename(files[0].name, tmp_path / "cats", "ascii.ecsv"))
+    np.testing.assert_allclose(table["x"], first["x"])
+    assert Table.read(tmp_path / "w_cat.ecsv")["x"].tolist() == table["x"].tolist()
 
 
 def test_unflagged_hot_pixels_rejected_as_too_sharp():

@@ -1,4 +1,4 @@
-"""Saving outputs in forked workers (``roman_tweakreg.outputs``) and the step's own timings."""
+"""Saving outputs in worker processes (``roman_tweakreg.outputs``) and the step's own timings."""
 
 from __future__ import annotations
 
@@ -71,8 +71,29 @@ def test_the_step_records_its_phase_timings_with_the_save(dataset, tmp_path):
     assert report["timings"] == pytest.approx(timings)
 
 
-def test_an_output_failing_in_a_worker_is_reported_with_those_written(dataset, tmp_path):
-    """A folder in the way of the second output: the worker's error reaches the step."""
+@pytest.fixture(params=["plain", "idle thread"])
+def process_kind(request):
+    """A plain process, or one with an idle thread running meanwhile."""
+    import threading
+
+    if request.param == "plain":
+        yield request.param
+        return
+    stop = threading.Event()
+    thread = threading.Thread(target=stop.wait, daemon=True)
+    thread.start()
+    try:
+        yield request.param
+    finally:
+        stop.set()
+        thread.join()
+
+
+def test_an_output_failing_in_a_worker_is_reported_with_those_written(
+    dataset, tmp_path, process_kind
+):
+    """A folder in the way of the second output: its error reaches the step, every
+    other output is written (in a plain process and with another thread running)."""
     out = tmp_path / "out"
     blocked = out / OUTPUT.format("wfi02", "tweakregstep")
     blocked.mkdir(parents=True)

@@ -181,10 +181,23 @@ def test_derived_matching_rules():
     retry = matching.confusion_retry(pars)
     assert (retry.separation, retry.tolerance, retry.searchrad) == (1.4, 0.7, 6.0)
     assert matching.confusion_retry(FitParameters(separation=1.4, tolerance=0.7)) is None
-    matcher = _rematcher(pars.matcher(), pars)
-    settings = {k: getattr(matcher, "_" + k) for k in ("searchrad", "separation", "tolerance")}
+    again = matching.rematch(pars)
+    settings = {k: getattr(again, k) for k in ("searchrad", "separation", "tolerance")}
     assert settings == {"searchrad": 0.7, "separation": 0.1, "tolerance": 0.7}
-    assert matcher._use2dhist is False
+    assert again.use2dhist is False
+    # tweakwcs's matcher built from them behaves so (its settings are not public): no
+    # offset search, so a catalog moved by 1.5" (beyond the 0.7" radius) matches nothing,
+    # while the first matcher (2D histogram over 6") finds every source moved by 3"
+    from astropy.table import Table
+
+    matcher = _rematcher(pars.matcher(), pars)
+    xy = np.random.default_rng(1).uniform(-100, 100, (50, 2))
+    ref = Table({"TPx": xy[:, 0], "TPy": xy[:, 1]})
+    matched = {d: len(matcher(ref, Table({"TPx": xy[:, 0] + d, "TPy": xy[:, 1]}),
+                              tp_units="arcsec")[0]) for d in (0.5, 1.5)}  # fmt: skip
+    assert matched == {0.5: 50, 1.5: 0}
+    moved = Table({"TPx": xy[:, 0] + 3.0, "TPy": xy[:, 1]})
+    assert len(pars.matcher()(ref, moved, tp_units="arcsec")[0]) == 50
     assert matching.rematch_motion(0.7) == pytest.approx(0.175)
     # a roll of 0.001 rad about the matched sources' centre moves a source 200" away by 0.2"
     roll = 1e-3

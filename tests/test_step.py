@@ -482,8 +482,8 @@ def test_outputs_have_ordinary_permissions(refcat_file, tmp_path):
         assert path.stat().st_mode & 0o777 == 0o666 & ~umask, path
 
 
-def test_forked_workers_give_the_same_alignment(on_disk, caplog):
-    """processes=2 (a forked worker reads catalogs and builds WCSs) == processes=1, exactly."""
+def test_worker_processes_give_the_same_alignment(on_disk, caplog):
+    """processes=2 (a worker process reads catalogs and builds WCSs) == processes=1, exactly."""
     import logging
 
     asn, exposures = on_disk
@@ -494,7 +494,7 @@ def test_forked_workers_give_the_same_alignment(on_disk, caplog):
         result = TweakRegStep.call(
             str(asn), abs_refcat=str(asn.parent / "gaia_2028.ecsv"), processes=processes
         )
-        shared = "Per-image work shared with 1 forked worker(s)" in caplog.text
+        shared = "Per-image work shared with 1 worker process(es)" in caplog.text
         assert shared == (processes == 2)
         assert caplog.text.count("Catalog 6 of 6") == 1
         runs[processes] = (metas(result), result)

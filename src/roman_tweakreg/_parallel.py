@@ -1,35 +1,44 @@
-"""Per-image jobs shared between this process and forked worker processes.
+"""Per-image jobs shared between this process and worker processes of a standard pool.
 
 The step's main process must open every model itself (the models it returns live
-there), so only work that needs no model is handed out: reading a catalog and
-projecting it into the alignment plane, and building a corrected WCS.  Workers are
-forked (they inherit the imported modules and the alignment plane, so starting one
-costs milliseconds, not the seconds a fresh interpreter needs); where ``fork`` does
-not exist, or other threads are running (forking them is unsafe), everything runs in
-this process.
+there), so only work that needs no open file is handed out: reading a catalog and
+projecting it into the alignment plane, building a corrected WCS, and writing an
+output.  The workers are those of a :class:`concurrent.futures.ProcessPoolExecutor`
+started by ``multiprocessing``'s ``forkserver`` method: each worker is forked from a
+server process that started from nothing and imported the package (it holds no
+thread, no lock and no file of this process), so a pool is safe to start in a process
+with threads (a Jupyter kernel, an application, a Dask worker's thread pool) and gives
+the same results as in a plain process.  The server is started once per process, the
+first time a pool is; the method and its preloaded modules are those of the context
+object passed to the pool (``multiprocessing``'s default start method is not changed).
+
+Where a process may have no children (a daemonic process, such as a Dask worker
+started by a nanny) or the platform has no ``forkserver``, every job runs in this
+process, with the same results.
 
 A job goes to a worker while fewer than ``depth`` jobs per worker (four by default) are
 waiting, and otherwise runs here at once, so the work balances itself: when this
 process is slow (opening files) the workers take nearly everything, when it is fast
-(models in memory) it does its share.  When the caller says how many jobs are still
-to come (``submit(..., left=n)``), the last ones stay here unless a worker is free,
-so that this process does not wait idle for the workers' queue at the end (saving
-36 images: 1.1 s of 5.7 s with four waiting).  Log records a job emits in a worker are
-sent back and logged here, so the step's log is the same either way.
+(models in memory) it does its share.  Until the pool's workers have started (a new
+server imports the package first, a second or two), every job runs here.  When the
+caller says how many jobs are still to come (``submit(..., left=n)``), the last ones
+stay here unless a worker is free, so that this process does not wait idle for the
+workers' queue at the end.  Log records a job emits in a worker are sent back and
+logged here, so the step's log is the same either way.
 
 Faults.  A worker that dies (killed, out of memory) takes no job with it: the jobs it
 had are done again in this process and the broken pool is replaced by a new one (once
-per :class:`Workers`; after a second death every job runs here).  Workers never outlive
-this process: on Linux the kernel kills them when it dies (``PR_SET_PDEATHSIG``), and
-everywhere each worker watches a pipe whose only writer is this process and exits when
-it reads end-of-file.  Workers ignore SIGINT: an interrupt is this process's to
-handle, and it then stops them.
+per :class:`Workers`; after a second death every job runs here), with a log line.
+Workers never outlive this process: each watches ``multiprocessing``'s sentinel of
+its parent process (this one) and exits when it closes; on Linux the kernel also kills
+a worker whose server died (``PR_SET_PDEATHSIG``), and the server exits when this
+process does.  Workers ignore SIGINT: an interrupt is this process's to handle, and it
+then stops them.
 """
 
 from __future__ import annotations
 
 import ctypes
-import gc
 import logging
 import multiprocessing
 import os
@@ -38,19 +47,21 @@ import sys
 import threading
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-__all__ = ["Workers", "gc_frozen", "gc_refreeze", "usable_cores"]
+__all__ = ["START_METHOD", "Workers", "usable_cores"]
 
 log = logging.getLogger(__name__)
 
 _PACKAGE_LOGGER = "roman_tweakreg"
 AUTO_MAX = 4  #: processes in all with ``processes=0``
 MAX_RESTARTS = 1  #: new pools started after a worker died, per Workers
+START_METHOD = "forkserver"  #: safe in a process with threads; the package is preloaded
+#: Modules the fork server imports once, so that its workers start in milliseconds.
+PRELOAD = ["roman_tweakreg.catalogs", "roman_tweakreg.outputs", "roman_tweakreg.plane"]
 PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 _context: Any = None  # the context of jobs in a worker, set when it starts
 
@@ -63,104 +74,26 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-class _Freeze:
-    """The garbage collector's freeze held by this package: reference-counted, thread-safe.
-
-    ``gc.unfreeze`` unfreezes every frozen object, whoever froze it, and there is no way
-    to unfreeze only some.  So the package freezes only when nothing is frozen when its
-    first hold begins (``gc.get_freeze_count() == 0``), and unfreezes when its last hold
-    ends: the count is 0 again, as it was.  When objects are already frozen (Python
-    3.12.1 starts with 375 frozen objects; an application may freeze its own before
-    forking), it leaves the collector alone: the process's state is unchanged, at the
-    cost of the collector's passes over every object.
-    """
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._holds = 0
-        self._ours = False  # whether the objects frozen now are ours to unfreeze
-
-    @contextmanager
-    def held(self):
-        with self._lock:
-            if self._holds == 0:
-                self._ours = gc.get_freeze_count() == 0
-                if self._ours:
-                    gc.freeze()
-            self._holds += 1
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._holds -= 1
-                if self._holds == 0 and self._ours:
-                    gc.unfreeze()
-                    self._ours = False
-
-    def refreeze(self) -> None:
-        """Freeze the objects made since the hold began too, when the freeze is ours."""
-        with self._lock:
-            if self._holds and self._ours:
-                gc.freeze()
-
-
-_FREEZE = _Freeze()
-
-
-@contextmanager
-def gc_frozen():
-    """Keep the objects that exist now out of the garbage collector's passes meanwhile.
-
-    Python's full collections walk every object alive; during a step that is the
-    whole of astropy, gwcs and asdf plus the models, about 0.1 s a pass, several
-    times a run.  Frozen objects are still freed by reference counting; cyclic
-    garbage among them is collected after the block.  Blocks nest and may run in
-    several threads at once; the objects are unfrozen when the last one ends.  When
-    objects were frozen before the first block began (by the interpreter or the
-    application), nothing is frozen or unfrozen: ``gc.get_freeze_count()`` after the
-    block is always what it was before.
-    """
-    with _FREEZE.held():
-        yield
-
-
-def gc_refreeze() -> None:
-    """Inside :func:`gc_frozen`, keep the objects made since it began out of the passes too.
-
-    For a loop that builds long-lived objects one after another (the step opening
-    each model): without it, every full pass walks all the models opened so far, a
-    quarter of the time of opening 540 of them.  Cyclic garbage made before the call
-    is kept too, until the outermost block ends (about 10 MB at 540 models).  Does
-    nothing outside a block, or when the freeze is not the package's.
-    """
-    _FREEZE.refreeze()
-
-
-def _init_worker(context, parent: int, watch_read: int, watch_write: int) -> None:
-    """Set up a forked worker: its jobs' context, and its death with the parent."""
+def _init_worker(context) -> None:
+    """Set up a worker: its jobs' context, and its death with this process."""
     global _context  # the state of one worker process
     _context = context
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles interrupts
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not a handler inherited from the parent
-    if sys.platform.startswith("linux"):
-        try:
+    if ctypes is not None and sys.platform.startswith("linux"):
+        try:  # the fork server's death (it exits with this process) kills the worker
             libc = ctypes.CDLL(None, use_errno=True)
             libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        except (OSError, AttributeError):  # no usable libc: the pipe watch remains
+        except (OSError, AttributeError):  # no usable libc: the sentinel watch remains
             pass
-    os.close(watch_write)  # the parent's copy is then the only writer
-    if os.getppid() != parent:  # the parent died before the death signal was set
-        os._exit(1)
-    threading.Thread(target=_exit_at_eof, args=(watch_read,), daemon=True).start()
+    parent = multiprocessing.parent_process()
+    if parent is not None:
+        threading.Thread(target=_exit_with, args=(parent,), daemon=True).start()
 
 
-def _exit_at_eof(fd: int) -> None:
-    """End the worker when the pipe's writer, the parent, is gone."""
-    try:
-        while os.read(fd, 1):
-            pass
-    finally:
-        os._exit(1)
+def _exit_with(parent) -> None:
+    """End the worker when the process that started it is gone."""
+    parent.join()  # returns when the parent's sentinel closes: it died or ended
+    os._exit(1)
 
 
 class _Collect(logging.Handler):
@@ -178,18 +111,33 @@ def _in_worker(fn, args):
     """Run ``fn(context, *args)`` in a worker; return its outcome and its log records."""
     logger = logging.getLogger(_PACKAGE_LOGGER)
     handler = _Collect()
-    propagate, handlers = logger.propagate, logger.handlers
+    propagate, handlers, level = logger.propagate, logger.handlers, logger.level
     logger.handlers, logger.propagate = [handler], False
+    logger.setLevel(logging.DEBUG)  # the worker's own process: every record goes back
     try:
         return True, fn(_context, *args), handler.records
     except Exception as err:
         return False, err, handler.records
     finally:
         logger.handlers, logger.propagate = handlers, propagate
+        logger.setLevel(level)
+
+
+def _ready() -> int:
+    return os.getpid()
+
+
+def _cannot_start() -> str:
+    """Why no worker process can be started here ('' when they can)."""
+    if START_METHOD not in multiprocessing.get_all_start_methods():
+        return f"this platform has no {START_METHOD!r} start method"
+    if multiprocessing.current_process().daemon:
+        return "this is a daemonic process (e.g. a Dask worker), which may have no children"
+    return ""
 
 
 class Workers:
-    """Run ``fn(context, *args)`` jobs here or in forked workers (see the module docstring).
+    """Run ``fn(context, *args)`` jobs here or in worker processes (see the module docstring).
 
     Parameters
     ----------
@@ -200,7 +148,8 @@ class Workers:
         limits the speed; more workers only share the corrected WCSs further), on
         Linux; elsewhere 0 means 1.
     context : object
-        Passed to every job as its first argument (inherited by the workers, not sent).
+        Passed to every job as its first argument (sent to each worker once, when it
+        starts; it must be picklable).
     depth : int
         Jobs waiting (running included) per worker before a job runs here instead.
         Four keeps the workers busy while this process is slow between jobs (opening
@@ -214,45 +163,50 @@ class Workers:
             wanted = min(processes, usable_cores())  # more would only compete for the cores
         elif sys.platform.startswith("linux"):
             wanted = min(usable_cores(), AUTO_MAX)
-        else:  # macOS has fork but its system libraries may not survive one
+        else:  # elsewhere a worker's start costs more than it saves
             wanted = 1
         self.n_workers = 0
         self.restarts = 0  #: pools replaced after a worker died
         self._pool: ProcessPoolExecutor | None = None
-        self._watch_write = -1  # the parent's end of the workers' pipe watch
+        self._warm: _Warm | None = None
         self._waiting: list[Future] = []
         if wanted > 1:
             self._start(wanted - 1)
 
     def _start(self, n_workers: int) -> None:
-        reason = _cannot_fork()
+        reason = _cannot_start()
         if reason:
             log.debug("Per-image work stays in this process: %s", reason)
             return
-        watch_read, self._watch_write = os.pipe()
+        context = multiprocessing.get_context(START_METHOD)
+        context.set_forkserver_preload(PRELOAD)  # used when the server starts
         self.n_workers = n_workers
         self._pool = pool = ProcessPoolExecutor(
-            n_workers,
-            mp_context=multiprocessing.get_context("fork"),
-            initializer=_init_worker,
-            initargs=(self.context, os.getpid(), watch_read, self._watch_write),
+            n_workers, mp_context=context, initializer=_init_worker, initargs=(self.context,)
         )
-        # fork now, with every object out of the collector's sight: a collection in a
-        # worker would otherwise write to (and so copy) every inherited page.  Inside an
-        # enclosing gc_frozen, the objects made since it began are frozen too.
-        try:
-            with _FREEZE.held():
-                _FREEZE.refreeze()
-                pool.submit(int).result()
-        except BrokenProcessPool as err:
-            self._replace(pool, err)
-        except BaseException:  # an interrupt: no pool left behind
-            self._stop()
-            raise
-        finally:
-            os.close(watch_read)  # the workers have their copies
-        if self._pool is pool:
-            log.debug("Per-image work shared with %d forked worker(s)", self.n_workers)
+        # Starting a worker waits for the fork server, which imports the package first
+        # when it is new: a thread of the pool's waits for it, this one goes on (its
+        # jobs run here meanwhile).
+        self._warm = _Warm(pool, n_workers)
+        log.debug("Per-image work shared with %d worker process(es)", self.n_workers)
+
+    def ready(self) -> bool:
+        """Whether the workers have started (each has done a first job)."""
+        if self._pool is None or not self._warm.done.is_set():
+            return False
+        if self._warm.error is not None:  # a worker died as it started
+            self._replace(self._pool, self._warm.error)
+            return False
+        return True
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        """Wait until the workers have started (for tests and benchmarks); whether they have."""
+        while self._pool is not None:
+            if not self._warm.done.wait(timeout):
+                return False
+            if self.ready():
+                return True
+        return False
 
     def _replace(self, broken: ProcessPoolExecutor, err: BaseException) -> None:
         """Replace the pool ``broken`` after a worker died; after MAX_RESTARTS, run here."""
@@ -300,7 +254,7 @@ class Workers:
         limit = self.depth * self.n_workers
         if left is not None:
             limit = min(limit, left + 1)
-        if self._pool is not None and len(self._waiting) < limit:
+        if self.ready() and len(self._waiting) < limit:
             relay = self._send(fn, args)
             if relay is not None:
                 self._waiting.append(relay.remote)
@@ -313,7 +267,7 @@ class Workers:
         For a batch of jobs ready at once: each worker gets one share in one message,
         this process computes its own share meanwhile.  Raises the first error.
         """
-        if self._pool is None or len(arglist) < 2:
+        if not self.ready() or len(arglist) < 2:
             return [fn(self.context, *args) for args in arglist]
         parts = self.n_workers + 1
         shares = [arglist[k::parts] for k in range(parts)]
@@ -341,16 +295,20 @@ class Workers:
         return future
 
     def _stop(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
-            self.n_workers = 0
-        fd, self._watch_write = self._watch_write, -1
-        if fd >= 0:
-            os.close(fd)  # a worker still alive reads end-of-file and exits
+        pool, warm, self._pool, self._warm = self._pool, self._warm, None, None
+        self.n_workers = 0
+        if pool is None:
+            return
+        try:
+            pool.shutdown(wait=True, cancel_futures=True)
+            warm.thread.join()
+        except BaseException:  # an interrupt meanwhile: the workers still end first
+            pool.shutdown(wait=True)
+            warm.thread.join()
+            raise
 
     def close(self) -> None:
-        """Stop the workers (waiting for none of their jobs)."""
+        """Stop the workers (running jobs end; waiting ones are dropped)."""
         self._stop()
 
     def __enter__(self):
@@ -358,6 +316,28 @@ class Workers:
 
     def __exit__(self, *exc):
         self.close()
+
+
+class _Warm:
+    """Start the workers of ``pool`` in a thread: ``done`` is set once each has done a
+    first job (``error``: why one could not)."""
+
+    def __init__(self, pool: ProcessPoolExecutor, n_workers: int):
+        self.done = threading.Event()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(
+            target=self._run, args=(pool, n_workers), name="roman_tweakreg-workers", daemon=True
+        )
+        self.thread.start()
+
+    def _run(self, pool, n_workers):
+        try:
+            for future in [pool.submit(_ready) for _ in range(n_workers)]:
+                future.result()
+        except BaseException as err:  # told to the caller by ready()
+            self.error = err
+        finally:
+            self.done.set()
 
 
 def _failed(err: BaseException) -> Future:
@@ -388,7 +368,9 @@ class _Relay:
                 ok, value, records = here.exception() is None, None, []
                 value = here.result() if ok else here.exception()
             for record in records:
-                logging.getLogger(record.name).handle(record)
+                logger = logging.getLogger(record.name)
+                if logger.isEnabledFor(record.levelno):  # as if logged here
+                    logger.handle(record)
             self._outcome = (ok, value)
         ok, value = self._outcome
         if not ok:
@@ -398,11 +380,3 @@ class _Relay:
 
 def _each(context, fn, arglist):
     return [fn(context, *args) for args in arglist]
-
-
-def _cannot_fork() -> str:
-    if "fork" not in multiprocessing.get_all_start_methods():
-        return "this platform has no 'fork'"
-    if threading.active_count() > 1:
-        return f"{threading.active_count() - 1} other thread(s) are running"
-    return ""

@@ -600,6 +600,20 @@ def _cone_of(job: AssociationJob):
         return None
 
 
+def _region_options(parameters: dict) -> dict:
+    """How the shared regions are fetched: the service, its timeout (``vo_timeout`` when
+    set, as the step), retries and cache, from the step parameters."""
+    from .parameters import service_timeout
+
+    return {
+        "base_url": parameters.get("abs_refcat_url") or None,
+        "timeout": service_timeout(parameters),
+        "retries": parameters["abs_refcat_retries"],
+        "cache_dir": parameters.get("abs_refcat_cache"),
+        "max_bytes": parameters.get("abs_refcat_max_bytes"),
+    }
+
+
 def _fetch_region(region, refcat: str, path: str, margin: float, options: dict) -> str:
     from .refcat._plan import fetch_region
 
@@ -993,13 +1007,7 @@ def _plan(client, todo, parameters, output_dir, retries, region_radius, token):
     )
     plan = plan_regions(cones, region_radius)
     margin = (parameters["abs_searchrad"] + parameters["searchrad"]) / 3600.0 + _REGION_SLACK
-    options = {
-        "base_url": parameters.get("abs_refcat_url") or None,
-        "timeout": parameters["abs_refcat_timeout"],
-        "retries": parameters["abs_refcat_retries"],
-        "cache_dir": parameters.get("abs_refcat_cache"),
-        "max_bytes": parameters.get("abs_refcat_max_bytes"),
-    }
+    options = _region_options(parameters)
     region_of, futures = {}, {}
     for region in plan:
         name = f"{region.ra:08.4f}{region.dec:+08.4f}_{region.radius + margin:.4f}"

@@ -34,7 +34,7 @@ from ._asdf_check import check_asdf_file
 from ._consistency import detector_mismatch, implausible_epoch
 from ._io import check_regular_file, open_regular, read_parquet, sniff_table
 from ._meta import exposure_epoch, meta_get, observer_position
-from ._parallel import Workers, gc_refreeze
+from ._parallel import Workers
 from ._types import ImageCatalog
 from .detection import DetectionJob
 from .errors import CatalogError, InvalidInputError, MissingCatalogError
@@ -512,8 +512,8 @@ def collect(library, *, processes: int = 1, **options) -> tuple[TangentPlane, di
     ``options`` are those of :func:`members`: ``use_custom_catalogs``, ``catfile``,
     ``catalog_format``, ``detection`` and ``catalog_path``. Models are opened here, one
     after the other, borrowed and shelved unmodified. Reading their catalogs and
-    projecting them (:func:`read_and_project`) is shared with ``processes`` forked
-    workers, which can also build the corrected WCSs later. Pixel arrays are read only
+    projecting them (:func:`read_and_project`) is shared with ``processes`` worker
+    processes, which can also build the corrected WCSs later. Pixel arrays are read only
     for images without any catalog, when ``detection`` (a
     :class:`~roman_tweakreg.detection.DetectionParameters`) is given: sources are then
     detected and the catalog written to ``catalog_path`` as ``<image root>_cat.<ext>``
@@ -543,7 +543,6 @@ def collect(library, *, processes: int = 1, **options) -> tuple[TangentPlane, di
     images, projections = [], []
     try:
         for index, image, source in members(library, **options):
-            gc_refreeze()  # the models opened so far: out of the collector's passes
             if image is None:
                 skipped[index] = source
                 continue

@@ -27,11 +27,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
 import shutil
 import tempfile
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,6 @@ from roman_datamodels import datamodels as rdm
 from stpipe.library import AbstractModelLibrary, NoGroupID
 
 from ._asdf_check import check_asdf_file
-from ._asdf_settings import no_validation_on_read
 from ._io import open_regular, remove_stale_temporaries, temp_prefix
 from ._meta import meta_get
 from .errors import InvalidInputError, MissingInputError, TweakRegError
@@ -111,17 +111,26 @@ class ModelLibrary(AbstractModelLibrary):
         # models opened from files stay loaded (not on disk): closed with the library
         self._closes_models = not on_disk
         remove = None
+        self._asn_folder = _asn_folder(init)
         if on_disk and temp_directory is None:
             remove_stale_temporaries(tempfile.gettempdir())
             temp_directory = tempfile.mkdtemp(prefix=temp_prefix("roman_tweakreg-models"))
             # removed when the library is (or at exit), like a TemporaryDirectory
             remove = weakref.finalize(self, shutil.rmtree, temp_directory, ignore_errors=True)
+        self._temp_folder = None if not on_disk or temp_directory is None else Path(temp_directory)
         try:
             super().__init__(init, *args, on_disk=on_disk, temp_directory=temp_directory, **kwargs)
         except BaseException:
             if remove is not None:
                 remove()
             raise
+        self._asn_copy = None
+
+    @property
+    def temp_directory(self) -> Path | None:
+        """The folder of the models' temporary files (``on_disk``; None otherwise, or
+        stpipe's own folder when none was given to stpipe)."""
+        return self._temp_folder
 
     @property
     def crds_observatory(self) -> str:
@@ -166,19 +175,26 @@ class ModelLibrary(AbstractModelLibrary):
         stpipe builds a new read-only copy of the whole association on each access;
         reading each member's entry in turn was then quadratic in the number of
         images (at 540 images, 40 % of the catalogs phase).  The copy is built once
-        here: it is read-only, and the association is not changed after the library
-        is made.
+        here, on first use: it is read-only, and the association is not changed after
+        the library is made.
         """
-        view = getattr(self, "_asn_view", None)
-        if view is None or view[0] is not self._asn:
-            view = self._asn_view = (self._asn, super().asn)
-        return view[1]
+        if getattr(self, "_asn_copy", None) is None:
+            self._asn_copy = super().asn
+        return self._asn_copy
 
     @property
     def asn_dir(self) -> Path | None:
         """The folder of the association file (None for a list of in-memory models)."""
-        directory = getattr(self, "_asn_dir", None)
-        return None if directory is None else Path(directory)
+        return self._asn_folder
+
+
+def _asn_folder(init) -> Path | None:
+    """The folder stpipe reads the members of ``init`` from (its rules; None: a list)."""
+    if isinstance(init, (str, Path)):
+        return Path(os.path.abspath(os.path.expanduser(os.path.expandvars(init)))).parent
+    if isinstance(init, Mapping):
+        return Path.cwd()
+    return None
 
 
 def member(library: AbstractModelLibrary, index: int) -> dict:
@@ -220,24 +236,36 @@ def library_class() -> type[ModelLibrary]:
         from romancal.datamodels import ModelLibrary as RomancalLibrary
     except ImportError:  # a broken romancal installation: work without it
         return ModelLibrary
-    cls = type(
+    return type(
         "RomancalModelLibrary",
         (ModelLibrary, RomancalLibrary),
         {"__module__": __name__, "__doc__": ModelLibrary.__doc__},
     )
-    globals()[cls.__name__] = cls  # importable by name (pickle) once built
-    return cls
+
+
+def __getattr__(name: str):
+    """``RomancalModelLibrary`` (:func:`library_class`), importable by name (pickle)."""
+    if name == "RomancalModelLibrary" and library_class() is not ModelLibrary:
+        return library_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _open_model(filename, **kwargs):
     """Open a Roman model lazily (arrays read on first use), without schema validation.
 
     Validating the whole L2 schema on read costs ~0.1 s per file, most of the time
-    of opening it; outputs are validated when they are written.
+    of opening it; outputs are validated when they are written.  The setting is made
+    in an ``asdf.config_context()``, which is this thread's own and ends with the open:
+    no other thread, and no later open, sees it.
     """
     if isinstance(filename, (str, Path)):
         _check_file(filename, "input file")
-    with no_validation_on_read():
+    # asdf loads its extensions (entry points) once per configuration object, on first
+    # use: have the configuration in effect load them, so that the context's copy shares
+    # them instead of loading them again on every open (about 0.1 s of CPU per file).
+    asdf.get_config().extensions  # noqa: B018 - a read, as any open does
+    with asdf.config_context() as config:
+        config.validate_on_read = False
         try:
             return rdm.open(filename, **kwargs)
         except FileNotFoundError as err:
@@ -524,7 +552,6 @@ def write_association(
     TweakRegError
         When ``path`` exists and ``overwrite`` is False, or no file is given.
     """
-    import os
 
     from ._io import write_atomically
 

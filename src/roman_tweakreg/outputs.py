@@ -18,21 +18,25 @@ stpipe calls after :meth:`~roman_tweakreg.TweakRegStep.process`) hands its work 
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import errno
 import functools
+import io
 import logging
 import os
+import pickle
 import tempfile
 from pathlib import Path
 
+import numpy as np
+from asdf import lazy_nodes
+from asdf.tags.core import NDArrayType
 from astropy.modeling.models import Shift
 from roman_datamodels import datamodels as rdm
 
-from ._asdf_settings import schemas_parsed_once
 from ._io import remove_stale_temporaries, write_atomically
-from ._parallel import gc_frozen
 from .errors import OutputError
 
 __all__ = [
@@ -243,16 +247,11 @@ def save_library(
     """Save every model of ``library`` and its ``_wcs.asdf`` product.
 
     Writing a file is mostly asdf's schema validation of its tree (twice per image:
-    the model and its WCS product; the schemas it refers to are parsed, and their
-    references resolved, once for all files,
-    :func:`roman_tweakreg._asdf_settings.schemas_parsed_once`), so the files
-    are written by forked worker processes
-    (:class:`roman_tweakreg._parallel.Workers`, as the step's per-image work) while
-    this process keeps the accounts: which outputs exist, and the first error.  The
-    objects alive when saving begins (the models among them) are kept out of the garbage
-    collector's passes meanwhile (:func:`roman_tweakreg._parallel.gc_frozen`): each
-    full pass would otherwise walk them all (36 images, ``processes=1``: 1.37 s of
-    11.5 s of CPU in collections, 0.52 s with the hold).
+    the model and its WCS product), so the files are written by worker processes
+    (:class:`roman_tweakreg._parallel.Workers`, as the step's per-image work; each
+    model is sent to its worker whole) while this process keeps the accounts: which
+    outputs exist, and the errors.  Every output is attempted, wherever it is written,
+    so that the outputs that exist after an error do not depend on where the work ran.
 
     Parameters
     ----------
@@ -298,7 +297,7 @@ def save_library(
     if step.output_use_model and not output_file:
         check_output_names(library)
     size = max(1, batch or n)
-    with library, schemas_parsed_once(), gc_frozen():
+    with library:
         for start in range(0, n, size):
             models: dict = {}
             try:
@@ -343,13 +342,12 @@ def _save_batch(models: dict, jobs: list, processes: int, written: list, errors:
     submitted = []
     # jobs of one size, run here too: two waiting keep a worker busy, and the last
     # ones stay here, so that this process and the workers finish together
-    with Workers(processes if len(jobs) > 1 else 1, models, depth=2) as workers:
+    with Workers(processes if len(jobs) > 1 else 1, depth=2) as workers:
         try:
-            for k, job in enumerate(jobs):
-                future = workers.submit(_save_one, *job, left=len(jobs) - 1 - k)
-                submitted.append((job, future))
-                if _succeeded(future) and future.result()[1]:
-                    break  # failed here: no more files after an error (the others may run)
+            for k, (index, path, wcs_path) in enumerate(jobs):
+                model = _Portable(models[index])
+                future = workers.submit(_save_one, model, path, wcs_path, left=len(jobs) - 1 - k)
+                submitted.append(((index, path, wcs_path), future))
             for (index, _, wcs_path), future in submitted:  # logged in library order
                 written[index], error = future.result()
                 if written[index] is not None:
@@ -377,9 +375,53 @@ def _succeeded(future) -> bool:
     )
 
 
-def _save_one(models: dict, index: int, path: str, wcs_path: str | None):
-    """Save model ``index``'s WCS product, then the model; return its path (None: not
-    written), error.
+class _Portable:
+    """A model to be saved, sent to a worker process as its class and top-level nodes.
+
+    A roman_datamodels model cannot be unpickled as it is; its nodes can, and a new model
+    of its class holding them writes the same file.  The nodes and arrays asdf reads
+    lazily from a file (``asdf.lazy_nodes``, ``NDArrayType``: tied to the open file) are
+    sent as the plain mappings, lists and arrays they stand for.  In this process the
+    model itself is used.
+    """
+
+    def __init__(self, model):
+        self.model = model
+
+    def __reduce__(self):
+        model = self.model
+        nodes = {key: getattr(model, key) for key in model.keys()}
+        buffer = io.BytesIO()
+        _PlainNodes(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump((type(model), nodes))
+        return _rebuild, (buffer.getvalue(),)
+
+
+class _PlainNodes(pickle.Pickler):
+    """Pickles asdf's lazy nodes and arrays as the mappings, lists and arrays they stand for."""
+
+    def reducer_override(self, obj):
+        if isinstance(obj, lazy_nodes.AsdfOrderedDictNode):
+            return collections.OrderedDict, (list(obj.items()),)
+        if isinstance(obj, lazy_nodes.AsdfDictNode):
+            return dict, (list(obj.items()),)
+        if isinstance(obj, lazy_nodes.AsdfListNode):
+            return list, (list(obj),)
+        if isinstance(obj, NDArrayType):  # an array read from the file when first used
+            return np.asarray, (np.asarray(obj),)
+        return NotImplemented
+
+
+def _rebuild(data: bytes) -> _Portable:
+    cls, nodes = pickle.loads(data)
+    model = cls()
+    for key, value in nodes.items():
+        setattr(model, key, value)
+    return _Portable(model)
+
+
+def _save_one(context, portable: _Portable, path: str, wcs_path: str | None):
+    """Save a model's WCS product, then the model; return its path (None: not written),
+    error.
 
     The product is written first and the model last, so that a model never exists
     without its product, even when the process is killed in between (SIGTERM under
@@ -387,7 +429,7 @@ def _save_one(models: dict, index: int, path: str, wcs_path: str | None):
     without its model.  When the model cannot be written (an error, an interrupt), the
     product just written is removed: an output counts, and exists, as the pair.
     """
-    model = models[index]
+    model = portable.model
     if wcs_path is None:
         log.info("%s: no WCS, no _wcs product", model.meta.filename)
     else:

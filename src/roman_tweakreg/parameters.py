@@ -50,6 +50,7 @@ __all__ = [
     "get",
     "names",
     "offset_search_bytes",
+    "service_timeout",
     "spec",
     "table_rst",
     "validate",
@@ -363,8 +364,8 @@ PARAMETERS: tuple[Parameter, ...] = (
               "outputs"),
     Parameter("processes", int, 0,
               "Processes for per-image work (catalogs, corrected WCS, saving): 0 one per "
-              "usable core (at most 4), 1 none forked; more than the usable cores are capped "
-              "at their number (logged)", "outputs", low=0, spec_args="min=0"),
+              "usable core (at most 4), 1 no worker process; more than the usable cores are "
+              "capped at their number (logged)", "outputs", low=0, spec_args="min=0"),
     Parameter("report", str, "",
               "Write a JSON fit report to this file (relative to output_dir); '' for none",
               "outputs"),
@@ -451,6 +452,13 @@ def validate(pars: Mapping[str, Any]) -> None:
 def names(section: str, *, in_step: bool = True) -> tuple[str, ...]:
     """Names of one section's parameters (the step's only, unless ``in_step`` is False)."""
     return tuple(p.name for p in PARAMETERS if p.section == section and (p.in_step or not in_step))
+
+
+def service_timeout(pars: Mapping[str, Any]) -> float:
+    """Seconds to wait for the catalog service per try: ``vo_timeout`` (romancal's name)
+    when set, else ``abs_refcat_timeout``; the step and the batch both ask here."""
+    vo_timeout = pars.get("vo_timeout")
+    return float(pars["abs_refcat_timeout"] if vo_timeout is None else vo_timeout)
 
 
 # -- documentation ------------------------------------------------------------------------------

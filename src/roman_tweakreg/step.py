@@ -15,7 +15,7 @@ from stpipe import Step, config_parser
 from stpipe.library import AbstractModelLibrary
 
 from . import align, catalogs, outputs, parameters, results
-from ._parallel import gc_frozen, usable_cores
+from ._parallel import usable_cores
 from .errors import (
     InvalidParameterError,
     PSFModelError,
@@ -139,8 +139,7 @@ class TweakRegStep(Step):
             )
         if more_inputs:
             input_data = _as_list(input_data) + [m for i in more_inputs for m in _as_list(i)]
-        with gc_frozen(), _tweakwcs_at_debug():
-            return self._align(input_data, pars, detection, refcat_name)
+        return self._align(input_data, pars, detection, refcat_name)
 
     def _align(self, input_data, pars, detection, refcat_name) -> ModelLibrary:
         self._clock = clock = _Clock()
@@ -446,7 +445,7 @@ class TweakRegStep(Step):
                 radius,
                 epoch=min(epochs) if epochs else None,
                 min_sources=abs_pars.minobj,
-                timeout=self.abs_refcat_timeout if self.vo_timeout is None else self.vo_timeout,
+                timeout=parameters.service_timeout(pars),
                 retries=self.abs_refcat_retries,
                 cache_dir=self.abs_refcat_cache,
                 base_url=self.abs_refcat_url or None,
@@ -787,38 +786,6 @@ def result_line(statuses, absolute: dict, refcat: str) -> str:
         why = f": {first.reason}" if first.reason else ""
         return f"{line}, absolute fit to {first.refcat or refcat} {first.status}{why}"
     return line
-
-
-class _DemoteToDebug(logging.Filter):
-    """Turn INFO records into DEBUG ones: shown only by handlers set to DEBUG."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno == logging.INFO:
-            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
-        return True
-
-
-@contextmanager
-def _tweakwcs_at_debug():
-    """Demote tweakwcs's INFO lines to DEBUG for the duration of the block.
-
-    The filter is added to every ``tweakwcs`` logger and removed afterwards, so no
-    logging state outlives the call; tweakwcs's warnings are kept as they are.
-    """
-    demote = _DemoteToDebug()
-    loggers = [
-        logger
-        for name, logger in logging.Logger.manager.loggerDict.items()
-        if (name == "tweakwcs" or name.startswith("tweakwcs."))
-        and isinstance(logger, logging.Logger)
-    ]
-    for logger in loggers:
-        logger.addFilter(demote)
-    try:
-        yield
-    finally:
-        for logger in loggers:
-            logger.removeFilter(demote)
 
 
 class _Clock:
