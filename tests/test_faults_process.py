@@ -159,6 +159,11 @@ def _kill_at(point, monkeypatch):
 def test_a_killed_worker_loses_nothing(dataset, one_process, point, monkeypatch, caplog):
     """A worker SIGKILLed at any point of the run: same statuses, fits and WCSs as
     processes=1 (to 1e-6 mas), no BrokenProcessPool, the death logged."""
+    from roman_tweakreg._parallel import usable_cores
+
+    if usable_cores() < 2:  # processes is capped at the usable cores: no worker to kill
+        pytest.skip("needs 2 usable cores")
+    workers = min(3, usable_cores()) - 1  # processes=3 is capped at the usable cores
     KILLED.clear()
     _kill_at(point, monkeypatch)
     caplog.set_level(logging.WARNING, logger="roman_tweakreg")
@@ -167,7 +172,7 @@ def test_a_killed_worker_loses_nothing(dataset, one_process, point, monkeypatch,
     if point == "catalogs, every worker":  # the new pool's workers die too: all here
         assert "its jobs and all others run here" in caplog.text
     elif point == "update":  # the worker killed itself in its job
-        assert "its jobs are done again and 2 new worker(s) started" in caplog.text
+        assert f"its jobs are done again and {workers} new worker(s) started" in caplog.text
     else:
         assert KILLED
     assert [o[0] for o in one_process] == [o[0] for o in killed] == ["COMPLETE"] * 6

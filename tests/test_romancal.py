@@ -53,13 +53,17 @@ def test_romancal_library_in_same_library_out_updated(tmp_path, caplog):
     result = TweakRegStep.call(library, abs_refcat=str(refcat_file))
     assert result is library
     assert errors_mas(result, truths_of(exposures)).max() < 1.0
+    models = []
     with result:
         for i, model in enumerate(result):
             assert model.meta.cal_step.tweakreg == "COMPLETE"
             assert model.meta.wcs_fit_results["n_detector"] == 2
             assert model.meta.wcs_fit_results["group_id"] == model.meta.filename[:26]
+            models.append(model)
             result.shelve(model, i, modify=False)
     assert "ignored because use_custom_catalogs is False" not in caplog.text
+    for model in models:  # the library's models hold their files open: close them here,
+        model.close()  # not whenever the garbage collector finds them in a later test
 
 
 # crds (imported by romancal's resample) warns about its own deprecated lock function

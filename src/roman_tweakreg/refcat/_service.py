@@ -177,7 +177,8 @@ def fetch(
                     wait = backoff * 2**attempt
                     if exhausted or attempt == retries or time.monotonic() + wait >= overall:
                         raise
-                    log.info("%s: %s; retrying", what, _describe(err, timeout))
+                    why = err if isinstance(err, _DeadlineError) else _describe(err, timeout)
+                    log.info("%s: %s; retrying", what, why)
                     time.sleep(wait)
     except _DeadlineError as err:
         raise ReferenceCatalogError(
