@@ -115,21 +115,22 @@ def test_an_output_failing_in_a_worker_is_reported_with_those_written(
 
 def test_a_product_that_cannot_be_written_counts_its_pair_as_not_written(dataset, tmp_path):
     """A folder in the way of the second image's _wcs.asdf product: that image's model is
-    not written either (a model never exists without its product), saving stops there
-    (one process), and the error and the report count pairs: 1 of 3."""
+    not written either (a model never exists without its product), every other output is
+    still attempted (as in workers), and the error and the report count pairs: 2 of 3."""
     out = tmp_path / "out"
     blocked = out / OUTPUT.format("wfi02", "wcs")
     blocked.mkdir(parents=True)
     with pytest.raises(OutputError, match=(
-        r"wfi02_cal_wcs\.asdf: output not written: IsADirectoryError.*; 1 of 3 outputs \(each "
-        r"a model with its _wcs\.asdf product\) were written \(.*wfi01_cal_tweakregstep\.asdf"
-        r"\); the others do not exist")):
+        r"wfi02_cal_wcs\.asdf: output not written: IsADirectoryError.*; 2 of 3 outputs \(each "
+        r"a model with its _wcs\.asdf product\) were written \(.*wfi01_cal_tweakregstep\.asdf, "
+        r".*wfi10_cal_tweakregstep\.asdf\); the others do not exist")):
         _run(dataset, out, processes=1)
     assert sorted(p.name for p in out.glob("*.asdf")) == sorted(
-        [blocked.name] + [OUTPUT.format("wfi01", k) for k in ("tweakregstep", "wcs")])
+        [blocked.name] + [OUTPUT.format(d, k) for d in ("wfi01", "wfi10")
+                          for k in ("tweakregstep", "wcs")])  # fmt: skip
     report = json.loads((out / "r.json").read_text())
-    assert report["outputs"]["written"] == 1
-    assert [i["output"] is not None for i in report["images"]] == [True, False, False]
+    assert report["outputs"]["written"] == 2
+    assert [i["output"] is not None for i in report["images"]] == [True, False, True]
 
 
 def _yaml_tree(path) -> list[str]:

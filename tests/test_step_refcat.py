@@ -220,7 +220,8 @@ def test_hostile_service_ends_in_the_fallback_within_the_deadline(
     )
     assert time.monotonic() - start < 2 * 1.0 + 3.0  # tries x timeout, plus the alignment
     outcome = metas(result)
-    assert [o[0] for o in outcome] == ["COMPLETE"] * 4
+    # aligned to each other only: INCOMPLETE (the absolute fit asked for could not be made)
+    assert [o[0] for o in outcome] == ["INCOMPLETE"] * 4
     assert [o[1]["relative"]["status"] for o in outcome].count("SUCCESS") >= 2
     assert {o[1]["absolute"]["status"] for o in outcome} == {"SKIPPED"}
     assert re.search(reason, outcome[0][1]["absolute"]["reason"])
