@@ -4,8 +4,8 @@
 exposure group, statuses, parameters and timings) as a JSON-serialisable dict;
 :func:`write_report` writes it atomically.  :func:`read_results` reads the same
 per-image fields back from output ASDF files without loading pixel arrays, and
-:func:`format_table` turns them into the table printed by
-``roman-tweakreg report``.
+:func:`format_report` turns them into what ``roman-tweakreg report`` prints (a
+table, CSV or JSON).
 
 Units: ``rmse_mas`` and ``mae_mas`` are milliarcseconds, ``shift_arcsec`` is
 arcseconds (tangent-plane x, y), ``rotation_deg`` is degrees, timings are
@@ -49,7 +49,6 @@ __all__ = [
     "fields_rst",
     "fit_results_table",
     "format_report",
-    "format_table",
     "group_prefix",
     "group_rows",
     "image_entry",
@@ -436,58 +435,6 @@ def read_results(paths_or_asn: str | os.PathLike | Iterable[str | os.PathLike]) 
         entry["path"] = str(path)
         out.append(entry)
     return out
-
-
-def _fmt(value: float | None, fmt: str) -> str:
-    return "-" if value is None else format(value, fmt)
-
-
-def format_table(entries: list[dict]) -> str:
-    """Format :func:`read_results` entries as a fixed-width text table, one row per file.
-
-    Columns: file, group, status (``meta.cal_step.tweakreg``), WCS name, number of
-    matches, fit RMS (mas), shift x/y (arcsec), rotation (deg) and the reason.
-    """
-    rows = [
-        (
-            "file",
-            "group",
-            "status",
-            "wcs name",
-            "nmatches",
-            "rmse [mas]",
-            "shift x,y [arcsec]",
-            "rot [deg]",
-            "reason",
-        )
-    ]
-    for e in entries:
-        shift = e.get("shift_arcsec")
-        shift_txt = "-" if not shift else f"{_fmt(shift[0], '+.4f')},{_fmt(shift[1], '+.4f')}"
-        rows.append(
-            (
-                e["file"],
-                str(e.get("group_id") or "-"),
-                str(e.get("status") or "-"),
-                str(e.get("wcs_name") or "-"),
-                str(e.get("nmatches", 0)),
-                _fmt(e.get("rmse_mas"), ".3f"),
-                shift_txt,
-                _fmt(e.get("rotation_deg"), "+.5f"),
-                e.get("reason") or "",
-            )
-        )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
-    lines = []
-    for k, row in enumerate(rows):
-        cells = [
-            c.ljust(w) if i in (0, 1, 2, 3) else c.rjust(w)
-            for i, (c, w) in enumerate(zip(row[:-1], widths, strict=True))
-        ]
-        lines.append("  ".join([*cells, row[-1]]).rstrip())
-        if k == 0:
-            lines.append("-" * len(lines[0]))
-    return "\n".join(lines)
 
 
 # -- the report an astronomer reads: one declaration per column -------------------------------
