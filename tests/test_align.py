@@ -111,7 +111,11 @@ def test_implausible_relative_correction_is_rejected_and_wcs_untouched(two_expos
         "no other group could be aligned to it"
     ]
     assert failed[0].reason.startswith("implausible correction rejected")
+    assert failed[0].implausible  # the typed mark the gates' wording is decided by
     assert "search radius 0.2 arcsec" in failed[0].reason
+    # thousands of real matches are no chance: the reason says which radius to widen
+    assert "the matches are no chance" in failed[0].reason
+    assert failed[0].reason.endswith("widen searchrad (see the troubleshooting page)")
     assert [plane.corrected_wcs(i) for i in range(len(images))] == [None] * len(images)
     assert [img.wcs for img in images] == before
     assert all("v2v3corr" not in w.available_frames for w in before)
@@ -133,6 +137,8 @@ def test_absolute_guard_uses_abs_searchrad(two_exposures):
     )
     assert result.status == "FAILED"
     assert result.reason.startswith("implausible correction rejected")
+    assert result.implausible
+    assert result.reason.endswith("widen abs_searchrad (see the troubleshooting page)")
     assert result.nmatches > 2000
     assert [plane.corrected_wcs(i) for i in range(len(images))] == [None] * len(images)
 

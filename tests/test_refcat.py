@@ -656,3 +656,28 @@ def test_each_abs_refcat_entry_is_classified_once(tmp_path, monkeypatch):
     ]  # fmt: skip
     with pytest.raises(ReferenceCatalogError, match=r"missing/gaia.parquet does not exist"):
         get_reference_catalog("missing/gaia.parquet", 10.0, 20.0, 0.1, cache_dir="off")
+
+
+def _wrapped(fault: BaseException) -> Exception:
+    """``fault`` as requests raises it after urllib3's retries: ConnectionError(MaxRetryError)."""
+    import requests
+    import urllib3
+
+    outer = urllib3.exceptions.NewConnectionError(None, "a text that names no cause")
+    outer.__cause__ = fault
+    return requests.ConnectionError(urllib3.exceptions.MaxRetryError(None, "/vo", reason=outer))
+
+
+@pytest.mark.parametrize(
+    ("fault", "kind"),
+    [
+        (ConnectionRefusedError(111, "the text says timeout"), "connection refused"),
+        (socket.gaierror(-2, "the text says refused"), "the host name does not resolve"),
+        (ConnectionResetError(104, "the text says refused"), "the connection was closed or reset"),
+        (TimeoutError("the text says refused"), "no answer within the 3 s timeout"),
+    ],
+)
+def test_network_faults_are_told_apart_by_type_not_text(fault, kind):
+    from roman_tweakreg.refcat._service import _describe
+
+    assert _describe(_wrapped(fault), 3.0).startswith(kind)

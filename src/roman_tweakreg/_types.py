@@ -306,7 +306,10 @@ class FitResult:
     :func:`~roman_tweakreg.align.group_results`).  ``refused`` holds the images (plane
     index -> reason) that do not share the fit's solution (the per-image gates,
     :func:`~roman_tweakreg.quality.refusals`): the fit was made without them and is not
-    applied to them.
+    applied to them.  ``implausible`` says that the fit was made and refused because
+    it would move the sources further than the search could have found them
+    (the plausibility check of :mod:`~roman_tweakreg.matching`); ``reason`` says
+    by how much.
     """
 
     status: Status
@@ -319,6 +322,7 @@ class FitResult:
     matches: Matches | None = field(default=None, repr=False)
     groups: dict[str, FitResult] = field(default_factory=dict, repr=False)
     refused: dict[int, str] = field(default_factory=dict)
+    implausible: bool = False
 
     def __post_init__(self):
         self.status = Status(self.status)

@@ -401,7 +401,7 @@ def _fit(
     fit.update(fit_uncertainty(ref_m, img_m, fit, weight))
     reason = _implausible(fit, img_m, all_xy, pars.searchrad)
     if reason:
-        return FitResult("FAILED", reason, fit=fit, nmatches=nmatches)
+        return FitResult("FAILED", reason, fit=fit, nmatches=nmatches, implausible=True)
     return FitResult("SUCCESS", fit=fit, nmatches=nmatches)
 
 
@@ -449,7 +449,7 @@ def _judge(result: FitResult, q: Quality, pars: FitParameters, searchrad_name: s
     reason = gates(q, pars, searchrad_name)
     if reason:
         result.status, result.reason = Status.FAILED, reason
-    elif result.reason.startswith("implausible"):
+    elif result.implausible:
         result.reason += (
             f"; the matches are no chance ({q.significance:.3g} sigma): if the pointing may "
             f"be off this much, widen {searchrad_name} (see the troubleshooting page)"

@@ -95,25 +95,61 @@ def _session(retries: int, backoff: float):
     return session
 
 
+def _faults(err: BaseException) -> list[BaseException]:
+    """``err`` and every fault it wraps: urllib3's ``MaxRetryError.reason``, the
+    exceptions in its ``args``, its cause and context, depth first."""
+    seen: list[BaseException] = []
+    stack = [err]
+    while stack:
+        fault = stack.pop()
+        if not isinstance(fault, BaseException) or any(fault is s for s in seen):
+            continue
+        seen.append(fault)
+        stack += [fault.__context__, fault.__cause__, *reversed(fault.args)]
+        stack.append(getattr(fault, "reason", None))
+    return seen
+
+
 def _describe(err: Exception, timeout: float) -> str:
-    """Say in words what a requests/urllib3 fault was."""
+    """Say in words what a requests/urllib3 fault was, from the types of the faults it
+    wraps (the last one's text follows)."""
+    import http.client
+    import socket
+
     import requests
+    import urllib3
+
+    faults = _faults(err)
+
+    def found(*types) -> bool:
+        return any(isinstance(f, types) for f in faults)
+
+    # urllib3's NewConnectionError (so NameResolutionError) is a ConnectTimeoutError
+    # by descent, not a timeout: it is not counted as one
+    timed_out = any(
+        isinstance(f, (requests.Timeout, urllib3.exceptions.TimeoutError, TimeoutError))
+        and not isinstance(f, urllib3.exceptions.NewConnectionError)
+        for f in faults
+    )
 
     reason = err.args[0] if err.args else err
     reason = getattr(reason, "reason", reason)  # urllib3 MaxRetryError -> the last fault
     text = f"{type(reason).__name__}: {reason}"
-    low = text.lower()
-    if isinstance(err, requests.Timeout) or "timeout" in low or "timed out" in low:
-        kind = f"no answer within the {timeout:g} s timeout"
-    elif "nameresolution" in low or "name or service not known" in low or "getaddrinfo" in low:
+    if found(urllib3.exceptions.NameResolutionError, socket.gaierror):
         kind = "the host name does not resolve (DNS failure)"
-    elif "refused" in low:
+    elif found(ConnectionRefusedError):
         kind = "connection refused"
-    elif isinstance(err, requests.exceptions.ChunkedEncodingError) or "incompleteread" in low:
+    elif timed_out:
+        kind = f"no answer within the {timeout:g} s timeout"
+    elif found(
+        requests.exceptions.ChunkedEncodingError,
+        urllib3.exceptions.IncompleteRead,
+        http.client.IncompleteRead,
+    ):
         kind = "the answer was cut short in transfer"
-    elif "reset" in low or "remotedisconnected" in low or "aborted" in low:
+    elif found(ConnectionResetError, ConnectionAbortedError, BrokenPipeError):
         kind = "the connection was closed or reset by the server"
-    elif isinstance(err, requests.exceptions.RetryError):
+    elif found(requests.exceptions.RetryError, urllib3.exceptions.ResponseError):
         kind = "too many error answers"
     else:
         kind = "network fault"
@@ -173,7 +209,9 @@ def fetch(
                     _DeadlineError,
                 ) as err:
                     # urllib3 retries faults before the body; retry a body cut short here
-                    exhausted = type(err.args[0] if err.args else None).__name__ == "MaxRetryError"
+                    exhausted = bool(err.args) and isinstance(
+                        err.args[0], urllib3.exceptions.MaxRetryError
+                    )
                     wait = backoff * 2**attempt
                     if exhausted or attempt == retries or time.monotonic() + wait >= overall:
                         raise
