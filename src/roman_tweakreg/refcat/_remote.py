@@ -27,6 +27,7 @@ import numpy as np
 from ..errors import ReferenceCatalogError
 from ._cache import ConeCache
 from ._local import _in_cone, read_hats_catalog, standard_columns
+from ._service import _KINDS, fault_kind
 from ._types import ReferenceCatalog
 
 __all__ = [
@@ -170,14 +171,22 @@ def read_remote_hats(
 
 
 def _describe(err: OSError, timeout: float, tries) -> str:
-    """Say in words what a pyarrow S3 (or HTTP handler) fault was; the original text follows.
+    """Say in words what a pyarrow S3 or HTTP-handler fault was; the original text follows.
 
-    pyarrow raises every S3 fault as an ``OSError`` whose text carries the AWS error
-    name and curl's code; they are only read here to word the message.
+    A fault of the HTTP handler (``_http_fs``) carries the requests/urllib3 faults it
+    wraps, told apart by their types (:func:`~._service.fault_kind`).  pyarrow raises
+    every S3 fault as a plain ``OSError`` whose text carries the AWS error name and
+    curl's code, and no type: that text is read, only to word this message (no decision
+    is taken from it).
     """
     text = " ".join(str(err).split())
-    low = text.lower()
     tries = f"{tries} {'try' if tries == 1 else 'tries'}"
+    kind = fault_kind(err)
+    if kind:
+        worded = {"refused": "cannot connect (no network or no server)"}
+        kind = worded.get(kind, _KINDS[kind].format(timeout=timeout))
+        return f"{kind}, {tries}: {text}"
+    low = text.lower()
     if "no_such_bucket" in low or "nosuchbucket" in low:
         kind = "the bucket does not exist"
     elif "access_denied" in low or "accessdenied" in low or "http 403" in low:

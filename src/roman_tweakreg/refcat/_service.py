@@ -34,6 +34,7 @@ __all__ = [
     "DEFAULT_SERVICE_URL",
     "SERVICE_ENV",
     "NoDataError",
+    "fault_kind",
     "fetch",
     "parse_service_csv",
     "query_service",
@@ -110,9 +111,11 @@ def _faults(err: BaseException) -> list[BaseException]:
     return seen
 
 
-def _describe(err: Exception, timeout: float) -> str:
-    """Say in words what a requests/urllib3 fault was, from the types of the faults it
-    wraps (the last one's text follows)."""
+def fault_kind(err: BaseException) -> str:
+    """What a network fault was, from the types of the faults ``err`` wraps (requests,
+    urllib3, the socket's OSError): ``"dns"``, ``"refused"``, ``"timeout"``,
+    ``"short"`` (an answer cut short), ``"reset"``, ``"retries"`` (too many error
+    answers), or ``""`` when none of those types is among them."""
     import http.client
     import socket
 
@@ -124,36 +127,49 @@ def _describe(err: Exception, timeout: float) -> str:
     def found(*types) -> bool:
         return any(isinstance(f, types) for f in faults)
 
+    if found(urllib3.exceptions.NameResolutionError, socket.gaierror):
+        return "dns"
+    if found(ConnectionRefusedError):
+        return "refused"
     # urllib3's NewConnectionError (so NameResolutionError) is a ConnectTimeoutError
     # by descent, not a timeout: it is not counted as one
-    timed_out = any(
+    if any(
         isinstance(f, (requests.Timeout, urllib3.exceptions.TimeoutError, TimeoutError))
         and not isinstance(f, urllib3.exceptions.NewConnectionError)
         for f in faults
-    )
-
-    reason = err.args[0] if err.args else err
-    reason = getattr(reason, "reason", reason)  # urllib3 MaxRetryError -> the last fault
-    text = f"{type(reason).__name__}: {reason}"
-    if found(urllib3.exceptions.NameResolutionError, socket.gaierror):
-        kind = "the host name does not resolve (DNS failure)"
-    elif found(ConnectionRefusedError):
-        kind = "connection refused"
-    elif timed_out:
-        kind = f"no answer within the {timeout:g} s timeout"
-    elif found(
+    ):
+        return "timeout"
+    if found(
         requests.exceptions.ChunkedEncodingError,
         urllib3.exceptions.IncompleteRead,
         http.client.IncompleteRead,
     ):
-        kind = "the answer was cut short in transfer"
-    elif found(ConnectionResetError, ConnectionAbortedError, BrokenPipeError):
-        kind = "the connection was closed or reset by the server"
-    elif found(requests.exceptions.RetryError, urllib3.exceptions.ResponseError):
-        kind = "too many error answers"
-    else:
-        kind = "network fault"
-    return f"{kind} ({text})"
+        return "short"
+    if found(ConnectionResetError, ConnectionAbortedError, BrokenPipeError):
+        return "reset"
+    if found(requests.exceptions.RetryError, urllib3.exceptions.ResponseError):
+        return "retries"
+    return ""
+
+
+_KINDS = {
+    "dns": "the host name does not resolve (DNS failure)",
+    "refused": "connection refused",
+    "timeout": "no answer within the {timeout:g} s timeout",
+    "short": "the answer was cut short in transfer",
+    "reset": "the connection was closed or reset by the server",
+    "retries": "too many error answers",
+    "": "network fault",
+}
+
+
+def _describe(err: Exception, timeout: float) -> str:
+    """Say in words what a requests/urllib3 fault was (:func:`fault_kind`); the last
+    fault's text follows."""
+    reason = err.args[0] if err.args else err
+    reason = getattr(reason, "reason", reason)  # urllib3 MaxRetryError -> the last fault
+    kind = _KINDS[fault_kind(err)].format(timeout=timeout)
+    return f"{kind} ({type(reason).__name__}: {reason})"
 
 
 def fetch(
