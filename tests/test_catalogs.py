@@ -1,6 +1,7 @@
 """Which catalog each image uses (the truth table of docs/catalogs.rst) and bad input."""
 
 import json
+import pickle
 
 import numpy as np
 import pytest
@@ -337,7 +338,7 @@ def test_the_association_is_read_once_whatever_the_library(field, monkeypatch):
     the cost stays linear in the members; every image still gets its own catalog."""
     from stpipe.library import AbstractModelLibrary
 
-    from roman_tweakreg.catalogs import members
+    from roman_tweakreg.catalogs import plan_catalogs
 
     folder, names = field
     attrs = {n: {"tweakreg_catalog": n.removesuffix(".asdf") + "_asn.ecsv"} for n in names}
@@ -349,7 +350,56 @@ def test_the_association_is_read_once_whatever_the_library(field, monkeypatch):
         return AbstractModelLibrary.asn.fget(self)
 
     monkeypatch.setattr(type(library), "asn", property(stpipe_asn))
-    found = list(members(library, use_custom_catalogs=True))
+    found = plan_catalogs(library, use_custom_catalogs=True).images
     assert len(reads) == 1
-    assert [image.name for _, image, _ in found] == names
-    assert [len(Table.read(source.resolve())) for _, _, source in found] == [22, 22]
+    assert [p.image.name for p in found] == names
+    assert [len(Table.read(p.source.resolve())) for p in found] == [22, 22]
+
+
+def test_the_plan_of_a_mixed_association_names_each_catalog_and_reads_nothing(field):
+    """plan -> detect -> read: the plan says which image is detected (and where its
+    catalog goes) and which uses a custom catalog; making it reads and writes no catalog;
+    reading it then detects, writes and reads as the step does."""
+    from roman_tweakreg.catalogs import CatalogPlan, plan_catalogs, read_catalogs
+
+    folder, names = field
+    asn = _asn(folder, names, {})
+    custom = folder / "cats" / f"{names[1].removesuffix('.asdf')}_catfile.ecsv"
+    catfile = _catfile(folder, [names[0], f"{names[1]} {custom.name}"])
+    detected = folder / "detected" / f"{names[0].removesuffix('.asdf')}_cat.ecsv"
+    plan = plan_catalogs(
+        open_library(asn), use_custom_catalogs=True, catfile=str(catfile), detection=DETECT,
+        catalog_path=str(folder / "detected"),
+    )  # fmt: skip
+    assert isinstance(plan, CatalogPlan)
+    assert (plan.n_images, plan.skipped) == (2, {})
+    first, second = plan.images
+    assert [first.image.name, second.image.name] == names
+    # image 0: its catfile line names no catalog -> detected, into catalog_path
+    assert first.detection is not None
+    assert (first.detection.image_file, first.detection.catalog_file) == (
+        str(folder / names[0]), detected
+    )
+    assert (first.source.value, first.source.origin) == (str(detected), "detection")
+    assert first.image.catalog_name == str(detected)
+    assert first.image.catalog_file == ""  # the step's own output, not an input
+    # image 1: the catalog its catfile line names (33 rows), found next to the catfile
+    assert second.detection is None
+    assert second.source.resolve() == custom
+    assert (second.image.catalog_name, second.image.catalog_file) == (str(custom), str(custom))
+    assert plan.detections == (first.detection,)
+    copy = pickle.loads(pickle.dumps(plan))  # a plan travels to another process whole
+    assert copy.detections == plan.detections
+    assert [p.source for p in copy.images] == [first.source, second.source]
+    assert first.image.catalog is None  # nothing read or written
+    assert not detected.exists()
+    # the caller ran the detections: every catalog is then read from its file
+    assert plan.detected().detections == ()
+    assert plan.detected().images[0].source == first.source
+    # read: the detection runs (blank image: an empty catalog, written), the catfile's is read
+    plane, skipped, workers = read_catalogs(plan)
+    workers.close()
+    assert detected.is_file()
+    assert skipped == {0: "empty source catalog"}
+    assert [(i.name, len(i.catalog)) for i in plane.images] == [(names[1], 33)]
+    assert plan.images[1].image.catalog is None  # the plan is not changed by reading it
