@@ -212,11 +212,15 @@ def test_plan_detects_with_the_steps_epsf(pixels, tmp_path):
 def test_the_batch_opens_each_association_once(pixels, tmp_path, monkeypatch):
     """Planning, detection and alignment of an association open it once: the step reads
     the catalogs as its task planned them (counted in a cluster of this process, whose
-    tasks see the counting ``open_library``)."""
+    tasks see the counting ``open_library``).  With one thread, an association's task
+    waiting for its detections leaves the thread to them, not to another association:
+    the last association starts after the first one's detections are done."""
     from roman_tweakreg import library, step
 
-    second = pixels.parent / "px2.json"
-    shutil.copy(pixels, second)
+    asns = [pixels]
+    for name in ("px2", "px3"):
+        asns.append(pixels.parent / f"{name}.json")
+        shutil.copy(pixels, asns[-1])
     opened = []
     original = library.open_library
 
@@ -229,15 +233,19 @@ def test_the_batch_opens_each_association_once(pixels, tmp_path, monkeypatch):
     monkeypatch.setattr(step, "open_library", counting)
     gaia = str(pixels.parent / "gaia.ecsv")
     with (
-        distributed.LocalCluster(n_workers=1, threads_per_worker=2, processes=False,
+        distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
                                  dashboard_address=":0") as cluster,
         distributed.Client(cluster) as local,
         distributed.get_task_stream(local) as stream,
     ):  # fmt: skip
-        table = align_associations(
-            [pixels, second], tmp_path / "out", client=local, abs_refcat=gaia, progress=False
-        )
-    assert list(table["status"]) == ["COMPLETE", "COMPLETE"]
-    assert list(table["n_complete"]) == [4, 4]
-    assert sorted(opened) == sorted([str(pixels), str(second)])
-    assert len(_tasks(stream, "detect-px-")) == len(_tasks(stream, "detect-px2-")) == 3
+        table = align_associations(asns, tmp_path / "out", client=local, abs_refcat=gaia,
+                                   progress=False)  # fmt: skip
+    assert list(table["status"]) == ["COMPLETE"] * 3
+    assert list(table["n_complete"]) == [4] * 3
+    assert sorted(opened) == sorted(map(str, asns))
+    names = [a.stem for a in asns]
+    assert [len(_tasks(stream, f"detect-{n}-")) for n in names] == [3, 3, 3]
+    starts = sorted((_start(t), t["key"].split("-")[1]) for t in _tasks(stream, "tweakreg-"))
+    first, last = starts[0][1], starts[-1][1]
+    assert max(_stop(t) for t in _tasks(stream, f"detect-{first}-")) <= starts[-1][0]
+    assert first != last

@@ -403,3 +403,50 @@ def test_the_plan_of_a_mixed_association_names_each_catalog_and_reads_nothing(fi
     assert skipped == {0: "empty source catalog"}
     assert [(i.name, len(i.catalog)) for i in plane.images] == [(names[1], 33)]
     assert plan.images[1].image.catalog is None  # the plan is not changed by reading it
+
+
+def test_the_step_given_a_planned_library_reads_as_planned_without_choosing(
+    tmp_path, monkeypatch
+):
+    """A plan made with use_custom_catalogs=True, given to a step whose own rule would
+    take image 0's meta catalog: the step reads the plan's catalogs, opens nothing, and
+    aligns every image as the step alone does with the planning parameters."""
+    from roman_tweakreg import step as step_module
+    from roman_tweakreg.catalogs import PlannedLibrary
+    from roman_tweakreg.testing.pixels import write_pixel_association
+
+    asn = write_pixel_association(tmp_path / "px", shape=(256, 256), keep_catalog=1)
+    names = [m["expname"] for m in json.loads(asn.read_text())["products"][0]["members"]]
+    own = asn.parent / (names[0].removesuffix("_cal.asdf") + "_own.ecsv")
+    (tmp_path / "mine").mkdir()
+    mine = tmp_path / "mine" / own.name
+    mine.write_bytes(own.read_bytes())
+    catfile = tmp_path / "cats.txt"
+    catfile.write_text(f"{names[0]} {mine}\n")
+    gaia = str(asn.parent / "gaia.ecsv")
+    planner = TweakRegStep(use_custom_catalogs=True, catfile=str(catfile),
+                           catalog_path=str(tmp_path / "cats"), abs_refcat=gaia)  # fmt: skip
+    (tmp_path / "cats").mkdir()
+    plan = planner.plan_catalogs(open_library(asn))
+    assert [j.image for j in plan.detections] == names[1:]
+    for job in plan.detections:  # the caller detects (the batch: Dask tasks)
+        job.run()
+    opened = []
+    monkeypatch.setattr(step_module, "open_library", lambda *a, **k: opened.append(a))
+    library = open_library(asn)
+    result = TweakRegStep.call(
+        PlannedLibrary(library, plan.detected(), str(asn)), abs_refcat=gaia, processes=1
+    )
+    assert opened == []
+    assert result is library
+    with result:
+        models = [result.borrow(i) for i in range(len(result))]
+        used = [m.meta.get("tweakreg_catalog") for m in models]
+        statuses = [str(m.meta.cal_step.tweakreg) for m in models]
+        nmatches = [int(m.meta.wcs_fit_results["absolute"]["nmatches"]) for m in models]
+        for i, m in enumerate(models):
+            result.shelve(m, i, modify=False)
+    # image 0: the plan's catfile catalog (the step's own rule would take its meta one)
+    assert used == [str(mine), *(str(tmp_path / "cats" / f"{n[:-5]}_cat.ecsv") for n in names[1:])]
+    assert statuses == ["COMPLETE"] * 4
+    assert min(nmatches) >= 60

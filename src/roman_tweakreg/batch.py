@@ -47,6 +47,7 @@ if TYPE_CHECKING:
     from .catalogs import PlannedLibrary
 
 __all__ = [
+    "DETECTION_PRIORITY",
     "MANIFEST_NAME",
     "REFCAT_FOLDER",
     "SUMMARY_COLUMNS",
@@ -74,6 +75,9 @@ RESERVED = ("output_dir", "output_file", "save_results", "input_dir", "pre_hooks
 #: "Throughput"): the statistical profiler samples the task's stack every 10 ms; it cost
 #: about a tenth more CPU per association (more on a loaded machine); the batch needs none.
 WORKER_CONFIG = {"distributed.worker.profile.enabled": False}
+#: Dask priority of the detection tasks an association's task submits: above its
+#: neighbours' (0), so that workers detect before they start another association.
+DETECTION_PRIORITY = 10
 #: Extra margin (deg) of a region around the cones of its associations.
 _REGION_SLACK = 0.005
 
@@ -510,15 +514,16 @@ def plan_association(job: AssociationJob, parameters: dict | None = None) -> Pla
 def _detect_all(job: AssociationJob, detections: Sequence, retries: int, token: str) -> list:
     """Run an association's planned detections: :func:`detect_one`'s result for each.
 
-    In a Dask worker each is a task of its own (``detect-<association>-<k>-<token>``),
-    spread over the cluster while this task waits outside the worker's thread pool;
+    In a Dask worker each is a task of its own (``detect-<association>-<k>-<token>``,
+    priority :data:`DETECTION_PRIORITY`), spread over the cluster while this task waits
+    outside the worker's thread pool;
     elsewhere they run here, one after the other.  A task that failed for good gives
     a result whose ``error`` says why.
     """
     if not detections:
         return []
     try:
-        from distributed import get_worker, worker_client
+        from distributed import get_client, get_worker, rejoin, secede, wait
 
         get_worker()
     except (ImportError, ValueError):  # not in a Dask worker
@@ -526,18 +531,25 @@ def _detect_all(job: AssociationJob, detections: Sequence, retries: int, token: 
     log.info("%s: source detection of %d images, one task each", job.name, len(detections))
     token = token or job.fingerprint[:16]
     keys = [f"detect-{job.name}-{k}-{token}" for k in range(len(detections))]
-    with worker_client() as client:
-        futures = client.map(detect_one, detections, key=keys, retries=retries, pure=False)
-        client.gather(futures, errors="skip")
-        out = []
-        for detection, future in zip(detections, futures, strict=True):
-            if future.status == "finished":
-                out.append(future.result())
-                continue
-            err = future.exception()
-            out.append({"image": detection.image_file or detection.image,
-                        "catalog": str(detection.catalog_file), "sources": 0, "seconds": 0.0,
-                        "worker": "", "error": f"{type(err).__name__}: {err}"})  # fmt: skip
+    client = get_client()
+    # ahead of the associations' tasks still waiting: a free worker takes a detection
+    # before it starts (and opens) another association
+    futures = client.map(detect_one, detections, key=keys, retries=retries, pure=False,
+                         priority=DETECTION_PRIORITY)  # fmt: skip
+    secede()  # this worker's thread is free while they run: it takes them too
+    try:
+        wait(futures)
+    finally:
+        rejoin()
+    out = []
+    for detection, future in zip(detections, futures, strict=True):
+        if future.status == "finished":
+            out.append(future.result())
+            continue
+        err = future.exception()
+        out.append({"image": detection.image_file or detection.image,
+                    "catalog": str(detection.catalog_file), "sources": 0, "seconds": 0.0,
+                    "worker": "", "error": f"{type(err).__name__}: {err}"})  # fmt: skip
     return out
 
 
@@ -843,23 +855,32 @@ def _run(client, paths, output_dir, parameters, resume, retries, region_radius, 
         log.info("Resume: %d associations done before, %d to do", len(skipped), len(todo))
     region_of, regions = _plan(client, todo, parameters, output_dir, retries, region_radius, token)
     futures: dict[Future, AssociationJob] = {}
-    for job in todo:
-        region = region_of.get(job.name)
-        future = client.submit(
-            align_one,
-            job,
-            regions[region] if region else None,
-            detect_retries=retries,
-            token=token,
-            key=f"tweakreg-{job.name}-{token}",
-            retries=retries,
-            pure=False,
-        )
-        futures[future] = job
+    waiting = list(reversed(todo))  # popped in input order
+
+    def submit_more(queue) -> None:
+        """Keep as many association tasks submitted as the cluster has threads."""
+        while waiting and len(futures) < _in_flight(client):
+            job = waiting.pop()
+            region = region_of.get(job.name)
+            future = client.submit(
+                align_one,
+                job,
+                regions[region] if region else None,
+                detect_retries=retries,
+                token=token,
+                key=f"tweakreg-{job.name}-{token}",
+                retries=retries,
+                pure=False,
+            )
+            futures[future] = job
+            queue.add(future)
+
     done = len(summary.rows)
     bar.update(done)
     try:
-        for future in as_completed(list(futures)):
+        queue = as_completed()
+        submit_more(queue)
+        for future in queue:
             job = futures.pop(future)
             row = _outcome(future, job, region_of.get(job.name), regions)
             done += 1
@@ -877,6 +898,7 @@ def _run(client, paths, output_dir, parameters, resume, retries, region_radius, 
                 f" on {row['worker']}" if row.get("worker") else "",
                 f": {row['error']}" if row.get("error") else "",
             )
+            submit_more(queue)
     finally:
         bar.close()
         for future in futures:
@@ -889,6 +911,17 @@ def _run(client, paths, output_dir, parameters, resume, retries, region_radius, 
         summary.path,
     )
     return table
+
+
+def _in_flight(client) -> int:
+    """How many association tasks the batch keeps submitted: the cluster's threads (at
+    least 1), counted again as each task ends (a cluster that grows gets more).
+
+    No more: an association's task waiting for its detection tasks leaves its thread to
+    them, and no other association's task is there to take it first (and open one more
+    association).
+    """
+    return max(sum(client.nthreads().values()), 1)
 
 
 def _outcome(future, job, region, regions) -> dict:
