@@ -75,8 +75,9 @@ RESERVED = ("output_dir", "output_file", "save_results", "input_dir", "pre_hooks
 #: "Throughput"): the statistical profiler samples the task's stack every 10 ms; it cost
 #: about a tenth more CPU per association (more on a loaded machine); the batch needs none.
 WORKER_CONFIG = {"distributed.worker.profile.enabled": False}
-#: Dask priority of the detection tasks an association's task submits: above its
-#: neighbours' (0), so that workers detect before they start another association.
+#: Dask priority of the detection tasks an association's task submits: above any other
+#: task's (0), so that the thread an association's task leaves while it waits for them
+#: detects rather than starting another task.
 DETECTION_PRIORITY = 10
 #: Extra margin (deg) of a region around the cones of its associations.
 _REGION_SLACK = 0.005

@@ -634,7 +634,6 @@ def plan_catalogs(
     CatalogError
         The catfile cannot be read.
     """
-    said_no_psf = False
     entries = read_catfile(catfile) if (use_custom_catalogs and catfile) else None
     asn_members = library.asn["products"][0]["members"]  # read once: stpipe copies it per read
     if (
@@ -646,63 +645,78 @@ def plan_catalogs(
             "use_custom_catalogs=True but there is no catfile and no association member "
             "has a tweakreg_catalog attribute: using the models' own catalogs"
         )
-    known: set[str] = set()
+    choice = _Choice(library, use_custom_catalogs, entries, detection, catalog_path,
+                     catalog_format, psf_lookup)  # fmt: skip
     planned: list[PlannedImage] = []
     skipped: dict[int, str] = {}
     with library:
         for index in range(len(library)):
             model = library.borrow(index)
             try:
-                name = str(model.meta.filename or f"image {index}")
-                known.add(Path(name).name)
-                reason = _unusable(model)
-                if reason:
-                    level = logging.INFO if reason.startswith("not an imaging") else logging.WARNING
-                    log.log(level, "%s: skipped, %s", name, reason)
-                    skipped[index] = reason
-                    continue
-                source = _catalog_source(
-                    library, index, asn_members[index], model, use_custom_catalogs, entries
-                )
-                job = None
-                if source is None or source.value is None:
-                    where = (
-                        source.origin
-                        if source is not None
-                        else ("meta.tweakreg_catalog or meta.source_catalog")
-                    )
-                    if detection is None:
-                        raise MissingCatalogError(f"{name}: no source catalog ({where} gives none)")
-                    params = detection
-                    if params.psf_model is None and psf_lookup is not None:
-                        found = psf_lookup(model)
-                        params = replace(params, psf_model=found) if found else params
-                    if params.psf_model is None and not said_no_psf:
-                        said_no_psf = True
-                        log.info(
-                            "No PSF model (psf_model, override_epsf): detected positions "
-                            "are fitted with an empirical symmetric PRF and may carry a "
-                            "PSF-convention offset of a few milli-pixels"
-                        )
-                    job = _detection_job(
-                        model,
-                        name,
-                        params,
-                        catalog_path,
-                        catalog_format,
-                        _image_file(library, index, asn_members[index]),
-                    )
-                    source = CatalogSource(str(job.catalog_file), "detection")
-                image = _image_of(model, index, name, asn_members[index], source)
-                planned.append(PlannedImage(image, source, job))
+                item = choice.plan(index, model, asn_members[index])
             finally:
                 library.shelve(model, index, modify=False)
-            if on_planned is not None and planned and planned[-1].image.index == index:
-                on_planned(planned[-1])
+            if isinstance(item, str):
+                skipped[index] = item
+                continue
+            planned.append(item)
+            if on_planned is not None:
+                on_planned(item)
     if entries is not None:
-        for missing in sorted(set(entries) - known):
+        for missing in sorted(set(entries) - choice.known):
             log.warning("catfile %s names %s, which is not among the inputs", catfile, missing)
     return CatalogPlan(tuple(planned), skipped, len(library), catalog_format)
+
+
+class _Choice:
+    """The catalog choice of :func:`plan_catalogs`, one model at a time."""
+
+    def __init__(self, library, use_custom, entries, detection, catalog_path, catalog_format,
+                 psf_lookup):  # fmt: skip
+        self.library, self.use_custom, self.entries = library, use_custom, entries
+        self.detection, self.catalog_path, self.catalog_format = (
+            detection, catalog_path, catalog_format
+        )  # fmt: skip
+        self.psf_lookup, self.said_no_psf, self.known = psf_lookup, False, set()
+
+    def plan(self, index: int, model, entry: dict) -> PlannedImage | str:
+        """The plan of one (borrowed) model, or why it is left out."""
+        name = str(model.meta.filename or f"image {index}")
+        self.known.add(Path(name).name)
+        reason = _unusable(model)
+        if reason:
+            level = logging.INFO if reason.startswith("not an imaging") else logging.WARNING
+            log.log(level, "%s: skipped, %s", name, reason)
+            return reason
+        source = _catalog_source(self.library, index, entry, model, self.use_custom, self.entries)
+        job = None
+        if source is None or source.value is None:
+            job = self._detection(index, model, name, entry, source)
+            source = CatalogSource(str(job.catalog_file), "detection")
+        return PlannedImage(_image_of(model, index, name, entry, source), source, job)
+
+    def _detection(self, index, model, name, entry, source) -> DetectionJob:
+        """The detection of an image without a catalog (MissingCatalogError without
+        detection parameters)."""
+        if self.detection is None:
+            where = source.origin if source is not None else (
+                "meta.tweakreg_catalog or meta.source_catalog"
+            )  # fmt: skip
+            raise MissingCatalogError(f"{name}: no source catalog ({where} gives none)")
+        params = self.detection
+        if params.psf_model is None and self.psf_lookup is not None:
+            found = self.psf_lookup(model)
+            params = replace(params, psf_model=found) if found else params
+        if params.psf_model is None and not self.said_no_psf:
+            self.said_no_psf = True
+            log.info(
+                "No PSF model (psf_model, override_epsf): detected positions are fitted "
+                "with an empirical symmetric PRF and may carry a PSF-convention offset of a "
+                "few milli-pixels"
+            )
+        image_file = _image_file(self.library, index, entry)
+        return _detection_job(model, name, params, self.catalog_path, self.catalog_format,
+                              image_file)  # fmt: skip
 
 
 def _image_of(model, index: int, name: str, entry: dict, source: CatalogSource) -> ImageCatalog:

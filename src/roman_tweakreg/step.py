@@ -124,8 +124,8 @@ class TweakRegStep(Step):
         aligned together, as the list ``[input_data, *more_inputs]``.  A
         :class:`~roman_tweakreg.catalogs.PlannedLibrary` (a library and its catalog plan,
         :meth:`plan_catalogs`) is aligned with the catalogs its plan names, without
-        choosing them again.  In-memory
-        models given as input are updated in place; files are never written to.
+        choosing them again.  In-memory models given as input are updated in place;
+        files are never written to.
         """
         pars = self.get_pars()
         _checked(validate_parameters, pars)
