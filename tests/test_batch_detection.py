@@ -1,5 +1,6 @@
 """The batch's source detection: one Dask task per image without a catalog, on a real
-LocalCluster of 2 worker processes (the ``client`` fixture of test_batch)."""
+LocalCluster of 2 worker processes (the ``client`` fixture of test_batch); the catalog
+plan the association's task makes (opening it once)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from roman_datamodels import datamodels as rdm
 
 import test_batch
 from roman_tweakreg import TweakRegStep
-from roman_tweakreg.batch import CATFILE_NAME, MANIFEST_NAME, align_associations
+from roman_tweakreg.batch import MANIFEST_NAME, align_associations
 from roman_tweakreg.detection import catalog_filename
 from roman_tweakreg.testing.pixels import write_pixel_association
 from test_batch import assert_same_outputs
@@ -57,21 +58,24 @@ def test_each_image_without_catalog_is_a_task_and_results_equal_the_step_alone(
     assert (row["status"], row["n_images"], row["n_complete"]) == ("COMPLETE", 4, 4)
     assert row["abs_nmatches"] >= 60
     assert 0 < row["abs_rms"] < 5.0  # mas
-    # three detection tasks (the image with a catalog has none), all before the alignment
-    detect = [t for t in _tasks(stream, "detect-px-") if "plan" not in t["key"]]
+    # three detection tasks (the image with a catalog has none), submitted by the
+    # association's task (which plans) and done before it ends, spread over both workers
+    detect = _tasks(stream, "detect-px-")
     (align,) = _tasks(stream, "tweakreg-px-")
     assert len(detect) == 3
-    assert max(_stop(t) for t in detect) <= _start(align)
+    assert _start(align) <= min(_start(t) for t in detect)
+    assert max(_stop(t) for t in detect) <= _stop(align)
+    assert len({t["worker"] for t in detect}) == 2
     assert 0 < row["detect_seconds"] < 30
     folder = out / "px"
     names = _names(pixels)
-    lines = (folder / CATFILE_NAME).read_text().splitlines()
     detected = [catalog_filename(n, folder, "ascii.ecsv") for n in names[1:]]
-    assert lines == [f"{n} {c}" for n, c in zip(names[1:], detected, strict=True)]
+    assert all(c.is_file() for c in detected)
     assert not catalog_filename(names[0], folder, "ascii.ecsv").exists()
     manifest = json.loads((folder / MANIFEST_NAME).read_text())
     listed = {o["name"] for o in manifest["outputs"]}
-    assert {c.name for c in detected} | {CATFILE_NAME} <= listed
+    assert {c.name for c in detected} <= listed
+    assert not (folder / "batch_catfile.txt").exists()  # the step is given the plan itself
     # the step alone on the association: the same catalogs and WCSs (1e-6 mas)
     alone = tmp_path / "alone"
     TweakRegStep.call(
@@ -87,10 +91,19 @@ def test_each_image_without_catalog_is_a_task_and_results_equal_the_step_alone(
     for b, a in assert_same_outputs(folder, alone):
         with rdm.open(b) as mb, rdm.open(a) as ma:
             used_b, used_a = mb.meta.get("tweakreg_catalog"), ma.meta.get("tweakreg_catalog")
+            fit_b, fit_a = mb.meta.wcs_fit_results, ma.meta.wcs_fit_results
+            assert mb.meta.cal_step.tweakreg == ma.meta.cal_step.tweakreg == "COMPLETE"
         if used_a is None:  # the image's own catalog: not assigned, as alone
             assert used_b is None
         else:
             assert used_b == str(folder / used_a.rsplit("/", 1)[1])
+        for phase in ("relative", "absolute"):  # the same fits: matches and shifts (mas)
+            ours, theirs = dict(fit_b.get(phase) or {}), dict(fit_a.get(phase) or {})
+            assert ours.get("status") == theirs.get("status")
+            assert ours.get("nmatches") == theirs.get("nmatches")
+            if "shift" in theirs:
+                shift = 1000.0 * (np.asarray(ours["shift"]) - np.asarray(theirs["shift"]))
+                assert np.all(np.abs(shift) < 1e-6)
     # resumed: done, nothing detected again
     with distributed.get_task_stream(client) as stream:
         again = align_associations(
@@ -127,14 +140,21 @@ def test_a_failed_detection_fails_its_association_naming_the_file(pixels, client
     error = table["error"][1]
     assert error.startswith(f"detection of {bad} failed: ValueError: err shape (128, 128)")
     assert not (out / "broken" / MANIFEST_NAME).exists()
-    # its three detections ran; its alignment never did (Dask: a dependency failed)
-    assert len([t for t in _tasks(stream, "detect-broken-") if "plan" not in t["key"]]) == 3
-    assert not _tasks(stream, "tweakreg-broken-")
+    # its three detections ran; the step never did (no output), its task not retried
+    assert len({t["key"] for t in _tasks(stream, "detect-broken-")}) == 3
+    assert not list((out / "broken").glob("*_tweakregstep.asdf"))
+    assert len(_tasks(stream, "tweakreg-broken-")) == 1
     assert len(_tasks(stream, "tweakreg-px-")) == 1
 
 
+def _plan(pixels, folder, pars):
+    from roman_tweakreg.batch import AssociationJob, plan_association
+
+    return plan_association(AssociationJob("px", str(pixels), str(folder), pars, "x")).plan
+
+
 def test_plan_follows_the_steps_catalog_choice_with_a_users_catfile(pixels, tmp_path):
-    from roman_tweakreg.batch import RESERVED, AssociationJob, plan_detection
+    from roman_tweakreg.batch import RESERVED
 
     names = _names(pixels)
     own = pixels.parent / (names[0].removesuffix("_cal.asdf") + "_own.ecsv")
@@ -144,24 +164,34 @@ def test_plan_follows_the_steps_catalog_choice_with_a_users_catfile(pixels, tmp_
     pars = TweakRegStep(use_custom_catalogs=True, catfile=str(catfile)).get_pars()
     pars = {k: v for k, v in pars.items() if k not in RESERVED}
     folder = tmp_path / "out"
-    plan = plan_detection(AssociationJob("px", str(pixels), str(folder), pars, "x"))
-    detected = [str(catalog_filename(n, folder, "ascii.ecsv")) for n in names[1:]]
-    assert [j.image_file for j in plan.jobs] == [str(pixels.parent / n) for n in names[1:]]
-    assert [str(j.catalog_file) for j in plan.jobs] == detected
-    pairs = zip(names[1:], detected, strict=True)
-    assert list(plan.catfile) == [(names[0], str(tmp_path / own.name)), *pairs]
-    # without use_custom_catalogs, image 0's own catalog (meta) is used: not in the catfile
+    plan = _plan(pixels, folder, pars)
+    detected = [catalog_filename(n, folder, "ascii.ecsv") for n in names[1:]]
+    assert [j.image_file for j in plan.detections] == [str(pixels.parent / n) for n in names[1:]]
+    assert [j.catalog_file for j in plan.detections] == detected
+    # image 0 reads the catalog its catfile line names; the others what detection writes
+    assert [p.image.name for p in plan.images] == names
+    assert plan.images[0].detection is None
+    assert plan.images[0].source.resolve() == tmp_path / own.name
+    assert [p.image.catalog_name for p in plan.images] == [
+        str(tmp_path / own.name), *map(str, detected)
+    ]
+    assert not any(c.exists() for c in detected)  # planning writes nothing
+    # without use_custom_catalogs, image 0's own catalog (meta) is used: not assigned
     pars["use_custom_catalogs"] = False
-    plan = plan_detection(AssociationJob("px", str(pixels), str(folder), pars, "x"))
-    assert [name for name, _ in plan.catfile] == names[1:]
-    # every image with a catalog: no plan, the association's task does as before
+    plan = _plan(pixels, folder, pars)
+    assert [j.image for j in plan.detections] == names[1:]
+    assert plan.images[0].source.origin.startswith("meta.")
+    assert plan.images[0].image.catalog_name == ""
+    # every image with a catalog: nothing to detect
     catfile.write_text("".join(f"{n} {tmp_path / own.name}\n" for n in names))
     pars["use_custom_catalogs"] = True
-    assert plan_detection(AssociationJob("px", str(pixels), str(folder), pars, "x")) is None
+    plan = _plan(pixels, folder, pars)
+    assert plan.detections == ()
+    assert {p.source.resolve() for p in plan.images} == {tmp_path / own.name}
 
 
 def test_plan_detects_with_the_steps_epsf(pixels, tmp_path):
-    from roman_tweakreg.batch import AssociationJob, _step_parameters, plan_detection
+    from roman_tweakreg.batch import _step_parameters
     from roman_tweakreg.testing.epsf import write_epsf_file
 
     epsf = write_epsf_file(tmp_path / "epsf.asdf", (256, 256), detector="WFI01")
@@ -172,8 +202,50 @@ def test_plan_detects_with_the_steps_epsf(pixels, tmp_path):
         ({}, None),
     ):
         pars = _step_parameters(given)  # as align_associations makes them
-        plan = plan_detection(AssociationJob("px", str(pixels), str(folder), pars, "x"))
-        assert len(plan.jobs) == 3
-        assert {j.params.psf_model for j in plan.jobs} == {used}
-        assert [j.detector for j in plan.jobs] == ["WFI02", "WFI01", "WFI02"]
-        assert {j.optical_element for j in plan.jobs} == {"F062"}  # the simulated files
+        jobs = _plan(pixels, folder, pars).detections
+        assert len(jobs) == 3
+        assert {j.params.psf_model for j in jobs} == {used}
+        assert [j.detector for j in jobs] == ["WFI02", "WFI01", "WFI02"]
+        assert {j.optical_element for j in jobs} == {"F062"}  # the simulated files
+
+
+def test_the_batch_opens_each_association_once(pixels, tmp_path, monkeypatch):
+    """Planning, detection and alignment of an association open it once: the step reads
+    the catalogs as its task planned them (counted in a cluster of this process, whose
+    tasks see the counting ``open_library``).  With one thread, an association's task
+    waiting for its detections leaves the thread to them, not to another association:
+    the last association starts after the first one's detections are done."""
+    from roman_tweakreg import library, step
+
+    asns = [pixels]
+    for name in ("px2", "px3"):
+        asns.append(pixels.parent / f"{name}.json")
+        shutil.copy(pixels, asns[-1])
+    opened = []
+    original = library.open_library
+
+    def counting(init, **kwargs):
+        if not isinstance(init, library.AbstractModelLibrary):
+            opened.append(str(init))
+        return original(init, **kwargs)
+
+    monkeypatch.setattr(library, "open_library", counting)
+    monkeypatch.setattr(step, "open_library", counting)
+    gaia = str(pixels.parent / "gaia.ecsv")
+    with (
+        distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
+                                 dashboard_address=":0") as cluster,
+        distributed.Client(cluster) as local,
+        distributed.get_task_stream(local) as stream,
+    ):  # fmt: skip
+        table = align_associations(asns, tmp_path / "out", client=local, abs_refcat=gaia,
+                                   progress=False)  # fmt: skip
+    assert list(table["status"]) == ["COMPLETE"] * 3
+    assert list(table["n_complete"]) == [4] * 3
+    assert sorted(opened) == sorted(map(str, asns))
+    names = [a.stem for a in asns]
+    assert [len(_tasks(stream, f"detect-{n}-")) for n in names] == [3, 3, 3]
+    starts = sorted((_start(t), t["key"].split("-")[1]) for t in _tasks(stream, "tweakreg-"))
+    first, last = starts[0][1], starts[-1][1]
+    assert max(_stop(t) for t in _tasks(stream, f"detect-{first}-")) <= starts[-1][0]
+    assert first != last

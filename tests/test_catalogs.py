@@ -1,6 +1,7 @@
 """Which catalog each image uses (the truth table of docs/catalogs.rst) and bad input."""
 
 import json
+import pickle
 
 import numpy as np
 import pytest
@@ -337,7 +338,7 @@ def test_the_association_is_read_once_whatever_the_library(field, monkeypatch):
     the cost stays linear in the members; every image still gets its own catalog."""
     from stpipe.library import AbstractModelLibrary
 
-    from roman_tweakreg.catalogs import members
+    from roman_tweakreg.catalogs import plan_catalogs
 
     folder, names = field
     attrs = {n: {"tweakreg_catalog": n.removesuffix(".asdf") + "_asn.ecsv"} for n in names}
@@ -349,7 +350,103 @@ def test_the_association_is_read_once_whatever_the_library(field, monkeypatch):
         return AbstractModelLibrary.asn.fget(self)
 
     monkeypatch.setattr(type(library), "asn", property(stpipe_asn))
-    found = list(members(library, use_custom_catalogs=True))
+    found = plan_catalogs(library, use_custom_catalogs=True).images
     assert len(reads) == 1
-    assert [image.name for _, image, _ in found] == names
-    assert [len(Table.read(source.resolve())) for _, _, source in found] == [22, 22]
+    assert [p.image.name for p in found] == names
+    assert [len(Table.read(p.source.resolve())) for p in found] == [22, 22]
+
+
+def test_the_plan_of_a_mixed_association_names_each_catalog_and_reads_nothing(field):
+    """plan -> detect -> read: the plan says which image is detected (and where its
+    catalog goes) and which uses a custom catalog; making it reads and writes no catalog;
+    reading it then detects, writes and reads as the step does."""
+    from roman_tweakreg.catalogs import CatalogPlan, plan_catalogs, read_catalogs
+
+    folder, names = field
+    asn = _asn(folder, names, {})
+    custom = folder / "cats" / f"{names[1].removesuffix('.asdf')}_catfile.ecsv"
+    catfile = _catfile(folder, [names[0], f"{names[1]} {custom.name}"])
+    detected = folder / "detected" / f"{names[0].removesuffix('.asdf')}_cat.ecsv"
+    plan = plan_catalogs(
+        open_library(asn), use_custom_catalogs=True, catfile=str(catfile), detection=DETECT,
+        catalog_path=str(folder / "detected"),
+    )  # fmt: skip
+    assert isinstance(plan, CatalogPlan)
+    assert (plan.n_images, plan.skipped) == (2, {})
+    first, second = plan.images
+    assert [first.image.name, second.image.name] == names
+    # image 0: its catfile line names no catalog -> detected, into catalog_path
+    assert first.detection is not None
+    assert (first.detection.image_file, first.detection.catalog_file) == (
+        str(folder / names[0]), detected
+    )
+    assert (first.source.value, first.source.origin) == (str(detected), "detection")
+    assert first.image.catalog_name == str(detected)
+    assert first.image.catalog_file == ""  # the step's own output, not an input
+    # image 1: the catalog its catfile line names (33 rows), found next to the catfile
+    assert second.detection is None
+    assert second.source.resolve() == custom
+    assert (second.image.catalog_name, second.image.catalog_file) == (str(custom), str(custom))
+    assert plan.detections == (first.detection,)
+    copy = pickle.loads(pickle.dumps(plan))  # a plan travels to another process whole
+    assert copy.detections == plan.detections
+    assert [p.source for p in copy.images] == [first.source, second.source]
+    assert first.image.catalog is None  # nothing read or written
+    assert not detected.exists()
+    # the caller ran the detections: every catalog is then read from its file
+    assert plan.detected().detections == ()
+    assert plan.detected().images[0].source == first.source
+    # read: the detection runs (blank image: an empty catalog, written), the catfile's is read
+    plane, skipped, workers = read_catalogs(plan)
+    workers.close()
+    assert detected.is_file()
+    assert skipped == {0: "empty source catalog"}
+    assert [(i.name, len(i.catalog)) for i in plane.images] == [(names[1], 33)]
+    assert plan.images[1].image.catalog is None  # the plan is not changed by reading it
+
+
+def test_the_step_given_a_planned_library_reads_as_planned_without_choosing(
+    tmp_path, monkeypatch
+):
+    """A plan made with use_custom_catalogs=True, given to a step whose own rule would
+    take image 0's meta catalog: the step reads the plan's catalogs, opens nothing, and
+    aligns every image as the step alone does with the planning parameters."""
+    from roman_tweakreg import step as step_module
+    from roman_tweakreg.catalogs import PlannedLibrary
+    from roman_tweakreg.testing.pixels import write_pixel_association
+
+    asn = write_pixel_association(tmp_path / "px", shape=(256, 256), keep_catalog=1)
+    names = [m["expname"] for m in json.loads(asn.read_text())["products"][0]["members"]]
+    own = asn.parent / (names[0].removesuffix("_cal.asdf") + "_own.ecsv")
+    (tmp_path / "mine").mkdir()
+    mine = tmp_path / "mine" / own.name
+    mine.write_bytes(own.read_bytes())
+    catfile = tmp_path / "cats.txt"
+    catfile.write_text(f"{names[0]} {mine}\n")
+    gaia = str(asn.parent / "gaia.ecsv")
+    planner = TweakRegStep(use_custom_catalogs=True, catfile=str(catfile),
+                           catalog_path=str(tmp_path / "cats"), abs_refcat=gaia)  # fmt: skip
+    (tmp_path / "cats").mkdir()
+    plan = planner.plan_catalogs(open_library(asn))
+    assert [j.image for j in plan.detections] == names[1:]
+    for job in plan.detections:  # the caller detects (the batch: Dask tasks)
+        job.run()
+    opened = []
+    monkeypatch.setattr(step_module, "open_library", lambda *a, **k: opened.append(a))
+    library = open_library(asn)
+    result = TweakRegStep.call(
+        PlannedLibrary(library, plan.detected(), str(asn)), abs_refcat=gaia, processes=1
+    )
+    assert opened == []
+    assert result is library
+    with result:
+        models = [result.borrow(i) for i in range(len(result))]
+        used = [m.meta.get("tweakreg_catalog") for m in models]
+        statuses = [str(m.meta.cal_step.tweakreg) for m in models]
+        nmatches = [int(m.meta.wcs_fit_results["absolute"]["nmatches"]) for m in models]
+        for i, m in enumerate(models):
+            result.shelve(m, i, modify=False)
+    # image 0: the plan's catfile catalog (the step's own rule would take its meta one)
+    assert used == [str(mine), *(str(tmp_path / "cats" / f"{n[:-5]}_cat.ecsv") for n in names[1:])]
+    assert statuses == ["COMPLETE"] * 4
+    assert min(nmatches) >= 60

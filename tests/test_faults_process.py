@@ -126,15 +126,20 @@ _ORIGINAL = {
 
 def _kill_at(point, monkeypatch):
     if point == "catalogs":  # after two images were handed out, jobs in flight
-        members = catalogs.members
+        plan_catalogs = catalogs.plan_catalogs
 
-        def killing_members(*args, **kwargs):
-            for k, item in enumerate(members(*args, **kwargs)):
-                if k == 2:
+        def killing_plan(*args, on_planned, **kwargs):
+            handed = []
+
+            def hand_out(planned):
+                on_planned(planned)  # its reading goes to the workers
+                handed.append(planned)
+                if len(handed) == 2:
                     _kill_workers()
-                yield item
 
-        monkeypatch.setattr(catalogs, "members", killing_members)
+            return plan_catalogs(*args, on_planned=hand_out, **kwargs)
+
+        monkeypatch.setattr(catalogs, "plan_catalogs", killing_plan)
     elif point == "catalogs, every worker":  # each worker dies in its first job
         monkeypatch.setattr(catalogs, "read_and_project", _read_killing_its_worker)
     elif point == "between phases":

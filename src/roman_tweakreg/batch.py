@@ -13,10 +13,11 @@ associations is planned first: nearby associations share a region, each region
 is fetched once (a task of its own) into ``<output_dir>/refcat/`` and each
 association's task reads its cone from its region's file.
 
-Images without a catalog (those the step would detect sources in) are detected one
-task each (:func:`detect_one`), and their association's task depends on those tasks
-and reads the catalogs they wrote through a catfile (:data:`CATFILE_NAME`).  See
-``docs/batch.rst``.
+Each association's task opens it once and asks the step which catalog each image uses
+(:meth:`~roman_tweakreg.step.TweakRegStep.plan_catalogs`); images without one are
+detected one task each (:func:`detect_one`), spread over the cluster, and the step
+then reads the catalogs as planned (:class:`~roman_tweakreg.catalogs.PlannedLibrary`).
+See ``docs/batch.rst``.
 """
 
 from __future__ import annotations
@@ -43,22 +44,23 @@ if TYPE_CHECKING:
 
     from distributed import Client, Future
 
+    from .catalogs import PlannedLibrary
+
 __all__ = [
-    "CATFILE_NAME",
+    "DETECTION_PRIORITY",
     "MANIFEST_NAME",
     "REFCAT_FOLDER",
     "SUMMARY_COLUMNS",
     "SUMMARY_NAME",
     "WORKER_CONFIG",
     "AssociationJob",
-    "DetectionPlan",
     "align_associations",
     "align_one",
     "check_done",
     "dashboard_address",
     "detect_one",
     "local_cluster",
-    "plan_detection",
+    "plan_association",
     "read_inputs",
 ]
 
@@ -67,16 +69,16 @@ log = logging.getLogger(__name__)
 SUMMARY_NAME = "batch_summary.ecsv"
 MANIFEST_NAME = "tweakreg_manifest.json"
 REFCAT_FOLDER = "refcat"
-#: The catfile the batch writes in an association's folder when some of its images were
-#: detected by tasks of their own: it names their catalogs (and the catalogs the step
-#: would have taken from a catfile or the association).
-CATFILE_NAME = "batch_catfile.txt"
 #: Step parameters the batch sets itself.
 RESERVED = ("output_dir", "output_file", "save_results", "input_dir", "pre_hooks", "post_hooks")
 #: Dask settings of the workers of the batch's own ``LocalCluster`` (docs/batch.rst,
 #: "Throughput"): the statistical profiler samples the task's stack every 10 ms; it cost
 #: about a tenth more CPU per association (more on a loaded machine); the batch needs none.
 WORKER_CONFIG = {"distributed.worker.profile.enabled": False}
+#: Dask priority of the detection tasks an association's task submits: above any other
+#: task's (0), so that the thread an association's task leaves while it waits for them
+#: detects rather than starting another task.
+DETECTION_PRIORITY = 10
 #: Extra margin (deg) of a region around the cones of its associations.
 _REGION_SLACK = 0.005
 
@@ -91,7 +93,8 @@ SUMMARY_COLUMNS: tuple[tuple[str, type, str | None, str], ...] = (
     ("abs_rms", float, "mas", "rms of the absolute fit (worst of its fits; to 0.001 mas); "
      "NaN without one"),
     ("abs_nmatches", int, None, "matches of the absolute fit (fewest of its fits); 0 without"),
-    ("seconds", float, "s", "wall time of the task (to 0.01 s)"),
+    ("seconds", float, "s", "wall time of the task, its wait for its detection tasks "
+     "excluded (to 0.01 s)"),
     ("detect_seconds", float, "s", "summed wall time of its detection tasks (not in seconds; "
      "to 0.01 s)"),
     ("worker", str, None, "address of the Dask worker that ran it"),
@@ -129,25 +132,6 @@ class AssociationJob:
     folder: str
     parameters: dict
     fingerprint: str
-
-
-@dataclass(frozen=True)
-class DetectionPlan:
-    """The images of one association to detect as tasks of their own, and its catfile.
-
-    Attributes
-    ----------
-    jobs : tuple of DetectionJob
-        One per image the step would detect sources in (its catalog file is the
-        one the step would write).
-    catfile : tuple of (str, str)
-        Lines of the catfile the association's task gives the step: image file
-        name and catalog file, for the detected images and for those whose
-        catalog the step takes from a catfile or the association.
-    """
-
-    jobs: tuple
-    catfile: tuple
 
 
 # -- inputs ----------------------------------------------------------------------------------
@@ -351,97 +335,13 @@ def _task_parameters(job: AssociationJob) -> dict:
     return pars
 
 
-def _catfile_safe(text: str) -> bool:
-    return bool(text) and not any(c.isspace() or c == "#" for c in text)
-
-
-def plan_detection(job: AssociationJob) -> DetectionPlan | None:
-    """Which images of an association the step would detect sources in (a task).
-
-    The association is opened (metadata only, no pixel array is read) and each
-    image's catalog chosen by :func:`roman_tweakreg.catalogs.members`, the step's
-    own rule, with the task's parameters; the images left without one become
-    :class:`~roman_tweakreg.detection.DetectionJob`\\ s.
-
-    Returns
-    -------
-    DetectionPlan or None
-        None when no image needs detection, or the association cannot be planned
-        (unreadable, an image only in memory, a file name a catfile cannot hold):
-        the association's task then does everything itself, as the step does.
-    """
-    from . import parameters
-    from .catalogs import members
-    from .detection import DetectionJob, DetectionParameters
-    from .library import open_library
-
-    pars = _task_parameters(job)
-    library = images = None
-    jobs, lines = [], []
-    try:
-        detection = DetectionParameters(
-            **{name: pars[name] for name in parameters.names("detection")}
-        ).validate()
-        override = pars.get("override_epsf")  # the step's own choice (TweakRegStep._psf_model)
-        if not detection.psf_model and isinstance(override, str) and override not in ("", "N/A"):
-            detection = replace(detection, psf_model=override)
-        library = open_library(job.path, on_disk=False)
-        images = members(
-            library,
-            use_custom_catalogs=pars["use_custom_catalogs"],
-            catfile=pars["catfile"],
-            catalog_format=pars["catalog_format"],
-            detection=detection,
-            catalog_path=pars["catalog_path"],
-        )
-        for _, image, source in images:
-            if image is None:
-                continue
-            name = Path(image.name).name
-            if isinstance(source.value, DetectionJob):
-                if source.value.image_file is None:
-                    return None
-                jobs.append(source.value)
-                catalog = str(source.value.catalog_file)
-            elif source.assigned and isinstance(source.value, (str, Path)):
-                catalog = str(source.resolve() or source.candidates()[0])
-            else:
-                continue
-            if not (_catfile_safe(name) and _catfile_safe(catalog)):
-                log.info("%s: %s or %s cannot be a catfile line; detected in its task",
-                         job.name, name, catalog)  # fmt: skip
-                return None
-            lines.append((name, catalog))
-    except TweakRegError as err:  # the association's own task will say what is wrong
-        log.info("%s: detection not planned, done in its task: %s", job.name, err)
-        return None
-    finally:
-        if images is not None:
-            images.close()
-        if library is not None:
-            _close(library)
-    if not jobs:
-        return None
-    (Path(job.folder) / MANIFEST_NAME).unlink(missing_ok=True)  # to be redone
-    return DetectionPlan(tuple(jobs), tuple(lines))
-
-
-def _close(library) -> None:
-    """Close the models a library opened from files."""
-    with library:
-        for index in range(len(library)):
-            model = library.borrow(index)
-            library.shelve(model, index, modify=False)
-            model.close()
-
-
 def detect_one(detection) -> dict:
     """Detect the sources of one image and write its catalog (a task).
 
     Parameters
     ----------
     detection : DetectionJob
-        As the step makes it (:func:`plan_detection`).
+        As the step plans it (:meth:`~roman_tweakreg.step.TweakRegStep.plan_catalogs`).
 
     Returns
     -------
@@ -475,10 +375,17 @@ def align_one(
     job: AssociationJob,
     refcat_file: str | None = None,
     resume: bool = False,
-    plan: DetectionPlan | None = None,
-    detected: Sequence[dict] = (),
+    *,
+    detect_retries: int = 0,
+    token: str = "",
 ) -> dict:
     """Align one association (the task); return its summary row.
+
+    The association is opened once: the step plans each image's catalog
+    (:meth:`~roman_tweakreg.step.TweakRegStep.plan_catalogs`), the images without one
+    are detected (:func:`detect_one`) as Dask tasks of their own when this runs in a
+    Dask worker (spread over the cluster; here otherwise), and the step then runs on
+    the library and its plan (:class:`~roman_tweakreg.catalogs.PlannedLibrary`).
 
     Parameters
     ----------
@@ -490,21 +397,19 @@ def align_one(
         the parameter as given.
     resume : bool
         Return a SKIPPED row, doing nothing, when :func:`check_done` says so.
-    plan : DetectionPlan, optional
-        The images detected by tasks of their own: the step is given
-        ``use_custom_catalogs=True`` and a catfile (:data:`CATFILE_NAME`) naming
-        their catalogs (and those the step would take from the user's catfile or
-        the association); the other images' catalogs are chosen as before.
-    detected : sequence of dict
-        What those tasks returned (:func:`detect_one`): a failed detection makes
-        the association FAILED, as it makes the step fail.
+    detect_retries : int
+        Retries of a detection task that raised something other than a bad-input error.
+    token : str
+        Ends the detection tasks' keys (``detect-<association>-<k>-<token>``).
 
     Returns
     -------
     dict
         The summary row: FAILED with the message when the input is bad (a
-        :class:`~roman_tweakreg.errors.TweakRegError`), which no retry would change.
-        ``detect_seconds`` is the detection tasks' summed time.
+        :class:`~roman_tweakreg.errors.TweakRegError`), which no retry would change,
+        or when a detection failed (``detection of <image file> failed:`` and why; the
+        step does not run).  ``detect_seconds`` is the detection tasks' summed time;
+        ``seconds`` the task's own (its wait for them excluded).
 
     Raises
     ------
@@ -526,42 +431,34 @@ def align_one(
     pars = _task_parameters(job)
     if refcat_file:
         pars["abs_refcat"] = refcat_file
-    detect_seconds = float(sum(d["seconds"] for d in detected))
-    failed = [d for d in detected if d["error"]]
-    if failed:
-        message = f"detection of {failed[0]['image']} failed: {failed[0]['error']}"
+    before = _listing(folder)  # the detected catalogs are outputs too
+    detect_seconds = 0.0
+
+    def failed(message: str) -> dict:
         log.warning("%s: FAILED: %s", job.name, message)
         return _row(job, "FAILED", seconds=time.perf_counter() - start, worker=worker,
                     detect_seconds=detect_seconds, error=message,
                     n_images=_association_size(job.path))  # fmt: skip
-    produced = set()  # written by the detection tasks, before this task: outputs too
-    if plan is not None:
-        catfile = folder / CATFILE_NAME
-        text = "".join(f"{name} {catalog}\n" for name, catalog in plan.catfile)
-        write_atomically(catfile, lambda p: p.write_text(text))
-        pars.update(use_custom_catalogs=True, catfile=str(catfile))
-        produced = {CATFILE_NAME} | {Path(d["catalog"]).name for d in detected
-                                     if Path(d["catalog"]).parent == folder}  # fmt: skip
-    before = _listing(folder)
+
     try:
-        library = TweakRegStep.call(job.path, output_dir=str(folder), save_results=True, **pars)
+        planned = plan_association(job, pars)
+        waited = time.perf_counter()
+        detected = _detect_all(job, planned.plan.detections, detect_retries, token)
+        start += time.perf_counter() - waited  # seconds: the task's own work, as before
+        detect_seconds = float(sum(d["seconds"] for d in detected))
+        bad = [d for d in detected if d["error"]]
+        if bad:
+            return failed(f"detection of {bad[0]['image']} failed: {bad[0]['error']}")
+        planned = replace(planned, plan=planned.plan.detected())
+        library = TweakRegStep.call(planned, output_dir=str(folder), save_results=True, **pars)
         summary = _summarise(library)
     except TweakRegError as err:
-        log.warning("%s: FAILED: %s", job.name, err)
-        return _row(
-            job,
-            "FAILED",
-            seconds=time.perf_counter() - start,
-            worker=worker,
-            detect_seconds=detect_seconds,
-            error=f"{type(err).__name__}: {err}",
-            n_images=_association_size(job.path),
-        )
+        return failed(f"{type(err).__name__}: {err}")
     after = _listing(folder)
     outputs = [
         {"name": name, "size": size, "sha256": _sha256(folder / name)}
         for name, (size, mtime) in sorted(after.items())
-        if before.get(name) != (size, mtime) or name in produced
+        if before.get(name) != (size, mtime)
     ]
     manifest = {
         "association": job.name,
@@ -585,6 +482,76 @@ def align_one(
         detect_seconds=detect_seconds,
         **summary,
     )
+
+
+def plan_association(job: AssociationJob, parameters: dict | None = None) -> PlannedLibrary:
+    """Open an association once and plan its catalogs: the first part of its task.
+
+    The models are opened as the step opens them and each image's catalog is chosen by
+    the step itself (:meth:`~roman_tweakreg.step.TweakRegStep.plan_catalogs`) with the
+    task's parameters (``parameters``, default those of ``job``, ``catalog_path``
+    defaulting to the association's output folder).
+
+    Returns
+    -------
+    PlannedLibrary
+        The library, its plan (with the detections still to run) and the association file.
+
+    Raises
+    ------
+    TweakRegError
+        The association or a model cannot be read, or an image has no catalog.
+    """
+    from .catalogs import PlannedLibrary
+    from .library import open_library
+    from .step import TweakRegStep
+
+    pars = _task_parameters(job) if parameters is None else parameters
+    library = open_library(job.path, on_disk=bool(pars.get("on_disk")))
+    step = TweakRegStep(output_dir=job.folder, save_results=True, **pars)
+    return PlannedLibrary(library, step.plan_catalogs(library), job.path)
+
+
+def _detect_all(job: AssociationJob, detections: Sequence, retries: int, token: str) -> list:
+    """Run an association's planned detections: :func:`detect_one`'s result for each.
+
+    In a Dask worker each is a task of its own (``detect-<association>-<k>-<token>``,
+    priority :data:`DETECTION_PRIORITY`), spread over the cluster while this task waits
+    outside the worker's thread pool;
+    elsewhere they run here, one after the other.  A task that failed for good gives
+    a result whose ``error`` says why.
+    """
+    if not detections:
+        return []
+    try:
+        from distributed import get_client, get_worker, rejoin, secede, wait
+
+        get_worker()
+    except (ImportError, ValueError):  # not in a Dask worker
+        return [detect_one(d) for d in detections]
+    log.info("%s: source detection of %d images, one task each", job.name, len(detections))
+    token = token or job.fingerprint[:16]
+    keys = [f"detect-{job.name}-{k}-{token}" for k in range(len(detections))]
+    client = get_client()
+    # ahead of the associations' tasks still waiting: a free worker takes a detection
+    # before it starts (and opens) another association
+    futures = client.map(detect_one, detections, key=keys, retries=retries, pure=False,
+                         priority=DETECTION_PRIORITY)  # fmt: skip
+    secede()  # this worker's thread is free while they run: it takes them too
+    try:
+        wait(futures)
+    finally:
+        rejoin()
+    out = []
+    for detection, future in zip(detections, futures, strict=True):
+        if future.status == "finished":
+            out.append(future.result())
+            continue
+        err = future.exception()
+        out.append({"image": detection.image_file or detection.image,
+                    "catalog": str(detection.catalog_file), "sources": 0, "seconds": 0.0,
+                    "worker": "", "error": f"{type(err).__name__}: {err}"})  # fmt: skip
+    return out
 
 
 def _cone_of(job: AssociationJob):
@@ -889,41 +856,34 @@ def _run(client, paths, output_dir, parameters, resume, retries, region_radius, 
         log.info("Resume: %d associations done before, %d to do", len(skipped), len(todo))
     region_of, regions = _plan(client, todo, parameters, output_dir, retries, region_radius, token)
     futures: dict[Future, AssociationJob] = {}
-    detections: dict[str, list] = {}
-    for job, plan in _plans(client, todo, retries, token):
-        region = region_of.get(job.name)
-        todo_detect = plan.jobs if plan is not None else ()
-        tasks = [
-            client.submit(
-                detect_one, d, key=f"detect-{job.name}-{k}-{token}", retries=retries, pure=False
+    waiting = list(reversed(todo))  # popped in input order
+
+    def submit_more(queue) -> None:
+        """Keep as many association tasks submitted as the cluster has threads."""
+        while waiting and len(futures) < _in_flight(client):
+            job = waiting.pop()
+            region = region_of.get(job.name)
+            future = client.submit(
+                align_one,
+                job,
+                regions[region] if region else None,
+                detect_retries=retries,
+                token=token,
+                key=f"tweakreg-{job.name}-{token}",
+                retries=retries,
+                pure=False,
             )
-            for k, d in enumerate(todo_detect)
-        ]
-        detections[job.name] = list(zip(todo_detect, tasks, strict=True))
-        future = client.submit(
-            align_one,
-            job,
-            regions[region] if region else None,
-            plan=plan,
-            detected=tasks,  # Dask runs align_one after them, with their results
-            key=f"tweakreg-{job.name}-{token}",
-            retries=retries,
-            pure=False,
-        )
-        futures[future] = job
-    n_detected = sum(len(d) for d in detections.values())
-    if n_detected:
-        log.info(
-            "Source detection: %d images of %d associations, one task each",
-            n_detected,
-            sum(1 for d in detections.values() if d),
-        )
+            futures[future] = job
+            queue.add(future)
+
     done = len(summary.rows)
     bar.update(done)
     try:
-        for future in as_completed(list(futures)):
+        queue = as_completed()
+        submit_more(queue)
+        for future in queue:
             job = futures.pop(future)
-            row = _outcome(future, job, region_of.get(job.name), regions, detections[job.name])
+            row = _outcome(future, job, region_of.get(job.name), regions)
             done += 1
             summary.add(row)
             bar.update(done)
@@ -939,6 +899,7 @@ def _run(client, paths, output_dir, parameters, resume, retries, region_radius, 
                 f" on {row['worker']}" if row.get("worker") else "",
                 f": {row['error']}" if row.get("error") else "",
             )
+            submit_more(queue)
     finally:
         bar.close()
         for future in futures:
@@ -953,7 +914,18 @@ def _run(client, paths, output_dir, parameters, resume, retries, region_radius, 
     return table
 
 
-def _outcome(future, job, region, regions, detections=()) -> dict:
+def _in_flight(client) -> int:
+    """How many association tasks the batch keeps submitted: the cluster's threads (at
+    least 1), counted again as each task ends (a cluster that grows gets more).
+
+    No more: an association's task waiting for its detection tasks leaves its thread to
+    them, and no other association's task is there to take it first (and open one more
+    association).
+    """
+    return max(sum(client.nthreads().values()), 1)
+
+
+def _outcome(future, job, region, regions) -> dict:
     if future.status == "finished":
         return future.result()
     try:
@@ -963,35 +935,8 @@ def _outcome(future, job, region, regions, detections=()) -> dict:
     message = f"{type(err).__name__}: {err}"
     if region is not None and regions[region].status == "error":
         message = f"reference catalog of region {region} not obtained: {message}"
-    failed = [d for d, task in detections if task.status == "error"]
-    if failed:
-        message = f"detection of {failed[0].image_file or failed[0].image} failed: {message}"
     log.warning("%s: FAILED for good: %s", job.name, message)
     return _row(job, "FAILED", error=message, n_images=_association_size(job.path))
-
-
-def _plans(client, todo, retries, token):
-    """Yield each association to do with its :class:`DetectionPlan` (or None), as planned.
-
-    The plans are tasks (the models' metadata is read where the files are); an
-    association whose plan failed is aligned with detection done in its own task.
-    """
-    from distributed import as_completed
-
-    if not todo:
-        return
-    keys = [f"detect-plan-{j.name}-{token}" for j in todo]
-    plans = client.map(plan_detection, todo, key=keys, retries=retries, pure=False)
-    jobs = dict(zip(plans, todo, strict=True))
-    for future in as_completed(plans):
-        job = jobs.pop(future)
-        plan = None
-        if future.status == "finished":
-            plan = future.result()
-        else:
-            log.warning("%s: detection not planned (%s); done in its task", job.name,
-                        future.exception())  # fmt: skip
-        yield job, plan
 
 
 def _plan(client, todo, parameters, output_dir, retries, region_radius, token):

@@ -43,20 +43,26 @@ from .library import member_dir
 from .plane import TangentPlane, common_plane, project
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Callable
 
 __all__ = [
     "ERROR_COLUMNS",
     "PIXEL_COLUMNS",
     "SKY_COLUMNS",
+    "CatalogPlan",
     "CatalogSource",
     "ImageCatalog",
+    "PlannedImage",
+    "PlannedLibrary",
     "collect",
+    "detect_and_project",
     "filter_catalog",
     "load_catalog",
     "normalize_catalog",
+    "plan_catalogs",
     "read_and_project",
     "read_catalog",
+    "read_catalogs",
     "read_catfile",
     "update_catalog_file",
     "update_sky_columns",
@@ -116,8 +122,6 @@ class CatalogSource:
 
     def candidates(self) -> list[Path]:
         """The paths where a file name is looked for, in order."""
-        if isinstance(self.value, DetectionJob):
-            return [Path(self.value.catalog_file)]
         path = Path(self.value)
         if path.is_absolute() or not self.base_dirs:
             return [path]
@@ -129,8 +133,6 @@ class CatalogSource:
         Whatever exists counts (a folder, a FIFO, a device too): :func:`read_catalog`
         then says what it is, rather than that it does not exist.
         """
-        if isinstance(self.value, DetectionJob):
-            return Path(self.value.catalog_file)
         return next((p for p in self.candidates() if p.exists()), None)
 
     @property
@@ -226,8 +228,6 @@ def read_catalog(source: CatalogSource, image: str, catalog_format: str = "ascii
         The file cannot be read.
     """
     value = source.value
-    if isinstance(value, DetectionJob):
-        return value.run()
     if isinstance(value, Table):
         return value
     if isinstance(value, np.ndarray) and value.dtype.names:
@@ -465,13 +465,13 @@ def _catalog_source(
     return source
 
 
-def _detect(
+def _detection_job(
     model, name: str, params, catalog_path: str, catalog_format: str, image_file=None
-) -> CatalogSource:
-    """The detection of ``model``'s sources, to be run when its catalog is read.
+) -> DetectionJob:
+    """The detection of ``model``'s sources, for the detection phase to run.
 
-    The arrays are read from ``image_file`` by whoever runs the job (a worker)
-    when the model comes from that file, else taken from the model.
+    The arrays are read from ``image_file`` by whoever runs the job (a worker, a Dask
+    task) when the model comes from that file, else taken from the model.
     """
     from .detection import catalog_filename
 
@@ -481,7 +481,7 @@ def _detect(
     if image_file is None:
         arrays = (model.data, model.dq, getattr(model, "err", None))
     instrument = model.meta.get("instrument", {})
-    job = DetectionJob(
+    return DetectionJob(
         name,
         path,
         catalog_format,
@@ -491,7 +491,6 @@ def _detect(
         str(instrument.get("detector", "") or ""),
         str(instrument.get("optical_element", "") or ""),
     )
-    return CatalogSource(job, "detection", ())
 
 
 def _image_file(library, index: int, entry: dict) -> str | None:
@@ -505,19 +504,257 @@ def _image_file(library, index: int, entry: dict) -> str | None:
     return str(path) if path.is_file() else None
 
 
-def collect(library, *, processes: int = 1, **options) -> tuple[TangentPlane, dict, Workers]:
-    """Read, normalise and filter the catalog of every image in ``library``, and
-    project it into the alignment plane.
+# -- the catalog phase: plan -> detect -> read -----------------------------------------------
+@dataclass(frozen=True)
+class PlannedImage:
+    """One image of a :class:`CatalogPlan`: where its catalog comes from.
 
-    ``options`` are those of :func:`members`: ``use_custom_catalogs``, ``catfile``,
-    ``catalog_format``, ``detection`` and ``catalog_path``. Models are opened here, one
-    after the other, borrowed and shelved unmodified. Reading their catalogs and
-    projecting them (:func:`read_and_project`) is shared with ``processes`` worker
-    processes, which can also build the corrected WCSs later. Pixel arrays are read only
-    for images without any catalog, when ``detection`` (a
-    :class:`~roman_tweakreg.detection.DetectionParameters`) is given: sources are then
-    detected and the catalog written to ``catalog_path`` as ``<image root>_cat.<ext>``
-    in ``catalog_format``.
+    Attributes
+    ----------
+    image : ImageCatalog
+        The image (its ``catalog`` is None until read).
+    source : CatalogSource
+        Where its catalog is read from; for an image to detect, the file the
+        detection writes (origin ``detection``).
+    detection : DetectionJob or None
+        The detection to run before reading (None: the catalog exists, or was
+        detected by the caller: :meth:`CatalogPlan.detected`).
+    """
+
+    image: ImageCatalog
+    source: CatalogSource
+    detection: DetectionJob | None = None
+
+
+@dataclass(frozen=True)
+class CatalogPlan:
+    """Which catalog each image of a library uses: the catalog phase's plan.
+
+    Made by :func:`plan_catalogs` (the library opened once, metadata only); its
+    :attr:`detections` are run (:func:`read_catalogs` runs those still to do) and its
+    catalogs read by :func:`read_catalogs`.  Small and picklable, except for images
+    given in memory, whose detection carries their arrays.
+
+    Attributes
+    ----------
+    images : tuple of PlannedImage
+        The images that can be aligned, in library order.
+    skipped : dict
+        Library index -> reason, for the images left out (non-imaging exposure,
+        no usable WCS...).
+    n_images : int
+        Images in the library.
+    catalog_format : str
+        The astropy format of catalog files other than ``.parquet`` and ``.asdf``.
+    """
+
+    images: tuple[PlannedImage, ...]
+    skipped: dict[int, str]
+    n_images: int
+    catalog_format: str = "ascii.ecsv"
+
+    @property
+    def detections(self) -> tuple[DetectionJob, ...]:
+        """The detections still to run, in library order."""
+        return tuple(p.detection for p in self.images if p.detection is not None)
+
+    def detected(self) -> CatalogPlan:
+        """This plan once its :attr:`detections` were run by the caller (each wrote its
+        catalog file): every catalog is then read from its file."""
+        return replace(self, images=tuple(replace(p, detection=None) for p in self.images))
+
+
+@dataclass(frozen=True)
+class PlannedLibrary:
+    """A library with its catalog plan, made by the caller: an input of the step.
+
+    The batch opens an association once, asks the step for its plan
+    (:meth:`~roman_tweakreg.step.TweakRegStep.plan_catalogs`), runs the detections
+    as Dask tasks and gives the step this: the step then reads the catalogs as planned,
+    without opening the association or choosing again.
+
+    Attributes
+    ----------
+    library : AbstractModelLibrary
+        The models, as opened by the caller.
+    plan : CatalogPlan
+        Its plan (detections run by the caller: :meth:`CatalogPlan.detected`; any left
+        are run by the step).
+    source : str
+        What the library was opened from (the association file), for the step's checks
+        that no output overwrites an input.
+    """
+
+    library: Any
+    plan: CatalogPlan
+    source: str = ""
+
+    def __repr__(self) -> str:  # stpipe logs its inputs: short
+        return (
+            f"PlannedLibrary({self.source or 'models'!r}, {len(self.plan.images)} images planned,"
+            f" {len(self.plan.detections)} to detect)"
+        )
+
+
+def plan_catalogs(
+    library,
+    *,
+    use_custom_catalogs: bool = False,
+    catfile: str = "",
+    catalog_format: str = "ascii.ecsv",
+    detection=None,
+    catalog_path: str = "",
+    psf_lookup=None,
+    on_planned: Callable[[PlannedImage], object] | None = None,
+) -> CatalogPlan:
+    """Choose each image's catalog: the first phase of the catalog phase.
+
+    Every model of ``library`` is borrowed once (in one ``with library:`` block, its
+    metadata read, no pixel array unless an in-memory model needs detection) and
+    shelved unmodified; each image's catalog is chosen by the precedence in the module
+    docstring.  Nothing is read or written here besides the catfile: an image without
+    any catalog gets a :class:`~roman_tweakreg.detection.DetectionJob` when
+    ``detection`` (a :class:`~roman_tweakreg.detection.DetectionParameters`) is given,
+    whose catalog goes to ``catalog_path`` as ``<image root>_cat.<ext>`` in
+    ``catalog_format``.  ``psf_lookup``, when given and ``detection.psf_model`` is None,
+    is called with the model of each image to detect and returns its ePSF file or None
+    (the step's CRDS lookup).  When an image is to be detected without an ePSF, one
+    line says so (once a call).  ``on_planned``, when given, is called with each
+    :class:`PlannedImage` as soon as it is planned, its model shelved (:func:`collect`
+    starts reading its catalog then).
+
+    Returns
+    -------
+    CatalogPlan
+
+    Raises
+    ------
+    MissingCatalogError
+        An image has no catalog at all and ``detection`` is None.
+    CatalogError
+        The catfile cannot be read.
+    """
+    entries = read_catfile(catfile) if (use_custom_catalogs and catfile) else None
+    asn_members = library.asn["products"][0]["members"]  # read once: stpipe copies it per read
+    if (
+        use_custom_catalogs
+        and entries is None
+        and not any("tweakreg_catalog" in m for m in asn_members)
+    ):
+        log.warning(
+            "use_custom_catalogs=True but there is no catfile and no association member "
+            "has a tweakreg_catalog attribute: using the models' own catalogs"
+        )
+    choice = _Choice(library, use_custom_catalogs, entries, detection, catalog_path,
+                     catalog_format, psf_lookup)  # fmt: skip
+    planned: list[PlannedImage] = []
+    skipped: dict[int, str] = {}
+    with library:
+        for index in range(len(library)):
+            model = library.borrow(index)
+            try:
+                item = choice.plan(index, model, asn_members[index])
+            finally:
+                library.shelve(model, index, modify=False)
+            if isinstance(item, str):
+                skipped[index] = item
+                continue
+            planned.append(item)
+            if on_planned is not None:
+                on_planned(item)
+    if entries is not None:
+        for missing in sorted(set(entries) - choice.known):
+            log.warning("catfile %s names %s, which is not among the inputs", catfile, missing)
+    return CatalogPlan(tuple(planned), skipped, len(library), catalog_format)
+
+
+class _Choice:
+    """The catalog choice of :func:`plan_catalogs`, one model at a time."""
+
+    def __init__(self, library, use_custom, entries, detection, catalog_path, catalog_format,
+                 psf_lookup):  # fmt: skip
+        self.library, self.use_custom, self.entries = library, use_custom, entries
+        self.detection, self.catalog_path, self.catalog_format = (
+            detection, catalog_path, catalog_format
+        )  # fmt: skip
+        self.psf_lookup, self.said_no_psf, self.known = psf_lookup, False, set()
+
+    def plan(self, index: int, model, entry: dict) -> PlannedImage | str:
+        """The plan of one (borrowed) model, or why it is left out."""
+        name = str(model.meta.filename or f"image {index}")
+        self.known.add(Path(name).name)
+        reason = _unusable(model)
+        if reason:
+            level = logging.INFO if reason.startswith("not an imaging") else logging.WARNING
+            log.log(level, "%s: skipped, %s", name, reason)
+            return reason
+        source = _catalog_source(self.library, index, entry, model, self.use_custom, self.entries)
+        job = None
+        if source is None or source.value is None:
+            job = self._detection(index, model, name, entry, source)
+            source = CatalogSource(str(job.catalog_file), "detection")
+        return PlannedImage(_image_of(model, index, name, entry, source), source, job)
+
+    def _detection(self, index, model, name, entry, source) -> DetectionJob:
+        """The detection of an image without a catalog (MissingCatalogError without
+        detection parameters)."""
+        if self.detection is None:
+            where = source.origin if source is not None else (
+                "meta.tweakreg_catalog or meta.source_catalog"
+            )  # fmt: skip
+            raise MissingCatalogError(f"{name}: no source catalog ({where} gives none)")
+        params = self.detection
+        if params.psf_model is None and self.psf_lookup is not None:
+            found = self.psf_lookup(model)
+            params = replace(params, psf_model=found) if found else params
+        if params.psf_model is None and not self.said_no_psf:
+            self.said_no_psf = True
+            log.info(
+                "No PSF model (psf_model, override_epsf): detected positions are fitted "
+                "with an empirical symmetric PRF and may carry a PSF-convention offset of a "
+                "few milli-pixels"
+            )
+        image_file = _image_file(self.library, index, entry)
+        return _detection_job(model, name, params, self.catalog_path, self.catalog_format,
+                              image_file)  # fmt: skip
+
+
+def _image_of(model, index: int, name: str, entry: dict, source: CatalogSource) -> ImageCatalog:
+    """The :class:`ImageCatalog` of a model (its catalog not yet read)."""
+    detected = source.origin == "detection"
+    found = Path(source.value) if detected else None
+    if not detected and source.assigned:
+        found = source.resolve()
+    return ImageCatalog(
+        index=index,
+        name=name,
+        group_id=str(entry["group_id"]),
+        catalog=None,
+        wcs=model.meta.wcs,
+        wcsinfo={k: float(model.meta.wcsinfo[k]) for k in ("v2_ref", "v3_ref", "roll_ref")},
+        epoch=(epoch := exposure_epoch(model.meta)),
+        observer=observer_position(model.meta, epoch),
+        exposure=_exposure_of(model.meta),
+        catalog_name=str(found) if found is not None else "",
+        # a detected catalog is the step's own output, not a file the user gave
+        catalog_file=(
+            str(source.resolve() or "")
+            if not detected and isinstance(source.value, (str, Path))
+            else ""
+        ),
+    )
+
+
+def read_catalogs(plan: CatalogPlan, *, processes: int = 1) -> tuple[TangentPlane, dict, Workers]:
+    """Read, normalise and filter each planned catalog and project it into the
+    alignment plane: the catalog phase's detection (when the plan still has some) and
+    reading.
+
+    Reading each catalog and projecting it (:func:`read_and_project`) is shared with
+    ``processes`` worker processes, which can also build the corrected WCSs later; an
+    image whose detection is still to do is detected in the same job, just before
+    (:func:`detect_and_project`).  Nothing else is opened: the models were read when
+    the plan was made.
 
     Returns
     -------
@@ -525,8 +762,7 @@ def collect(library, *, processes: int = 1, **options) -> tuple[TangentPlane, di
         The images that take part in alignment (``plane.images``), their sources in
         the alignment plane of the first one.
     skipped : dict
-        Library index -> reason, for images left out (non-imaging exposure,
-        empty catalog).
+        Library index -> reason, for images left out (the plan's, and empty catalogs).
     workers : Workers
         The workers, their context the plane's ``ref``; the caller closes them
         (``with workers:``).
@@ -534,33 +770,70 @@ def collect(library, *, processes: int = 1, **options) -> tuple[TangentPlane, di
     Raises
     ------
     MissingCatalogError
-        An image has no catalog at all, or its file does not exist.
+        A catalog file does not exist.
     CatalogError
-        A catalog or the catfile cannot be read or has no pixel columns.
+        A catalog cannot be read or has no pixel columns.
     """
-    catalog_format = options.get("catalog_format", "ascii.ecsv")
-    workers, jobs, skipped = Workers(1), [], {}
-    images, projections = [], []
+    reader = _Reader(processes)
     try:
-        for index, image, source in members(library, **options):
-            if image is None:
-                skipped[index] = source
-                continue
-            if workers.context is None:  # the first image's plane; workers inherit it
-                plane = common_plane(image.wcs, image.wcsinfo)
-                workers = Workers(processes, plane)
-            args = (source, image.name, image.wcs, catalog_format)
-            jobs.append((image, workers.submit(read_and_project, *args)))
-        for image, job in jobs:
+        for planned in plan.images:
+            reader.add(planned, plan.catalog_format)
+        return reader.finish(plan)
+    except BaseException:
+        reader.close()
+        raise
+
+
+def collect(library, *, processes: int = 1, **options) -> tuple[TangentPlane, dict, Workers]:
+    """The catalog phase in one call: :func:`plan_catalogs`, then :func:`read_catalogs`.
+
+    ``options`` are those of :func:`plan_catalogs`; returns what :func:`read_catalogs`
+    returns.  Each image's reading is handed to the workers as soon as it is planned
+    (``on_planned``), so that they read catalogs while the next models are opened.
+    """
+    reader = _Reader(processes)
+    fmt = options.get("catalog_format", "ascii.ecsv")
+    try:
+        plan = plan_catalogs(library, on_planned=lambda p: reader.add(p, fmt), **options)
+        return reader.finish(plan)
+    except BaseException:
+        reader.close()
+        raise
+
+
+class _Reader:
+    """The catalogs of a plan, read by workers as they are handed out."""
+
+    def __init__(self, processes: int):
+        self.processes, self.workers, self.jobs = processes, Workers(1), []
+
+    def add(self, planned: PlannedImage, catalog_format: str) -> None:
+        """Hand one image's detection (if planned) and reading to the workers."""
+        image = replace(planned.image)  # the plan's own stays unread
+        if self.workers.context is None:  # the first image's plane; workers inherit it
+            self.workers = Workers(self.processes, common_plane(image.wcs, image.wcsinfo))
+        if planned.detection is not None:
+            job = self.workers.submit(detect_and_project, planned.detection, image.name,
+                                      image.wcs)  # fmt: skip
+        else:
+            job = self.workers.submit(read_and_project, planned.source, image.name, image.wcs,
+                                      catalog_format)  # fmt: skip
+        self.jobs.append((image, job))
+
+    def finish(self, plan: CatalogPlan) -> tuple[TangentPlane, dict, Workers]:
+        """Wait for every catalog; the plane, the skipped images and the workers."""
+        skipped, images, projections = dict(plan.skipped), [], []
+        for image, job in self.jobs:
             image.catalog, xy, outline = job.result()
-            if accept(image, len(library), skipped):
+            if accept(image, plan.n_images, skipped):
                 images.append(image)
                 projections.append((xy, outline))
-    except BaseException:
-        workers.close()
-        jobs = job = None  # a failed job's error holds this frame: no reference cycle
-        raise
-    return TangentPlane(images, workers.context, projections), skipped, workers
+        self.jobs = []
+        return TangentPlane(images, self.workers.context, projections), skipped, self.workers
+
+    def close(self) -> None:
+        self.workers.close()
+        self.jobs = []  # a failed job's error holds its frame: no reference cycle
 
 
 def accept(image: ImageCatalog, n_images: int, skipped: dict[int, str]) -> bool:
@@ -577,112 +850,6 @@ def accept(image: ImageCatalog, n_images: int, skipped: dict[int, str]) -> bool:
         len(image.catalog),
     )
     return True
-
-
-def members(
-    library,
-    *,
-    use_custom_catalogs: bool = False,
-    catfile: str = "",
-    catalog_format: str = "ascii.ecsv",
-    detection=None,
-    catalog_path: str = "",
-    psf_lookup=None,
-) -> Iterator[tuple[int, ImageCatalog | None, CatalogSource | str]]:
-    """Each image of ``library`` with its catalog source, its catalog not yet read.
-
-    Yields ``(index, image, source)``, where ``image`` is an :class:`ImageCatalog`
-    whose ``catalog`` is None and ``source`` the :class:`CatalogSource` to read it
-    from (see :func:`load_catalog`), or ``(index, None, reason)`` for an image left
-    out.  Parameters and errors are those of :func:`collect`; ``psf_lookup``, when
-    given and ``detection.psf_model`` is None, is called with the model of each image
-    to detect and returns its ePSF file or None (the step's CRDS lookup).  When an
-    image is detected without an ePSF, one line says so (once a call).
-    """
-    said_no_psf = False
-    entries = read_catfile(catfile) if (use_custom_catalogs and catfile) else None
-    asn_members = library.asn["products"][0]["members"]  # read once: stpipe copies it per read
-    if (
-        use_custom_catalogs
-        and entries is None
-        and not any("tweakreg_catalog" in m for m in asn_members)
-    ):
-        log.warning(
-            "use_custom_catalogs=True but there is no catfile and no association member "
-            "has a tweakreg_catalog attribute: using the models' own catalogs"
-        )
-    known: set[str] = set()
-    with library:
-        for index in range(len(library)):
-            model = library.borrow(index)
-            try:
-                name = str(model.meta.filename or f"image {index}")
-                known.add(Path(name).name)
-                reason = _unusable(model)
-                if reason:
-                    level = logging.INFO if reason.startswith("not an imaging") else logging.WARNING
-                    log.log(level, "%s: skipped, %s", name, reason)
-                    item = (index, None, reason)
-                else:
-                    source = _catalog_source(
-                        library, index, asn_members[index], model, use_custom_catalogs, entries
-                    )
-                    if source is None or source.value is None:
-                        where = (
-                            source.origin
-                            if source is not None
-                            else ("meta.tweakreg_catalog or meta.source_catalog")
-                        )
-                        if detection is None:
-                            raise MissingCatalogError(
-                                f"{name}: no source catalog ({where} gives none)"
-                            )
-                        params = detection
-                        if params.psf_model is None and psf_lookup is not None:
-                            found = psf_lookup(model)
-                            params = replace(params, psf_model=found) if found else params
-                        if params.psf_model is None and not said_no_psf:
-                            said_no_psf = True
-                            log.info(
-                                "No PSF model (psf_model, override_epsf): detected positions "
-                                "are fitted with an empirical symmetric PRF and may carry a "
-                                "PSF-convention offset of a few milli-pixels"
-                            )
-                        source = _detect(
-                            model,
-                            name,
-                            params,
-                            catalog_path,
-                            catalog_format,
-                            _image_file(library, index, asn_members[index]),
-                        )
-                    image = ImageCatalog(
-                        index=index,
-                        name=name,
-                        group_id=str(asn_members[index]["group_id"]),
-                        catalog=None,
-                        wcs=model.meta.wcs,
-                        wcsinfo={
-                            k: float(model.meta.wcsinfo[k])
-                            for k in ("v2_ref", "v3_ref", "roll_ref")
-                        },
-                        epoch=(epoch := exposure_epoch(model.meta)),
-                        observer=observer_position(model.meta, epoch),
-                        exposure=_exposure_of(model.meta),
-                        catalog_name=str(source.resolve()) if source.assigned else "",
-                        catalog_file=(
-                            str(source.resolve() or "")
-                            if isinstance(source.value, (str, Path))
-                            else ""
-                        ),
-                    )
-                    item = (index, image, source)
-            finally:
-                library.shelve(model, index, modify=False)
-            yield item
-    if entries is not None:
-        for missing in sorted(set(entries) - known):
-            log.warning("catfile %s names %s, which is not among the inputs", catfile, missing)
 
 
 def _unusable(model) -> str:
@@ -843,8 +1010,16 @@ def update_catalog_file(
     return updated
 
 
-def read_and_project(ref, source, name: str, wcs, catalog_format: str):
+def read_and_project(ref, source: CatalogSource, name: str, wcs, catalog_format: str):
     """Read an image's catalog (:func:`~roman_tweakreg.catalogs.load_catalog`) and
     :func:`~roman_tweakreg.plane.project` it: returns the catalog, the positions and the outline."""
     table = load_catalog(source, name, wcs, catalog_format)
     return (table, *project(ref, wcs, table["x"], table["y"]))
+
+
+def detect_and_project(ref, job: DetectionJob, name: str, wcs):
+    """Run a planned detection (it writes the image's catalog file), then read the
+    catalog it made as :func:`read_and_project` does (from memory: the same table)."""
+    table = job.run()
+    source = CatalogSource(table, "detection")
+    return read_and_project(ref, source, name, wcs, job.catalog_format)

@@ -121,8 +121,11 @@ class TweakRegStep(Step):
         """Align the images of ``input_data`` and return them as a ModelLibrary.
 
         Several inputs (``strun roman_tweakreg.TweakRegStep a.asdf b.asdf``) are
-        aligned together, as the list ``[input_data, *more_inputs]``.  In-memory
-        models given as input are updated in place; files are never written to.
+        aligned together, as the list ``[input_data, *more_inputs]``.  A
+        :class:`~roman_tweakreg.catalogs.PlannedLibrary` (a library and its catalog plan,
+        :meth:`plan_catalogs`) is aligned with the catalogs its plan names, without
+        choosing them again.  In-memory models given as input are updated in place;
+        files are never written to.
         """
         pars = self.get_pars()
         _checked(validate_parameters, pars)
@@ -145,13 +148,17 @@ class TweakRegStep(Step):
         self._clock = clock = _Clock()
         self.timings = clock.timings
         with clock.phase("catalogs"):
-            library = open_library(
-                input_data,
-                on_disk=self.on_disk,
-                named_outputs=self._saves_outputs() and not self.output_file,
-            )
+            plan = None
+            if isinstance(input_data, catalogs.PlannedLibrary):  # planned by the caller
+                library, plan, input_data = input_data.library, input_data.plan, input_data.source
+            else:
+                library = open_library(
+                    input_data,
+                    on_disk=self.on_disk,
+                    named_outputs=self._saves_outputs() and not self.output_file,
+                )
             self._check_inputs_not_overwritten(library, input_data)
-            plane, skipped, workers = self._prepare(library, detection)
+            plane, skipped, workers = self._prepare(library, detection, plan)
         with workers:
             self._check_catalogs_not_overwritten(plane)
             images = plane.images
@@ -262,22 +269,52 @@ class TweakRegStep(Step):
         if line:
             log.info("%s", line)
 
-    def _prepare(self, library, detection):
-        """Read every catalog and project it into the alignment plane
-        (:func:`~roman_tweakreg.catalogs.collect` with the step's parameters).
+    def plan_catalogs(self, library) -> catalogs.CatalogPlan:
+        """The catalog each image of ``library`` uses, chosen with this step's parameters.
+
+        The first part of the catalog phase (:func:`roman_tweakreg.catalogs.plan_catalogs`):
+        each model is borrowed once and its metadata read; no catalog is read or
+        written.  A caller that runs the plan's detections itself (the batch, as Dask
+        tasks) then runs the step on :class:`~roman_tweakreg.catalogs.PlannedLibrary`
+        ``(library, plan.detected(), source)``: the step reads the catalogs as planned.
+
+        Raises
+        ------
+        StepParameterError
+            For a parameter outside what it accepts.
+        PSFModelError
+            ``psf_model`` or ``override_epsf`` names no file.
+        MissingCatalogError, CatalogError
+            As :func:`roman_tweakreg.catalogs.plan_catalogs`.
+        """
+        pars = self.get_pars()
+        _checked(validate_parameters, pars)
+        detection = replace(_detection_parameters(pars), psf_model=self._psf_model())
+        return catalogs.plan_catalogs(library, **self._catalog_options(detection))
+
+    def _catalog_options(self, detection) -> dict:
+        """The options of :func:`roman_tweakreg.catalogs.plan_catalogs` this step gives."""
+        return {
+            "use_custom_catalogs": self.use_custom_catalogs,
+            "catfile": self.catfile,
+            "catalog_format": self.catalog_format,
+            "detection": detection,
+            "catalog_path": self._catalog_folder(),
+            "psf_lookup": self._crds_epsf(),
+        }
+
+    def _prepare(self, library, detection, plan=None):
+        """The catalog phase: plan (unless the caller planned), detect, read and project
+        every catalog into the alignment plane (:func:`~roman_tweakreg.catalogs.collect`,
+        or :func:`~roman_tweakreg.catalogs.read_catalogs` of the caller's ``plan``).
 
         Returns the plane, the skipped images and the workers (to be closed by the
         caller), which also build the corrected WCSs later.
         """
+        if plan is not None:
+            return catalogs.read_catalogs(plan, processes=self.processes)
         return catalogs.collect(
-            library,
-            processes=self.processes,
-            use_custom_catalogs=self.use_custom_catalogs,
-            catfile=self.catfile,
-            catalog_format=self.catalog_format,
-            detection=detection,
-            catalog_path=self._catalog_folder(),
-            psf_lookup=self._crds_epsf(),
+            library, processes=self.processes, **self._catalog_options(detection)
         )
 
     def _write_report(self, library, outputs: list | None) -> None:
@@ -646,7 +683,7 @@ def _as_list(item) -> list:
     if isinstance(item, (list, tuple)):
         return list(item)
     is_json = isinstance(item, (str, Path)) and Path(item).suffix.lower() == ".json"
-    if is_json or isinstance(item, (AbstractModelLibrary, dict)):
+    if is_json or isinstance(item, (AbstractModelLibrary, dict, catalogs.PlannedLibrary)):
         raise InvalidParameterError(
             f"several inputs given, among them the association {item}: several inputs are "
             "aligned together only as ASDF files or models; for more, give one association "
