@@ -1,5 +1,6 @@
 """TweakRegStep as users run it: in Python, on files, through strun."""
 
+import logging
 import hashlib
 import subprocess
 import sys
@@ -225,15 +226,25 @@ def test_image_without_catalog_gets_a_detected_one(tmp_path):
     assert 25 <= len(Table.read(path)) <= 30
 
 
-def test_non_imaging_exposure_is_skipped(refcat_file):
+def test_non_imaging_exposure_is_skipped(refcat_file, caplog):
     exposures, _ = make_data()
     models = models_of(exposures)
     models[0].meta.exposure.type = "WFI_SPECTRAL"
-    result = TweakRegStep.call(models, abs_refcat=str(refcat_file))
+    models[1].meta.wcsinfo.v2_ref = 1e6  # an imaging exposure that cannot be aligned: a warning
+    with caplog.at_level(logging.INFO, logger="roman_tweakreg"):
+        result = TweakRegStep.call(models, abs_refcat=str(refcat_file))
     outcome = metas(result)
     assert outcome[0][0] == "SKIPPED"
     assert "not an imaging exposure" in outcome[0][1]["reason"]
-    assert [o[0] for o in outcome[1:]] == ["COMPLETE"] * 5
+    skipped = {r.getMessage().split(":")[0]: r.levelname for r in caplog.records
+               if ": skipped, " in r.getMessage()}  # fmt: skip
+    # a spectral exposure in the association is expected (INFO); a broken image is not
+    assert skipped == {
+        models[0].meta.filename: "INFO",
+        models[1].meta.filename: "WARNING",
+    }
+    assert outcome[1][0] == "SKIPPED"
+    assert [o[0] for o in outcome[2:]] == ["COMPLETE"] * 4
 
 
 def test_image_whose_wcs_has_no_v2v3_frame_is_skipped_with_the_reason(refcat_file, caplog):

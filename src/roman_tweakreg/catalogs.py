@@ -683,10 +683,14 @@ class _Choice:
         """The plan of one (borrowed) model, or why it is left out."""
         name = str(model.meta.filename or f"image {index}")
         self.known.add(Path(name).name)
+        exp_type = _exposure_type(model)
+        if exp_type != "WFI_IMAGE":  # expected in a mixed association: not a warning
+            reason = f"not an imaging exposure (meta.exposure.type={exp_type})"
+            log.info("%s: skipped, %s", name, reason)
+            return reason
         reason = _unusable(model)
         if reason:
-            level = logging.INFO if reason.startswith("not an imaging") else logging.WARNING
-            log.log(level, "%s: skipped, %s", name, reason)
+            log.warning("%s: skipped, %s", name, reason)
             return reason
         source = _catalog_source(self.library, index, entry, model, self.use_custom, self.entries)
         job = None
@@ -852,11 +856,13 @@ def accept(image: ImageCatalog, n_images: int, skipped: dict[int, str]) -> bool:
     return True
 
 
+def _exposure_type(model) -> str:
+    """The image's ``meta.exposure.type`` (``WFI_IMAGE`` when it has none)."""
+    return str(getattr(model.meta.exposure, "type", "WFI_IMAGE"))
+
+
 def _unusable(model) -> str:
-    """Why an image cannot be aligned ('' when it can)."""
-    exp_type = str(getattr(model.meta.exposure, "type", "WFI_IMAGE"))
-    if exp_type != "WFI_IMAGE":
-        return f"not an imaging exposure (meta.exposure.type={exp_type})"
+    """Why an imaging exposure cannot be aligned ('' when it can)."""
     frames = getattr(meta_get(model.meta, "wcs"), "available_frames", None)
     if frames is None:
         return "it has no WCS (meta.wcs)"
