@@ -1,7 +1,7 @@
 """TweakRegStep as users run it: in Python, on files, through strun."""
 
-import logging
 import hashlib
+import logging
 import subprocess
 import sys
 from pathlib import Path
