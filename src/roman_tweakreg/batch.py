@@ -28,6 +28,7 @@ import math
 import os
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -39,9 +40,11 @@ from ._io import write_atomically
 from .errors import InvalidParameterError, MissingInputError, TweakRegError
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Sequence
+    from collections.abc import Iterable, Iterator, Sequence
 
     from distributed import Client, Future
+
+    from ._parallel import ExecutorUse
 
 __all__ = [
     "CATFILE_NAME",
@@ -543,8 +546,11 @@ def align_one(
         produced = {CATFILE_NAME} | {Path(d["catalog"]).name for d in detected
                                      if Path(d["catalog"]).parent == folder}  # fmt: skip
     before = _listing(folder)
+    per_image: dict[str, int] = {}
     try:
-        library = TweakRegStep.call(job.path, output_dir=str(folder), save_results=True, **pars)
+        with _per_image_work_on_cluster() as use:
+            library = TweakRegStep.call(job.path, output_dir=str(folder), save_results=True, **pars)
+        per_image = dict(use.jobs) if use is not None else {}
         summary = _summarise(library)
     except TweakRegError as err:
         log.warning("%s: FAILED: %s", job.name, err)
@@ -573,6 +579,7 @@ def align_one(
             "seconds": time.perf_counter() - start,
             "detect_seconds": detect_seconds,
             "worker": worker,
+            "per_image_jobs": per_image,  # where the step's per-image jobs ran
         },
         "outputs": outputs,
     }
@@ -585,6 +592,31 @@ def align_one(
         detect_seconds=detect_seconds,
         **summary,
     )
+
+
+@contextmanager
+def _per_image_work_on_cluster() -> Iterator[ExecutorUse | None]:
+    """In a Dask worker: the step's per-image jobs go to the cluster (None elsewhere).
+
+    The task leaves the worker's thread pool while the step runs
+    (``distributed.worker_client``), so that its per-image jobs, and other tasks, can run
+    on this worker meanwhile: a task waiting for its jobs never holds a thread they need.
+    The executor is the client's (``get_executor(pure=False)``); the step sends at most
+    four jobs per thread of the cluster and runs the others itself.
+    """
+    try:
+        from distributed import get_worker, worker_client
+
+        get_worker()
+    except (ImportError, ValueError):  # not a Dask task
+        yield None
+        return
+    from ._parallel import per_image_executor
+
+    with worker_client() as client:
+        threads = sum(w.get("nthreads", 1) for w in client.scheduler_info()["workers"].values())
+        with per_image_executor(client.get_executor(pure=False), max(1, threads)) as use:
+            yield use
 
 
 def _cone_of(job: AssociationJob):
