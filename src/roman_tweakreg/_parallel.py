@@ -400,6 +400,7 @@ class Workers:
         self._waiting: list[Future] = []
         self._foreign: list[Future] = []  # sent to the caller's executor, maybe not done
         self._use = _EXECUTOR.get()  #: the caller's executor, None: processes of our own
+        self._tally = self._use  # counts the jobs, also after the executor failed
         if self._use is not None:
             self.n_workers = self._use.workers
             log.debug("Per-image work shared with the caller's executor")
@@ -570,8 +571,8 @@ class Workers:
         return out
 
     def _here(self, fn, args):
-        if self._use is not None:
-            self._use.count(HERE, len(args[1]) if fn is _each else 1)
+        if self._tally is not None:
+            self._tally.count(HERE, len(args[1]) if fn is _each else 1)
         return fn(self.context, *args)
 
     def _run_here(self, fn, args) -> Future:
