@@ -506,6 +506,7 @@ def test_per_image_jobs_of_an_association_run_on_the_cluster(first_batch):
     some ran as tasks of a worker (its address), not in the association's own thread;
     the outputs equal the step alone's (test_batch_equals_the_step_alone...)."""
     out, table = first_batch
+    assert list(table["status"][:2]) == ["COMPLETE", "COMPLETE"]
     for name in OFFSETS:
         manifest = json.loads((out / name / MANIFEST_NAME).read_text())
         jobs = manifest["run"]["per_image_jobs"]

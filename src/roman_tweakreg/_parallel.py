@@ -85,8 +85,9 @@ _PACKAGE_LOGGER = "roman_tweakreg"
 AUTO_MAX = 4  #: processes in all with ``processes=0``
 MAX_RESTARTS = 1  #: new pools started after a worker died, per Workers
 START_METHOD = "forkserver"  #: safe in a process with threads; the package is preloaded
-#: Modules the fork server imports once, so that its workers start in milliseconds.
-PRELOAD = ["roman_tweakreg.catalogs", "roman_tweakreg.outputs", "roman_tweakreg.plane"]
+#: Modules the fork server imports once, so that its workers start in milliseconds: the
+#: jobs' modules (catalogs, outputs, plane) and asdf's extensions loaded.
+PRELOAD = ["roman_tweakreg._preload"]
 PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 _context: Any = None  # the context of jobs in a worker, set when it starts
 #: The process (pid) in which the fork server was seen up: no probe needed there.
