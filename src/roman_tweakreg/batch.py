@@ -614,7 +614,7 @@ def _per_image_work_on_cluster() -> Iterator[ExecutorUse | None]:
     from ._parallel import per_image_executor
 
     with worker_client() as client:
-        threads = sum(w.get("nthreads", 1) for w in client.scheduler_info()["workers"].values())
+        threads = sum(client.nthreads().values())  # of the whole cluster
         with per_image_executor(client.get_executor(pure=False), max(1, threads)) as use:
             yield use
 
