@@ -77,7 +77,14 @@ from .errors import InvalidParameterError
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
 
-__all__ = ["START_METHOD", "ExecutorUse", "Workers", "per_image_executor", "usable_cores"]
+__all__ = [
+    "START_METHOD",
+    "ExecutorUse",
+    "Workers",
+    "per_image_executor",
+    "start_server",
+    "usable_cores",
+]
 
 log = logging.getLogger(__name__)
 
@@ -369,6 +376,44 @@ def _cannot_start() -> str:
     return ""
 
 
+def _processes_wanted(processes: int) -> int:
+    """Processes in all for the ``processes`` parameter (see :class:`Workers`)."""
+    if processes > 0:
+        return min(processes, usable_cores())  # more would only compete for the cores
+    if sys.platform.startswith("linux"):
+        return min(usable_cores(), AUTO_MAX)
+    return 1  # elsewhere a worker's start costs more than it saves
+
+
+def start_server(processes: int) -> None:
+    """Start this process's fork server now, in the background, if the step's
+    :class:`Workers` (``processes``) will want it and it is not up yet.
+
+    The server imports the package before it forks a worker (a second or two of CPU),
+    so a call that starts it as it begins (before opening its first model) has its
+    workers sooner.  Nothing is waited for: a thread waits for a probe process.
+    """
+    if (
+        _EXECUTOR.get() is not None
+        or _processes_wanted(processes) < 2
+        or _server_seen_in == os.getpid()
+        or _cannot_start()
+    ):
+        return
+    threading.Thread(target=_probe_server, name="roman_tweakreg-server", daemon=True).start()
+
+
+def _probe_server() -> None:
+    """Start a probe process from the fork server: returns once the server is up."""
+    global _server_seen_in  # a fact about this process's fork server
+    context = multiprocessing.get_context(START_METHOD)
+    context.set_forkserver_preload(PRELOAD)  # used when the server starts
+    probe = context.Process(target=_probe, daemon=True, name="roman_tweakreg-probe")
+    probe.start()  # returns once the server (importing the package) has forked it
+    probe.join()
+    _server_seen_in = os.getpid()
+
+
 class Workers:
     """Run ``fn(context, *args)`` jobs here or in worker processes (see the module docstring).
 
@@ -406,12 +451,7 @@ class Workers:
             self.n_workers = self._use.workers
             log.debug("Per-image work shared with the caller's executor")
             return
-        if processes > 0:
-            wanted = min(processes, usable_cores())  # more would only compete for the cores
-        elif sys.platform.startswith("linux"):
-            wanted = min(usable_cores(), AUTO_MAX)
-        else:  # elsewhere a worker's start costs more than it saves
-            wanted = 1
+        wanted = _processes_wanted(processes)
         if wanted > 1:
             self._start(wanted - 1)
 
@@ -638,19 +678,14 @@ class _Warm:
         )
 
     def _run(self, owner: Workers, n_workers: int) -> None:
-        global _server_seen_in  # a fact about this process's fork server
         try:
-            context = multiprocessing.get_context(START_METHOD)
-            context.set_forkserver_preload(PRELOAD)  # used when the server starts
             if _server_seen_in != os.getpid():
-                probe = context.Process(target=_probe, daemon=True, name="roman_tweakreg-probe")
-                probe.start()  # returns once the server (importing the package) has forked
-                probe.join()
-                _server_seen_in = os.getpid()
+                _probe_server()
             pool = owner._make_pool(self, n_workers)
             if pool is not None:
                 for future in [pool.submit(_ready) for _ in range(n_workers)]:
                     future.result()
+                log.debug("%d worker process(es) up", n_workers)
         except BaseException as err:  # told to the caller by ready()
             self.error = err
         finally:
