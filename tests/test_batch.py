@@ -498,3 +498,20 @@ def test_regions_are_fetched_with_vo_timeout_like_the_step(gaia_service, tmp_pat
         _fetch_region(region, "GAIADR3", str(tmp_path / "r.parquet"), 0.0, options)
     assert time.monotonic() - t0 < 5.0  # not the 60 s of abs_refcat_timeout
     assert not (tmp_path / "r.parquet").exists()
+
+
+def test_per_image_jobs_of_an_association_run_on_the_cluster(first_batch):
+    """Each association's task sends the step's per-image jobs (4 catalogs, 4 corrected
+    WCSs, 4 saves) to the cluster's executor: the manifest counts where each ran, and
+    some ran as tasks of a worker (its address), not in the association's own thread;
+    the outputs equal the step alone's (test_batch_equals_the_step_alone...)."""
+    out, table = first_batch
+    assert list(table["status"][:2]) == ["COMPLETE", "COMPLETE"]
+    for name in OFFSETS:
+        manifest = json.loads((out / name / MANIFEST_NAME).read_text())
+        jobs = manifest["run"]["per_image_jobs"]
+        assert sum(jobs.values()) == 12, jobs
+        on_workers = {k: v for k, v in jobs.items() if k != "here"}
+        assert on_workers, jobs
+        assert all(k.startswith("tcp://127.0.0.1:") for k in on_workers), jobs
+        assert sum(on_workers.values()) >= 1

@@ -4,6 +4,7 @@ the same with other threads running."""
 import logging
 import multiprocessing
 import os
+import socket
 import threading
 
 import pytest
@@ -181,3 +182,143 @@ def test_automatic_processes_only_on_linux(monkeypatch):
     assert Workers(0).n_workers == 0
     with Workers(2) as workers:  # asked for explicitly
         assert workers.n_workers == 1
+
+
+# -- a caller's executor ------------------------------------------------------------------
+def _info_job(context, x):
+    logging.getLogger("roman_tweakreg.test_job").info("info %d in %s", x, os.getpid())
+    return os.getpid(), context * x
+
+
+def test_a_caller_s_thread_pool_takes_the_jobs_and_is_not_shut_down(caplog):
+    """Jobs run by threads of this process log as they run (once each); the counts say
+    where they ran; the executor is the caller's to shut down."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from roman_tweakreg import per_image_executor
+
+    caplog.set_level(logging.INFO, logger="roman_tweakreg")
+    with ThreadPoolExecutor(2) as pool:
+        with per_image_executor(pool, workers=2) as use, Workers(1, context=3) as workers:
+            assert workers.ready()
+            assert workers.n_workers == 2  # processes=1 is not used
+            assert workers._pool is None  # no process of its own
+            jobs = [workers.submit(_info_job, x) for x in (1, 2)]
+            assert [j.result() for j in jobs] == [(PARENT, 3), (PARENT, 6)]
+            assert [v for _, v in workers.map(_info_job, [(x,) for x in range(5)])] == [
+                0, 3, 6, 9, 12,
+            ]  # fmt: skip
+        assert pool.submit(os.getpid).result() == PARENT  # still usable
+    assert sum(use.jobs.values()) == 7
+    assert use.jobs["here"] >= 1  # this process computes a share of the map
+    assert sum(v for k, v in use.jobs.items() if k != "here") >= 2  # the pool's
+    logged = [r.getMessage() for r in caplog.records if r.name == "roman_tweakreg.test_job"]
+    assert sorted(logged) == sorted(
+        [f"info {x} in {PARENT}" for x in (1, 2)] + [f"info {x} in {PARENT}" for x in range(5)]
+    )
+    assert Workers(2).n_workers == 1  # outside the block: processes of its own again
+
+
+def test_a_caller_s_process_pool_brings_back_logs_and_errors(no_other_threads, caplog):
+    """In another process a job's INFO records come back (the caller's level, not that
+    process's), each logged here once; its error is raised here."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    from roman_tweakreg import per_image_executor
+
+    caplog.set_level(logging.INFO, logger="roman_tweakreg")
+    context = multiprocessing.get_context("forkserver")
+    with ProcessPoolExecutor(1, mp_context=context) as pool:
+        with per_image_executor(pool, workers=1) as use, Workers(2, context=2) as workers:
+            first = workers.submit(_info_job, 1)  # nothing waiting: sent
+            assert hasattr(first, "remote")
+            assert first.result()[1] == 2
+            other = first.result()[0]
+            assert other != PARENT
+            bad = workers.submit(_job, 3)  # 1 waiting < 4: sent too
+            with pytest.raises(CatalogError, match="catalog 3 is bad"):
+                bad.result()
+            with pytest.raises(CatalogError, match="catalog 3 is bad"):
+                bad.result()  # raised again, logged once
+        assert pool.submit(os.getpid).result() == other  # not shut down
+    logged = [r.getMessage() for r in caplog.records if r.name == "roman_tweakreg.test_job"]
+    assert logged.count(f"info 1 in {other}") == 1
+    assert logged.count(f"job 3 in {other}") == 1
+    assert use.jobs == {f"{socket.gethostname()}:{other}": 2}
+
+
+def test_a_failing_executor_s_jobs_run_here(caplog):
+    """A worker of the caller's executor dies: its job is done here, and the following
+    ones too; an executor shut down before takes no job."""
+    from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+
+    from roman_tweakreg import per_image_executor
+
+    context = multiprocessing.get_context("forkserver")
+    with ProcessPoolExecutor(1, mp_context=context) as pool:
+        with per_image_executor(pool, workers=1) as use, Workers(2, context=100) as workers:
+            jobs = [workers.submit(_dies_in_worker, x) for x in range(3)]
+            assert [j.result() for j in jobs] == [100, 101, 102]
+            assert workers.submit(_job, 5).result() == (PARENT, 500)
+    assert "The executor of per-image work failed (BrokenProcessPool" in caplog.text
+    assert use.jobs["here"] >= 3
+    closed = ThreadPoolExecutor(1)
+    closed.shutdown()
+    with per_image_executor(closed) as use, Workers(2, context=1) as workers:
+        assert workers.map(_job, [(1,), (2,)]) == [(PARENT, 1), (PARENT, 2)]
+        assert workers.submit(_job, 4).result() == (PARENT, 4)
+    assert use.jobs == {"here": 3}
+    assert "cannot schedule new futures after shutdown" in caplog.text
+
+
+def test_per_image_executor_checks_its_arguments():
+    from concurrent.futures import ThreadPoolExecutor
+
+    from roman_tweakreg import InvalidParameterError, per_image_executor
+
+    with pytest.raises(InvalidParameterError, match=r"executor: expected a concurrent\.futures"):
+        with per_image_executor(object()):
+            pass
+    with ThreadPoolExecutor(1) as pool:
+        for workers in (0, -1, 1.5, True):
+            with pytest.raises(InvalidParameterError, match="workers: expected a positive"):
+                with per_image_executor(pool, workers=workers):
+                    pass
+
+
+def test_records_of_a_foreign_job_s_thread_only_are_kept(caplog):
+    """In a process running jobs for a caller elsewhere, the records of the job's thread
+    are returned (at the caller's level), another thread's are logged there as before
+    (and below its level dropped as before), and the package logger is as it was."""
+    from roman_tweakreg._parallel import _foreign_job
+
+    logger = logging.getLogger("roman_tweakreg")
+    caplog.set_level(logging.WARNING, logger="roman_tweakreg")
+    before = (logger.level, list(logger.handlers), logger.propagate)
+    go, other_done = threading.Event(), threading.Event()
+
+    def other_thread():
+        go.wait(30)
+        logging.getLogger("roman_tweakreg.other").warning("other thread")
+        logging.getLogger("roman_tweakreg.other").info("other info")  # below WARNING
+        other_done.set()
+
+    def job(context, x):
+        go.set()
+        other_done.wait(30)
+        logging.getLogger("roman_tweakreg.test_job").info("kept %d", x)
+        logging.getLogger("roman_tweakreg.test_job").debug("below the caller's level")
+        return x
+
+    thread = threading.Thread(target=other_thread)
+    thread.start()
+    ok, value, records, place = _foreign_job(job, None, (7,), -1, logging.INFO)
+    thread.join()
+    assert (ok, value) == (True, 7)
+    assert [r.getMessage() for r in records] == ["kept 7"]
+    assert place == f"{socket.gethostname()}:{PARENT}"
+    seen = [r.getMessage() for r in caplog.records]
+    assert "other thread" in seen
+    assert "other info" not in seen
+    assert "kept 7" not in seen  # the caller logs it
+    assert (logger.level, list(logger.handlers), logger.propagate) == before

@@ -1,5 +1,7 @@
 """The same call gives the same files, statuses, fits and log lines in a plain process,
-in a process with an idle thread, and inside a Dask worker (a real LocalCluster)."""
+in a process with an idle thread, and inside a Dask worker (a real LocalCluster), and
+with its per-image jobs on that cluster (its executor given to the step, from here and
+from inside a task)."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import pytest
 from roman_datamodels import datamodels as rdm
 
 from conftest import make_data, refcat_at
+from roman_tweakreg import per_image_executor
 from roman_tweakreg.testing import simulate
 
 DETECTORS = ("WFI01", "WFI02", "WFI10")
@@ -73,6 +76,17 @@ def run_step(asn: str, ref: str, out: str) -> dict:
 from pathlib import Path  # noqa: E402  (used by run_step in Dask workers too)
 
 
+def run_step_on_the_cluster(asn: str, ref: str, out: str) -> dict:
+    """:func:`run_step` in a Dask task, its per-image jobs tasks of the cluster."""
+    from roman_tweakreg import per_image_executor
+
+    with distributed.worker_client() as client, per_image_executor(
+        client.get_executor(pure=False), workers=2
+    ) as use:
+        result = run_step(asn, ref, out)
+    return {**result, "jobs": dict(use.jobs)}
+
+
 def _idle_thread():
     stop = threading.Event()
     thread = threading.Thread(target=stop.wait, daemon=True)
@@ -108,15 +122,21 @@ def runs(dataset, tmp_path_factory):
     env = {"ASTROMETRIC_CATALOG_URL": "http://127.0.0.1:9",
            "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent),
                                           os.environ.get("PYTHONPATH", "")])}  # fmt: skip
-    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                                   dashboard_address=":0", env=env) as cluster, \
             distributed.Client(cluster) as client:  # fmt: skip
         future = client.submit(run_step, asn, ref, str(base / "dask"), pure=False)
         out["dask"] = future.result(timeout=300)
+        with per_image_executor(client.get_executor(pure=False), workers=2) as use:
+            out["dask executor"] = {**run_step(asn, ref, str(base / "dask executor")),
+                                    "jobs": dict(use.jobs)}  # fmt: skip
+        future = client.submit(run_step_on_the_cluster, asn, ref, str(base / "dask task"),
+                               pure=False)  # fmt: skip
+        out["dask task"] = future.result(timeout=300)
     return base, out
 
 
-@pytest.mark.parametrize("where", ["idle thread", "dask"])
+@pytest.mark.parametrize("where", ["idle thread", "dask", "dask executor", "dask task"])
 def test_same_files_results_and_logs_everywhere(runs, where):
     base, out = runs
     plain, other = out["plain"], out[where]
@@ -138,6 +158,9 @@ def test_same_files_results_and_logs_everywhere(runs, where):
     ]
     assert sum(x.startswith(saved) for x in plain["log"]) == 6
     assert any(line.startswith("INFO roman_tweakreg.step: Absolute fit") for line in plain["log"])
+    if "jobs" in other:  # 3 catalogs, 3 corrected WCSs, 3 saves; some on Dask workers
+        assert sum(other["jobs"].values()) == 9, other["jobs"]
+        assert any(k.startswith("tcp://127.0.0.1:") for k in other["jobs"]), other["jobs"]
     for name in plain["files"]:
         if name.endswith(".asdf"):
             a, b = base / "plain" / name, base / where / name

@@ -12,6 +12,7 @@ except ImportError:  # pragma: no cover - running from a source tree without bui
     except PackageNotFoundError:
         __version__ = "0.0.0"
 
+from ._parallel import ExecutorUse, per_image_executor
 from .errors import (
     CatalogError,
     InvalidInputError,
@@ -30,6 +31,7 @@ from .step import TweakRegStep
 
 __all__ = [
     "CatalogError",
+    "ExecutorUse",
     "InvalidInputError",
     "InvalidParameterError",
     "MissingCatalogError",
@@ -43,4 +45,5 @@ __all__ = [
     "TweakRegStep",
     "__version__",
     "fit_results_table",
+    "per_image_executor",
 ]

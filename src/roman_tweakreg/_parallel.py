@@ -1,20 +1,32 @@
-"""Per-image jobs shared between this process and worker processes of a standard pool.
+"""Per-image jobs shared between this process and worker processes, or a caller's executor.
 
 The step's main process must open every model itself (the models it returns live
 there), so only work that needs no open file is handed out: reading a catalog and
 projecting it into the alignment plane, building a corrected WCS, and writing an
-output.  The workers are those of a :class:`concurrent.futures.ProcessPoolExecutor`
-started by ``multiprocessing``'s ``forkserver`` method: each worker is forked from a
-server process that started from nothing and imported the package (it holds no
-thread, no lock and no file of this process), so a pool is safe to start in a process
-with threads (a Jupyter kernel, an application, a Dask worker's thread pool) and gives
-the same results as in a plain process.  The server is started once per process, the
-first time a pool is; the method and its preloaded modules are those of the context
-object passed to the pool (``multiprocessing``'s default start method is not changed).
+output.  By default the workers are those of a
+:class:`concurrent.futures.ProcessPoolExecutor` started by ``multiprocessing``'s
+``forkserver`` method: each worker is forked from a server process that started from
+nothing and imported the package (it holds no thread, no lock and no file of this
+process), so a pool is safe to start in a process with threads (a Jupyter kernel, an
+application, a Dask worker's thread pool) and gives the same results as in a plain
+process.  The server is started once per process, the first time a pool is; the method
+and its preloaded modules are those of the context object passed to the pool
+(``multiprocessing``'s default start method is not changed).
+
+A caller's executor.  Inside ``with per_image_executor(executor):`` the jobs go to
+``executor`` (any :class:`concurrent.futures.Executor`: a Dask client's
+``get_executor()``, a user's ``ProcessPoolExecutor``) instead, and the step starts no
+process of its own.  The step never shuts that executor down; leaving the block waits
+for the jobs it sent.  Each job carries its context.  A job that runs in another process
+sends its log records back with its result (they are collected there from the job's own
+thread only, so that other work of that process, such as a Dask worker's other tasks,
+logs as before); a job that runs in this process (a thread pool, a Dask worker running
+the caller's own task) logs as it runs.  When the executor fails (a dead worker, a
+refused job), the job is done here and the rest of that phase's jobs stay here.
 
 Where a process may have no children (a daemonic process, such as a Dask worker
 started by a nanny) or the platform has no ``forkserver``, every job runs in this
-process, with the same results.
+process, with the same results (unless an executor is given).
 
 A job goes to a worker while fewer than ``depth`` jobs per worker (four by default) are
 waiting, and otherwise runs here at once, so the work balances itself: when this
@@ -25,6 +37,12 @@ caller says how many jobs are still to come (``submit(..., left=n)``), the last 
 stay here unless a worker is free, so that this process does not wait idle for the
 workers' queue at the end.  Log records a job emits in a worker are sent back and
 logged here, so the step's log is the same either way.
+
+Costs in a one-call process (``strun``).  The fork server is waited for by a thread of
+its own (a short-lived probe process), and the pool is made only once the server is up:
+a call that ends before (a small association, a loaded machine) closes nothing and
+waits for nothing, neither at its end nor at the process's exit; the server, still
+importing, exits when it sees this process gone.
 
 Faults.  A worker that dies (killed, out of memory) takes no job with it: the jobs it
 had are done again in this process and the broken pool is replaced by a new one (once
@@ -43,16 +61,30 @@ import logging
 import multiprocessing
 import os
 import signal
+import socket
 import sys
 import threading
-from concurrent.futures import Future, ProcessPoolExecutor
+from collections import Counter
+from concurrent.futures import Executor, Future, ProcessPoolExecutor
+from concurrent.futures import wait as wait_all
 from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:
-    from collections.abc import Callable
+from .errors import InvalidParameterError
 
-__all__ = ["START_METHOD", "Workers", "usable_cores"]
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+
+__all__ = [
+    "START_METHOD",
+    "ExecutorUse",
+    "Workers",
+    "per_image_executor",
+    "start_server",
+    "usable_cores",
+]
 
 log = logging.getLogger(__name__)
 
@@ -60,10 +92,16 @@ _PACKAGE_LOGGER = "roman_tweakreg"
 AUTO_MAX = 4  #: processes in all with ``processes=0``
 MAX_RESTARTS = 1  #: new pools started after a worker died, per Workers
 START_METHOD = "forkserver"  #: safe in a process with threads; the package is preloaded
-#: Modules the fork server imports once, so that its workers start in milliseconds.
-PRELOAD = ["roman_tweakreg.catalogs", "roman_tweakreg.outputs", "roman_tweakreg.plane"]
+#: Modules the fork server imports once, so that its workers start in milliseconds: the
+#: jobs' modules (catalogs, outputs, plane) and asdf's extensions loaded.
+PRELOAD = ["roman_tweakreg._preload"]
 PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 _context: Any = None  # the context of jobs in a worker, set when it starts
+#: The process (pid) in which the fork server was seen up: no probe needed there.
+_server_seen_in: int | None = None
+#: The caller's executor of per-image jobs in this context (see per_image_executor).
+_EXECUTOR: ContextVar[ExecutorUse | None] = ContextVar("roman_tweakreg_executor", default=None)
+HERE = "here"  #: the key of :attr:`ExecutorUse.jobs` for jobs the step's process ran
 
 
 def usable_cores() -> int:
@@ -72,6 +110,89 @@ def usable_cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
+
+
+class ExecutorUse:
+    """An executor given to the step's per-image jobs (see :func:`per_image_executor`).
+
+    Attributes
+    ----------
+    executor : concurrent.futures.Executor
+        The executor; never shut down by the step.
+    workers : int
+        Jobs it runs at once: the step keeps at most four per worker waiting there
+        and runs the others itself.
+    jobs : collections.Counter
+        Per-image jobs run so far in the block, by place: ``"here"`` for those the
+        step's process ran itself, otherwise the Dask worker's address or
+        ``host:pid`` of the process that ran them.
+    """
+
+    def __init__(self, executor: Executor, workers: int):
+        self.executor = executor
+        self.workers = workers
+        self.jobs: Counter = Counter()
+        self._lock = threading.Lock()
+
+    def count(self, place: str, n: int = 1) -> None:
+        """Count ``n`` jobs run at ``place``."""
+        with self._lock:
+            self.jobs[place] += n
+
+
+@contextmanager
+def per_image_executor(executor: Executor, workers: int | None = None) -> Iterator[ExecutorUse]:
+    """Send the step's per-image jobs to ``executor`` within the block.
+
+    Inside ``with per_image_executor(executor):`` every
+    :class:`~roman_tweakreg.TweakRegStep` run in this context (this thread, or a task
+    copying its context) sends its per-image jobs (reading and projecting catalogs,
+    building corrected WCSs, writing outputs) to ``executor`` instead of starting
+    processes of its own; the ``processes`` parameter is then not used.  The step also
+    runs jobs itself while ``executor`` is busy, with the same results, files,
+    statuses and log lines as without it.
+
+    Parameters
+    ----------
+    executor : concurrent.futures.Executor
+        For example ``client.get_executor(pure=False)`` of a ``distributed.Client``
+        (from inside a Dask task, that of ``distributed.worker_client()``), or a
+        ``ProcessPoolExecutor``.  Its jobs are module-level functions of the package
+        with picklable arguments (the models to save among them).  The step never
+        shuts it down.
+    workers : int, optional
+        Jobs ``executor`` runs at once (default: the usable cores of this process).
+
+    Yields
+    ------
+    ExecutorUse
+        Counts the jobs run, by place (:attr:`ExecutorUse.jobs`).
+
+    Raises
+    ------
+    InvalidParameterError
+        When ``executor`` is not a ``concurrent.futures.Executor`` or ``workers`` is
+        not a positive integer.
+
+    .. warning:: Leaving a step's phase waits for the jobs it sent to ``executor``;
+       a job that runs in another process changes, while it runs, the level of the
+       ``roman_tweakreg`` logger there (to that of the caller) and routes that
+       logger's records of the job's own thread to the caller.
+    """
+    if not isinstance(executor, Executor):
+        raise InvalidParameterError(
+            f"executor: expected a concurrent.futures.Executor, got {type(executor).__name__}"
+        )
+    if workers is None:
+        workers = usable_cores()
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise InvalidParameterError(f"workers: expected a positive integer, got {workers!r}")
+    use = ExecutorUse(executor, workers)
+    token = _EXECUTOR.set(use)
+    try:
+        yield use
+    finally:
+        _EXECUTOR.reset(token)
 
 
 def _init_worker(context) -> None:
@@ -96,15 +217,20 @@ def _exit_with(parent) -> None:
     os._exit(1)
 
 
+def _portable(record: logging.LogRecord) -> logging.LogRecord:
+    """``record`` made picklable whatever its arguments (its message formatted)."""
+    record.msg, record.args = record.getMessage(), None
+    record.exc_info = record.exc_text = None
+    return record
+
+
 class _Collect(logging.Handler):
     def __init__(self):
         super().__init__(logging.DEBUG)
         self.records: list[logging.LogRecord] = []
 
     def emit(self, record):
-        record.msg, record.args = record.getMessage(), None  # picklable whatever the args
-        record.exc_info = record.exc_text = None
-        self.records.append(record)
+        self.records.append(_portable(record))
 
 
 def _in_worker(fn, args):
@@ -123,6 +249,120 @@ def _in_worker(fn, args):
         logger.setLevel(level)
 
 
+def _place() -> str:
+    """Where a job of a caller's executor runs: a Dask worker's address, or host:pid."""
+    distributed = sys.modules.get("distributed")
+    if distributed is not None:
+        try:
+            return distributed.get_worker().address
+        except ValueError:  # not in a Dask worker
+            pass
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _foreign_job(fn, context, args, caller: int, level: int):
+    """Run ``fn(context, *args)`` for a caller's executor (a job of :class:`Workers`).
+
+    Returns whether it returned, its value or error, its log records (from another
+    process than ``caller``'s; in the caller's process they are logged as they come)
+    and where it ran.
+    """
+    place = _place()
+    if os.getpid() == caller:
+        try:
+            return True, fn(context, *args), [], place
+        except Exception as err:
+            return False, err, [], place
+    with _CAPTURE.records(level) as records:
+        try:
+            return True, fn(context, *args), records, place
+        except Exception as err:
+            return False, err, records, place
+
+
+class _Capture:
+    """The log records of jobs run in this process for a caller elsewhere, per thread.
+
+    While at least one such job runs, the package logger's handlers are replaced by one
+    that keeps the records of those jobs' threads and passes every other record on as
+    before (to the logger's own handlers, then its parents' when it propagated); its
+    level is lowered to the lowest the callers asked for, and records of other threads
+    below the level of before are dropped, as they were.
+    """
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.threads: dict[int, tuple[list, int]] = {}  # thread -> (records, level)
+        self.before: tuple | None = None  # handlers, propagate, level, effective level
+
+    @contextmanager
+    def records(self, level: int) -> Iterator[list]:
+        logger = logging.getLogger(_PACKAGE_LOGGER)
+        kept: list[logging.LogRecord] = []
+        me = threading.get_ident()
+        with self.lock:
+            if not self.threads:
+                self.before = (
+                    logger.handlers, logger.propagate, logger.level, logger.getEffectiveLevel()
+                )
+                logger.handlers, logger.propagate = [_Route(self)], False
+            self.threads[me] = (kept, level)
+            logger.setLevel(min(lvl for _, lvl in self.threads.values()))
+        try:
+            yield kept
+        finally:
+            with self.lock:
+                del self.threads[me]
+                if self.threads:
+                    logger.setLevel(min(lvl for _, lvl in self.threads.values()))
+                else:
+                    handlers, propagate, own_level, _ = self.before
+                    logger.handlers, logger.propagate = handlers, propagate
+                    logger.setLevel(own_level)
+                    self.before = None
+
+    def route(self, record: logging.LogRecord) -> None:
+        mine = self.threads.get(record.thread)
+        before = self.before
+        if mine is not None:
+            if record.levelno >= mine[1]:
+                mine[0].append(_portable(record))
+            return
+        if before is None:
+            return
+        handlers, propagate, _, effective = before
+        if record.levelno < effective and not _own_level(record.name):
+            return  # not created without the capture
+        for handler in handlers:
+            if record.levelno >= handler.level:
+                handler.handle(record)
+        parent = logging.getLogger(_PACKAGE_LOGGER).parent
+        if propagate and parent is not None:
+            parent.handle(record)
+
+
+def _own_level(name: str) -> bool:
+    """Whether a logger below the package's, from ``name`` up, has a level of its own."""
+    logger = logging.getLogger(name)
+    while logger is not None and logger.name != _PACKAGE_LOGGER:
+        if logger.level:
+            return True
+        logger = logger.parent
+    return False
+
+
+class _Route(logging.Handler):
+    def __init__(self, capture: _Capture):
+        super().__init__(logging.NOTSET)
+        self.capture = capture
+
+    def emit(self, record):
+        self.capture.route(record)
+
+
+_CAPTURE = _Capture()
+
+
 def _ready() -> int:
     return os.getpid()
 
@@ -136,6 +376,44 @@ def _cannot_start() -> str:
     return ""
 
 
+def _processes_wanted(processes: int) -> int:
+    """Processes in all for the ``processes`` parameter (see :class:`Workers`)."""
+    if processes > 0:
+        return min(processes, usable_cores())  # more would only compete for the cores
+    if sys.platform.startswith("linux"):
+        return min(usable_cores(), AUTO_MAX)
+    return 1  # elsewhere a worker's start costs more than it saves
+
+
+def start_server(processes: int) -> None:
+    """Start this process's fork server now, in the background, if the step's
+    :class:`Workers` (``processes``) will want it and it is not up yet.
+
+    The server imports the package before it forks a worker (a second or two of CPU),
+    so a call that starts it as it begins (before opening its first model) has its
+    workers sooner.  Nothing is waited for: a thread waits for a probe process.
+    """
+    if (
+        _EXECUTOR.get() is not None
+        or _processes_wanted(processes) < 2
+        or _server_seen_in == os.getpid()
+        or _cannot_start()
+    ):
+        return
+    threading.Thread(target=_probe_server, name="roman_tweakreg-server", daemon=True).start()
+
+
+def _probe_server() -> None:
+    """Start a probe process from the fork server: returns once the server is up."""
+    global _server_seen_in  # a fact about this process's fork server
+    context = multiprocessing.get_context(START_METHOD)
+    context.set_forkserver_preload(PRELOAD)  # used when the server starts
+    probe = context.Process(target=_probe, daemon=True, name="roman_tweakreg-probe")
+    probe.start()  # returns once the server (importing the package) has forked it
+    probe.join()
+    _server_seen_in = os.getpid()
+
+
 class Workers:
     """Run ``fn(context, *args)`` jobs here or in worker processes (see the module docstring).
 
@@ -146,10 +424,11 @@ class Workers:
         (:func:`usable_cores`): 1 runs every job here; 0 means one per
         usable core, at most ``AUTO_MAX`` (the main process opening models is what
         limits the speed; more workers only share the corrected WCSs further), on
-        Linux; elsewhere 0 means 1.
+        Linux; elsewhere 0 means 1.  Not used inside :func:`per_image_executor`:
+        the jobs then go to its executor.
     context : object
         Passed to every job as its first argument (sent to each worker once, when it
-        starts; it must be picklable).
+        starts, or with each job to a caller's executor; it must be picklable).
     depth : int
         Jobs waiting (running included) per worker before a job runs here instead.
         Four keeps the workers busy while this process is slow between jobs (opening
@@ -159,17 +438,20 @@ class Workers:
     def __init__(self, processes: int, context=None, depth: int = 4):
         self.context = context
         self.depth = max(1, depth)
-        if processes > 0:
-            wanted = min(processes, usable_cores())  # more would only compete for the cores
-        elif sys.platform.startswith("linux"):
-            wanted = min(usable_cores(), AUTO_MAX)
-        else:  # elsewhere a worker's start costs more than it saves
-            wanted = 1
         self.n_workers = 0
         self.restarts = 0  #: pools replaced after a worker died
+        self._lock = threading.Lock()
         self._pool: ProcessPoolExecutor | None = None
         self._warm: _Warm | None = None
         self._waiting: list[Future] = []
+        self._foreign: list[Future] = []  # sent to the caller's executor, maybe not done
+        self._use = _EXECUTOR.get()  #: the caller's executor, None: processes of our own
+        self._tally = self._use  # counts the jobs, also after the executor failed
+        if self._use is not None:
+            self.n_workers = self._use.workers
+            log.debug("Per-image work shared with the caller's executor")
+            return
+        wanted = _processes_wanted(processes)
         if wanted > 1:
             self._start(wanted - 1)
 
@@ -178,37 +460,50 @@ class Workers:
         if reason:
             log.debug("Per-image work stays in this process: %s", reason)
             return
-        context = multiprocessing.get_context(START_METHOD)
-        context.set_forkserver_preload(PRELOAD)  # used when the server starts
         self.n_workers = n_workers
-        self._pool = pool = ProcessPoolExecutor(
-            n_workers, mp_context=context, initializer=_init_worker, initargs=(self.context,)
-        )
         # Starting a worker waits for the fork server, which imports the package first
-        # when it is new: a thread of the pool's waits for it, this one goes on (its
-        # jobs run here meanwhile).
-        self._warm = _Warm(pool, n_workers)
+        # when it is new: a thread waits for it and then makes the pool; this one goes
+        # on (its jobs run here meanwhile).
+        self._warm = warm = _Warm(self, n_workers)
+        warm.thread.start()
         log.debug("Per-image work shared with %d worker process(es)", self.n_workers)
 
+    def _make_pool(self, warm: _Warm, n_workers: int) -> ProcessPoolExecutor | None:
+        """The pool of ``warm`` (the server is up); None when closed meanwhile."""
+        with self._lock:
+            if self._warm is not warm:
+                return None
+            context = multiprocessing.get_context(START_METHOD)
+            self._pool = ProcessPoolExecutor(
+                n_workers, mp_context=context, initializer=_init_worker, initargs=(self.context,)
+            )
+            return self._pool
+
     def ready(self) -> bool:
-        """Whether the workers have started (each has done a first job)."""
-        if self._pool is None or not self._warm.done.is_set():
+        """Whether the workers have started (each has done a first job), or an executor
+        was given."""
+        if self._use is not None:
+            return True
+        warm = self._warm
+        if warm is None or not warm.done.is_set():
             return False
-        if self._warm.error is not None:  # a worker died as it started
-            self._replace(self._pool, self._warm.error)
+        if warm.error is not None:  # a worker died as it started
+            self._replace(self._pool, warm.error)
             return False
-        return True
+        return self._pool is not None
 
     def wait_ready(self, timeout: float | None = None) -> bool:
         """Wait until the workers have started (for tests and benchmarks); whether they have."""
-        while self._pool is not None:
-            if not self._warm.done.wait(timeout):
+        while (warm := self._warm) is not None:
+            if not warm.done.wait(timeout):
                 return False
             if self.ready():
                 return True
-        return False
+            if self._warm is warm:  # closed meanwhile: no pool
+                return False
+        return self._use is not None
 
-    def _replace(self, broken: ProcessPoolExecutor, err: BaseException) -> None:
+    def _replace(self, broken: ProcessPoolExecutor | None, err: BaseException) -> None:
         """Replace the pool ``broken`` after a worker died; after MAX_RESTARTS, run here."""
         if broken is not self._pool:  # already replaced
             return
@@ -226,8 +521,38 @@ class Workers:
         else:
             log.warning("A worker process stopped (%s); its jobs and all others run here", err)
 
-    def _send(self, fn: Callable, args: tuple) -> _Relay | None:
-        """Start ``fn(context, *args)`` in a worker; None when there are no workers."""
+    def _give_up(self, use: ExecutorUse, err: BaseException) -> None:
+        """The caller's executor failed: its job and all later ones run here."""
+        if self._use is use:
+            self._use, self.n_workers = None, 0
+            log.warning(
+                "The executor of per-image work failed (%s: %s); its jobs and all "
+                "others of this phase run here",
+                type(err).__name__,
+                err,
+            )
+
+    def _send(self, fn: Callable, args: tuple, n_jobs: int = 1) -> _Relay | None:
+        """Start ``fn(context, *args)`` (``n_jobs`` jobs) in a worker; None when there are
+        no workers."""
+        use = self._use
+        if use is not None:
+            level = logging.getLogger(_PACKAGE_LOGGER).getEffectiveLevel()
+            try:
+                remote = use.executor.submit(
+                    _foreign_job, fn, self.context, args, os.getpid(), level
+                )
+            except Exception as err:  # shut down, cannot pickle...: here from now on
+                self._give_up(use, err)
+                return None
+            self._foreign = [f for f in self._foreign if not f.done()] + [remote]
+            return _Relay(
+                remote,
+                fallback=lambda: self._run_here(fn, args),
+                on_broken=lambda e: self._give_up(use, e),
+                broken=(Exception,),  # the job's own errors come back as values
+                count=lambda place: use.count(place, n_jobs),
+            )
         while self._pool is not None:
             pool = self._pool
             try:
@@ -235,6 +560,8 @@ class Workers:
             except BrokenProcessPool as err:  # a worker died since the last job
                 self._replace(pool, err)
                 continue
+            except RuntimeError:  # shut down meanwhile (closed by another thread)
+                return None
             return _Relay(
                 remote,
                 fallback=lambda: self._run_here(fn, args),
@@ -268,23 +595,30 @@ class Workers:
         this process computes its own share meanwhile.  Raises the first error.
         """
         if not self.ready() or len(arglist) < 2:
-            return [fn(self.context, *args) for args in arglist]
-        parts = self.n_workers + 1
+            return [self._here(fn, args) for args in arglist]
+        parts = min(self.n_workers + 1, len(arglist))
         shares = [arglist[k::parts] for k in range(parts)]
-        remote = [
-            self._send(_each, (fn, share)) or self._run_here(_each, (fn, share))
-            for share in shares[1:]
-        ]
-        here = _each(self.context, fn, shares[0])
+        remote = []
+        for share in shares[1:]:
+            relay = self._send(_each, (fn, share), n_jobs=len(share))
+            if relay is not None:
+                self._waiting.append(relay.remote)
+            remote.append(relay or self._run_here(_each, (fn, share)))
+        here = [self._here(fn, args) for args in shares[0]]
         results = [here] + [r.result() for r in remote]
         out = [None] * len(arglist)
         for k, part in enumerate(results):
             out[k::parts] = part
         return out
 
+    def _here(self, fn, args):
+        if self._tally is not None:
+            self._tally.count(HERE, len(args[1]) if fn is _each else 1)
+        return fn(self.context, *args)
+
     def _run_here(self, fn, args) -> Future:
         try:
-            result = fn(self.context, *args)
+            result = self._here(fn, args)
         except Exception as err:
             # made elsewhere: the error's traceback holds this frame, which must not hold
             # the future holding the error (a reference cycle keeps the caller's objects,
@@ -295,10 +629,11 @@ class Workers:
         return future
 
     def _stop(self) -> None:
-        pool, warm, self._pool, self._warm = self._pool, self._warm, None, None
-        self.n_workers = 0
-        if pool is None:
-            return
+        with self._lock:
+            pool, warm, self._pool, self._warm = self._pool, self._warm, None, None
+            self.n_workers = 0
+        if pool is None:  # none made yet: the warm thread, if waiting for the server,
+            return  # makes none and ends by itself; nothing to wait for
         try:
             pool.shutdown(wait=True, cancel_futures=True)
             warm.thread.join()
@@ -308,7 +643,14 @@ class Workers:
             raise
 
     def close(self) -> None:
-        """Stop the workers (running jobs end; waiting ones are dropped)."""
+        """Stop the workers (running jobs end; waiting ones are dropped).
+
+        With a caller's executor (never shut down here): wait for the jobs sent to it,
+        so that none runs on (writing an output) after the step has said what exists.
+        """
+        foreign, self._foreign, self._waiting = self._foreign, [], []
+        if foreign:
+            wait_all(foreign)
         self._stop()
 
     def __enter__(self):
@@ -318,22 +660,32 @@ class Workers:
         self.close()
 
 
-class _Warm:
-    """Start the workers of ``pool`` in a thread: ``done`` is set once each has done a
-    first job (``error``: why one could not)."""
+def _probe() -> None:
+    """A first process of the fork server: it is up once this one starts."""
 
-    def __init__(self, pool: ProcessPoolExecutor, n_workers: int):
+
+class _Warm:
+    """Start the workers of ``owner`` in a thread (``thread``, started by the owner once
+    this is its ``_warm``): wait for the fork server (a probe process), make the pool,
+    and have each worker do a first job; ``done`` is set then (``error``: why one
+    could not)."""
+
+    def __init__(self, owner: Workers, n_workers: int):
         self.done = threading.Event()
         self.error: BaseException | None = None
         self.thread = threading.Thread(
-            target=self._run, args=(pool, n_workers), name="roman_tweakreg-workers", daemon=True
+            target=self._run, args=(owner, n_workers), name="roman_tweakreg-workers", daemon=True
         )
-        self.thread.start()
 
-    def _run(self, pool, n_workers):
+    def _run(self, owner: Workers, n_workers: int) -> None:
         try:
-            for future in [pool.submit(_ready) for _ in range(n_workers)]:
-                future.result()
+            if _server_seen_in != os.getpid():
+                _probe_server()
+            pool = owner._make_pool(self, n_workers)
+            if pool is not None:
+                for future in [pool.submit(_ready) for _ in range(n_workers)]:
+                    future.result()
+                log.debug("%d worker process(es) up", n_workers)
         except BaseException as err:  # told to the caller by ready()
             self.error = err
         finally:
@@ -350,27 +702,38 @@ def _failed(err: BaseException) -> Future:
 class _Relay:
     """The result of a job run in a worker, its log records logged here once.
 
-    When the worker died, the job is done here (``fallback``) and ``on_broken`` is
-    told, so that the pool is replaced.
+    When the worker died (an exception of ``broken`` from the worker's future), the
+    job is done here (``fallback``) and ``on_broken`` is told, so that the pool is
+    replaced or the executor given up.  ``count``: told where the job ran.
     """
 
-    def __init__(self, remote: Future, fallback: Callable[[], Future], on_broken: Callable):
+    def __init__(
+        self,
+        remote: Future,
+        fallback: Callable[[], Future],
+        on_broken: Callable,
+        broken: tuple = (BrokenProcessPool,),
+        count: Callable | None = None,
+    ):
         self.remote, self._fallback, self._on_broken = remote, fallback, on_broken
+        self._broken, self._count = broken, count
         self._outcome: tuple | None = None
 
     def result(self):
         if self._outcome is None:
             try:
-                ok, value, records = self.remote.result()
-            except BrokenProcessPool as err:  # a worker died (killed, out of memory)
+                ok, value, records, *place = self.remote.result()
+            except self._broken as err:  # a worker died (killed, out of memory)
                 self._on_broken(err)
                 here = self._fallback()
-                ok, value, records = here.exception() is None, None, []
+                ok, value, records, place = here.exception() is None, None, [], []
                 value = here.result() if ok else here.exception()
             for record in records:
                 logger = logging.getLogger(record.name)
                 if logger.isEnabledFor(record.levelno):  # as if logged here
                     logger.handle(record)
+            if place and self._count is not None:
+                self._count(place[0])
             self._outcome = (ok, value)
         ok, value = self._outcome
         if not ok:

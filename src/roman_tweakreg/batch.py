@@ -29,6 +29,7 @@ import math
 import os
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -40,10 +41,11 @@ from ._io import write_atomically
 from .errors import InvalidParameterError, MissingInputError, TweakRegError
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Sequence
+    from collections.abc import Iterable, Iterator, Sequence
 
     from distributed import Client, Future
 
+    from ._parallel import ExecutorUse
     from .catalogs import PlannedLibrary
 
 __all__ = [
@@ -439,7 +441,7 @@ def align_one(
         return _row(job, "FAILED", seconds=time.perf_counter() - start, worker=worker,
                     detect_seconds=detect_seconds, error=message,
                     n_images=_association_size(job.path))  # fmt: skip
-
+    per_image: dict[str, int] = {}
     try:
         planned = plan_association(job, pars)
         waited = time.perf_counter()
@@ -450,7 +452,9 @@ def align_one(
         if bad:
             return failed(f"detection of {bad[0]['image']} failed: {bad[0]['error']}")
         planned = replace(planned, plan=planned.plan.detected())
-        library = TweakRegStep.call(planned, output_dir=str(folder), save_results=True, **pars)
+        with _per_image_work_on_cluster() as use:
+            library = TweakRegStep.call(planned, output_dir=str(folder), save_results=True, **pars)
+        per_image = dict(use.jobs) if use is not None else {}
         summary = _summarise(library)
     except TweakRegError as err:
         return failed(f"{type(err).__name__}: {err}")
@@ -470,6 +474,7 @@ def align_one(
             "seconds": time.perf_counter() - start,
             "detect_seconds": detect_seconds,
             "worker": worker,
+            "per_image_jobs": per_image,  # where the step's per-image jobs ran
         },
         "outputs": outputs,
     }
@@ -552,6 +557,31 @@ def _detect_all(job: AssociationJob, detections: Sequence, retries: int, token: 
                     "catalog": str(detection.catalog_file), "sources": 0, "seconds": 0.0,
                     "worker": "", "error": f"{type(err).__name__}: {err}"})  # fmt: skip
     return out
+
+
+@contextmanager
+def _per_image_work_on_cluster() -> Iterator[ExecutorUse | None]:
+    """In a Dask worker: the step's per-image jobs go to the cluster (None elsewhere).
+
+    The task leaves the worker's thread pool while the step runs
+    (``distributed.worker_client``), so that its per-image jobs, and other tasks, can run
+    on this worker meanwhile: a task waiting for its jobs never holds a thread they need.
+    The executor is the client's (``get_executor(pure=False)``); the step sends at most
+    four jobs per thread of the cluster and runs the others itself.
+    """
+    try:
+        from distributed import get_worker, worker_client
+
+        get_worker()
+    except (ImportError, ValueError):  # not a Dask task
+        yield None
+        return
+    from ._parallel import per_image_executor
+
+    with worker_client() as client:
+        threads = sum(client.nthreads().values())  # of the whole cluster
+        with per_image_executor(client.get_executor(pure=False), max(1, threads)) as use:
+            yield use
 
 
 def _cone_of(job: AssociationJob):

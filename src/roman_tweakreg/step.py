@@ -15,7 +15,7 @@ from stpipe import Step, config_parser
 from stpipe.library import AbstractModelLibrary
 
 from . import align, catalogs, outputs, parameters, results
-from ._parallel import usable_cores
+from ._parallel import start_server, usable_cores
 from .errors import (
     InvalidParameterError,
     PSFModelError,
@@ -145,6 +145,7 @@ class TweakRegStep(Step):
         return self._align(input_data, pars, detection, refcat_name)
 
     def _align(self, input_data, pars, detection, refcat_name) -> ModelLibrary:
+        start_server(self.processes)  # in the background, while the models are opened
         self._clock = clock = _Clock()
         self.timings = clock.timings
         with clock.phase("catalogs"):
