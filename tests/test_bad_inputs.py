@@ -133,6 +133,8 @@ def test_yaml_expansion_counted_exactly(good_bytes, tmp_path):
     (b"  meta:\n    bad: &r [1, *r]\n", r"the alias \*r refers to a node that contains it"),
     (b"  meta:\n    bad: [1, *nowhere]\n    again: &nowhere [2]\n",
      r"the alias \*nowhere is not defined before it"),
+    (b"  meta:\n    one: &twice [1]\n    two: &twice [2]\n",
+     r"the anchor &twice is defined twice"),
 ])
 def test_yaml_aliases_broken(good_bytes, tmp_path, yaml, match):
     data = good_bytes.replace(b"  meta:\n", yaml, 1)

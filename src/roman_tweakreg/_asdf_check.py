@@ -161,10 +161,20 @@ def _check_expansion(header: bytes, path: Path, what: str) -> None:
     sizes: dict[str, tuple[int, int]] = {}  # anchor -> (nodes, levels below it)
     stack: list[list] = []  # open collections: [anchor, nodes before it, deepest level in it]
     total = 0
+
+    def duplicate(anchor) -> None:  # PyYAML's composer, hence asdf, refuses them too
+        if anchor in sizes or any(entry[0] == anchor for entry in stack):
+            raise InvalidInputError(
+                f"{path}: {what} has an invalid YAML header: the anchor &{anchor} is "
+                "defined twice"
+            )
+
     try:
         for event in yaml.parse(header, Loader=loader):
             kind = type(event)
             deepest = len(stack)  # this node's level (the root's is 0)
+            if getattr(event, "anchor", None) is not None and kind is not AliasEvent:
+                duplicate(event.anchor)
             if kind is ScalarEvent:
                 total += 1
                 if event.anchor is not None:
