@@ -83,6 +83,23 @@ def _wait_dead(pids, timeout=10.0) -> bool:
 KILLED: list[int] = []
 
 
+def _wait_for_workers(timeout: float = 10.0) -> list[int]:
+    """The pids of this process's worker processes, once there are (``timeout`` s at
+    most), and a moment for them to take their first job (the pool is made when the fork
+    server is up, a new server importing the package first)."""
+    deadline = time.monotonic() + timeout
+    while not (
+        pids := [
+            p.pid for p in multiprocessing.active_children() if p.name != "roman_tweakreg-probe"
+        ]  # the probe that waits for the fork server is no worker
+    ):
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.02)
+    time.sleep(0.3)
+    return pids
+
+
 def _kill_workers():
     """SIGKILL every worker process of this one; wait until they are dead.
 
@@ -146,6 +163,15 @@ def _kill_at(point, monkeypatch):
         monkeypatch.setattr(catalogs, "plan_catalogs", killing_plan)
     elif point == "catalogs, every worker":  # each worker dies in its first job
         monkeypatch.setattr(catalogs, "read_and_project", _read_killing_its_worker)
+        members = catalogs.members
+
+        def members_once_workers_are_up(*args, **kwargs):
+            for k, item in enumerate(members(*args, **kwargs)):
+                if k == 1:  # the catalogs' pool exists from the first image on
+                    _wait_for_workers()
+                yield item
+
+        monkeypatch.setattr(catalogs, "members", members_once_workers_are_up)
     elif point == "between phases":
         prepare = TweakRegStep._prepare
 

@@ -5,7 +5,10 @@ import logging
 import multiprocessing
 import os
 import socket
+import sys
 import threading
+import time
+from pathlib import Path
 
 import pytest
 
@@ -322,3 +325,64 @@ def test_records_of_a_foreign_job_s_thread_only_are_kept(caplog):
     assert "other info" not in seen
     assert "kept 7" not in seen  # the caller logs it
     assert (logger.level, list(logger.handlers), logger.propagate) == before
+
+
+_CLOSED_BEFORE_THE_SERVER = """
+import time
+from roman_tweakreg._parallel import Workers
+with Workers(2, context=1) as workers:
+    assert workers.n_workers == 1
+    ready = workers.ready()  # the new fork server is still importing the package
+    t = time.perf_counter()
+print(ready, time.perf_counter() - t, flush=True)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="fork server on Linux")
+def test_workers_closed_before_the_server_is_up_wait_for_nothing():
+    """In a fresh process, workers closed before the fork server is up make no pool and
+    wait for nothing (before, closing waited for the server's import and the workers'
+    start); the process then exits and leaves no process behind."""
+    import subprocess
+
+    from roman_tweakreg._parallel import usable_cores
+
+    if usable_cores() < 2:
+        pytest.skip("needs 2 usable cores")
+    with subprocess.Popen(
+        [sys.executable, "-c", _CLOSED_BEFORE_THE_SERVER], stdout=subprocess.PIPE, text=True
+    ) as proc:
+        try:
+            ready, seconds = proc.stdout.readline().split()
+            descendants = _descendants(proc.pid)
+            assert proc.wait(timeout=60) == 0
+        finally:
+            proc.kill()
+    assert ready == "False"
+    assert float(seconds) < 0.5  # closing the workers: nothing to wait for
+    deadline = time.monotonic() + 30  # the server ends when it sees its caller gone
+    while any(os.path.exists(f"/proc/{pid}") and not _zombie(pid) for pid in descendants):
+        assert time.monotonic() < deadline, "a process outlived its caller"
+        time.sleep(0.05)
+
+
+def _descendants(pid: int) -> list[int]:
+    out, todo = [], [pid]
+    while todo:
+        parent = todo.pop()
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == parent:
+                out.append(int(stat.parent.name))
+                todo.append(int(stat.parent.name))
+    return out
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in "ZX"
+    except OSError:
+        return True
