@@ -386,3 +386,57 @@ def _zombie(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in "ZX"
     except OSError:
         return True
+
+
+_UNGUARDED_SCRIPT = """
+import sys
+print("top level ran", flush=True)
+from roman_tweakreg import TweakRegStep
+from roman_tweakreg._parallel import Workers
+from roman_tweakreg.testing import simulate
+
+step = TweakRegStep(processes=2)  # a worker importing this script stops here
+workers = Workers(2)
+print("workers up:", workers.wait_ready(120), flush=True)
+workers.close()
+exposures, stars = simulate.make_dataset(2, detectors=("WFI01", "WFI02"), seed=3)
+stars.write("gaia.ecsv")  # the Gaia stand-in, at its 2016 epoch
+models = [m for e in exposures for m in e.models]
+result = TweakRegStep.call(models, abs_refcat="gaia.ecsv", processes=2)
+with result:
+    for i in range(len(result)):
+        model = result.borrow(i)
+        print("status", model.meta.cal_step.tweakreg, flush=True)
+        result.shelve(model, i, modify=False)
+"""
+
+
+@pytest.mark.skipif(
+    len(os.sched_getaffinity(0)) < 2 if hasattr(os, "sched_getaffinity") else True,
+    reason="worker processes need two usable cores (Linux)",
+)
+def test_a_script_that_runs_the_step_when_imported_gets_one_warning_and_its_result(tmp_path):
+    """A script without an ``if __name__ == "__main__":`` guard: each worker process
+    imports it (Python's multiprocessing does) and would run the step again; they stop
+    before it, and the caller does the work itself and says why once."""
+    import subprocess
+
+    script = tmp_path / "unguarded.py"
+    script.write_text(_UNGUARDED_SCRIPT)
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         timeout=300, cwd=tmp_path)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "workers up: False" in run.stdout
+    assert run.stdout.count("top level ran") >= 2  # the probe imported it too
+    assert run.stdout.count("status COMPLETE") == 4, run.stdout
+    assert "Traceback" not in run.stderr, run.stderr[-3000:]
+    # the call's step only: the script's first one came before stpipe's logging was set
+    # up, and no worker process made one
+    assert run.stderr.count("TweakRegStep instance created") == 1
+    assert run.stderr.count("Step TweakRegStep running") == 1
+    said = [line for line in run.stderr.splitlines() if "Per-image work stays" in line]
+    assert len(said) == 1, run.stderr[-3000:]
+    assert f"Per-image work stays in this process: {script} calls the step when it is " \
+           "imported" in said[0]  # fmt: skip
+    assert "WARNING" not in run.stderr  # nothing else went wrong (no worker stopped)
+    assert "if __name__ == \"__main__\":" in said[0]

@@ -56,6 +56,7 @@ then stops them.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import multiprocessing
@@ -99,6 +100,12 @@ PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 _context: Any = None  # the context of jobs in a worker, set when it starts
 #: The process (pid) in which the fork server was seen up: no probe needed there.
 _server_seen_in: int | None = None
+#: The exit status of a child of the fork server that was asked to run the step while it
+#: imported the caller's main script (see :func:`refuse_in_main_import`).
+MAIN_IMPORT_EXIT = 86
+#: The process (pid) whose main script runs the step when imported: no workers there.
+_main_runs_step_in: int | None = None
+_said_lock = threading.Lock()
 #: The caller's executor of per-image jobs in this context (see per_image_executor).
 _EXECUTOR: ContextVar[ExecutorUse | None] = ContextVar("roman_tweakreg_executor", default=None)
 HERE = "here"  #: the key of :attr:`ExecutorUse.jobs` for jobs the step's process ran
@@ -367,8 +374,34 @@ def _ready() -> int:
     return os.getpid()
 
 
+def refuse_in_main_import() -> None:
+    """End this process at once (status :data:`MAIN_IMPORT_EXIT`) when it is a child of
+    the step's fork server that is importing the caller's main script.
+
+    Python's ``forkserver`` and ``spawn`` children import the main script of the
+    process that started them (as ``__mp_main__``) before they run anything, so a
+    script that calls the step at its top level, with no ``if __name__ == "__main__":``
+    guard, would call it again in every worker.  Such a child stops here, before the
+    step does anything; the caller sees its status (:func:`_probe_server`), runs every
+    job itself and says why, once.  A worker that has started (its jobs' context set)
+    or any other process is never stopped.
+    """
+    if (
+        _context is None
+        and "__mp_main__" in sys.modules  # the main script, run by multiprocessing
+        and "roman_tweakreg._preload" in sys.modules  # forked by the step's server
+    ):
+        os._exit(MAIN_IMPORT_EXIT)
+
+
+class MainScriptRunsStep(RuntimeError):
+    """The caller's main script runs the step when imported: no worker can start."""
+
+
 def _cannot_start() -> str:
     """Why no worker process can be started here ('' when they can)."""
+    if _main_runs_step_in == os.getpid():
+        return "the main script calls the step when imported (no __main__ guard)"
     if START_METHOD not in multiprocessing.get_all_start_methods():
         return f"this platform has no {START_METHOD!r} start method"
     if multiprocessing.current_process().daemon:
@@ -400,7 +433,13 @@ def start_server(processes: int) -> None:
         or _cannot_start()
     ):
         return
-    threading.Thread(target=_probe_server, name="roman_tweakreg-server", daemon=True).start()
+    threading.Thread(target=_start_quietly, name="roman_tweakreg-server", daemon=True).start()
+
+
+def _start_quietly() -> None:
+    """:func:`_probe_server` in a thread of its own (its one fault is told as a warning)."""
+    with contextlib.suppress(MainScriptRunsStep):
+        _probe_server()
 
 
 def _probe_server() -> None:
@@ -411,7 +450,26 @@ def _probe_server() -> None:
     probe = context.Process(target=_probe, daemon=True, name="roman_tweakreg-probe")
     probe.start()  # returns once the server (importing the package) has forked it
     probe.join()
+    if probe.exitcode == MAIN_IMPORT_EXIT:
+        _main_script_runs_step()
     _server_seen_in = os.getpid()
+
+
+def _main_script_runs_step() -> None:
+    """The probe stopped as it imported the main script: say so once, and raise."""
+    global _main_runs_step_in  # a fact about this process's main script
+    main = getattr(sys.modules.get("__main__"), "__file__", None) or "the main script"
+    with _said_lock:
+        if _main_runs_step_in != os.getpid():
+            _main_runs_step_in = os.getpid()
+            log.warning(
+                "Per-image work stays in this process: %s calls the step when it is "
+                "imported, and worker processes import it (Python's multiprocessing "
+                "does); put the call under 'if __name__ == \"__main__\":' to share "
+                "the work with worker processes, or pass processes=1",
+                main,
+            )
+    raise MainScriptRunsStep(f"{main} calls the step when imported")
 
 
 class Workers:
@@ -486,6 +544,9 @@ class Workers:
             return True
         warm = self._warm
         if warm is None or not warm.done.is_set():
+            return False
+        if isinstance(warm.error, MainScriptRunsStep):  # no worker can start: all here
+            self._warm, self.n_workers = None, 0
             return False
         if warm.error is not None:  # a worker died as it started
             self._replace(self._pool, warm.error)

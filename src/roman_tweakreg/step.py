@@ -15,7 +15,7 @@ from stpipe import Step, config_parser
 from stpipe.library import AbstractModelLibrary
 
 from . import align, catalogs, outputs, parameters, results
-from ._parallel import start_server, usable_cores
+from ._parallel import refuse_in_main_import, start_server, usable_cores
 from .errors import (
     InvalidParameterError,
     PSFModelError,
@@ -97,6 +97,7 @@ class TweakRegStep(Step):
             For a parameter outside what it accepts (logged as one ERROR line, which
             is all ``strun`` shows).
         """
+        refuse_in_main_import()  # a worker process importing an unguarded script stops
         super().__init__(*args, **kwargs)
         _checked(validate_parameters, self.get_pars())
 
