@@ -87,6 +87,14 @@ def _wait_for_workers(timeout: float = 10.0) -> list[int]:
     """The pids of this process's worker processes, once there are (``timeout`` s at
     most), and a moment for them to take their first job (the pool is made when the fork
     server is up, a new server importing the package first)."""
+    pids = _worker_pids(timeout)
+    time.sleep(0.3)
+    return pids
+
+
+def _worker_pids(timeout: float) -> list[int]:
+    """The pids of this process's worker processes, once there are (``timeout`` s at
+    most; [] when none came)."""
     deadline = time.monotonic() + timeout
     while not (
         pids := [
@@ -96,7 +104,6 @@ def _wait_for_workers(timeout: float = 10.0) -> list[int]:
         if time.monotonic() > deadline:
             break
         time.sleep(0.02)
-    time.sleep(0.3)
     return pids
 
 
@@ -106,15 +113,7 @@ def _kill_workers():
     Workers start in the background while the first jobs run here: wait (10 s at most)
     for them to be up, so that there is a worker to kill.
     """
-    deadline = time.monotonic() + 10.0
-    while not (
-        pids := [
-            p.pid for p in multiprocessing.active_children() if p.name != "roman_tweakreg-probe"
-        ]  # the probe that waits for the fork server is no worker
-    ):
-        if time.monotonic() > deadline:
-            break
-        time.sleep(0.02)
+    pids = _worker_pids(10.0)
     assert pids, "no worker to kill"
     for pid in pids:
         os.kill(pid, signal.SIGKILL)
@@ -163,15 +162,20 @@ def _kill_at(point, monkeypatch):
         monkeypatch.setattr(catalogs, "plan_catalogs", killing_plan)
     elif point == "catalogs, every worker":  # each worker dies in its first job
         monkeypatch.setattr(catalogs, "read_and_project", _read_killing_its_worker)
-        members = catalogs.members
+        plan_catalogs = catalogs.plan_catalogs
 
-        def members_once_workers_are_up(*args, **kwargs):
-            for k, item in enumerate(members(*args, **kwargs)):
-                if k == 1:  # the catalogs' pool exists from the first image on
+        def plan_once_workers_are_up(*args, on_planned, **kwargs):
+            handed = []
+
+            def hand_out(planned):
+                if len(handed) == 1:  # the catalogs' pool exists from the first image on
                     _wait_for_workers()
-                yield item
+                on_planned(planned)
+                handed.append(planned)
 
-        monkeypatch.setattr(catalogs, "members", members_once_workers_are_up)
+            return plan_catalogs(*args, on_planned=hand_out, **kwargs)
+
+        monkeypatch.setattr(catalogs, "plan_catalogs", plan_once_workers_are_up)
     elif point == "between phases":
         prepare = TweakRegStep._prepare
 
