@@ -293,7 +293,7 @@ def test_records_of_a_foreign_job_s_thread_only_are_kept(caplog):
     """In a process running jobs for a caller elsewhere, the records of the job's thread
     are returned (at the caller's level), another thread's are logged there as before
     (and below its level dropped as before), and the package logger is as it was."""
-    from roman_tweakreg._parallel import _foreign_job
+    from roman_tweakreg._parallel import _foreign_job, _Job
 
     logger = logging.getLogger("roman_tweakreg")
     caplog.set_level(logging.WARNING, logger="roman_tweakreg")
@@ -315,7 +315,7 @@ def test_records_of_a_foreign_job_s_thread_only_are_kept(caplog):
 
     thread = threading.Thread(target=other_thread)
     thread.start()
-    ok, value, records, place = _foreign_job(job, None, (7,), -1, logging.INFO)
+    ok, value, records, place = _foreign_job(_Job(job, None, (7,)), -1, logging.INFO)
     thread.join()
     assert (ok, value) == (True, 7)
     assert [r.getMessage() for r in records] == ["kept 7"]

@@ -267,13 +267,32 @@ def _place() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def _foreign_job(fn, context, args, caller: int, level: int):
-    """Run ``fn(context, *args)`` for a caller's executor (a job of :class:`Workers`).
+class _Job:
+    """``fn(context, *args)`` as one object for a caller's executor: older Dask releases
+    (2024.8, the lowest this package allows) read a tuple whose first item is callable,
+    anywhere in a call's arguments, as a task of their own, which ``(fn, arglist)`` of a
+    batched job is."""
+
+    __slots__ = ("args", "context", "fn")
+
+    def __init__(self, fn: Callable, context, args: tuple):
+        self.fn, self.context, self.args = fn, context, args
+
+    def __getstate__(self):
+        return self.fn, self.context, self.args
+
+    def __setstate__(self, state):
+        self.fn, self.context, self.args = state
+
+
+def _foreign_job(job: _Job, caller: int, level: int):
+    """Run ``job`` for a caller's executor (a job of :class:`Workers`).
 
     Returns whether it returned, its value or error, its log records (from another
     process than ``caller``'s; in the caller's process they are logged as they come)
     and where it ran.
     """
+    fn, context, args = job.fn, job.context, job.args
     place = _place()
     if os.getpid() == caller:
         try:
@@ -601,7 +620,7 @@ class Workers:
             level = logging.getLogger(_PACKAGE_LOGGER).getEffectiveLevel()
             try:
                 remote = use.executor.submit(
-                    _foreign_job, fn, self.context, args, os.getpid(), level
+                    _foreign_job, _Job(fn, self.context, args), os.getpid(), level
                 )
             except Exception as err:  # shut down, cannot pickle...: here from now on
                 self._give_up(use, err)
