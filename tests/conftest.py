@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from astropy.table import Table
@@ -23,6 +25,19 @@ def refcat_at(stars: Table, epoch: float) -> Table:
     without motions."""
     ra, dec = simulate.propagate(stars, epoch, simulate.l2_observer(epoch))
     return Table({"RA": ra, "DEC": dec})
+
+
+def child_pids(pid: int) -> list[int]:
+    """The pids of the processes whose parent is ``pid`` (Linux: from /proc)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
 
 
 def models_of(exposures):

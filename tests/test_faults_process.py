@@ -20,7 +20,7 @@ import asdf
 import numpy as np
 import pytest
 
-from conftest import make_data, refcat_at
+from conftest import child_pids, make_data, refcat_at
 from roman_tweakreg import TweakRegStep, _io, align, catalogs, outputs, plane
 from roman_tweakreg.errors import MissingInputError
 from roman_tweakreg.library import open_library
@@ -246,18 +246,6 @@ while True:
 """
 
 
-def _children(pid: int) -> list[int]:
-    out = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            out.append(int(stat.parent.name))
-    return out
-
-
 @pytest.mark.parametrize(
     ("signum", "watch"),
     [(signal.SIGKILL, "all"), (signal.SIGTERM, "pipe-only")],
@@ -277,8 +265,8 @@ def test_workers_end_with_the_step_s_process(dataset, signum, watch):
         # the fork server (a child) and a worker forked by it (a grandchild)
         end, children, workers = time.monotonic() + 60, [], []
         while not workers and time.monotonic() < end:
-            children = _children(proc.pid)
-            workers = [w for c in children for w in _children(c)]
+            children = child_pids(proc.pid)
+            workers = [w for c in children for w in child_pids(c)]
             time.sleep(0.01)
         assert workers, "the step never started a worker"
         children += workers
@@ -290,7 +278,7 @@ def test_workers_end_with_the_step_s_process(dataset, signum, watch):
         assert proc.returncode == -signum
     finally:
         proc.kill()
-        for pid in _children(proc.pid):
+        for pid in child_pids(proc.pid):
             os.kill(pid, signal.SIGKILL)
 
 
@@ -490,7 +478,7 @@ def test_cli_interrupt_one_line_cleanup_and_status(tmp_path, signum):
         assert line.startswith("Simulated 2 exposures"), line
         end, children = time.monotonic() + 60, []
         while not children and time.monotonic() < end and proc.poll() is None:
-            children = _children(proc.pid)
+            children = child_pids(proc.pid)
             time.sleep(0.01)
         assert children, "the step never forked a worker"
         os.kill(proc.pid, signum)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import child_pids
 from roman_tweakreg._parallel import Workers
 from roman_tweakreg.errors import CatalogError
 
@@ -369,15 +370,9 @@ def test_workers_closed_before_the_server_is_up_wait_for_nothing():
 def _descendants(pid: int) -> list[int]:
     out, todo = [], [pid]
     while todo:
-        parent = todo.pop()
-        for stat in Path("/proc").glob("[0-9]*/stat"):
-            try:
-                fields = stat.read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == parent:
-                out.append(int(stat.parent.name))
-                todo.append(int(stat.parent.name))
+        children = child_pids(todo.pop())
+        out += children
+        todo += children
     return out
 
 

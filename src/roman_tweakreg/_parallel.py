@@ -278,12 +278,6 @@ class _Job:
     def __init__(self, fn: Callable, context, args: tuple):
         self.fn, self.context, self.args = fn, context, args
 
-    def __getstate__(self):
-        return self.fn, self.context, self.args
-
-    def __setstate__(self, state):
-        self.fn, self.context, self.args = state
-
 
 def _foreign_job(job: _Job, caller: int, level: int):
     """Run ``job`` for a caller's executor (a job of :class:`Workers`).
